@@ -1,0 +1,6 @@
+"""unweight: measure and remove the redundancy in LLM weights, and prove what each removal costs."""
+
+from unweight.errors import UnweightError
+
+__version__ = "0.1.0"
+__all__ = ["UnweightError", "__version__"]
