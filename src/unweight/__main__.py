@@ -1,0 +1,5 @@
+import sys
+
+from unweight.cli import main
+
+sys.exit(main())

@@ -1,0 +1,1 @@
+"""Subcommands of the ``unweight`` CLI, one module each (see ``unweight.cli``)."""

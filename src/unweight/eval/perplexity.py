@@ -1,0 +1,105 @@
+"""Perplexity, KL divergence from a base model and top-1 agreement, under one pinned protocol.
+
+The protocol (DESIGN.md): the corpus' documents are joined with "\\n\\n" and tokenized once; the token
+stream is cut into non-overlapping windows of ``seq_len`` tokens (the remainder is dropped); each
+window is scored independently, so it contributes ``seq_len - 1`` predicted tokens; perplexity is
+exp of the mean token NLL over all windows. Bits per byte divide the total NLL (in bits) by the UTF-8
+bytes of the predicted tokens, so models with different tokenizers compare. KL(base || model) and the
+top-1 agreement are computed on the same windows, one window at a time (never all logits in memory).
+"""
+
+from __future__ import annotations
+
+import math
+import resource
+import time
+from dataclasses import asdict, dataclass
+
+import torch
+import torch.nn.functional as F
+from tqdm import tqdm
+
+from unweight.errors import UnweightError
+
+DEFAULT_SEQ_LEN = 1024
+
+
+@dataclass
+class EvalResult:
+    perplexity: float
+    nll: float  # mean token NLL in nats
+    bits_per_byte: float
+    tokens: int  # predicted tokens scored
+    windows: int
+    seq_len: int
+    kl: float | None = None  # mean KL(base || model) per token, nats
+    top1_agreement: float | None = None
+    tokens_per_s: float = 0.0  # the evaluated model's forward passes only
+    seconds: float = 0.0
+    peak_rss_mb: float = 0.0
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def token_windows(tokenizer, documents: list[str], seq_len: int = DEFAULT_SEQ_LEN,
+                  max_tokens: int | None = None) -> torch.Tensor:
+    """The protocol's windows: [n_windows, seq_len] token ids; ``max_tokens`` keeps the first windows."""
+    if seq_len < 2:
+        raise UnweightError(f"seq_len must be at least 2, got {seq_len}")
+    ids = tokenizer("\n\n".join(documents), add_special_tokens=False, return_attention_mask=False)["input_ids"]
+    n = len(ids) // seq_len
+    if max_tokens is not None:
+        n = min(n, max(1, max_tokens // seq_len))
+    if n == 0:
+        raise UnweightError(f"the text has {len(ids)} tokens, fewer than one window of {seq_len}")
+    return torch.tensor(ids[: n * seq_len], dtype=torch.long).view(n, seq_len)
+
+
+def window_bytes(tokenizer, windows: torch.Tensor) -> int:
+    """UTF-8 bytes of the predicted tokens (positions 1..seq_len-1 of every window)."""
+    return sum(len(tokenizer.decode(w[1:].tolist()).encode("utf-8")) for w in windows)
+
+
+@torch.no_grad()
+def _logits(model, window: torch.Tensor) -> torch.Tensor:
+    return model(input_ids=window[None]).logits[0, :-1].float()
+
+
+@torch.no_grad()
+def evaluate(model, windows: torch.Tensor, tokenizer=None, base=None, progress: bool = True,
+             desc: str = "eval") -> EvalResult:
+    """Score ``model`` on ``windows``; with ``base`` also KL(base || model) and top-1 agreement."""
+    nll_sum, kl_sum, agree, tokens = 0.0, 0.0, 0, 0
+    model_seconds = 0.0
+    start = time.perf_counter()
+    for window in tqdm(windows, desc=desc, unit="window", disable=not progress):
+        t0 = time.perf_counter()
+        logits = _logits(model, window)
+        model_seconds += time.perf_counter() - t0
+        logp = F.log_softmax(logits, dim=-1)
+        del logits
+        targets = window[1:]
+        nll_sum += -logp.gather(1, targets[:, None]).sum().item()
+        tokens += targets.numel()
+        if base is not None:
+            base_logp = F.log_softmax(_logits(base, window), dim=-1)
+            kl_sum += F.kl_div(logp, base_logp, log_target=True, reduction="sum").item()
+            agree += (base_logp.argmax(-1) == logp.argmax(-1)).sum().item()
+            del base_logp
+        del logp
+    nll = nll_sum / tokens
+    n_bytes = window_bytes(tokenizer, windows) if tokenizer is not None else 0
+    return EvalResult(
+        perplexity=math.exp(nll),
+        nll=nll,
+        bits_per_byte=nll_sum / math.log(2) / n_bytes if n_bytes else float("nan"),
+        tokens=tokens,
+        windows=len(windows),
+        seq_len=windows.shape[1],
+        kl=kl_sum / tokens if base is not None else None,
+        top1_agreement=agree / tokens if base is not None else None,
+        tokens_per_s=windows.numel() / model_seconds if model_seconds else 0.0,
+        seconds=time.perf_counter() - start,
+        peak_rss_mb=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+    )
