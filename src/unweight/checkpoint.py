@@ -275,7 +275,7 @@ class GgufCheckpoint(Checkpoint):
                 f"{self.path}: tensor {g!r} has GGUF type {t.tensor_type.name}, which gguf cannot dequantize"
             ) from None
         w = processor.process(weights=w, name=g, tensor_key_mapping=mapping, parsed_parameters={}).weights
-        return torch.from_numpy(np.ascontiguousarray(w, dtype=np.float32))
+        return torch.from_numpy(np.array(w, dtype=np.float32))  # a private, writable copy
 
 
 def open_checkpoint(path: str | os.PathLike) -> Checkpoint:

@@ -1,0 +1,1 @@
+"""Reports: plain-text tables now; the results store, plots and HTML as they land."""
