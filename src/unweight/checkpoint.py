@@ -60,6 +60,11 @@ class TensorInfo:
             n *= d
         return n
 
+    @property
+    def nbytes(self) -> int:
+        """Stored bytes (safetensors dtypes only)."""
+        return self.numel * ST_DTYPES[self.dtype].itemsize
+
 
 def _refuse_pickle(path: Path) -> None:
     if path.suffix.lower() in PICKLE_SUFFIXES:

@@ -1,0 +1,222 @@
+"""The registry of unweight's on-disk formats, and the per-tensor stream that writes and reads them.
+
+A compressed model is an ordinary HF folder (DESIGN.md, "On-disk format"): ``config.json`` carries a
+``quantization_config`` whose ``quant_method`` names the format, and the safetensors shards hold only
+plain tensors. A tensor ``name`` that a format encodes is stored as parts named
+``{name}.{tag}.{field}`` (``tag`` is the format's, e.g. ``ul`` for lossless, ``cb`` for codebooks);
+tensors the format leaves alone are stored as they are.
+
+A :class:`Format` is two pure functions: ``encode(tensor) -> {field: tensor}`` and
+``decode({field: tensor}, name) -> tensor``. :func:`compress_checkpoint` streams a checkpoint through
+``encode`` one tensor at a time (memory bounded by the largest tensor); :func:`decode_tensors` turns a
+compressed folder's tensors back into the dense state dict, for ``decompress``, ``verify`` and loading
+through transformers (``unweight.hf``).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass, field
+from typing import Callable, Iterator
+
+import torch
+from tqdm import tqdm
+
+from unweight.checkpoint import Checkpoint, CheckpointWriter, open_checkpoint
+from unweight.convert import copy_side_files
+from unweight.errors import UnweightError
+
+Parts = dict[str, torch.Tensor]
+
+
+@dataclass
+class Format:
+    quant_method: str  # the name in config.json's quantization_config, e.g. "unweight-lossless"
+    tag: str  # the part infix: parts of tensor NAME are NAME.{tag}.{field}
+    version: int
+    decode: Callable[[Parts, str], torch.Tensor]
+    description: str = ""
+
+
+FORMATS: dict[str, Format] = {}
+
+
+def register(fmt: Format) -> Format:
+    from unweight.hf import register_quant_method
+
+    FORMATS[fmt.quant_method] = fmt
+    register_quant_method(fmt.quant_method)  # so transformers loads it too
+    return fmt
+
+
+def get_format(quant_method: str) -> Format:
+    _load_builtin_formats()
+    if quant_method not in FORMATS:
+        raise UnweightError(f"unknown unweight format {quant_method!r}; known: {', '.join(FORMATS) or 'none'}")
+    return FORMATS[quant_method]
+
+
+def _load_builtin_formats() -> None:
+    """Import the modules that register the built-in formats (kept lazy: they pull in numba)."""
+    import importlib
+
+    for module in ("unweight.lossless", "unweight.cluster.codebook"):
+        try:
+            importlib.import_module(module)
+        except ModuleNotFoundError as exc:
+            if exc.name != module:
+                raise
+
+
+def part_name(name: str, tag: str, fld: str) -> str:
+    return f"{name}.{tag}.{fld}"
+
+
+def group_parts(names: list[str], tag: str) -> tuple[dict[str, list[str]], list[str]]:
+    """Split stored tensor names into {encoded tensor name: [its part names]} and plain names."""
+    marker = f".{tag}."
+    groups: dict[str, list[str]] = {}
+    plain = []
+    for n in names:
+        if marker in n:
+            groups.setdefault(n.rsplit(marker, 1)[0], []).append(n)
+        else:
+            plain.append(n)
+    return groups, plain
+
+
+def quantization_config(ckpt: Checkpoint) -> dict | None:
+    qc = (ckpt.config or {}).get("quantization_config")
+    if qc and str(qc.get("quant_method", "")).startswith("unweight-"):
+        return qc
+    return None
+
+
+def iter_decoded(ckpt: Checkpoint) -> Iterator[tuple[str, torch.Tensor]]:
+    """(name, dense tensor) for every tensor of a checkpoint, decoding unweight parts on the way."""
+    qc = quantization_config(ckpt)
+    if qc is None:
+        yield from ckpt.items()
+        return
+    fmt = get_format(qc["quant_method"])
+    if int(qc.get("format_version", fmt.version)) > fmt.version:
+        raise UnweightError(f"{ckpt.path}: {fmt.quant_method} format version {qc['format_version']} is newer "
+                            f"than this unweight reads ({fmt.version}); upgrade unweight")
+    groups, _ = group_parts(ckpt.names(), fmt.tag)
+    marker = f".{fmt.tag}."
+    for name in ckpt.names():  # stored order; an encoded tensor is decoded at its first part
+        base = name.rsplit(marker, 1)[0] if marker in name else None
+        if base is None:
+            yield name, ckpt.get(name)
+        elif base in groups:
+            parts = {p.rsplit(marker, 1)[1]: ckpt.get(p) for p in groups.pop(base)}
+            try:
+                yield base, fmt.decode(parts, base)
+            except UnweightError as exc:
+                raise UnweightError(f"{ckpt.path}: {exc}") from None
+
+
+def decode_tensors(path: str | os.PathLike) -> dict[str, torch.Tensor]:
+    """The dense state dict of a (possibly compressed) checkpoint."""
+    return dict(iter_decoded(open_checkpoint(path)))
+
+
+@dataclass
+class CompressStats:
+    tensors: int = 0
+    encoded: int = 0
+    weights: int = 0  # elements of the encoded tensors
+    original_bytes: int = 0  # all tensors, as stored in the source
+    stored_bytes: int = 0  # all tensors, as written
+    encoded_original_bytes: int = 0
+    encoded_stored_bytes: int = 0
+    per_tensor: list[dict] = field(default_factory=list)
+
+    @property
+    def ratio(self) -> float:
+        return self.stored_bytes / self.original_bytes if self.original_bytes else 1.0
+
+    @property
+    def bits_per_weight(self) -> float:
+        """Bits per encoded weight, every part (codebooks, offsets, headers) included."""
+        return 8 * self.encoded_stored_bytes / self.weights if self.weights else float("nan")
+
+
+def nbytes(t: torch.Tensor) -> int:
+    return t.numel() * t.element_size()
+
+
+def compress_checkpoint(src: str | os.PathLike, out: str | os.PathLike, fmt: Format,
+                        encode: Callable[[str, torch.Tensor], Parts | None], config: dict,
+                        overwrite: bool = False, progress: bool = True) -> CompressStats:
+    """Stream ``src`` through ``encode`` into an HF folder at ``out`` in format ``fmt``.
+
+    ``encode(name, tensor)`` returns the parts of an encoded tensor, or None to store it as it is.
+    ``config`` (JSON-able) becomes the ``quantization_config``, with ``quant_method`` and
+    ``format_version`` added. Side files (config, tokenizer) are copied from an HF folder source.
+    """
+    ckpt = open_checkpoint(src)
+    if quantization_config(ckpt) is not None:
+        raise UnweightError(f"{ckpt.path}: already compressed by unweight; decompress it first")
+    if ckpt.format != "hf":
+        raise UnweightError(f"{ckpt.path}: compress takes an HF folder; run `unweight convert` first")
+    stats = CompressStats()
+    qc = {"quant_method": fmt.quant_method, "format_version": fmt.version, **config}
+    with CheckpointWriter(out, overwrite=overwrite, metadata={"unweight_format": fmt.quant_method,
+                                                              "unweight_format_version": str(fmt.version)}) as w:
+        copy_side_files(ckpt.path, w.folder)
+        cfg = dict(ckpt.config or {})
+        cfg["quantization_config"] = qc
+        (w.folder / "config.json").write_text(json.dumps(cfg, indent=2))
+        for name in tqdm(ckpt.names(), desc=f"compress ({fmt.quant_method})", unit="tensor", disable=not progress):
+            t = ckpt.get(name)
+            try:
+                parts = encode(name, t)
+            except UnweightError as exc:
+                raise UnweightError(f"{ckpt.path}: tensor {name!r}: {exc}") from None
+            stats.tensors += 1
+            stats.original_bytes += nbytes(t)
+            if parts is None:
+                w.add(name, t)
+                stats.stored_bytes += nbytes(t)
+                continue
+            stored = 0
+            for fld, p in parts.items():
+                w.add(part_name(name, fmt.tag, fld), p)
+                stored += nbytes(p)
+            stats.encoded += 1
+            stats.weights += t.numel()
+            stats.stored_bytes += stored
+            stats.encoded_original_bytes += nbytes(t)
+            stats.encoded_stored_bytes += stored
+            stats.per_tensor.append({"name": name, "dtype": str(t.dtype).removeprefix("torch."),
+                                     "shape": list(t.shape), "bytes": nbytes(t), "stored": stored,
+                                     "ratio": stored / nbytes(t) if nbytes(t) else 1.0})
+    return stats
+
+
+def decompress_checkpoint(src: str | os.PathLike, out: str | os.PathLike, overwrite: bool = False,
+                          progress: bool = True) -> int:
+    """Write the dense HF folder of a compressed one; returns the number of tensors written."""
+    ckpt = open_checkpoint(src)
+    if quantization_config(ckpt) is None:
+        raise UnweightError(f"{ckpt.path}: not an unweight-compressed folder (no unweight quantization_config)")
+    n = 0
+    with CheckpointWriter(out, overwrite=overwrite) as w:
+        copy_side_files(ckpt.path, w.folder)
+        cfg = dict(ckpt.config)
+        cfg.pop("quantization_config", None)
+        (w.folder / "config.json").write_text(json.dumps(cfg, indent=2))
+        for name, t in tqdm(iter_decoded(ckpt), desc="decompress", unit="tensor", disable=not progress):
+            w.add(name, t)
+            n += 1
+    return n
+
+
+def same_bits(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Bit-exact equality (NaN payloads and -0.0 included)."""
+    if a.dtype != b.dtype or a.shape != b.shape:
+        return False
+    return torch.equal(a.contiguous().reshape(-1).view(torch.uint8), b.contiguous().reshape(-1).view(torch.uint8))
+
