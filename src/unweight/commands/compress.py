@@ -20,7 +20,7 @@ HELP = "compress a model (lossless, kmeans, rtn, ...)"
 
 
 def _lossless(args):
-    from unweight.lossless import FORMAT, encode_parts
+    from unweight.lossless.register import FORMAT, encode_parts
 
     return FORMAT, encode_parts, {}
 

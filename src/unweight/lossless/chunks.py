@@ -1,0 +1,153 @@
+"""Chunk-range drivers: everything one thread does for a run of chunks, in one compiled call.
+
+A tensor's values are cut into chunks of ``chunk_w`` values. For each chunk the encoder records the
+XXH64 of its original bytes, rANS-codes its hi words (or stores them raw when coding does not
+shrink them), and for FP32 packs the low halves. The decoder does the reverse and checks the hash.
+Chunks are independent, so a thread pool hands each worker a contiguous range of chunks; the output
+does not depend on how the ranges are cut. A range writes its chunks one after another from the
+start of its own region of the output (a chunk never takes more than its raw size);
+:func:`close_gaps` then moves the ranges together.
+"""
+
+import hashlib
+import sys
+from pathlib import Path
+
+import numpy as np
+from numba import njit
+
+from unweight.lossless import fields, hashing, rans
+from unweight.lossless.fields import pack_low, unpack_low
+from unweight.lossless.hashing import xxh64
+
+MODE_CODED = 0
+MODE_RAW = 1
+
+ERR_RAW_SIZE = 3  # a raw segment's length is not the chunk's size
+ERR_LOW = 4  # the FP32 low segment disagrees with its own block headers
+ERR_CHECKSUM = 5
+ERR_MODE = 6
+
+
+@njit(cache=True, nogil=True)
+def close_gaps(buf, starts, dests, lengths):
+    """Move ``buf[starts[i]:][:lengths[i]]`` down to ``dests[i]`` in order (``dests[i] <=
+    starts[i]``, so a forward copy never overwrites bytes still to be moved)."""
+    for i in range(starts.size):
+        s, d = starts[i], dests[i]
+        if s != d:
+            for j in range(lengths[i]):
+                buf[d + j] = buf[s + j]
+
+
+@njit(cache=True, nogil=True)
+def _store_raw_hi(vals, hi_shift, hbytes, c0, n, dst):
+    """The hi words of ``vals[c0:c0 + n]``, little-endian, into the byte array ``dst``."""
+    src = vals[c0:c0 + n]
+    if hbytes == 1:
+        for i in range(n):
+            dst[i] = np.uint8(src[i] >> hi_shift)
+    else:
+        d16 = dst.view(np.uint16)
+        for i in range(n):
+            d16[i] = np.uint16(src[i] >> hi_shift)
+
+
+_RANGES = {}
+
+
+def _source_stamp() -> int:
+    """A number that changes whenever the kernels these drivers inline change. Numba's disk
+    cache only watches the file of the cached function; as a closure variable this stamp makes
+    it watch the inlined modules too."""
+    h = hashlib.sha256()
+    for mod in (rans, fields, hashing, sys.modules[__name__]):
+        h.update(Path(mod.__file__).read_bytes())
+    return int.from_bytes(h.digest()[:7], "little")
+
+
+_STAMP = _source_stamp()
+
+
+def range_kernels(hbits: int, rb: int):
+    """(encode_range, decode_range) for ``hbits``-bit hi words with ``rb`` raw bits: one compiled
+    specialisation per layout, so the coder's shifts are constants."""
+    key = (hbits, rb)
+    if key not in _RANGES:
+        _RANGES[key] = _make_ranges(hbits, rb, _STAMP)
+    return _RANGES[key]
+
+
+def _make_ranges(hbits, rb, stamp):
+    hbytes = hbits // 8
+
+    @njit(cache=True, nogil=True)
+    def encode_range(vals, vals_u8, itemsize, lo, hi, chunk_w, numel, row_len, q, nph, ebits,
+                     hi_shift, coded, enc, rcp, code, code_base, code_sizes, modes, low, low_base,
+                     low_sizes, check, scratch):
+        assert stamp != 0
+        for c in range(lo, hi):
+            c0 = c * chunk_w
+            n = min(chunk_w, numel - c0)
+            check[c] = xxh64(vals_u8, c0 * itemsize, n * itemsize)
+            dst = code_base
+            size = n * hbytes
+            mode = MODE_RAW
+            if coded:
+                p = rans.encode_chunk(vals, hi_shift, ebits, c0, n, row_len, q, nph, enc, rcp,
+                                      scratch, hbits, rb)
+                nbytes = (scratch.size - p) * 4
+                if nbytes < size:
+                    code[dst:dst + nbytes] = scratch[p:].view(np.uint8)
+                    size = nbytes
+                    mode = MODE_CODED
+            if mode == MODE_RAW:
+                _store_raw_hi(vals, hi_shift, hbytes, c0, n, code[dst:dst + size])
+            code_sizes[c] = size
+            code_base += size
+            modes[c] = mode
+            if hi_shift:
+                end = pack_low(vals, c0, n, low, low_base)
+                low_sizes[c] = end - low_base
+                low_base = end
+
+    @njit(cache=True, nogil=True)
+    def decode_range(code, code_off, low, low_off, modes, check, lo, hi, chunk_w, numel, itemsize,
+                     row_len, q, nph, ebits, is32, dec, out_hi, out32, out_u8, scratch_hi,
+                     scratch_low, status):
+        for c in range(lo, hi):
+            c0 = c * chunk_w
+            n = min(chunk_w, numel - c0)
+            s0 = code_off[c]
+            seglen = code_off[c + 1] - s0
+            # the decoded hi words land in out_hi itself, or in a scratch for FP32
+            target = scratch_hi if is32 else out_hi
+            dst0 = 0 if is32 else c0
+            mode = modes[c]
+            if mode == MODE_RAW:
+                if seglen != n * hbytes:
+                    status[c] = ERR_RAW_SIZE
+                    continue
+                target[dst0:dst0 + n] = code[s0:s0 + seglen].view(target.dtype)
+            elif mode == MODE_CODED:
+                rc = rans.decode_chunk(code, s0, seglen, target, dst0 - c0, c0, n, row_len, q, nph,
+                                       ebits, dec, hbits, rb)
+                if rc != rans.OK:
+                    status[c] = rc
+                    continue
+                rans.unpermute(target, dst0, n, hbits, rb)
+            else:
+                status[c] = ERR_MODE
+                continue
+            if is32:
+                seg = low[low_off[c]:low_off[c + 1]]
+                if not unpack_low(seg, n, scratch_low):
+                    status[c] = ERR_LOW
+                    continue
+                o32 = out32[c0:c0 + n]
+                for i in range(n):
+                    o32[i] = (np.uint32(scratch_hi[i]) << np.uint32(16)) | np.uint32(scratch_low[i])
+            if xxh64(out_u8, c0 * itemsize, n * itemsize) != check[c]:
+                status[c] = ERR_CHECKSUM
+
+    return encode_range, decode_range

@@ -1,0 +1,348 @@
+"""The unweight-lossless tensor format: a float tensor <-> a few plain tensors, bit-exact.
+
+``encode_tensor(t)`` returns ``{suffix: tensor}`` (U8 streams, I64 offsets and checksums, a U8 code
+table, an I64 header); the caller stores each under ``name + suffix``. ``decode_tensor(parts, name)``
+rebuilds the tensor and checks every chunk's XXH64; any corrupt, truncated or inconsistent input
+raises :class:`~unweight.errors.UnweightError` naming the tensor and, where one is at fault, the
+chunk. The written specification is ``docs/format.md``; ``FORMAT_VERSION`` lives here only.
+"""
+
+import os
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
+import torch
+
+from unweight.errors import UnweightError
+from unweight.lossless import chunks, model, rans
+from unweight.lossless.fields import (BY_CODE, LOW_BLOCK, FloatLayout, as_words, kernel_array,
+                                     layout_of)
+from unweight.lossless.hashing import xxh64
+
+FORMAT_VERSION = 1
+MAGIC = 0x4C4C5755  # "UWLL" little-endian
+CHUNK_WEIGHTS = 1 << 16
+
+HEAD = ".ul.head"
+CODE = ".ul.code"
+OFFSETS = ".ul.offsets"
+MODES = ".ul.modes"
+CHECK = ".ul.check"
+TABLES = ".ul.tables"
+ROWS = ".ul.rows"
+LOW = ".ul.low"
+LOW_OFFSETS = ".ul.low_offsets"
+
+# header: these int64 fields, then the shape
+HEAD_FIELDS = ("magic", "version", "dtype", "numel", "chunk", "lanes", "prob_bits", "k",
+               "raw_bits", "phases", "row_len", "nrows", "nsym", "rows_codec", "ndim", "meta_hash")
+_F = {name: i for i, name in enumerate(HEAD_FIELDS)}
+
+_ERRORS = {
+    rans.ERR_OVERRUN: "coded segment ends early (truncated or corrupt)",
+    rans.ERR_STATE: "coded segment is corrupt (the decoder did not end in its initial state)",
+    chunks.ERR_RAW_SIZE: "raw segment has the wrong length",
+    chunks.ERR_LOW: "low-mantissa segment is corrupt",
+    chunks.ERR_CHECKSUM: "checksum mismatch: decoded bytes differ from the original",
+    chunks.ERR_MODE: "unknown chunk mode",
+}
+
+_POOL: ThreadPoolExecutor | None = None
+
+
+def is_supported(dtype: torch.dtype) -> bool:
+    """True for the float dtypes this format encodes (BF16, FP16, FP32, FP8 E4M3FN/E5M2)."""
+    return layout_of(dtype) is not None
+
+
+def encoded_names(keys) -> list[str]:
+    """Names of the encoded tensors among state-dict ``keys`` (those with a ``.ul.head``)."""
+    return sorted(k[: -len(HEAD)] for k in keys if k.endswith(HEAD))
+
+
+def _threads(threads: int | None) -> int:
+    return max(1, threads if threads is not None else (os.cpu_count() or 1))
+
+
+def _run(task, nchunks: int, threads: int) -> list[tuple[int, int]]:
+    """Call ``task(lo, hi)`` over contiguous chunk ranges on up to ``threads`` threads; returns
+    the ranges."""
+    global _POOL
+    nranges = min(nchunks, threads * 4) if threads > 1 else min(nchunks, 1)
+    bounds = np.linspace(0, nchunks, nranges + 1).astype(np.int64)
+    ranges = [(int(a), int(b)) for a, b in zip(bounds[:-1], bounds[1:]) if b > a]
+    if len(ranges) <= 1:
+        for a, b in ranges:
+            task(a, b)
+        return ranges
+    if _POOL is None or _POOL._max_workers < threads:
+        _POOL = ThreadPoolExecutor(max_workers=max(threads, os.cpu_count() or 1))
+    for f in [_POOL.submit(task, a, b) for a, b in ranges]:
+        f.result()
+    return ranges
+
+
+def _close_gaps(buf: np.ndarray, ranges, region: int, sizes: np.ndarray) -> np.ndarray:
+    """Offsets of the chunks once each range's output (written from ``lo * region``) is moved
+    down behind the previous one."""
+    offsets = np.zeros(sizes.size + 1, np.int64)
+    np.cumsum(sizes, out=offsets[1:])
+    starts = np.array([lo * region for lo, _ in ranges], np.int64)
+    dests = np.array([offsets[lo] for lo, _ in ranges], np.int64)
+    lengths = np.array([offsets[hi] - offsets[lo] for lo, hi in ranges], np.int64)
+    chunks.close_gaps(buf, starts, dests, lengths)
+    return offsets
+
+
+def _default_raw_bits(lay: FloatLayout) -> int:
+    return lay.hi_man_bits + 1 - max(model.K_CHOICES[lay.name])
+
+
+# ---------------------------------------------------------------------------------------------
+# encode
+
+
+def encode_tensor(t: torch.Tensor, threads: int | None = None) -> dict[str, torch.Tensor]:
+    """Encode a float tensor (BF16, FP16, FP32, FP8) into plain 1-D U8/I64 tensors.
+
+    Returns ``{suffix: tensor}``; store them as ``{name + suffix: tensor}`` and read back with
+    ``decode_tensor(that_mapping, name)``. ``threads`` (default: all cores) only changes speed,
+    never the output. The input is never modified. Raises UnweightError for other dtypes.
+    """
+    lay = layout_of(t.dtype)
+    if lay is None:
+        raise UnweightError(f"dtype {t.dtype} is not encoded by unweight-lossless; copy it as it is")
+    threads = _threads(threads)
+    vals = as_words(t)
+    numel = vals.size
+    chunk_w = CHUNK_WEIGHTS
+    nchunks = -(-numel // chunk_w)
+    shape = tuple(t.shape)
+    plan = model.plan(vals, lay, shape, nchunks) if numel else None
+    hbits, hbytes = lay.hi_bits, lay.hi_bits // 8
+    rb = plan.raw_bits if plan else _default_raw_bits(lay)
+    encode_range = chunks.range_kernels(hbits, rb)[0]
+
+    if plan is not None:
+        space = 1 << (lay.exp_bits + plan.k)
+        enc = np.zeros((plan.nph, space), np.uint64)
+        rcp = np.zeros((plan.nph, space), np.float64)
+        dec = np.zeros((plan.nph, rans.PROB_SCALE), np.uint64)
+        if rans.build_tables(plan.alphabet, plan.freq, rb, enc, rcp, dec) != -1:
+            raise AssertionError("model produced an invalid frequency table")
+        q, row_len, nph = plan.q, plan.row_len, plan.nph
+    else:
+        enc = np.zeros((1, 1), np.uint64)
+        rcp = np.zeros((1, 1), np.float64)
+        q, row_len, nph = np.zeros(1, np.int8), max(numel, 1), 1
+
+    region = chunk_w * hbytes  # a chunk never takes more than its raw hi words
+    code = np.empty(nchunks * region + rans.STREAM_PAD, np.uint8)
+    code_sizes = np.zeros(nchunks, np.int64)
+    modes = np.zeros(nchunks, np.uint8)
+    check = np.zeros(nchunks, np.uint64)
+    is32 = lay.low_bits > 0
+    low_region = chunk_w * 2 + -(-chunk_w // LOW_BLOCK) if is32 else 0
+    low = np.empty(nchunks * low_region, np.uint8)
+    low_sizes = np.zeros(nchunks, np.int64)
+    vals_u8 = vals.view(np.uint8)
+
+    def task(lo: int, hi: int) -> None:
+        scratch = np.empty(chunk_w + 2 * rans.LANES + 2, np.uint32)
+        encode_range(vals, vals_u8, lay.itemsize, lo, hi, chunk_w, numel, row_len, q, nph,
+                     lay.exp_bits, lay.low_bits, plan is not None, enc, rcp, code, lo * region,
+                     code_sizes, modes, low, lo * low_region, low_sizes, check, scratch)
+
+    ranges = _run(task, nchunks, threads)
+    offsets = _close_gaps(code, ranges, region, code_sizes)
+    code[offsets[-1]:offsets[-1] + rans.STREAM_PAD] = 0
+    code.resize(offsets[-1] + rans.STREAM_PAD, refcheck=False)
+    coded = plan is not None and bool((modes == chunks.MODE_CODED).any())
+
+    tables = model.serialize_tables(plan.alphabet, plan.freq) if coded else b""
+    rows_codec, rows = model.serialize_rows(plan.q) if coded and plan.shifted else (0, b"")
+    head = np.zeros(len(HEAD_FIELDS) + len(shape), np.int64)
+    head[_F["magic"]] = MAGIC
+    head[_F["version"]] = FORMAT_VERSION
+    head[_F["dtype"]] = lay.code
+    head[_F["numel"]] = numel
+    head[_F["chunk"]] = chunk_w
+    head[_F["lanes"]] = rans.LANES
+    head[_F["prob_bits"]] = rans.PROB_BITS
+    head[_F["k"]] = plan.k if coded else 0
+    head[_F["raw_bits"]] = rb if coded else 0
+    head[_F["phases"]] = plan.nph if coded else 0
+    head[_F["row_len"]] = plan.row_len if coded else 0
+    head[_F["nrows"]] = (numel // plan.row_len if plan.shifted else 0) if coded else 0
+    head[_F["nsym"]] = plan.alphabet.size if coded else 0
+    head[_F["rows_codec"]] = rows_codec
+    head[_F["ndim"]] = len(shape)
+    head[len(HEAD_FIELDS):] = shape
+    head[_F["meta_hash"]] = _meta_hash(head, tables, rows)
+
+    parts = {
+        HEAD: torch.from_numpy(head),
+        CODE: torch.from_numpy(code),
+        OFFSETS: torch.from_numpy(offsets),
+        MODES: torch.from_numpy(modes),
+        CHECK: torch.from_numpy(check.view(np.int64)),
+    }
+    if coded:
+        parts[TABLES] = torch.frombuffer(bytearray(tables), dtype=torch.uint8)
+        if rows:
+            parts[ROWS] = torch.frombuffer(bytearray(rows), dtype=torch.uint8)
+    if is32:
+        low_offsets = _close_gaps(low, ranges, low_region, low_sizes)
+        low.resize(low_offsets[-1], refcheck=False)
+        parts[LOW] = torch.from_numpy(low)
+        parts[LOW_OFFSETS] = torch.from_numpy(low_offsets)
+    return parts
+
+
+def _meta_hash(head: np.ndarray, tables: bytes, rows: bytes) -> int:
+    h = head.copy()
+    h[_F["meta_hash"]] = 0
+    meta = np.concatenate([h.view(np.uint8), np.frombuffer(tables, np.uint8),
+                           np.frombuffer(rows, np.uint8)])
+    return int(np.uint64(xxh64(meta, 0, meta.size)).view(np.int64))
+
+
+# ---------------------------------------------------------------------------------------------
+# decode
+
+
+def _part(parts, name: str, suffix: str, dtype: torch.dtype, required: bool = True) -> np.ndarray:
+    key = name + suffix
+    t = parts.get(key)
+    if t is None:
+        if required:
+            raise UnweightError(f"tensor {name!r}: part {key!r} is missing")
+        return np.zeros(0, np.uint8 if dtype == torch.uint8 else np.int64)
+    if not isinstance(t, torch.Tensor) or t.dtype != dtype or t.dim() != 1:
+        raise UnweightError(f"tensor {name!r}: part {key!r} must be a 1-D {dtype} tensor")
+    return kernel_array(t.detach().cpu().contiguous().numpy())
+
+
+def _fail(name: str, what: str) -> UnweightError:
+    return UnweightError(f"tensor {name!r}: {what}")
+
+
+def _check_offsets(name: str, off: np.ndarray, nchunks: int, stream: int, pad: int, what: str):
+    if off.size != nchunks + 1:
+        c = min(off.size, nchunks + 1) - 1
+        raise _fail(name, f"chunk {max(c, 0)}: {what} offsets hold {off.size} entries, expected "
+                          f"{nchunks + 1} (offsets table truncated or corrupt)")
+    if nchunks == 0:
+        return
+    if off[0] != 0:
+        raise _fail(name, f"chunk 0: {what} offsets do not start at 0")
+    if (off[1:] < off[:-1]).any():
+        bad = int(np.flatnonzero(off[1:] < off[:-1])[0])
+        raise _fail(name, f"chunk {bad}: {what} offsets decrease (corrupt offsets)")
+    if off.max() + pad > stream:
+        short = int(np.flatnonzero(off[1:] + pad > stream)[0])
+        raise _fail(name, f"chunk {short}: {what} stream is truncated "
+                          f"({stream} bytes, chunk needs {off[short + 1] + pad})")
+
+
+def decode_tensor(parts, name: str, threads: int | None = None) -> torch.Tensor:
+    """Rebuild tensor ``name`` from ``parts`` (any mapping holding its ``name + suffix`` keys),
+    bit-exact, checking every chunk's checksum. Raises UnweightError on corrupt input."""
+    head = _part(parts, name, HEAD, torch.int64)
+    nf = len(HEAD_FIELDS)
+    if head.size < nf or head[_F["magic"]] != MAGIC:
+        raise _fail(name, "not an unweight-lossless header")
+    if head[_F["version"]] != FORMAT_VERSION:
+        raise _fail(name, f"format version {head[_F['version']]} (this unweight reads "
+                          f"{FORMAT_VERSION})")
+    tables = _part(parts, name, TABLES, torch.uint8, required=False)
+    rows = _part(parts, name, ROWS, torch.uint8, required=False)
+    if _meta_hash(head, tables.tobytes(), rows.tobytes()) != int(head[_F["meta_hash"]]):
+        raise _fail(name, "header or code tables corrupt (metadata checksum mismatch)")
+    lay = BY_CODE.get(int(head[_F["dtype"]]))
+    ndim = int(head[_F["ndim"]])
+    if lay is None or head.size != nf + ndim or ndim < 0:
+        raise _fail(name, "header describes an unknown dtype or shape")
+    shape = tuple(int(s) for s in head[nf:])
+    numel = int(head[_F["numel"]])
+    chunk_w = int(head[_F["chunk"]])
+    if (any(s < 0 for s in shape) or int(np.prod(shape, dtype=np.int64)) != numel or chunk_w <= 0
+            or head[_F["lanes"]] != rans.LANES or head[_F["prob_bits"]] != rans.PROB_BITS):
+        raise _fail(name, "header is inconsistent (shape, chunk size, lanes or precision)")
+    threads = _threads(threads)
+    nchunks = -(-numel // chunk_w)
+    nph, nsym = int(head[_F["phases"]]), int(head[_F["nsym"]])
+    k, rb = int(head[_F["k"]]), int(head[_F["raw_bits"]])
+    hbits, hbytes = lay.hi_bits, lay.hi_bits // 8
+    coded = nsym > 0
+
+    code = _part(parts, name, CODE, torch.uint8)
+    offsets = _part(parts, name, OFFSETS, torch.int64)
+    modes = _part(parts, name, MODES, torch.uint8)
+    check = _part(parts, name, CHECK, torch.int64).view(np.uint64)
+    if modes.size != nchunks or check.size != nchunks:
+        raise _fail(name, f"chunk tables hold {modes.size} modes and {check.size} checksums, "
+                          f"expected {nchunks}")
+    _check_offsets(name, offsets, nchunks, code.size, rans.STREAM_PAD, "code")
+    is32 = lay.low_bits > 0
+    low = _part(parts, name, LOW, torch.uint8, required=is32)
+    low_offsets = _part(parts, name, LOW_OFFSETS, torch.int64, required=is32)
+    if is32:
+        _check_offsets(name, low_offsets, nchunks, low.size, 0, "low-mantissa")
+    else:
+        low_offsets = np.zeros(nchunks + 1, np.int64)
+
+    if coded:
+        row_len, nrows = int(head[_F["row_len"]]), int(head[_F["nrows"]])
+        if (not 1 <= nph <= max(model.PHASES) or rb != lay.hi_man_bits + 1 - k
+                or k not in model.K_CHOICES[lay.name] or nsym > model.MAX_SYMBOLS or row_len < 1
+                or numel % row_len or nrows not in (0, numel // row_len)):
+            raise _fail(name, "header describes an invalid code table")
+        alphabet = np.zeros(nsym, np.int64)
+        freq = np.zeros((nph, nsym), np.uint32)
+        space = 1 << (lay.exp_bits + k)
+        if not model.parse_tables(tables, nsym, nph, alphabet, freq) or alphabet[-1] >= space:
+            raise _fail(name, "code tables are malformed")
+        dec = np.zeros((nph, rans.PROB_SCALE), np.uint64)
+        bad = rans.build_tables(alphabet, freq, rb, np.zeros((nph, space), np.uint64),
+                                np.zeros((nph, space)), dec)
+        if bad != -1:
+            raise _fail(name, f"code table of phase {bad} is invalid")
+        if nrows:
+            q = model.parse_rows(int(head[_F["rows_codec"]]), rows.tobytes(), nrows)
+            if q is None:
+                raise _fail(name, "row contexts are corrupt")
+        else:
+            q = np.zeros(numel // row_len, np.int8)
+    else:
+        rb = _default_raw_bits(lay)
+        dec = np.zeros((1, rans.PROB_SCALE), np.uint64)
+        q, row_len, nph = np.zeros(1, np.int8), max(numel, 1), 1
+        coded_chunks = np.flatnonzero(modes != chunks.MODE_RAW)
+        if coded_chunks.size:
+            raise _fail(name, f"chunk {coded_chunks[0]}: marked coded but the tensor has no code "
+                              "table (corrupt modes)")
+
+    nbytes = numel * lay.itemsize
+    out_u8 = np.empty(-(-nbytes // 8) * 8, np.uint8)
+    out = out_u8[:nbytes].view(lay.word_dtype)
+    empty_hi = np.zeros(0, np.uint16 if hbits == 16 else np.uint8)
+    status = np.zeros(nchunks, np.int32)
+    decode_range = chunks.range_kernels(hbits, rb)[1]
+
+    def task(lo: int, hi: int) -> None:
+        scratch_hi = np.empty(chunk_w if is32 else 0, empty_hi.dtype)
+        scratch_low = np.empty(chunk_w if is32 else 0, np.uint16)
+        decode_range(code, offsets, low, low_offsets, modes, check, lo, hi, chunk_w, numel,
+                     lay.itemsize, row_len, q, nph, lay.exp_bits, is32, dec,
+                     empty_hi if is32 else out, out if is32 else np.zeros(0, np.uint32), out_u8,
+                     scratch_hi, scratch_low, status)
+
+    _run(task, nchunks, threads)
+    failed = np.flatnonzero(status)
+    if failed.size:
+        c = int(failed[0])
+        raise _fail(name, f"chunk {c} of {nchunks}: {_ERRORS.get(int(status[c]), 'corrupt')}")
+    view = {8: torch.uint8, 16: torch.int16, 32: torch.int32}[lay.bits]
+    signed = {8: np.uint8, 16: np.int16, 32: np.int32}[lay.bits]
+    return torch.from_numpy(out.view(signed)).view(view).view(lay.dtype).reshape(shape)

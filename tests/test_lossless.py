@@ -1,0 +1,310 @@
+"""Properties of the lossless codec: bit-exact round trips for every float dtype and shape, the
+input left untouched, output no larger than the input plus a small header, and every corruption
+or truncation reported as an UnweightError that names the tensor (and the chunk at fault)."""
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from unweight.errors import UnweightError
+from unweight.lossless import (decode_tensor, encode_tensor, encoded_names, is_supported,
+                               merge_fields, order0_bits, split_fields)
+from unweight.lossless import format as fmt
+from unweight.lossless import rans
+from unweight.lossless.fields import LOW_BLOCK
+from unweight.lossless.hashing import xxh64
+
+DTYPES = [torch.bfloat16, torch.float16, torch.float32, torch.float8_e4m3fn, torch.float8_e5m2]
+INT_VIEW = {1: torch.uint8, 2: torch.int16, 4: torch.int32}
+PER_CHUNK_PARTS = (fmt.CODE, fmt.OFFSETS, fmt.MODES, fmt.CHECK, fmt.LOW, fmt.LOW_OFFSETS)
+
+
+def bits(t: torch.Tensor) -> torch.Tensor:
+    return t.view(INT_VIEW[t.element_size()])
+
+
+def same(a: torch.Tensor, b: torch.Tensor) -> bool:
+    return a.dtype == b.dtype and a.shape == b.shape and torch.equal(bits(a), bits(b))
+
+
+def encode(t: torch.Tensor, name: str = "w", **kw) -> dict[str, torch.Tensor]:
+    return {name + k: v for k, v in encode_tensor(t, **kw).items()}
+
+
+def nbytes(parts: dict[str, torch.Tensor]) -> int:
+    return sum(v.numel() * v.element_size() for v in parts.values())
+
+
+def specials(dtype: torch.dtype) -> torch.Tensor:
+    """NaN, +-Inf, +-0, subnormals, extremes: the bit patterns a float codec must not touch."""
+    fi = torch.finfo(dtype)
+    vals = [float("nan"), float("inf"), float("-inf"), 0.0, -0.0, fi.max, -fi.max, fi.tiny,
+            -fi.tiny, fi.tiny / 4, -fi.tiny / 2, fi.eps, 1.0, -1.0]
+    t = torch.tensor(vals, dtype=torch.float32).to(dtype)
+    # and a NaN with a payload, built from bits
+    nan_payload = {1: 0x7F, 2: 0x7FC3, 4: 0x7FC00123}[t.element_size()]
+    extra = torch.tensor([nan_payload], dtype=torch.int64).to(INT_VIEW[t.element_size()])
+    return torch.cat([t, extra.view(dtype)])
+
+
+def make(dtype: torch.dtype, shape: tuple[int, ...], kind: str, seed: int) -> torch.Tensor:
+    rng = np.random.default_rng(seed)
+    n = int(np.prod(shape, dtype=np.int64))
+    if n == 0:
+        return torch.empty(shape, dtype=dtype)
+    if kind == "bits":  # every pattern equally likely: incompressible
+        size = torch.finfo(dtype).bits // 8
+        raw = rng.integers(0, 256, n * size, dtype=np.uint8)
+        return torch.from_numpy(raw).view(dtype).reshape(shape)
+    rows = shape[0] if len(shape) >= 2 else 1
+    scale = np.exp(rng.normal(-3.0, 0.7, size=(rows, 1)))
+    x = torch.from_numpy((rng.standard_normal((rows, n // max(rows, 1))) * scale).astype(np.float32))
+    t = x.reshape(shape).to(dtype)
+    if kind == "special" and n:
+        sp = specials(dtype)
+        idx = torch.from_numpy(rng.integers(0, n, size=max(1, n // 7)))
+        flat = t.reshape(-1)
+        flat[idx] = sp[torch.from_numpy(rng.integers(0, sp.numel(), size=idx.numel()))]
+    return t
+
+
+shapes = st.one_of(
+    st.sampled_from([(), (0,), (1,), (2,), (3, 0), (1, 1), (7,), (17, 3), (1023,), (5, 1, 31)]),
+    st.tuples(st.integers(1, 80), st.integers(1, 70)),
+    st.tuples(st.integers(8, 40), st.sampled_from([16, 33, 64, 100, 128])),
+)
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(dtype=st.sampled_from(DTYPES), shape=shapes, kind=st.sampled_from(["weights", "special",
+       "bits"]), seed=st.integers(0, 2**31), chunk=st.sampled_from([64, 300, 4096, 1 << 16]))
+def test_round_trip_is_bit_exact_and_input_untouched(dtype, shape, kind, seed, chunk):
+    t = make(dtype, shape, kind, seed)
+    before = bits(t).clone()
+    old, fmt.CHUNK_WEIGHTS = fmt.CHUNK_WEIGHTS, chunk
+    try:
+        parts = encode(t)
+    finally:
+        fmt.CHUNK_WEIGHTS = old
+    assert torch.equal(bits(t), before)
+    assert all(v.dtype in (torch.uint8, torch.int64) and v.dim() == 1 for v in parts.values())
+    assert same(decode_tensor(parts, "w"), t)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_specials_survive_in_every_dtype(dtype):
+    sp = specials(dtype)
+    t = sp.repeat(300).reshape(60, -1)
+    assert same(decode_tensor(encode(t), "w"), t)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32, torch.float16])
+def test_many_default_chunks_threads_give_identical_output(dtype):
+    t = make(dtype, (300, 512), "weights", 1)  # 153600 values: three default chunks
+    one = encode(t, threads=1)
+    two = encode(t, threads=2)
+    assert one.keys() == two.keys() and all(torch.equal(one[k], two[k]) for k in one)
+    assert same(decode_tensor(one, "w", threads=2), t)
+    assert same(decode_tensor(one, "w", threads=1), t)
+
+
+def test_non_contiguous_input():
+    base = make(torch.bfloat16, (96, 130), "weights", 2)
+    t = base.t()
+    before = bits(base).clone()
+    out = decode_tensor(encode(t), "w")
+    assert same(out, t.contiguous())
+    assert torch.equal(bits(base), before)
+
+
+def test_fp32_low_mantissa_dropped_per_block():
+    x = make(torch.float32, (64, 256), "weights", 3)
+    from_bf16 = x.to(torch.bfloat16).to(torch.float32)  # low 16 bits all zero
+    from_fp16 = x.to(torch.float16).to(torch.float32)  # low 13 bits zero where normal
+    for t, per_value in ((from_bf16, 0.0), (from_fp16, 3 / 8)):
+        parts = encode(t)
+        assert same(decode_tensor(parts, "w"), t)
+        low = parts["w" + fmt.LOW].numel()
+        blocks = -(-t.numel() // LOW_BLOCK)
+        assert low <= blocks + t.numel() * per_value + blocks  # the tz byte and padding
+    assert encode(x)["w" + fmt.LOW].numel() > x.numel()  # a real FP32 tensor keeps its bits
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape", [(20000,), (50, 401), (3,)])
+def test_incompressible_grows_by_at_most_a_small_header(dtype, shape):
+    t = make(dtype, shape, "bits", 4)
+    parts = encode(t)
+    nchunks = -(-t.numel() // fmt.CHUNK_WEIGHTS)
+    bound = t.numel() * t.element_size() + 256 + 40 * nchunks + t.numel() // LOW_BLOCK
+    assert nbytes(parts) <= bound
+    assert (parts["w" + fmt.MODES].numpy() == 1).all()  # every chunk stored raw
+    assert same(decode_tensor(parts, "w"), t)
+
+
+def test_coded_size_reaches_the_order0_bound():
+    # iid bell-shaped weights: nothing to gain from row context, so the coder should sit on the
+    # order-0 bound H(exponent) + H(sign, mantissa | exponent) up to table and chunk overhead
+    t = torch.from_numpy(np.random.default_rng(5).standard_normal((512, 512)).astype(np.float32))
+    t = (t * 0.02).to(torch.bfloat16)
+    parts = encode(t)
+    nchunks = parts["w" + fmt.MODES].numel()
+    payload = parts["w" + fmt.CODE].numel() - rans.STREAM_PAD - rans.STATE_BYTES * nchunks
+    bound = order0_bits(t)
+    assert payload * 8 / t.numel() <= bound + 0.03  # k = 2 mantissa bits and 12-bit precision
+    assert nbytes(parts) * 8 / t.numel() <= bound + 0.05  # with tables, checksums, offsets
+    # rows at different scales: the row context goes below the order-0 bound
+    rows = torch.from_numpy(np.exp(np.random.default_rng(6).normal(-4, 1, (512, 1)))).float()
+    t2 = (t.float() * rows * 50).to(torch.bfloat16)
+    assert nbytes(encode(t2)) * 8 / t2.numel() < order0_bits(t2) - 0.05
+
+
+def test_unsupported_dtype_and_names():
+    with pytest.raises(UnweightError, match="int64"):
+        encode_tensor(torch.arange(5))
+    assert not is_supported(torch.int32) and is_supported(torch.float8_e5m2)
+    keys = list(encode(torch.ones(3, dtype=torch.float16), "a.b").keys()) + ["c.weight"]
+    assert encoded_names(keys) == ["a.b"]
+
+
+# ---------------------------------------------------------------------------------------------
+# corruption
+
+
+@pytest.fixture(scope="module", params=[torch.bfloat16, torch.float32, torch.float8_e4m3fn])
+def coded(request):
+    old, fmt.CHUNK_WEIGHTS = fmt.CHUNK_WEIGHTS, 1024
+    try:
+        t = make(request.param, (40, 160), "special", 7)  # 6400 values: 7 chunks
+        parts = encode(t, "layer.w")
+    finally:
+        fmt.CHUNK_WEIGHTS = old
+    assert (parts["layer.w" + fmt.MODES].numpy() == 0).any()
+    return t, parts
+
+
+def flipped(parts, key, pos):
+    out = dict(parts)
+    arr = parts[key].clone()
+    raw = arr.view(torch.uint8)
+    raw[pos] ^= 0x5A
+    out[key] = arr
+    return out
+
+
+def test_every_flipped_byte_raises_naming_tensor_and_chunk(coded):
+    t, parts = coded
+    rng = np.random.default_rng(8)
+    for key, arr in parts.items():
+        size = arr.numel() * arr.element_size()
+        payload = size - (rans.STREAM_PAD if key.endswith(fmt.CODE) else 0)
+        positions = {0, payload - 1, *rng.integers(0, payload, 12).tolist()}
+        for pos in positions:
+            with pytest.raises(UnweightError) as err:
+                decode_tensor(flipped(parts, key, pos), "layer.w")
+            msg = str(err.value)
+            assert "'layer.w'" in msg
+            if key.endswith(PER_CHUNK_PARTS):
+                assert "chunk" in msg, (key, pos, msg)
+        if key.endswith(fmt.CODE):  # the padding after the last segment carries nothing
+            assert same(decode_tensor(flipped(parts, key, size - 1), "layer.w"), t)
+
+
+def test_truncation_raises_naming_chunk(coded):
+    t, parts = coded
+    for key in parts:
+        if not key.endswith((fmt.CODE, fmt.LOW)):
+            continue
+        for keep in (0, parts[key].numel() // 2, parts[key].numel() - 1):
+            cut = dict(parts)
+            cut[key] = parts[key][:keep].clone()
+            with pytest.raises(UnweightError, match=r"'layer\.w'.*chunk \d+.*truncated"):
+                decode_tensor(cut, "layer.w")
+    short = dict(parts)
+    short["layer.w" + fmt.OFFSETS] = parts["layer.w" + fmt.OFFSETS][:-2].clone()
+    with pytest.raises(UnweightError, match="chunk"):
+        decode_tensor(short, "layer.w")
+
+
+def test_missing_or_mistyped_parts(coded):
+    _, parts = coded
+    for key in ("layer.w" + fmt.CODE, "layer.w" + fmt.HEAD):
+        gone = {k: v for k, v in parts.items() if k != key}
+        with pytest.raises(UnweightError, match="missing"):
+            decode_tensor(gone, "layer.w")
+    wrong = dict(parts)
+    wrong["layer.w" + fmt.OFFSETS] = parts["layer.w" + fmt.OFFSETS].to(torch.int32)
+    with pytest.raises(UnweightError, match="1-D torch.int64"):
+        decode_tensor(wrong, "layer.w")
+
+
+def _rehash(parts, name):
+    head = parts[name + fmt.HEAD].clone()
+    tables = parts.get(name + fmt.TABLES, torch.zeros(0, dtype=torch.uint8)).numpy().tobytes()
+    rows = parts.get(name + fmt.ROWS, torch.zeros(0, dtype=torch.uint8)).numpy().tobytes()
+    head.numpy()[fmt._F["meta_hash"]] = fmt._meta_hash(head.numpy(), tables, rows)
+    return {**parts, name + fmt.HEAD: head}
+
+
+def test_corrupt_tables_behind_a_valid_checksum_never_crash(coded):
+    # a forged metadata checksum must still meet the structural checks (or the chunk checksums)
+    t, parts = coded
+    name = "layer.w"
+    rng = np.random.default_rng(9)
+    for key in (fmt.TABLES, fmt.ROWS, fmt.HEAD):
+        if name + key not in parts:
+            continue
+        for _ in range(20):
+            arr = parts[name + key]
+            pos = int(rng.integers(0, arr.numel() * arr.element_size()))
+            bad = _rehash(flipped(parts, name + key, pos), name)
+            try:
+                out = decode_tensor(bad, name)
+            except UnweightError as e:
+                assert repr(name) in str(e)
+            else:
+                assert same(out, t)
+
+
+def test_future_version_is_refused(coded):
+    _, parts = coded
+    head = parts["layer.w" + fmt.HEAD].clone()
+    head[fmt._F["version"]] = fmt.FORMAT_VERSION + 1
+    with pytest.raises(UnweightError, match="format version"):
+        decode_tensor({**parts, "layer.w" + fmt.HEAD: head}, "layer.w")
+
+
+# ---------------------------------------------------------------------------------------------
+# fields and hashing
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_split_merge_fields_round_trip(dtype):
+    t = make(dtype, (30, 70), "special", 10)
+    f = split_fields(t, chunk=512)
+    assert f.exponent.dtype == np.uint8 and f.exponent.size == t.numel()
+    assert same(merge_fields(f), t)
+
+
+def test_split_fields_drops_zero_low_bytes_of_fp32_per_chunk():
+    x = make(torch.float32, (8, 512), "weights", 11)
+    t = torch.cat([x[:4].to(torch.bfloat16).float(), x[4:]])  # first half BF16-exact
+    f = split_fields(t, chunk=1024)
+    assert f.low_zero.tolist() == [True, True, False, False]
+    assert f.sign_mantissa[0].size == 2048 and f.sign_mantissa[2].size == 4096
+    assert same(merge_fields(f), t)
+
+
+def test_xxh64_matches_reference_values():
+    cases = {b"": 0xEF46DB3751D8E999, b"a": 0xD24EC4F1A98C6E5B, b"abc": 0x44BC2CF5AD770999,
+             b"unweight-lossless": 0x79FA89DCA5B1C10D, bytes(range(256)) * 3: 0x8E03C838C596036F}
+    for data, want in cases.items():
+        buf = np.frombuffer(b"xyz" + data, np.uint8)
+        assert int(xxh64(buf, 3, len(data))) == want
+
+
+def test_order0_bits_of_uniform_bits_is_full_width():
+    t = make(torch.bfloat16, (1 << 20,), "bits", 12)  # enough samples for 2^16 cells
+    assert 15.9 < order0_bits(t) <= 16.0
