@@ -41,6 +41,8 @@ def convert(src: str | Path, out: str | Path, dtype: str = "bf16", overwrite: bo
             progress: bool = True) -> Path:
     """Write ``src`` (GGUF, safetensors or HF folder) as an HF folder at ``out`` with floats in ``dtype``."""
     target = parse_dtype(dtype)
+    if Path(out).exists() and not overwrite:  # before parsing a possibly large source
+        raise UnweightError(f"{out}: already exists (pass --force to replace it)")
     ckpt = open_checkpoint(src)
     names = ckpt.names()
     with CheckpointWriter(out, overwrite=overwrite) as w:
@@ -53,7 +55,11 @@ def convert(src: str | Path, out: str | Path, dtype: str = "bf16", overwrite: bo
             config.dtype = target
             config.architectures = [MODEL_FOR_CAUSAL_LM_MAPPING[type(config)].__name__]
             config.save_pretrained(w.folder)
-            tok = AutoTokenizer.from_pretrained(str(ckpt.path.parent), gguf_file=ckpt.path.name)
+            try:
+                tok = AutoTokenizer.from_pretrained(str(ckpt.path.parent), gguf_file=ckpt.path.name)
+            except (KeyError, ValueError, OSError) as exc:
+                raise UnweightError(f"{ckpt.path}: transformers cannot build a tokenizer from this GGUF: "
+                                    f"{exc!r}") from None
             tok.save_pretrained(w.folder)
         elif ckpt.format == "hf":
             copy_side_files(ckpt.path, w.folder)

@@ -8,6 +8,7 @@ encoder, the reference for weight statistics and lossless ratios. Every method w
 
 from __future__ import annotations
 
+import hashlib
 import importlib.metadata as md
 from dataclasses import dataclass
 from pathlib import Path
@@ -92,7 +93,12 @@ def hf_folder(name_or_path: str, dtype: str = "bf16") -> Path:
     src = resolve(name_or_path)
     if src.is_dir() and not list(src.glob("*.gguf")):
         return src
-    out = cache_dir("models") / f"{name_or_path if name_or_path in MODELS else src.stem}-{dtype}"
+    if name_or_path in MODELS:
+        key = name_or_path
+    else:  # a path: key the cache by the file itself, so files named alike stay apart
+        st = src.stat()
+        key = f"{src.stem}-{hashlib.sha1(f'{src.resolve()}:{st.st_size}:{st.st_mtime_ns}'.encode()).hexdigest()[:12]}"
+    out = cache_dir("models") / f"{key}-{dtype}"
     if not (out / "config.json").exists():
         from unweight.convert import convert
 
