@@ -1,0 +1,313 @@
+"""The one layer-by-layer calibration driver: decoder blocks in order, statistics from forward hooks.
+
+The shape of the GPTQ (Frantar et al., 2022, arXiv 2210.17323) and Wanda (Sun et al., 2023,
+arXiv 2306.11695) drivers, once, for every decoder architecture transformers loads:
+
+1. :func:`capture_block_inputs` runs the calibration windows through the model with every decoder
+   block swapped for a catcher that records its call (the hidden states entering block 0 and, for
+   every block, its keyword arguments: attention mask, position embeddings, ...) and passes the
+   hidden states on unchanged, so no block computes. Keyword arguments are recorded per block
+   because they differ between blocks in some families (Gemma 3 alternates sliding-window and global
+   layers, each with its own mask and rotary embeddings).
+2. :func:`run_layerwise` then walks the blocks: the calibration inputs go through block i with forward
+   hooks on its ``nn.Linear`` modules feeding a :class:`LinearStats` accumulator per distinct input
+   (q/k/v share one, as do gate/up), ``process(block_index, name, linear, stats)`` compresses the
+   weights in place, and the block runs again so that the *compressed* block's outputs become block
+   i+1's inputs. One block's statistics are in memory at a time; with ``device`` set, one block at a
+   time is moved there and back.
+
+The decoder blocks are found, not named per family: the ``nn.ModuleList`` whose length is the (text)
+config's ``num_hidden_layers``.
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+from tqdm import tqdm
+
+from unweight.errors import UnweightError
+
+STATS = ("hessian", "sq_norm", "abs_mean")  # what a LinearStats can accumulate
+DEFAULT_SAMPLES = 32
+DEFAULT_SEQ_LEN = 512
+DEFAULT_BATCH = 8  # calibration windows per block forward
+DROPPED_KWARGS = ("cache", "past_key_values", "past_key_value", "use_cache")  # no KV cache here
+
+
+# ----------------------------------------------------------------------------- calibration data
+
+def calibration_windows(tokenizer, n_samples: int = DEFAULT_SAMPLES, seq_len: int = DEFAULT_SEQ_LEN,
+                        seed: int = 0, corpus_name: str = "austen") -> torch.Tensor:
+    """``[n_samples, seq_len]`` token ids: windows at random offsets (fixed ``seed``) in the
+    calibration split, which shares no document with the evaluation split (DESIGN.md).
+
+    The split is joined with "\\n\\n" and tokenized once, as evaluation text is; windows are drawn
+    without overlap from the ``len // seq_len`` aligned slots, so no token is seen twice.
+    """
+    from unweight.data import corpus
+
+    text = "\n\n".join(corpus(corpus_name, "calib"))
+    ids = tokenizer(text, add_special_tokens=False, return_attention_mask=False)["input_ids"]
+    slots = len(ids) // seq_len
+    if n_samples < 1 or seq_len < 2:
+        raise UnweightError(f"calibration needs n_samples >= 1 and seq_len >= 2, got {n_samples}, {seq_len}")
+    if n_samples > slots:
+        raise UnweightError(f"the {corpus_name!r} calibration split has {len(ids)} tokens: at most "
+                            f"{slots} windows of {seq_len}, asked for {n_samples}")
+    chosen = sorted(random.Random(seed).sample(range(slots), n_samples))
+    return torch.tensor([ids[s * seq_len:(s + 1) * seq_len] for s in chosen], dtype=torch.long)
+
+
+# ----------------------------------------------------------------------------- statistics
+
+@dataclass
+class LinearStats:
+    """Statistics of the inputs x (rows of X, ``[tokens, in_features]``) seen by one or more Linears.
+
+    - ``hessian``: the mean of x x^T, ``X^T X / n`` (``[in, in]``), the GPTQ/SparseGPT proxy Hessian of
+      the layer-wise squared error (up to the factor 2 that no method needs);
+    - ``sq_norm``: the sum over tokens of x_j^2 per input column, ``||X_j||^2`` (Wanda's score is
+      ``|W_ij| * ||X_j||``; importance weights for weighted K-means);
+    - ``abs_mean``: the mean of |x_j| per input column (AWQ's activation scale).
+
+    Sums are accumulated in float64 and the Hessian in float32 (GPTQ's choice; it is a mean of
+    well-scaled terms), all on the device the inputs arrive on.
+    """
+
+    in_features: int
+    want: frozenset[str]
+    n_tokens: int = 0
+    _xtx: torch.Tensor | None = None
+    _sq: torch.Tensor | None = None
+    _abs: torch.Tensor | None = None
+    _batch: int = field(default=-1, repr=False)  # last batch counted (shared accumulators count once)
+
+    def add_batch(self, x: torch.Tensor) -> None:
+        """Accumulate the inputs ``x`` (``[..., in_features]``)."""
+        x = x.detach().reshape(-1, self.in_features)
+        if "hessian" in self.want:
+            xf = x.to(torch.float32)
+            xtx = xf.T @ xf
+            self._xtx = xtx if self._xtx is None else self._xtx.add_(xtx)
+        xd = x.to(torch.float64)
+        sq = xd.square().sum(0)
+        self._sq = sq if self._sq is None else self._sq.add_(sq)
+        if "abs_mean" in self.want:
+            ab = xd.abs().sum(0)
+            self._abs = ab if self._abs is None else self._abs.add_(ab)
+        self.n_tokens += x.shape[0]
+
+    @property
+    def hessian(self) -> torch.Tensor:
+        if self._xtx is None:
+            raise UnweightError("this method needs the Hessian X^T X: collect stats with 'hessian'")
+        return self._xtx / max(self.n_tokens, 1)
+
+    @property
+    def sq_norm(self) -> torch.Tensor:
+        if self._sq is None:
+            raise UnweightError("no calibration inputs reached this layer")
+        return self._sq.to(torch.float32)
+
+    @property
+    def abs_mean(self) -> torch.Tensor:
+        if self._abs is None:
+            raise UnweightError("this method needs the mean |x|: collect stats with 'abs_mean'")
+        return (self._abs / max(self.n_tokens, 1)).to(torch.float32)
+
+
+Process = Callable[[int, str, nn.Linear, LinearStats], None]
+AfterBlock = Callable[[int, nn.Module, list[torch.Tensor]], None]
+
+
+# ----------------------------------------------------------------------------- finding blocks
+
+def decoder_layers(model: nn.Module) -> nn.ModuleList:
+    """The decoder blocks: the (outermost) ``nn.ModuleList`` of length ``num_hidden_layers``."""
+    config = getattr(model, "config", None)
+    if config is None:
+        raise UnweightError(f"{type(model).__name__}: not a transformers model (no config)")
+    text_config = config.get_text_config() if hasattr(config, "get_text_config") else config
+    n = getattr(text_config, "num_hidden_layers", None)
+    if not n:
+        raise UnweightError(f"{type(model).__name__}: config has no num_hidden_layers")
+    for name, module in model.named_modules():
+        if isinstance(module, nn.ModuleList) and len(module) == n:
+            return module
+    raise UnweightError(f"{type(model).__name__}: no nn.ModuleList of {n} decoder blocks found")
+
+
+def block_linears(block: nn.Module) -> dict[str, nn.Linear]:
+    """The ``nn.Linear`` modules of a block, by their name inside it (``self_attn.q_proj``, ...)."""
+    return {name: m for name, m in block.named_modules() if isinstance(m, nn.Linear)}
+
+
+# ----------------------------------------------------------------------------- capturing inputs
+
+class _StopForward(Exception):
+    pass
+
+
+class _Catcher(nn.Module):
+    """Stands in for a decoder block during capture: records the call, computes nothing."""
+
+    def __init__(self, block: nn.Module, index: int, record: Callable, last: bool):
+        super().__init__()
+        self.block, self.index, self.record, self.last = block, index, record, last
+
+    def __getattr__(self, name: str):  # attributes the model reads off its blocks (attention_type...)
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            return getattr(super().__getattr__("block"), name)
+
+    def forward(self, *args, **kwargs):
+        hidden = args[0] if args else kwargs.pop("hidden_states")
+        self.record(self.index, hidden, {k: v for k, v in kwargs.items() if k not in DROPPED_KWARGS})
+        if self.last:
+            raise _StopForward
+        return hidden
+
+
+@dataclass
+class BlockInputs:
+    """What the blocks are called with: per batch, the hidden states entering the next block to run,
+    and per batch and block, the keyword arguments the model passes to that block."""
+
+    hidden: list[torch.Tensor]  # per batch, [batch, seq_len, hidden]
+    kwargs: list[list[dict]]  # [batch][block] -> kwargs
+
+
+@torch.no_grad()
+def capture_block_inputs(model: nn.Module, windows: torch.Tensor,
+                         batch_size: int = DEFAULT_BATCH) -> BlockInputs:
+    """Block 0's input hidden states and every block's call kwargs, for ``windows`` in batches."""
+    layers = decoder_layers(model)
+    originals = list(layers)
+    embed_device = model.get_input_embeddings().weight.device
+    out = BlockInputs(hidden=[], kwargs=[])
+    batch_kwargs: list[dict] = []
+
+    def record(index, hidden, kwargs):
+        if index == 0:
+            out.hidden.append(hidden)
+        batch_kwargs.append(kwargs)
+
+    try:
+        for i, block in enumerate(originals):
+            layers[i] = _Catcher(block, i, record, last=i == len(originals) - 1)
+        for batch in windows.split(batch_size):
+            batch_kwargs = []
+            try:
+                model(input_ids=batch.to(embed_device), use_cache=False)
+            except _StopForward:
+                pass
+            if len(batch_kwargs) != len(originals):
+                raise UnweightError(f"{type(model).__name__}: the forward pass called "
+                                    f"{len(batch_kwargs)} of {len(originals)} decoder blocks")
+            out.kwargs.append(batch_kwargs)
+    finally:
+        for i, block in enumerate(originals):
+            layers[i] = block
+    return out
+
+
+def _to(obj, device):
+    """``obj`` (tensors inside tuples, lists and dicts) on ``device``."""
+    if isinstance(obj, torch.Tensor):
+        return obj.to(device)
+    if isinstance(obj, (tuple, list)):
+        return type(obj)(_to(o, device) for o in obj)
+    if isinstance(obj, dict):
+        return {k: _to(v, device) for k, v in obj.items()}
+    return obj
+
+
+def _hidden(output) -> torch.Tensor:
+    """A block's output hidden states (blocks return a tensor, or a tuple led by it)."""
+    return output[0] if isinstance(output, (tuple, list)) else output
+
+
+# ----------------------------------------------------------------------------- the driver
+
+@torch.no_grad()
+def run_layerwise(model: nn.Module, windows: torch.Tensor, process: Process | None,
+                  stats: Iterable[str] = ("hessian",), batch_size: int = DEFAULT_BATCH,
+                  device: torch.device | str | None = None,
+                  targets: Callable[[str, nn.Linear], bool] | None = None,
+                  after_block: AfterBlock | None = None, progress: bool = True) -> None:
+    """Walk the decoder blocks with the calibration ``windows`` (``[n, seq_len]`` token ids).
+
+    For each block: collect ``stats`` (names in :data:`STATS`) of the inputs of its Linears (those
+    that ``targets(name, linear)`` accepts), call ``process(block_index, name, linear, stats)`` for
+    each in the order the block calls them, then recompute the block's outputs with the processed
+    weights and feed them to the next block. ``after_block(block_index, block, outputs)`` sees those
+    outputs. ``process=None`` only propagates (no hooks, one pass per block). ``device``: where each
+    block runs (default: where its weights are); it is moved back afterwards.
+    """
+    want = frozenset(stats)
+    if unknown := want - set(STATS):
+        raise UnweightError(f"unknown statistics {sorted(unknown)}; valid: {', '.join(STATS)}")
+    layers = decoder_layers(model)
+    inputs = capture_block_inputs(model, windows, batch_size)
+    hidden = inputs.hidden
+    for index, block in enumerate(tqdm(layers, desc="blocks", unit="block", disable=not progress)):
+        home = next(block.parameters()).device
+        run_on = torch.device(device) if device is not None else home
+        block.to(run_on)
+        kwargs = [_to(inputs.kwargs[b][index], run_on) for b in range(len(hidden))]
+        hidden = [h.to(run_on) for h in hidden]
+        if process is not None:
+            per_linear = _collect(block, hidden, kwargs, want, targets)
+            for name, (linear, st) in per_linear.items():
+                process(index, name, linear, st)
+            del per_linear
+        hidden = [_hidden(block(h, **kw)) for h, kw in zip(hidden, kwargs)]
+        if after_block is not None:
+            after_block(index, block, hidden)
+        block.to(home)
+
+
+def _collect(block: nn.Module, hidden: Sequence[torch.Tensor], kwargs: Sequence[dict],
+             want: frozenset[str], targets) -> dict[str, tuple[nn.Linear, LinearStats]]:
+    """Run ``block`` on every batch with hooks on its Linears; one accumulator per distinct input.
+
+    Linears that receive the very same input tensor (q/k/v after the input norm, gate/up after the
+    post-attention norm) share one :class:`LinearStats`, so X^T X is computed once for them.
+    """
+    linears = {n: m for n, m in block_linears(block).items() if targets is None or targets(n, m)}
+    found: dict[str, tuple[nn.Linear, LinearStats]] = {}
+    last: list = [None, None]  # the previous hook's input tensor and its accumulator
+    batch = [0]
+
+    def hook(name):
+        def fn(module, args, output):
+            x = args[0]
+            if name not in found:
+                if last[0] is x:  # same input object as the Linear called just before
+                    acc = last[1]
+                else:
+                    acc = LinearStats(module.in_features, want)
+                found[name] = (module, acc)
+            acc = found[name][1]
+            if acc._batch != batch[0]:
+                acc.add_batch(x)
+                acc._batch = batch[0]
+            last[0], last[1] = x, acc
+        return fn
+
+    handles = [m.register_forward_hook(hook(n)) for n, m in linears.items()]
+    try:
+        for b, (h, kw) in enumerate(zip(hidden, kwargs)):
+            batch[0] = b
+            last[0] = last[1] = None
+            block(h, **kw)
+    finally:
+        for handle in handles:
+            handle.remove()
+    return found

@@ -1,0 +1,158 @@
+"""GPTQ: accurate post-training quantization with second-order error compensation (Frantar, Ashkboos,
+Hoefler & Alistarh, 2022, "GPTQ: Accurate Post-Training Quantization for Generative Pre-trained
+Transformers", arXiv 2210.17323).
+
+Minimises the layer-wise output error ``||W X - Q X||^2`` one input column at a time: column i is
+rounded, and its error, scaled by the inverse Hessian ``H^-1 = (X^T X)^-1`` through the rows of its
+upper Cholesky factor, is pushed onto the columns not yet quantized (the OBS update restricted to a
+fixed column order). As in the paper and its reference code:
+
+- dampening: ``damp * mean(diag H)`` is added to the diagonal (1% by default); inputs that never fire
+  (``H_jj == 0``) get weight 0;
+- lazy batch updates: the update of the columns right of the current block of ``block_size`` columns is
+  applied once per block, as a matrix product;
+- act-order (``act_order=True``): columns are processed by decreasing ``H_jj``.
+
+Quantization grid and storage are RTN's (:mod:`unweight.quant.rtn`): groups of ``group_size``
+consecutive input columns per row, the **last group of a row holding the remainder** (576 columns at
+group 128: four groups of 128 and one of 64), schemes ``asym_int`` (integer zero point,
+``w = s * (q - z)``), ``sym`` or ``asym_float``. A group's parameters are computed from the weights
+*as updated so far* when its first column comes up. With act-order the groups would then no longer
+be contiguous (GPTQ's ``g_idx``); to keep GPTQ's output storable exactly like RTN's, act-order uses
+**static groups** (the reference code's ``--static-groups``): every group's parameters are computed
+from the original weights first. The result is ``(q, scale, zero)``, and ``rtn_dequantize`` rebuilds
+exactly the weights GPTQ compensated for.
+
+``mask`` (keep-mask, e.g. from SparseGPT) quantizes pruned weights to exactly zero, the level ``z``
+(an integer zero point is required), and compensates their error like any other: sparsity and
+quantization combine as in SparseGPT's joint mode.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from unweight.errors import UnweightError
+from unweight.quant.rtn import DEFAULT_SCHEME, rtn_dequantize, rtn_qparams
+
+DEFAULT_DAMP = 0.01  # fraction of mean(diag H) added to the diagonal
+DEFAULT_BLOCK = 128  # columns per lazy batch update
+MAX_DAMP_RETRIES = 6  # each retry multiplies the dampening by 10 when H is not positive definite
+
+
+def inverse_hessian_cholesky(hessian: torch.Tensor, damp: float = DEFAULT_DAMP
+                             ) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(U, dead)``: the upper Cholesky factor of ``(H + damp * mean(diag H) * I)^-1`` (float32), and
+    the bool mask of dead inputs (``H_jj == 0``, whose diagonal is set to 1 first).
+
+    Shared by GPTQ and SparseGPT. Computed in float32 as the reference code does (the dampening keeps
+    it well conditioned), in float64 if that fails; if ``H`` is still not positive definite (too few
+    calibration tokens for the width), the dampening grows tenfold and it retries.
+    """
+    dead = torch.diag(hessian) == 0
+    for dtype in (torch.float32, torch.float64):
+        h = hessian.detach().to(dtype).clone()
+        h[dead, dead] = 1.0
+        eye = torch.eye(h.shape[0], dtype=dtype, device=h.device)
+        mean_diag = torch.diag(h).mean()
+        for attempt in range(MAX_DAMP_RETRIES):
+            factor, info = torch.linalg.cholesky_ex(h + damp * (10 ** attempt) * mean_diag * eye)
+            if info != 0:
+                continue
+            # H^-1 = L^-T L^-1 by a triangular solve (torch.cholesky_inverse is ~10x slower on CPU)
+            linv = torch.linalg.solve_triangular(factor, eye, upper=False)
+            upper, info = torch.linalg.cholesky_ex(linv.T @ linv, upper=True)
+            if info == 0 and torch.isfinite(upper).all():
+                return upper.to(torch.float32), dead
+    raise UnweightError("the calibration Hessian is not positive definite even with strong "
+                        "dampening: use more calibration tokens")
+
+
+def _quantize_column(w: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, qmax: int,
+                     scheme: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """Levels and dequantized values of one column; the same arithmetic as RTN's (float32)."""
+    if scheme == "asym_float":
+        q = torch.round((w - zero) / scale).clamp(0, qmax)
+        return q, zero + scale * q
+    q = (torch.round(w / scale) + zero).clamp(0, qmax)
+    return q, scale * (q - zero)
+
+
+@torch.no_grad()
+def gptq_quantize(w: torch.Tensor, hessian: torch.Tensor, bits: int = 4, group_size: int = 128,
+                  scheme: str = DEFAULT_SCHEME, act_order: bool = False, damp: float = DEFAULT_DAMP,
+                  block_size: int = DEFAULT_BLOCK, mask: torch.Tensor | None = None
+                  ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """GPTQ-quantize ``w`` (``[rows, cols]``) given ``hessian`` (``[cols, cols]``, mean of x x^T).
+
+    Returns ``(q, scale, zero)`` exactly as :func:`unweight.quant.rtn.rtn_quantize` does
+    (uint8 levels ``w.shape``; per-group ``[rows, n_groups]`` parameters).
+    """
+    rows, cols = w.shape
+    if hessian.shape != (cols, cols):
+        raise UnweightError(f"GPTQ: Hessian {tuple(hessian.shape)} does not match weight {tuple(w.shape)}")
+    if mask is not None and scheme == "asym_float":
+        raise UnweightError("GPTQ with a sparsity mask needs an integer zero point (asym_int or sym)")
+    g = cols if group_size <= 0 or group_size >= cols else group_size
+    qmax = (1 << bits) - 1
+    W = w.detach().to(torch.float32).clone()
+    h = hessian.detach().to(W.device, torch.float64)
+    W[:, torch.diag(h) == 0] = 0.0  # inputs that never fire: their weights do not matter
+    keep = None if mask is None else mask.to(W.device, torch.bool)
+
+    static = rtn_qparams(W, bits, g, scheme) if act_order else None  # [rows, n_groups] each
+    static_zero = static[1].to(torch.float32) if static else None
+    perm = torch.argsort(torch.diag(h), descending=True, stable=True) if act_order else None
+    if perm is not None:
+        W, h = W[:, perm], h[perm][:, perm]
+        keep = None if keep is None else keep[:, perm]
+    hinv, _ = inverse_hessian_cholesky(h, damp)
+
+    Q = torch.zeros(rows, cols, dtype=torch.uint8, device=W.device)
+    n_g = -(-cols // g)
+    scale = torch.ones(rows, n_g, dtype=torch.float32, device=W.device)
+    zero = torch.zeros(rows, n_g, dtype=static[1].dtype if static else
+                       (torch.float32 if scheme == "asym_float" else torch.uint8), device=W.device)
+    s_col = z_col = None
+    for i1 in range(0, cols, block_size):
+        i2 = min(i1 + block_size, cols)
+        W1 = W[:, i1:i2].clone()
+        Q1 = torch.zeros_like(W1)  # levels, as floats until the block is done
+        Err1 = torch.zeros_like(W1)
+        Hinv1 = hinv[i1:i2, i1:i2]
+        for i in range(i2 - i1):
+            col = i1 + i
+            if static is not None:
+                orig = col if perm is None else int(perm[col])
+                s_col, z_col = static[0][:, orig // g], static_zero[:, orig // g]
+            elif col % g == 0:  # a new group starts: parameters from the weights as updated so far
+                current = torch.cat([W1[:, i:], W[:, i2:]], dim=1)[:, :g]
+                if keep is not None:  # the range of what will be kept (pruned weights become 0)
+                    current = current * keep[:, col:col + g]
+                s, z = rtn_qparams(current, bits, 0, scheme)
+                scale[:, col // g], zero[:, col // g] = s[:, 0], z[:, 0]
+                s_col, z_col = s[:, 0], z[:, 0].to(torch.float32)
+            wcol = W1[:, i]
+            q, dq = _quantize_column(wcol, s_col, z_col, qmax, scheme)
+            if keep is not None:  # pruned weights sit exactly on zero: the level z
+                pruned = ~keep[:, col]
+                q = torch.where(pruned, z_col, q)
+                dq = dq.masked_fill(pruned, 0.0)
+            Q1[:, i] = q
+            err = (wcol - dq).div_(Hinv1[i, i])
+            W1[:, i:].addr_(err, Hinv1[i, i:], alpha=-1.0)
+            Err1[:, i] = err
+        Q[:, i1:i2] = Q1.to(torch.uint8)
+        W[:, i2:].addmm_(Err1, hinv[i1:i2, i2:], alpha=-1.0)
+
+    if perm is not None:
+        Q = Q[:, torch.argsort(perm)]
+        scale, zero = static
+    return Q, scale, zero
+
+
+def gptq_fake_quantize(w: torch.Tensor, hessian: torch.Tensor, bits: int = 4, group_size: int = 128,
+                       scheme: str = DEFAULT_SCHEME, **kwargs) -> torch.Tensor:
+    """GPTQ then dequantize, in ``w``'s dtype: the dense weights the quantized layer computes with."""
+    q, scale, zero = gptq_quantize(w, hessian, bits, group_size, scheme, **kwargs)
+    return rtn_dequantize(q, scale, zero, group_size, scheme, dtype=w.dtype)

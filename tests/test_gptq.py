@@ -1,0 +1,69 @@
+"""GPTQ: below RTN's layer-output error at every bit width, equal to RTN when inputs are uncorrelated,
+stored exactly like RTN (remainder groups included), never worse with more bits."""
+
+import pytest
+import torch
+
+from unweight import UnweightError
+from unweight.quant.awq import output_error
+from unweight.quant.gptq import gptq_fake_quantize, gptq_quantize, inverse_hessian_cholesky
+from unweight.quant.rtn import SCHEMES, n_groups, rtn_dequantize, rtn_fake_quantize, rtn_quantize
+
+
+def layer(rows=64, cols=576, n=4096, seed=0):
+    """A weight and the Hessian of correlated calibration inputs with uneven channel scales and one
+    massive channel (as in LLM residual streams). 576 columns: groups of 128 leave a remainder of 64."""
+    g = torch.Generator().manual_seed(seed)
+    mix = torch.randn(cols, cols, generator=g) / cols ** 0.5
+    x = (torch.randn(n, cols, generator=g) @ mix) * (torch.rand(cols, generator=g) * 3 + 0.1)
+    x[:, 7] *= 20
+    return torch.randn(rows, cols, generator=g) * 0.02, x.T @ x / n
+
+
+@pytest.mark.parametrize("scheme", SCHEMES)
+@pytest.mark.parametrize("bits", [2, 3, 4, 8])
+def test_gptq_output_error_is_below_rtn(bits, scheme):
+    w, h = layer()
+    rtn = output_error(rtn_fake_quantize(w, bits, 128, scheme) - w, h)
+    for act_order in (False, True):
+        gptq = output_error(gptq_fake_quantize(w, h, bits, 128, scheme, act_order=act_order) - w, h)
+        assert gptq < rtn, (bits, scheme, act_order, gptq.item(), rtn.item())
+
+
+def test_gptq_output_shapes_and_remainder_group():
+    w, h = layer(rows=8)
+    for act_order in (False, True):
+        q, scale, zero = gptq_quantize(w, h, 3, 128, act_order=act_order)
+        assert q.dtype == torch.uint8 and q.shape == w.shape and int(q.max()) <= 7
+        assert scale.shape == zero.shape == (8, n_groups(576, 128)) == (8, 5)
+        assert zero.dtype == torch.uint8
+    # the last group (64 columns) has parameters of its own: rebuild it alone
+    last = rtn_dequantize(q[:, 512:], scale[:, 4:], zero[:, 4:], 128)
+    assert torch.equal(last, rtn_dequantize(q, scale, zero, 128)[:, 512:])
+
+
+def test_gptq_with_uncorrelated_inputs_is_rtn():
+    # H = c * I: the inverse Hessian has no off-diagonal terms, so no error is propagated
+    w, _ = layer(rows=16)
+    for scheme in SCHEMES:
+        q, scale, zero = gptq_quantize(w, 2.5 * torch.eye(576), 4, 128, scheme)
+        ref = rtn_quantize(w, 4, 128, scheme)
+        assert torch.equal(q, ref[0]) and torch.equal(scale, ref[1]) and torch.equal(zero, ref[2])
+
+
+def test_more_bits_never_worse():
+    w, h = layer(rows=32)
+    errors = [output_error(gptq_fake_quantize(w, h, b, 128) - w, h).item() for b in range(2, 9)]
+    assert all(a > b for a, b in zip(errors, errors[1:])), errors
+
+
+def test_dead_inputs_and_indefinite_hessians():
+    w, h = layer(rows=8, cols=64)
+    h[3, :] = h[:, 3] = 0  # an input that never fires: its weight is irrelevant and set to 0
+    q, scale, zero = gptq_quantize(w, h, 4, 32)
+    assert rtn_dequantize(q, scale, zero, 32)[:, 3].abs().max() < scale.max()
+    rank1 = torch.ones(64, 64)  # one token's worth of calibration: dampening makes it invertible
+    upper, dead = inverse_hessian_cholesky(rank1, 0.01)
+    assert torch.isfinite(upper).all() and not dead.any()
+    with pytest.raises(UnweightError, match="does not match"):
+        gptq_quantize(w, torch.eye(32), 4, 32)
