@@ -69,8 +69,8 @@ def _run(task, nchunks: int, threads: int) -> list[tuple[int, int]]:
     the ranges."""
     global _POOL
     nranges = min(nchunks, threads * 4) if threads > 1 else min(nchunks, 1)
-    bounds = np.linspace(0, nchunks, nranges + 1).astype(np.int64)
-    ranges = [(int(a), int(b)) for a, b in zip(bounds[:-1], bounds[1:]) if b > a]
+    bounds = [nchunks * i // nranges for i in range(nranges + 1)] if nranges else [0]
+    ranges = [(a, b) for a, b in zip(bounds[:-1], bounds[1:]) if b > a]
     if len(ranges) <= 1:
         for a, b in ranges:
             task(a, b)
@@ -160,7 +160,8 @@ def encode_tensor(t: torch.Tensor, threads: int | None = None) -> dict[str, torc
     coded = plan is not None and bool((modes == chunks.MODE_CODED).any())
 
     tables = model.serialize_tables(plan.alphabet, plan.freq) if coded else b""
-    rows_codec, rows = model.serialize_rows(plan.q) if coded and plan.shifted else (0, b"")
+    rows_codec, rows = (model.serialize_rows(plan.q) if coded and plan.shifted
+                        else (model.ROWS_NONE, b""))
     head = np.zeros(len(HEAD_FIELDS) + len(shape), np.int64)
     head[_F["magic"]] = MAGIC
     head[_F["version"]] = FORMAT_VERSION
@@ -220,7 +221,9 @@ def _part(parts, name: str, suffix: str, dtype: torch.dtype, required: bool = Tr
         return np.zeros(0, np.uint8 if dtype == torch.uint8 else np.int64)
     if not isinstance(t, torch.Tensor) or t.dtype != dtype or t.dim() != 1:
         raise UnweightError(f"tensor {name!r}: part {key!r} must be a 1-D {dtype} tensor")
-    return kernel_array(t.detach().cpu().contiguous().numpy())
+    if t.device.type != "cpu" or t.requires_grad or not t.is_contiguous():
+        t = t.detach().cpu().contiguous()
+    return kernel_array(t.numpy())
 
 
 def _fail(name: str, what: str) -> UnweightError:
@@ -250,29 +253,30 @@ def decode_tensor(parts, name: str, threads: int | None = None) -> torch.Tensor:
     bit-exact, checking every chunk's checksum. Raises UnweightError on corrupt input."""
     head = _part(parts, name, HEAD, torch.int64)
     nf = len(HEAD_FIELDS)
-    if head.size < nf or head[_F["magic"]] != MAGIC:
+    h = dict(zip(HEAD_FIELDS, head[:nf].tolist()))
+    if head.size < nf or h["magic"] != MAGIC:
         raise _fail(name, "not an unweight-lossless header")
-    if head[_F["version"]] != FORMAT_VERSION:
-        raise _fail(name, f"format version {head[_F['version']]} (this unweight reads "
-                          f"{FORMAT_VERSION})")
+    if h["version"] != FORMAT_VERSION:
+        raise _fail(name, f"format version {h['version']} (this unweight reads {FORMAT_VERSION})")
     tables = _part(parts, name, TABLES, torch.uint8, required=False)
     rows = _part(parts, name, ROWS, torch.uint8, required=False)
-    if _meta_hash(head, tables.tobytes(), rows.tobytes()) != int(head[_F["meta_hash"]]):
+    if _meta_hash(head, tables.tobytes(), rows.tobytes()) != h["meta_hash"]:
         raise _fail(name, "header or code tables corrupt (metadata checksum mismatch)")
-    lay = BY_CODE.get(int(head[_F["dtype"]]))
-    ndim = int(head[_F["ndim"]])
+    lay = BY_CODE.get(h["dtype"])
+    ndim = h["ndim"]
     if lay is None or head.size != nf + ndim or ndim < 0:
         raise _fail(name, "header describes an unknown dtype or shape")
-    shape = tuple(int(s) for s in head[nf:])
-    numel = int(head[_F["numel"]])
-    chunk_w = int(head[_F["chunk"]])
-    if (any(s < 0 for s in shape) or int(np.prod(shape, dtype=np.int64)) != numel or chunk_w <= 0
-            or head[_F["lanes"]] != rans.LANES or head[_F["prob_bits"]] != rans.PROB_BITS):
+    shape = tuple(head[nf:].tolist())
+    numel, chunk_w = h["numel"], h["chunk"]
+    size = 1
+    for s in shape:
+        size *= s
+    if (min(shape, default=0) < 0 or size != numel or chunk_w <= 0 or h["lanes"] != rans.LANES
+            or h["prob_bits"] != rans.PROB_BITS):
         raise _fail(name, "header is inconsistent (shape, chunk size, lanes or precision)")
     threads = _threads(threads)
     nchunks = -(-numel // chunk_w)
-    nph, nsym = int(head[_F["phases"]]), int(head[_F["nsym"]])
-    k, rb = int(head[_F["k"]]), int(head[_F["raw_bits"]])
+    nph, nsym, k, rb = h["phases"], h["nsym"], h["k"], h["raw_bits"]
     hbits, hbytes = lay.hi_bits, lay.hi_bits // 8
     coded = nsym > 0
 
@@ -293,7 +297,7 @@ def decode_tensor(parts, name: str, threads: int | None = None) -> torch.Tensor:
         low_offsets = np.zeros(nchunks + 1, np.int64)
 
     if coded:
-        row_len, nrows = int(head[_F["row_len"]]), int(head[_F["nrows"]])
+        row_len, nrows = h["row_len"], h["nrows"]
         if (not 1 <= nph <= max(model.PHASES) or rb != lay.hi_man_bits + 1 - k
                 or k not in model.K_CHOICES[lay.name] or nsym > model.MAX_SYMBOLS or row_len < 1
                 or numel % row_len or nrows not in (0, numel // row_len)):
@@ -309,7 +313,7 @@ def decode_tensor(parts, name: str, threads: int | None = None) -> torch.Tensor:
         if bad != -1:
             raise _fail(name, f"code table of phase {bad} is invalid")
         if nrows:
-            q = model.parse_rows(int(head[_F["rows_codec"]]), rows.tobytes(), nrows)
+            q = model.parse_rows(h["rows_codec"], rows.tobytes(), nrows)
             if q is None:
                 raise _fail(name, "row contexts are corrupt")
         else:

@@ -13,9 +13,9 @@ weight off; 2 or 4 such tables do what 16 plain quantile buckets of rows do (est
 (entropy estimates with table cost): the previous exponent (+0.001 bit, a loss), the column's
 mean exponent in 4 buckets (-0.006 bit before the cost of a per-column side table).
 
-Everything is chosen per tensor by estimated size: each candidate (k, nph, shifted) is costed on a
-sample of rows with the real quantised frequencies plus its tables and side information, and the
-cheapest wins; if nothing beats storing the words raw, the tensor is stored.
+Everything is chosen per tensor by size: each candidate (k, nph, shifted) is costed exactly, with
+its quantised frequencies, tables and side information, from one grouped histogram pass over the
+data, and the cheapest wins; if nothing beats storing the words raw, the tensor is stored.
 """
 
 from dataclasses import dataclass
@@ -27,14 +27,15 @@ from numba import njit
 from unweight.lossless import rans
 from unweight.lossless.fields import FloatLayout
 
+MIN_VALUES = 256  # smaller tensors are stored raw: a code table would cost more than it saves
 MIN_ROW_LEN = 16  # shorter rows (conv kernels, tiny matrices) get no row context
 MIN_ROWS = 8
-SAMPLE_VALUES = 1 << 18  # candidates are compared on about this many values
 PHASES = (2, 4)
 MAX_SYMBOLS = 256
-# mantissa bits in the symbol; measured on minilm-l6, BF16 takes k=2 on 99.9% of weights and FP16
-# splits between 2 and 3 (each k is one compiled kernel specialisation)
-K_CHOICES = {"bf16": (2,), "fp32": (2,), "fp16": (2, 3), "fp8_e4m3": (3,), "fp8_e5m2": (2,)}
+# mantissa bits in the symbol. Each k is one compiled kernel specialisation, so only what pays is
+# offered: on minilm-l6, BF16 picks k=2 for 99.9% of weights given {1, 2}, and FP16 gains 0.0006
+# bit per weight from choosing between 2 and 3 over k=2 alone.
+K_CHOICES = {"bf16": (2,), "fp32": (2,), "fp16": (2,), "fp8_e4m3": (3,), "fp8_e5m2": (2,)}
 
 ROWS_NONE = 0
 ROWS_RAW = 1
@@ -69,50 +70,109 @@ def _row_mean_exponents(vals, hi_shift, man, emask, nrows, row_len, out):
 
 
 @njit(cache=True, nogil=True)
-def _histogram(vals, hi_shift, hbits, ebits, shift, rows, row_len, q, nph, counts):
-    """counts[phase, sym] over the given rows; sym = exponent (lowered by the row's shift, mod
-    2^ebits) and the top mantissa bits above the low ``shift`` ones: the top bits of the permuted
-    word that :mod:`rans` codes."""
-    nsym = counts.shape[1]
-    size = counts.size
-    # four interleaved sub-histograms, so that runs of one symbol do not serialise on one counter
-    sub4 = np.zeros(4 * size, np.int64)
-    emask = (1 << ebits) - 1
-    kbits = hbits - 1 - ebits - shift
+def _grouped_histogram(vals, hi_shift, hbits, shift, row_len, order, starts, hist):
+    """hist[g, sym] over the rows ``order[starts[g]:starts[g + 1]]`` of each group ``g``;
+    ``sym`` = the top ``hbits - 1 - shift`` bits below the sign (exponent and top mantissa bits,
+    unshifted). One pass over the data; four interleaved counters per symbol so that runs of one
+    symbol do not serialise on one memory location."""
+    nsym = hist.shape[1]
+    sub4 = np.zeros((4, nsym), np.int64)
     bodymask = (1 << (hbits - 1)) - 1
-    smask = nsym - 1
-    for r in rows:
-        qr = np.int64(q[r])
-        base = np.uint64((qr % nph) * nsym)
-        sub = ((qr // nph) & emask) << kbits
-        row = vals[r * row_len:(r + 1) * row_len]
-        m = row_len - row_len % 4
-        for i in range(0, m, 4):
-            for j in range(4):
-                body = (np.int64(row[i + j]) >> hi_shift) & bodymask
-                sub4[np.uint64(j * size) + base + np.uint64(((body >> shift) - sub) & smask)] += 1
-        for i in range(m, row_len):
-            body = (np.int64(row[i]) >> hi_shift) & bodymask
-            sub4[base + np.uint64(((body >> shift) - sub) & smask)] += 1
-    flat = counts.reshape(-1)
-    for j in range(4):
-        flat += sub4[j * size:(j + 1) * size]
+    for g in range(hist.shape[0]):
+        for k in range(starts[g], starts[g + 1]):
+            r = order[k]
+            row = vals[r * row_len:(r + 1) * row_len]
+            m = row_len - row_len % 4
+            for i in range(0, m, 4):
+                for j in range(4):
+                    sub4[j, ((np.int64(row[i + j]) >> hi_shift) & bodymask) >> shift] += 1
+            for i in range(m, row_len):
+                sub4[0, ((np.int64(row[i]) >> hi_shift) & bodymask) >> shift] += 1
+        for j in range(4):
+            for sym in range(nsym):
+                hist[g, sym] += sub4[j, sym]
+                sub4[j, sym] = 0
 
 
-def _varint_len(x: np.ndarray) -> int:
-    x = np.asarray(x, np.int64)
-    return int((1 + (x >= 1 << 7) + (x >= 1 << 14) + (x >= 1 << 21)).sum())
+@njit(cache=True, nogil=True)
+def _merge_groups(hist, qg, nph, kmax, counts):
+    """counts[phase] = sum over groups g of phase qg[g] % nph of hist[g] with its exponents
+    lowered by qg[g] // nph (a rotation of the symbol axis by that many binades, mod 2^E)."""
+    nsym = hist.shape[1]
+    for g in range(hist.shape[0]):
+        ph = qg[g] % nph
+        rot = (qg[g] // nph) << kmax
+        for sym in range(nsym):
+            counts[ph, (sym - rot) & (nsym - 1)] += hist[g, sym]
+
+
+@njit(inline="always")
+def _varint_bytes(v):
+    return 1 + (v >= 1 << 7) + (v >= 1 << 14) + (v >= 1 << 21)
+
+
+@njit(cache=True, nogil=True)
+def _table(counts, kmax, k, alphabet, freq):
+    """Reduce ``counts[phase, sym at kmax]`` to k mantissa bits; fill ``alphabet`` (the symbols
+    seen) and ``freq[phase, :nsym]``. Returns (nsym, coded bits, table bytes); nsym is -1 when
+    more than MAX_SYMBOLS symbols are seen."""
+    nph, nsym_max = counts.shape
+    group = 1 << (kmax - k)
+    nk = nsym_max // group
+    ck = np.zeros((nph, nk), np.int64)
+    for ph in range(nph):
+        for sym in range(nsym_max):
+            ck[ph, sym // group] += counts[ph, sym]
+    nsym = 0
+    prev = 0
+    table_bytes = 0
+    for sym in range(nk):
+        if ck[:, sym].any():
+            if nsym == MAX_SYMBOLS:
+                return -1, 0.0, 0
+            alphabet[nsym] = sym
+            table_bytes += _varint_bytes(sym - prev)
+            prev = sym
+            nsym += 1
+    bits = 0.0
+    sub = np.zeros(nsym, np.int64)
+    for ph in range(nph):
+        for d in range(nsym):
+            sub[d] = ck[ph, alphabet[d]]
+        f = freq[ph, :nsym]
+        rans.normalize_freqs(sub, f)
+        bits += rans.coded_bits(sub, f)
+        if f.sum() == 0:
+            f[0] = rans.PROB_SCALE  # a phase no row uses still needs a valid table
+        for d in range(nsym):
+            table_bytes += _varint_bytes(f[d])
+    return nsym, bits, table_bytes
 
 
 def serialize_tables(alphabet: np.ndarray, freq: np.ndarray) -> bytes:
     """Alphabet as ascending deltas, then ``freq`` row by row, all as LEB128 varints."""
-    vals = np.concatenate([np.diff(alphabet, prepend=0), freq.reshape(-1)]).astype(np.uint64)
-    nbytes = 1 + (vals >= 1 << 7) + (vals >= 1 << 14) + (vals >= 1 << 21)
-    out = np.zeros((vals.size, 4), np.uint8)
-    for b in range(4):
-        more = nbytes > b + 1
-        out[:, b] = ((vals >> np.uint64(7 * b)) & np.uint64(0x7F)) | (more.astype(np.uint8) << 7)
-    return out[np.arange(4) < nbytes[:, None]].tobytes()
+    out = np.zeros(4 * (alphabet.size + freq.size), np.uint8)
+    n = _write_varints(np.asarray(alphabet, np.int64), np.asarray(freq, np.int64).reshape(-1), out)
+    return out[:n].tobytes()
+
+
+@njit(cache=True, nogil=True)
+def _write_varints(alphabet, freq, out):
+    o = 0
+    prev = 0
+    for j in range(alphabet.size + freq.size):
+        if j < alphabet.size:
+            v = alphabet[j] - prev
+            prev = alphabet[j]
+        else:
+            v = freq[j - alphabet.size]
+        while v >= 0x80:
+            out[o] = (v & 0x7F) | 0x80
+            o += 1
+            v >>= 7
+        out[o] = v
+        o += 1
+    return o
 
 
 @njit(cache=True, nogil=True)
@@ -169,71 +229,53 @@ def _entropy_bytes(q: np.ndarray) -> float:
     return float(-(c * np.log2(c / c.sum())).sum() / 8) + 64
 
 
-def _candidates(means: np.ndarray) -> list[tuple[int, bool, np.ndarray]]:
-    out = [(1, False, np.zeros(means.size, np.int8))]
-    if means.size >= MIN_ROWS:
-        ref = np.median(means)
-        for nph in PHASES:
-            q = np.clip(np.floor(nph * (means - ref)), -128, 127).astype(np.int8)
-            out.append((nph, True, q))
-    return out
-
-
 def plan(vals: np.ndarray, lay: FloatLayout, shape: tuple[int, ...], nchunks: int) -> Plan | None:
     """The cheapest coding of these words, or None when storing them raw is as small."""
     numel = vals.size
-    hi_shift = lay.low_bits
-    man = lay.hi_man_bits
-    ebits = lay.exp_bits
+    if numel < MIN_VALUES:
+        return None
+    hi_shift, man, ebits, hbits = lay.low_bits, lay.hi_man_bits, lay.exp_bits, lay.hi_bits
     ks = K_CHOICES[lay.name]
     kmax = max(ks)
+    nsym = 1 << (ebits + kmax)
     rows_ok = len(shape) >= 2 and shape[-1] >= MIN_ROW_LEN and numel // shape[-1] >= MIN_ROWS
     row_len = shape[-1] if rows_ok else max(numel, 1)
     nrows = numel // row_len
-    means = np.zeros(nrows)
+    # rows are grouped by their scale in steps of 1/FINEST binade; every candidate context is a
+    # merge of these groups, so one pass over the data costs them all
+    finest = max(PHASES)
     if rows_ok:
+        means = np.zeros(nrows)
         _row_mean_exponents(vals, hi_shift, man, (1 << ebits) - 1, nrows, row_len, means)
-    step = max(1, -(-numel // SAMPLE_VALUES) if rows_ok else 1)
-    sample = np.arange(0, nrows, step, dtype=np.int64)
-    scale = nrows / sample.size
-    hbits = lay.hi_bits
+        qf = np.clip(np.floor(finest * (means - np.median(means))), -128, 127).astype(np.int64)
+    else:
+        qf = np.zeros(nrows, np.int64)
+    groups, gid = np.unique(qf, return_inverse=True)
+    order = np.argsort(gid, kind="stable").astype(np.int64)
+    starts = np.searchsorted(gid[order], np.arange(groups.size + 1)).astype(np.int64)
+    hist = np.zeros((groups.size, nsym), np.int64)
+    _grouped_histogram(vals, hi_shift, hbits, man - kmax, row_len, order, starts, hist)
+
+    candidates = [(1, False)] + ([(nph, True) for nph in PHASES] if rows_ok else [])
     raw_bytes = numel * hbits / 8
     best = None
-    for nph, shifted, q in _candidates(means):
-        counts = np.zeros((nph, 1 << (ebits + kmax)), np.int64)
-        _histogram(vals, hi_shift, hbits, ebits, man - kmax, sample, row_len, q, nph, counts)
-        rows_bytes = _entropy_bytes(q) if shifted else 0
+    for nph, shifted in candidates:
+        qg = groups // (finest // nph) if shifted else np.zeros_like(groups)
+        counts = np.zeros((nph, nsym), np.int64)
+        _merge_groups(hist, qg, nph, kmax, counts)
+        rows_bytes = _entropy_bytes(qg[gid]) if shifted else 0
         for k in ks:
-            ck = counts.reshape(nph, -1, 1 << (kmax - k)).sum(axis=2)
-            present = np.flatnonzero(ck.any(axis=0))
-            if present.size > MAX_SYMBOLS:
+            alphabet = np.zeros(MAX_SYMBOLS, np.int64)
+            freq = np.zeros((nph, MAX_SYMBOLS), np.uint32)
+            nsym_k, bits, table_bytes = _table(counts, kmax, k, alphabet, freq)
+            if nsym_k < 0:
                 continue
-            sub = ck[:, present]
-            bits = 0.0
-            freq = np.zeros(sub.shape, np.uint32)
-            for ph in range(nph):
-                rans.normalize_freqs(sub[ph], freq[ph])
-                bits += rans.coded_bits(sub[ph], freq[ph])
-            table_bytes = _varint_len(np.diff(present, prepend=0)) + _varint_len(freq)
-            est = (bits * scale + numel * (man + 1 - k)) / 8 + table_bytes + rows_bytes
+            est = (bits + numel * (man + 1 - k)) / 8 + table_bytes + rows_bytes
             est += nchunks * rans.STATE_BYTES
-            if best is None or est < best[0]:
-                best = (est, k, nph, shifted, q, ck)
-    if best is None or best[0] >= raw_bytes:
+            if best is None or est < best.est_bytes:
+                q = qg[gid].astype(np.int8) if shifted else np.zeros(max(nrows, 1), np.int8)
+                best = Plan(k, man + 1 - k, nph, shifted, row_len, q, alphabet[:nsym_k].copy(),
+                            freq[:, :nsym_k].copy(), est)
+    if best is None or best.est_bytes >= raw_bytes:
         return None
-    est, k, nph, shifted, q, counts = best
-    if step > 1:
-        # the final table comes from every row: a symbol the sample missed must still be codable
-        counts = np.zeros((nph, 1 << (ebits + k)), np.int64)
-        _histogram(vals, hi_shift, hbits, ebits, man - k, np.arange(nrows, dtype=np.int64),
-                   row_len, q, nph, counts)
-    alphabet = np.flatnonzero(counts.any(axis=0))
-    if alphabet.size > MAX_SYMBOLS:
-        return None
-    freq = np.zeros((nph, alphabet.size), np.uint32)
-    for ph in range(nph):
-        rans.normalize_freqs(counts[ph, alphabet], freq[ph])
-        if not counts[ph].any():
-            freq[ph, 0] = rans.PROB_SCALE  # a phase no row uses still needs a valid table
-    q = q if rows_ok else np.zeros(1, np.int8)
-    return Plan(k, man + 1 - k, nph, shifted, row_len, q, alphabet, freq, est)
+    return best
