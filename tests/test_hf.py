@@ -162,9 +162,14 @@ def test_without_unweight_transformers_warns_and_skips_decoding(tmp_path, monkey
     handler = logging.Handler()
     handler.emit = records.append
     logging.getLogger("transformers").addHandler(handler)
+    import transformers
+
+    level = transformers.logging.get_verbosity()  # other tests may have silenced transformers
+    transformers.logging.set_verbosity_warning()
     try:
         _, info = AutoModelForCausalLM.from_pretrained(comp, output_loading_info=True)
     finally:
+        transformers.logging.set_verbosity(level)
         logging.getLogger("transformers").removeHandler(handler)
     assert any("Unknown quantization type" in r.getMessage() and METHOD in r.getMessage() for r in records)
     assert BAD in info["missing_keys"] and f"{BAD}.{TAG}.lo" in info["unexpected_keys"]
