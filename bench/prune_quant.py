@@ -102,6 +102,8 @@ def main() -> int:
     ap.add_argument("--no-kl", action="store_true", help="skip KL/top-1 (halves evaluation time)")
     ap.add_argument("--quick", action="store_true", help="smoke run: 4 x 128 calibration, 2048 eval tokens")
     ap.add_argument("--out", default="bench/results/prune_quant.json")
+    ap.add_argument("--resume", action="store_true",
+                    help="keep the rows already in --out (same settings) and run only the missing methods")
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -138,19 +140,27 @@ def main() -> int:
             "rows": rows,
         }, indent=1, default=str))
 
-    rows = []
-    t0 = time.perf_counter()
-    r = score(base, "base")
-    rows.append({"method": "base (GGUF, fp32)", "perplexity": r.perplexity, "bits_per_byte": r.bits_per_byte,
-                 "kl": 0.0, "top1": 1.0, "bpw": None, "sparsity": 0.0, "seconds": 0.0,
-                 "eval_tokens_per_s": r.tokens_per_s})
-    r = score(model, "bf16")
-    rows.append({"method": "bf16 folder (start)", "perplexity": r.perplexity, "bits_per_byte": r.bits_per_byte,
-                 "kl": r.kl, "top1": r.top1_agreement, "bpw": 16.0, "sparsity": 0.0, "seconds": 0.0,
-                 "eval_tokens_per_s": r.tokens_per_s})
-    print(f"base {rows[0]['perplexity']:.3f}, bf16 folder {rows[1]['perplexity']:.3f} "
-          f"({r.tokens} tokens, {time.perf_counter() - t0:.0f} s)", flush=True)
-
+    n_windows = len(ev)
+    n_tokens = n_windows * (args.eval_seq_len - 1)  # predicted tokens scored
+    previous = json.loads(out.read_text())["rows"] if args.resume and out.exists() else []
+    if previous:
+        rows = previous
+        names = [n for n in names if n not in {row["method"] for row in rows}]
+        print(f"resuming {out}: {len(rows)} rows kept, running {', '.join(names) or 'nothing'}", flush=True)
+    else:
+        t0 = time.perf_counter()
+        rows = []
+        r = score(base, "base")
+        rows.append({"method": "base (GGUF, fp32)", "perplexity": r.perplexity, "bits_per_byte": r.bits_per_byte,
+                     "kl": 0.0, "top1": 1.0, "bpw": None, "sparsity": 0.0, "seconds": 0.0,
+                     "eval_tokens_per_s": r.tokens_per_s})
+        r = score(model, "bf16")
+        rows.append({"method": "bf16 folder (start)", "perplexity": r.perplexity,
+                     "bits_per_byte": r.bits_per_byte, "kl": r.kl, "top1": r.top1_agreement, "bpw": 16.0,
+                     "sparsity": 0.0, "seconds": 0.0, "eval_tokens_per_s": r.tokens_per_s})
+        print(f"base {rows[0]['perplexity']:.3f}, bf16 folder {rows[1]['perplexity']:.3f} "
+              f"({r.tokens} tokens, {time.perf_counter() - t0:.0f} s)", flush=True)
+        save(rows, n_tokens, n_windows)
     for name in names:
         method, settings = SETTINGS[name]
         model.load_state_dict(pristine)
@@ -167,10 +177,10 @@ def main() -> int:
                      "load_avg_1min": load, "eval_tokens_per_s": r.tokens_per_s})
         print(f"{name:14s} ppl {r.perplexity:9.3f}  kl {r.kl if r.kl is not None else float('nan'):.4f}  "
               f"{bpw:5.2f} bpw  {seconds:7.1f} s  (load {load:.1f})", flush=True)
-        save(rows, r.tokens, r.windows)
+        save(rows, n_tokens, n_windows)
 
     print(f"\nsmollm2-135m (4-bit-derived: bundled Q4_1 GGUF), eval: austen eval split, first "
-          f"{r.tokens + len(ev)} tokens in windows of {args.eval_seq_len}; calibration {args.n_samples} x "
+          f"{n_windows * args.eval_seq_len} tokens in windows of {args.eval_seq_len}; calibration {args.n_samples} x "
           f"{args.seq_len} tokens of the calib split. bpw: nominal, decoder Linears.")
     print(f"{'method':22s} {'ppl':>9s} {'vs base':>8s} {'KL':>8s} {'top-1':>6s} {'bpw':>6s} {'zeros':>6s} {'time s':>8s}")
     base_ppl = rows[0]["perplexity"]
@@ -181,7 +191,7 @@ def main() -> int:
         print(f"{row['method']:22s} {row['perplexity']:9.3f} {row['perplexity'] / base_ppl - 1:+8.1%} {kl:>8s} "
               f"{top1:>6s} {bpw:>6s} {row['sparsity']:6.1%} {row['seconds']:8.1f}")
 
-    save(rows, r.tokens, r.windows)
+    save(rows, n_tokens, n_windows)
     print(f"wrote {out}")
     return 0
 
