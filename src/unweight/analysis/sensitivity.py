@@ -37,6 +37,7 @@ tolerance.
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 
@@ -54,6 +55,7 @@ ZERO_FRACTIONS = (0.1, 0.3, 0.5)
 EXTRA_FRACTIONS = (0.7, 0.9)  # tried only while the matrix stays under the tolerance
 REDUNDANCY_TOLERANCE = 0.01  # relative loss increase: "< 1% loss increase"
 SCORE_QUANTILES = (0.1, 0.5, 0.9, 0.99)
+METRICS = ("nll", "kl")
 
 
 def decoder_linears(model: nn.Module) -> dict[str, tuple[int, nn.Linear]]:
@@ -207,18 +209,42 @@ class _Replay(nn.Module):
         return (self.hidden,) if self.as_tuple else self.hidden
 
 
+@contextlib.contextmanager
+def _swapped(linears: dict, changes: dict[str, torch.Tensor]):
+    """The Linears' weights replaced by ``changes`` for the duration, then restored."""
+    saved = {}
+    try:
+        for name, weight in changes.items():
+            linear = linears[name][1]
+            saved[name] = linear.weight.data
+            linear.weight.data = weight.to(saved[name].dtype).reshape(saved[name].shape)
+        yield
+    finally:
+        for name, data in saved.items():
+            linears[name][1].weight.data = data
+
+
 class TailLoss:
     """Token NLLs on fixed ``windows`` with one matrix changed, recomputing only the blocks from that
     matrix's block on (see the module docstring). Windows run one at a time.
 
-    Increases come with the standard error of the mean per-token increase (tokens treated as
-    independent, which neighbouring tokens are not quite: read it as a lower bound on the noise)."""
+    ``metric`` says what :meth:`measure` returns per scored token: ``"nll"``, the increase of the
+    next-token NLL; or ``"kl"``, KL(base || changed) of the next-token distributions. For a model
+    close to the data distribution the expected NLL increase is about the KL, and the KL is never
+    negative and far less noisy on a short slice (it compares whole distributions, not one sampled
+    token): the planner's choice. The base log-probabilities are then kept (tokens x vocabulary).
+    Increases come with the standard error of the per-token mean (tokens treated as independent,
+    which neighbouring tokens are not quite: read it as a lower bound on the noise)."""
 
     @torch.no_grad()
-    def __init__(self, model: nn.Module, windows: torch.Tensor, stride: int = 1, progress: bool = False):
+    def __init__(self, model: nn.Module, windows: torch.Tensor, stride: int = 1, metric: str = "nll",
+                 progress: bool = False):
         if stride < 1 or stride >= windows.shape[1]:
             raise UnweightError(f"score stride must lie in 1..{windows.shape[1] - 1}, got {stride}")
-        self.model, self.windows = model, windows
+        if metric not in METRICS:
+            raise UnweightError(f"unknown metric {metric!r}: use one of {', '.join(METRICS)}")
+        self.model, self.windows, self.metric = model, windows, metric
+        self.base_logp: list[torch.Tensor] = []  # per window, with metric "kl"
         self.positions = torch.arange(0, windows.shape[1] - 1, stride) if stride > 1 else None
         self.keep = self.positions if self.positions is not None else 0  # logits_to_keep: 0 = all
         self.layers = decoder_layers(model)
@@ -242,6 +268,8 @@ class TailLoss:
                 current = []
                 logits = model(input_ids=ids[None], use_cache=False, logits_to_keep=self.keep).logits
                 nll.append(token_nll(logits, ids[None], self.positions))
+                if metric == "kl":
+                    self.base_logp.append(self._logp(logits))
                 self.inputs.append(current)
         finally:
             for h in handles:
@@ -250,10 +278,15 @@ class TailLoss:
         self.tokens = self.base_tokens.numel()
         self.base = float(self.base_tokens.double().mean())
 
+    def _logp(self, logits: torch.Tensor) -> torch.Tensor:
+        """Log-probabilities of the scored positions, [tokens, vocabulary]."""
+        scored = logits[0, :-1] if self.positions is None else logits[0]
+        return F.log_softmax(scored.float(), dim=-1)
+
     @torch.no_grad()
     def token_losses(self, start: int = 0) -> torch.Tensor:
-        """Per-token NLLs recomputed from block ``start`` on (cached inputs stand in for the blocks
-        before)."""
+        """Per-token values of the metric recomputed from block ``start`` on (cached inputs stand in
+        for the blocks before): NLLs, or KL(base || now) with metric "kl"."""
         originals = list(self.layers)
         stubs = [_Replay(b, self.as_tuple) for b in originals[:start]]
         nll = []
@@ -264,7 +297,11 @@ class TailLoss:
                 for stub in stubs:
                     stub.hidden = self.inputs[w][start]
                 logits = self.model(input_ids=ids[None], use_cache=False, logits_to_keep=self.keep).logits
-                nll.append(token_nll(logits, ids[None], self.positions))
+                if self.metric == "kl":
+                    base = self.base_logp[w]
+                    nll.append((base.exp() * (base - self._logp(logits))).sum(-1))
+                else:
+                    nll.append(token_nll(logits, ids[None], self.positions))
         finally:
             for i, block in enumerate(originals):
                 self.layers[i] = block
@@ -277,30 +314,37 @@ class TailLoss:
         return self.base
 
     def loss(self, start: int = 0) -> float:
-        """Mean NLL recomputed from block ``start`` on."""
+        """Mean of the metric recomputed from block ``start`` on (KL: 0 for the unchanged model)."""
         return float(self.token_losses(start).double().mean())
 
     @torch.no_grad()
-    def _tokens_with_weight(self, name: str, weight: torch.Tensor) -> torch.Tensor:
-        if name not in self.linears:
-            raise UnweightError(f"{name}: not a decoder Linear weight of this model")
-        block, linear = self.linears[name]
-        saved = linear.weight.data
-        linear.weight.data = weight.to(saved.dtype).reshape(saved.shape)
-        try:
-            return self.token_losses(block)
-        finally:
-            linear.weight.data = saved
+    @torch.no_grad()
+    def _tokens_with(self, changes: dict[str, torch.Tensor]) -> torch.Tensor:
+        blocks = []
+        for name in changes:
+            if name not in self.linears:
+                raise UnweightError(f"{name}: not a decoder Linear weight of this model")
+            blocks.append(self.linears[name][0])
+        with _swapped(self.linears, changes):
+            return self.token_losses(min(blocks))
 
     def with_weight(self, name: str, weight: torch.Tensor) -> float:
-        """Mean NLL with decoder Linear ``name``'s weight replaced by ``weight``, then restored."""
-        return float(self._tokens_with_weight(name, weight).double().mean())
+        """Mean metric with decoder Linear ``name``'s weight replaced by ``weight``, then restored."""
+        return float(self._tokens_with({name: weight}).double().mean())
 
-    def measure(self, name: str, weight: torch.Tensor) -> tuple[float, float]:
-        """(loss increase over the unchanged model in nats per token, its standard error)."""
-        delta = (self._tokens_with_weight(name, weight) - self.base_tokens).double()
+    def measure_many(self, changes: dict[str, torch.Tensor]) -> tuple[float, float]:
+        """(loss increase over the unchanged model in nats per token, its standard error) with every
+        weight in ``changes`` replaced at once: the NLL increase, or with metric "kl" the KL from the
+        unchanged model's distributions."""
+        delta = self._tokens_with(changes).double()
+        if self.metric == "nll":
+            delta = delta - self.base_tokens.double()
         se = float(delta.std() / delta.numel() ** 0.5) if delta.numel() > 1 else float("nan")
         return float(delta.mean()), se
+
+    def measure(self, name: str, weight: torch.Tensor) -> tuple[float, float]:
+        """:meth:`measure_many` of one matrix."""
+        return self.measure_many({name: weight})
 
     def increase(self, name: str, weight: torch.Tensor) -> float:
         """Loss increase (nats per token) over the unchanged model of :meth:`with_weight`."""
@@ -338,20 +382,20 @@ class EmbeddingLoss:
         return F.normalize((hidden * mask).sum(1) / mask.sum(1), dim=-1)
 
     @torch.no_grad()
-    def measure(self, name: str, weight: torch.Tensor) -> tuple[float, float]:
-        """(mean cosine distance to the original embeddings, its standard error over texts)."""
-        if name not in self.linears:
-            raise UnweightError(f"{name}: not a Linear weight of this model's blocks")
-        linear = self.linears[name][1]
-        saved = linear.weight.data
-        linear.weight.data = weight.to(saved.dtype).reshape(saved.shape)
-        try:
+    def measure_many(self, changes: dict[str, torch.Tensor]) -> tuple[float, float]:
+        """(mean cosine distance to the original embeddings, its standard error over texts) with
+        every weight in ``changes`` replaced at once."""
+        for name in changes:
+            if name not in self.linears:
+                raise UnweightError(f"{name}: not a Linear weight of this model's blocks")
+        with _swapped(self.linears, changes):
             pooled = self._pool(self.model(**self.batch).last_hidden_state)
-        finally:
-            linear.weight.data = saved
         self.forwards += 1
         distance = (1 - (pooled * self.embeddings).sum(-1)).double()
         return float(distance.mean()), float(distance.std() / len(distance) ** 0.5)
+
+    def measure(self, name: str, weight: torch.Tensor) -> tuple[float, float]:
+        return self.measure_many({name: weight})
 
     def increase(self, name: str, weight: torch.Tensor) -> float:
         return self.measure(name, weight)[0]
@@ -404,3 +448,13 @@ def redundant_fraction(increases: dict[float, float], reference: float,
             break
         best = f
     return best
+
+
+def joint_increase(probe, sq_norm: dict[str, torch.Tensor],
+                   fractions: dict[str, float]) -> tuple[float, float]:
+    """Measured increase (and its standard error) when every matrix in ``fractions`` loses its own
+    fraction of lowest-Wanda weights at the same time: what the per-matrix redundancy would cost if
+    it were all taken at once."""
+    changes = {name: zero_lowest(probe.linears[name][1].weight.data, sq_norm[name], f)
+               for name, f in fractions.items() if f > 0}
+    return probe.measure_many(changes) if changes else (0.0, 0.0)
