@@ -218,7 +218,13 @@ class GgufCheckpoint(Checkpoint):
         except Exception as exc:  # gguf raises ValueError, struct.error, IndexError... on corrupt files
             raise UnweightError(f"{path}: not a readable GGUF file: {exc}") from None
         self._tensors = {t.name: t for t in self.reader.tensors}
+        arch = self.reader.fields.get("general.architecture")
+        self.architecture = bytes(arch.parts[arch.data[0]]).decode("utf-8") if arch else ""
+        # The metadata (a 262k-token vocabulary is ~700 MB of numpy views) is parsed again by
+        # transformers when needed; the tensors' memmaps are all this reader has to keep.
+        self.reader.fields.clear()
         self._config = None
+        self._hf_config = None
         self._map = None  # gguf name -> hf name
 
     @property
@@ -228,25 +234,33 @@ class GgufCheckpoint(Checkpoint):
         return self._config
 
     def hf_config(self):
+        """transformers' config of this GGUF (parsed once; a copy, so callers may change it)."""
+        import copy
+
         from transformers import AutoConfig
 
-        try:
-            return AutoConfig.from_pretrained(str(self.path.parent), gguf_file=self.path.name)
-        except (ValueError, KeyError, NotImplementedError) as exc:
-            raise UnweightError(f"{self.path}: transformers cannot read this GGUF architecture: {exc}") from None
+        if self._hf_config is None:
+            try:
+                self._hf_config = AutoConfig.from_pretrained(str(self.path.parent), gguf_file=self.path.name)
+            except (ValueError, KeyError, NotImplementedError) as exc:
+                raise UnweightError(f"{self.path}: transformers cannot read this GGUF architecture: {exc}") from None
+        return copy.deepcopy(self._hf_config)
 
     def _mapping(self) -> tuple[dict[str, str], object]:
         if self._map is None:
             from transformers import AutoModelForCausalLM
             from transformers.modeling_gguf_pytorch_utils import (
-                TENSOR_PROCESSORS, TensorProcessor, get_gguf_hf_weights_map, load_gguf_checkpoint, read_field)
+                TENSOR_PROCESSORS, TensorProcessor, get_gguf_hf_weights_map, load_gguf_checkpoint)
 
-            parsed = load_gguf_checkpoint(str(self.path), return_tensors=False)
-            arch = read_field(self.reader, "general.architecture")[0]
-            processor = TENSOR_PROCESSORS.get(arch, TensorProcessor)(config=parsed["config"])
+            import gc
+
+            parsed = load_gguf_checkpoint(str(self.path), return_tensors=False)["config"]
+            processor = TENSOR_PROCESSORS.get(self.architecture, TensorProcessor)(config=parsed)
             with torch.device("meta"):
                 model = AutoModelForCausalLM.from_config(self.hf_config())
             self._map = (get_gguf_hf_weights_map(model, processor), processor)
+            del parsed, model
+            gc.collect()  # the metadata parse is transient: release it before any tensor is read
         return self._map
 
     def gguf_names(self) -> list[str]:
@@ -274,13 +288,35 @@ class GgufCheckpoint(Checkpoint):
         t = self._tensors[g]
         mapping, processor = self._mapping()
         try:
-            w = dequantize(t.data, t.tensor_type)
+            w = _dequantize_rows(t.data, t.tensor_type)
         except NotImplementedError:
             raise UnweightError(
                 f"{self.path}: tensor {g!r} has GGUF type {t.tensor_type.name}, which gguf cannot dequantize"
             ) from None
         w = processor.process(weights=w, name=g, tensor_key_mapping=mapping, parsed_parameters={}).weights
-        return torch.from_numpy(np.array(w, dtype=np.float32))  # a private, writable copy
+        if not (isinstance(w, np.ndarray) and w.dtype == np.float32 and w.flags.writeable):
+            w = np.array(w, dtype=np.float32)  # a private, writable copy
+        return torch.from_numpy(w)
+
+
+DEQUANT_ROWS = 8192  # rows dequantized at a time: gguf's temporaries stay ~ a few MB, not ~3x the tensor
+
+
+def _dequantize_rows(data: np.ndarray, qtype) -> np.ndarray:
+    """``gguf.dequantize`` of a whole tensor, row block by row block, into one private float32 array.
+
+    gguf dequantizes a whole tensor at once through several full-size temporaries; done by blocks of
+    :data:`DEQUANT_ROWS` rows, the peak is the float32 result plus one block's temporaries."""
+    from gguf import dequantize
+
+    if data.ndim < 2 or data.shape[0] <= DEQUANT_ROWS:
+        return np.array(dequantize(data, qtype), dtype=np.float32)
+    first = dequantize(data[:DEQUANT_ROWS], qtype)
+    out = np.empty((data.shape[0], *first.shape[1:]), dtype=np.float32)
+    out[:DEQUANT_ROWS] = first
+    for start in range(DEQUANT_ROWS, data.shape[0], DEQUANT_ROWS):
+        out[start:start + DEQUANT_ROWS] = dequantize(data[start:start + DEQUANT_ROWS], qtype)
+    return out
 
 
 def open_checkpoint(path: str | os.PathLike) -> Checkpoint:

@@ -65,5 +65,8 @@ def convert(src: str | Path, out: str | Path, dtype: str = "bf16", overwrite: bo
             copy_side_files(ckpt.path, w.folder)
         for name in tqdm(names, desc=f"convert to {dtype}", unit="tensor", disable=not progress):
             t = ckpt.get(name)
-            w.add(name, t.to(target) if t.is_floating_point() else t)
+            if t.is_floating_point():
+                t = t.to(target)  # the float32 original is freed here, not at the next get
+            w.add(name, t)
+            del t
     return Path(out)
