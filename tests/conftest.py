@@ -149,3 +149,38 @@ def unsupported_gguf(tmp_path_factory) -> tuple[Path, dict]:
 
     types = {"token_embd.weight": Q.Q8_1, "blk.0.attn_v.weight": Q.Q8_K}
     return make_tiny_gguf(tmp_path_factory.mktemp("gguf") / "tiny-unsupported.gguf", types), types
+
+
+def make_tiny_llama(folder: Path, dtype=None) -> Path:
+    """A 2-block random Llama (hidden 32) saved at ``folder`` with smollm2's tokenizer (no download)."""
+    import shutil
+
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from unweight.models import hf_folder
+
+    tokenizer_dir = _require("smollm2-135m", lambda: hf_folder("smollm2-135m"))
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=49152, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
+                         tie_word_embeddings=True)
+    model = LlamaForCausalLM(config)
+    (model if dtype is None else model.to(dtype)).save_pretrained(folder)
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copy(tokenizer_dir / name, folder / name)
+    return folder
+
+
+@pytest.fixture(scope="session")
+def tiny_causal_lm(tmp_path_factory) -> Path:
+    """A 2-block random Llama in float32 (see :func:`make_tiny_llama`)."""
+    return make_tiny_llama(tmp_path_factory.mktemp("tiny-llama"))
+
+
+@pytest.fixture(scope="session")
+def tiny_llama(tmp_path_factory) -> Path:
+    """The same tiny Llama saved in bfloat16."""
+    import torch
+
+    return make_tiny_llama(tmp_path_factory.mktemp("tiny-llama-bf16"), torch.bfloat16)

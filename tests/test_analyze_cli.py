@@ -128,31 +128,6 @@ def test_bad_requests_are_one_clear_line(argv, message, capsys):
     assert message in err and len(err.strip().splitlines()) == 1
 
 
-@pytest.fixture(scope="module")
-def tiny_causal_lm(tmp_path_factory):
-    """A 2-block random Llama saved as an HF folder with smollm2's tokenizer (no download)."""
-    import shutil
-
-    import torch
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    from unweight.models import hf_folder
-
-    try:
-        tokenizer_dir = hf_folder("smollm2-135m")
-    except UnweightError as exc:
-        pytest.skip(f"smollm2-135m unavailable: {exc}")
-    torch.manual_seed(0)
-    config = LlamaConfig(vocab_size=49152, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
-                         tie_word_embeddings=True)
-    folder = tmp_path_factory.mktemp("tiny-llama")
-    LlamaForCausalLM(config).save_pretrained(folder)
-    for name in ("tokenizer.json", "tokenizer_config.json"):
-        shutil.copy(tokenizer_dir / name, folder / name)
-    return folder
-
-
 def test_calib_and_outliers_on_a_tiny_causal_lm(tiny_causal_lm, tmp_path):
     """The calibrated path end to end: every decoder Linear gets Wanda quantiles, Fisher and the
     zeroing sweep; the table gets the measured redundancy; candidates get evidence and effects."""

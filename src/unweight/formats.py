@@ -61,7 +61,7 @@ def _load_builtin_formats() -> None:
     """Import the modules that register the built-in formats (kept lazy: they pull in numba)."""
     import importlib
 
-    for module in ("unweight.lossless.register", "unweight.cluster.codebook"):
+    for module in ("unweight.lossless.register", "unweight.cluster.codebook", "unweight.layerwise_format"):
         try:
             importlib.import_module(module)
         except ModuleNotFoundError as exc:

@@ -53,6 +53,7 @@ from unweight.errors import UnweightError
 QUANT_METHODS: tuple[str, ...] = (
     "unweight-lossless",
     "unweight-codebook",
+    "unweight-layerwise",
 )
 METHOD_PREFIX = "unweight-"
 

@@ -117,8 +117,13 @@ class LinearArtifacts:
     seconds: float = 0.0
 
 
-def compress_linear(linear: nn.Linear, config: LayerwiseConfig, stats: LinearStats | None) -> LinearArtifacts:
-    """Prune and/or quantize one Linear in place with ``config``; ``stats`` for calibrated methods."""
+def compress_linear(linear: nn.Linear, config: LayerwiseConfig, stats: LinearStats | None,
+                    weight_dtype: torch.dtype | None = None) -> LinearArtifacts:
+    """Prune and/or quantize one Linear in place with ``config``; ``stats`` for calibrated methods.
+
+    ``weight_dtype`` (the checkpoint's, e.g. bfloat16, for a model computing in float32): round the
+    result to it, so that the model holds exactly what a storage format writes and loads back.
+    """
     t0 = time.perf_counter()
     w = linear.weight.data
     out = LinearArtifacts()
@@ -146,7 +151,7 @@ def compress_linear(linear: nn.Linear, config: LayerwiseConfig, stats: LinearSta
         dense = rtn_dequantize(out.q, out.scale, out.zero, config.group_size, config.scheme)
         if out.input_scale is not None:
             dense = dense / out.input_scale[None, :]
-    w.copy_(dense.to(w.dtype))
+    w.copy_(dense.to(weight_dtype or w.dtype))
     out.seconds = time.perf_counter() - t0
     return out
 
@@ -156,12 +161,13 @@ def compress_layerwise(model: nn.Module, tokenizer, config: LayerwiseConfig, n_s
                        seq_len: int | None = None, *, windows: torch.Tensor | None = None,
                        device: torch.device | str | None = None,
                        artifacts: dict[str, LinearArtifacts] | None = None,
-                       progress: bool = True) -> nn.Module:
+                       weight_dtype: torch.dtype | None = None, progress: bool = True) -> nn.Module:
     """Compress every Linear of ``model``'s decoder blocks in place; returns ``model``.
 
     Calibration: ``windows`` if given, else ``calibration_windows(tokenizer, n_samples, seq_len,
     config.seed)`` (defaults from ``config``). ``artifacts``, if given, is filled with a
     :class:`LinearArtifacts` per Linear, keyed by its full module name (``model.layers.3.mlp.up_proj``).
+    ``weight_dtype``: see :func:`compress_linear` (later blocks are calibrated on the rounded weights).
     """
     layers = decoder_layers(model)
     prefix = next(n for n, m in model.named_modules() if m is layers)
@@ -170,7 +176,7 @@ def compress_layerwise(model: nn.Module, tokenizer, config: LayerwiseConfig, n_s
         return not any(x in name for x in config.exclude)
 
     def process(index: int, name: str, linear: nn.Linear, stats: LinearStats | None) -> None:
-        result = compress_linear(linear, config, stats)
+        result = compress_linear(linear, config, stats, weight_dtype)
         if artifacts is not None:
             artifacts[f"{prefix}.{index}.{name}"] = _to_cpu(result)
 

@@ -3,12 +3,24 @@
   unweight compress smollm2-135m out/lossless --method lossless
   unweight compress out/smollm2-bf16 out/k16 --method kmeans --k 16
   unweight compress smollm2-135m out/rtn4 --method rtn --bits 4 --group-size 128
+  unweight compress smollm2-135m out/gptq4 --method gptq --bits 4        (also: awq)
+  unweight compress smollm2-135m out/wanda24 --method wanda --pattern 2:4  (also: magnitude, sparsegpt)
+  unweight compress smollm2-135m out/sgpt24q4 --method sparsegpt --pattern 2:4 --quant gptq --bits 4
+  unweight compress smollm2-135m out/plan --recipe recipe.yaml
+  unweight compress smollm2-135m out/k16ft --method kmeans --outliers auto --finetune-steps 50 --affine moments
 
 A bundled model name is first converted to bf16 (cached). The input is read and the output written one
 tensor at a time; the output appears only when complete. `--json` prints the size accounting.
+
+`--recipe` (written by `unweight plan`) gives each matrix its own setting and picks the method.
+`--finetune-steps` and `--affine` refine the K-means codebooks (arXiv 2603.17917): every target is then
+clustered in memory first, the codebooks are refined together (centroids fine-tuned on calibration
+windows, then one a * c + b per matrix), and the stream writes the refined parts. The output's
+quantization_config records the recipe, the fine-tuning and every (a, b).
 """
 
 import json
+from pathlib import Path
 
 from unweight.errors import UnweightError
 from unweight.formats import compress_checkpoint
@@ -48,40 +60,160 @@ def activation_energy(model_dir, n_samples: int, seq_len: int) -> dict:
     return {n: v.float() for n, v in collect_statistics(model, windows, fisher=False).sq_norm.items()}
 
 
+def _settings(args, config: dict, flags: dict):
+    """Per-matrix settings: the recipe's (``--recipe``), else ``flags`` for every matrix; recorded."""
+    if args.loaded_recipe is None:
+        config.update(flags)
+        return lambda name: flags
+    config.update(recipe=args.loaded_recipe.to_dict(), recipe_path=str(args.recipe))
+    return args.loaded_recipe.settings_for
+
+
+def _calibration(args, config: dict):
+    """(float32 model, calibration windows) of the source, a causal LM; the windows are recorded."""
+    from unweight.calibrate import calibration_windows
+    from unweight.models import load_causal_lm
+
+    config["calibration"] = {"corpus": "austen/calib", "samples": args.calib_samples, "seq_len": args.calib_seq_len}
+    model, tok = load_causal_lm(str(args.src))
+    return model, calibration_windows(tok, args.calib_samples, args.calib_seq_len)
+
+
+def _refined(args, config: dict, encode):
+    """The encoder of --finetune-steps / --affine. The codebooks are refined together, so this is two
+    passes: every target is clustered in memory first (a 135M model's parts at K=16: ~55 MB),
+    the centroids are fine-tuned, then each matrix gets its (a, b); the stream then writes these parts."""
+    from tqdm import tqdm
+
+    from unweight.checkpoint import open_checkpoint
+    from unweight.cluster import refine
+    from unweight.cluster.finetune import DEFAULT_BATCH
+    from unweight.formats import quantization_config
+
+    ckpt = open_checkpoint(args.src)
+    if quantization_config(ckpt) is not None or ckpt.format != "hf":
+        raise UnweightError(f"{ckpt.path}: --finetune-steps and --affine take an uncompressed HF folder")
+    arch = " ".join((ckpt.config or {}).get("architectures") or [])
+    if "CausalLM" not in arch and (args.finetune_steps or args.affine == "lsq"):
+        raise UnweightError(f"{ckpt.path}: --finetune-steps and --affine lsq need a causal LM "
+                            f"(architectures: {arch or 'none'}); --affine moments needs no calibration")
+    if Path(args.out).exists() and not args.force:  # found now, not after the fine-tuning
+        raise UnweightError(f"{args.out}: already exists (pass --force to replace it)")
+    parts = {}
+    for name in tqdm(ckpt.names(), desc="cluster", unit="tensor"):
+        p = encode(name, ckpt.get(name))
+        if p is not None:
+            parts[name] = p
+    if args.finetune_steps:
+        model, windows = _calibration(args, config)
+        losses = []
+        bar = tqdm(total=args.finetune_steps, desc="finetune centroids", unit="step")
+
+        def on_step(step, loss):
+            losses.append(loss)
+            bar.set_postfix(loss=f"{loss:.4f}")
+            bar.update()
+
+        parts = refine.finetune_parts(model, parts, windows, args.finetune_steps, args.finetune_lr, on_step)
+        bar.close()
+        n = min(len(windows), len(losses))  # step s trains on window s mod len(windows)
+        config["finetune"] = {"steps": args.finetune_steps, "lr": args.finetune_lr, "batch_size": DEFAULT_BATCH,
+                              "loss_first_pass": sum(losses[:n]) / n, "loss_last_pass": sum(losses[-n:]) / n}
+        del model
+    if args.affine:
+        affines = {}
+        if args.affine == "lsq":
+            model, windows = _calibration(args, config)
+            affines = refine.lsq_affines(model, windows, parts, ckpt.get)
+            del model
+        fits = {}
+        for name in parts:  # moments, and the matrices outside the decoder blocks under lsq
+            fit = "lsq" if name in affines else "moments"
+            affine = affines.get(name) or refine.fit_affine(ckpt.get(name), parts[name], name, "moments")
+            parts[name] = refine.apply_to_codebook(parts[name], affine, name)
+            fits[name] = {"a": affine.a, "b": affine.b, "fit": fit}
+        config["affine"] = {"fit": args.affine, "order": "after finetune" if args.finetune_steps else "after kmeans",
+                            "matrices": fits}
+    return lambda name, t: parts.get(name)
+
+
 def _kmeans(args):
     from unweight.cluster.codebook import FORMAT, KMeansSpec, encode_kmeans
 
-    spec = KMeansSpec(k=args.k, granularity=args.granularity, outliers=parse_outliers(args.outliers))
-    config = {"method": "kmeans", "k": spec.k, "granularity": spec.granularity,
-              "outliers": args.outliers, "weighted": args.weighted}
+    outliers = parse_outliers(args.outliers)
+    config = {"method": "kmeans"}
+    settings = _settings(args, config, {"k": args.k, "granularity": args.granularity})
+    config.update(outliers=args.outliers, weighted=args.weighted)
     energy = activation_energy(args.src, args.calib_samples, args.calib_seq_len) if args.weighted else {}
     if args.weighted:
         config["calibration"] = {"corpus": "austen/calib", "samples": args.calib_samples, "seq_len": args.calib_seq_len}
 
     def encode(name, t):
         imp = energy.get(name)
+        spec = KMeansSpec(outliers=outliers, **settings(name))
         return encode_kmeans(t, spec, importance=None if imp is None else imp[None, :].expand(t.shape))
 
-    return FORMAT, _targets(args, config, encode), config
+    encode = _targets(args, config, encode)
+    if args.finetune_steps or args.affine:
+        encode = _refined(args, config, encode)
+    return FORMAT, encode, config
 
 
 def _rtn(args):
     from unweight.cluster.codebook import FORMAT, RTNSpec, encode_rtn
 
-    spec = RTNSpec(bits=args.bits, group_size=args.group_size, scheme=args.scheme,
-                   outliers=parse_outliers(args.outliers))
-    config = {"method": "rtn", "bits": spec.bits, "group_size": spec.group_size, "scheme": spec.scheme,
-              "outliers": args.outliers}
-    return FORMAT, _targets(args, config, lambda name, t: encode_rtn(t, spec)), config
+    outliers = parse_outliers(args.outliers)
+    config = {"method": "rtn"}
+    settings = _settings(args, config, {"bits": args.bits, "group_size": args.group_size, "scheme": args.scheme})
+    config["outliers"] = args.outliers
+
+    def encode(name, t):
+        return encode_rtn(t, RTNSpec(outliers=outliers, **settings(name)))
+
+    return FORMAT, _targets(args, config, encode), config
 
 
-METHODS = {"lossless": _lossless, "kmeans": _kmeans, "rtn": _rtn}
+LAYERWISE = ("magnitude", "wanda", "sparsegpt", "gptq", "awq")
+
+
+def _layerwise(args):
+    """Prune and/or quantize every decoder Linear in memory, block by block on calibration windows
+    (unweight.layerwise), then store exactly that (unweight-layerwise, unweight.layerwise_format)."""
+    from unweight.layerwise import PRUNERS, LayerwiseConfig
+    from unweight.layerwise_format import FORMAT, layerwise_encoder, quantization_entries
+
+    pruning = args.method in PRUNERS
+    if not pruning and (args.sparsity is not None or args.pattern or args.quant):
+        raise UnweightError(f"--sparsity, --pattern and --quant go with a pruning method ({', '.join(PRUNERS)}), "
+                            f"not {args.method}")
+    if args.sparsity is not None and args.pattern:
+        raise UnweightError("give --sparsity (unstructured) or --pattern (N:M), not both")
+    if args.sparsity is not None and not 0 < args.sparsity < 1:
+        raise UnweightError(f"--sparsity must lie in (0, 1), got {args.sparsity}")
+    if not 1 <= args.bits <= 8:
+        raise UnweightError(f"--bits must be in 1..8, got {args.bits}")
+    settings = {"n_samples": args.calib_samples, "seq_len": args.calib_seq_len, "act_order": args.act_order}
+    if pruning:
+        settings.update(sparsity=0.5 if args.sparsity is None else args.sparsity, pattern=args.pattern, quant=args.quant)
+    if not pruning or args.quant:
+        settings.update(bits=args.bits, group_size=args.group_size, scheme=args.scheme)
+    config = LayerwiseConfig.from_method(args.method, **settings)
+    if args.act_order and config.quant != "gptq":
+        raise UnweightError("--act-order goes with GPTQ (--method gptq, or a pruning method with --quant gptq)")
+    if Path(args.out).exists() and not args.force:  # found now, not after the calibration
+        raise UnweightError(f"{args.out}: already exists (pass --force to replace it)")
+    encode, _ = layerwise_encoder(args.src, config)
+    return FORMAT, encode, quantization_entries(config, args.method)
+
+
+METHODS = {"lossless": _lossless, "kmeans": _kmeans, "rtn": _rtn, **dict.fromkeys(LAYERWISE, _layerwise)}
 
 
 def add_arguments(p):
     p.add_argument("model", help="bundled model name or HF folder")
     p.add_argument("out", help="output folder")
-    p.add_argument("--method", default="lossless", choices=list(METHODS), help="method (default: lossless)")
+    p.add_argument("--method", default=None, choices=list(METHODS),
+                   help="method (default: lossless, or the recipe's)")
     p.add_argument("--force", action="store_true", help="replace OUT if it exists")
     g = p.add_argument_group("kmeans (arXiv 2603.17917) and rtn")
     g.add_argument("--k", type=int, default=16, help="kmeans: shared values per codebook, 2..256 (default: 16)")
@@ -97,20 +229,88 @@ def add_arguments(p):
     g.add_argument("--include-embeddings", action="store_true", help="also compress embeddings and the output head")
     g.add_argument("--calib-samples", type=int, default=16, help="calibration windows (default: 16)")
     g.add_argument("--calib-seq-len", type=int, default=512, help="calibration window length (default: 512)")
-    p.add_argument("--json", action="store_true", help="print the size accounting as JSON")
+    g.add_argument("--recipe", metavar="YAML",
+                   help="per-matrix settings and the method (kmeans|rtn) from `unweight plan`; they replace "
+                        "--k/--granularity/--bits/--group-size/--scheme")
+    g = p.add_argument_group("codebook refinement (kmeans, arXiv 2603.17917)")
+    g.add_argument("--finetune-steps", type=int, default=0, metavar="N",
+                   help="fine-tune the centroids (assignments frozen, outliers exact) for N Adam steps on the "
+                        "calibration windows, one window a step (default: 0, off)")
+    g.add_argument("--finetune-lr", type=float, default=None, metavar="LR",
+                   help="Adam learning rate of the centroids (default: unweight.cluster.finetune.DEFAULT_LR)")
+    g.add_argument("--affine", choices=["moments", "lsq"],
+                   help="correct each codebook to a*c+b, a > 0 (after fine-tuning): match the original matrix's "
+                        "mean and std, or least squares of the layer outputs on the calibration windows")
+    g = p.add_argument_group("prune / quant, calibrated layer by layer (magnitude, wanda, sparsegpt, gptq, awq)",
+                             "--method gptq|awq quantizes (with --bits/--group-size/--scheme above);\n"
+                             "--method magnitude|wanda|sparsegpt prunes; add --quant gptq|rtn to also quantize\n"
+                             "the kept weights. Calibration: --calib-samples windows of --calib-seq-len tokens.\n"
+                             "Stored exactly as compressed in memory (format unweight-layerwise).")
+    g.add_argument("--sparsity", type=float, default=None,
+                   help="pruning: unstructured fraction of weights zeroed, in (0, 1) (default: 0.5)")
+    g.add_argument("--pattern", metavar="N:M", help="pruning: keep N of every M consecutive inputs, e.g. 2:4")
+    g.add_argument("--quant", choices=["gptq", "rtn"], help="pruning: also quantize the kept weights")
+    g.add_argument("--act-order", action="store_true", help="gptq: quantize columns in decreasing Hessian order")
+    p.add_argument("--json", action="store_true", help="print the size accounting and the config as JSON")
+
+
+def _load_recipe(args) -> None:
+    """Read ``--recipe`` into ``args.loaded_recipe``; the recipe's method becomes ``args.method``."""
+    from unweight import recipe
+
+    args.loaded_recipe = None
+    if args.recipe is None:
+        return
+    args.loaded_recipe = recipe.load(args.recipe)
+    if args.method is not None and args.method != args.loaded_recipe.method:
+        raise UnweightError(f"{args.recipe}: the recipe's method is {args.loaded_recipe.method!r}, but "
+                            f"--method {args.method} was given; drop --method or use another recipe")
+    args.method = args.loaded_recipe.method
+
+
+def _check_recipe_names(args) -> None:
+    """Every matrix the recipe lists must be one that this compression encodes."""
+    from unweight.checkpoint import open_checkpoint
+
+    ckpt = open_checkpoint(args.src)
+    for name in args.loaded_recipe.matrices:
+        if name not in ckpt:
+            raise UnweightError(f"{args.recipe}: lists {name!r}, which {ckpt.path} does not have")
+        if not is_target(name, tuple(ckpt.info(name).shape), args.include_embeddings):
+            raise UnweightError(f"{args.recipe}: lists {name!r}, which compress does not encode (block "
+                                f"Linears only; --include-embeddings adds the embeddings and the head)")
 
 
 def run(args) -> int:
+    from unweight.cluster.finetune import DEFAULT_LR
+
+    _load_recipe(args)
+    args.method = args.method or "lossless"
     if args.method not in METHODS:
         raise UnweightError(f"unknown method {args.method!r}; choose from {', '.join(METHODS)}")
-    if args.method == "kmeans" and not 2 <= args.k <= 256:
+    if args.method == "kmeans" and args.loaded_recipe is None and not 2 <= args.k <= 256:
         raise UnweightError(f"--k must be in 2..256, got {args.k}")
+    if (args.finetune_steps or args.affine) and args.method != "kmeans":
+        raise UnweightError(f"--finetune-steps and --affine refine K-means codebooks; method {args.method!r} "
+                            f"has none")
+    if args.finetune_steps < 0:
+        raise UnweightError(f"--finetune-steps must be >= 0, got {args.finetune_steps}")
+    args.finetune_lr = DEFAULT_LR if args.finetune_lr is None else args.finetune_lr
+    if not args.finetune_lr > 0:
+        raise UnweightError(f"--finetune-lr must be > 0, got {args.finetune_lr}")
     args.src = hf_folder(args.model)
+    if args.loaded_recipe is not None:
+        _check_recipe_names(args)
     fmt, encode, config = METHODS[args.method](args)
     stats = compress_checkpoint(args.src, args.out, fmt, encode, config, overwrite=args.force)
+    if args.loaded_recipe is not None:  # the folder says how it was made (DESIGN.md, on-disk format)
+        from unweight.recipe import dump
+
+        dump(args.loaded_recipe, Path(args.out) / "recipe.yaml")
     summary = {"out": args.out, "method": args.method, "tensors": stats.tensors, "encoded": stats.encoded,
                "original_bytes": stats.original_bytes, "stored_bytes": stats.stored_bytes,
-               "ratio": stats.ratio, "bits_per_weight": stats.bits_per_weight}
+               "ratio": stats.ratio, "bits_per_weight": stats.bits_per_weight,
+               "quantization_config": {"quant_method": fmt.quant_method, "format_version": fmt.version, **config}}
     if args.json:
         print(json.dumps({**summary, "per_tensor": stats.per_tensor}, indent=2))
     else:

@@ -27,6 +27,7 @@ from unweight.report.table import format_table
 
 HELP = "run the main job on the bundled model and print the comparison table"
 
+CALIB = ["--calib-samples", "4", "--calib-seq-len", "512"]
 # label, `unweight compress` arguments
 STAGES = [
     ("lossless", ["--method", "lossless"]),
@@ -35,6 +36,9 @@ STAGES = [
     ("kmeans K=16", ["--method", "kmeans", "--k", "16"]),
     ("kmeans K=16 + outliers auto", ["--method", "kmeans", "--k", "16", "--outliers", "auto"]),
     ("kmeans K=64 + outliers auto", ["--method", "kmeans", "--k", "64", "--outliers", "auto"]),
+    # calibrated methods on a short calibration slice (4 x 512 tokens) to keep the demo short
+    ("gptq 4-bit g128", ["--method", "gptq", "--bits", "4", *CALIB]),
+    ("wanda 2:4", ["--method", "wanda", "--pattern", "2:4", *CALIB]),
 ]
 
 
@@ -88,7 +92,18 @@ def run(args) -> int:
     title = (f"unweight demo: {args.model} (4-bit-derived GGUF), {windows.numel():,} tokens of Austen "
              f"(evaluation split, windows of {args.seq_len}); bits/weight over the compressed matrices")
     print(format_table(rows, title=title))
+
+    # where the redundancy is: the per-matrix statistics and the model's redundancy table (no calibration)
+    rc, text = _quiet(["analyze", str(bf16), "--out", str(out / "analyze"), "--json", "--quiet", "--threads", "1"])
+    if rc != 0:
+        raise UnweightError("demo: unweight analyze failed")
+    table = json.loads(text)["redundancy"]
+    print(f"\nredundancy ({out / 'analyze'}): {table['matrices']} matrices, mean effective rank "
+          f"{table['mean_effective_rank']:.1f} ({table['mean_effective_rank_ratio']:.3f} of full), "
+          f"value entropy {table['value_entropy']:.2f} bits, exponent entropy {table['exponent_entropy']:.2f} "
+          f"bits (the lossless bound: {table['split_bound']:.2f} of {table['raw_bits']:.0f} bits)")
     (out / "demo.json").write_text(json.dumps({"model": args.model, "seq_len": args.seq_len,
-                                               "tokens": int(windows.numel()), "rows": rows}, indent=2))
+                                               "tokens": int(windows.numel()), "rows": rows,
+                                               "redundancy": table}, indent=2))
     print(f"wrote {out / 'demo.json'}")
     return 0

@@ -18,4 +18,4 @@ def magnitude_prune(w: torch.Tensor, sparsity: float = 0.5,
     """``(pruned w, keep-mask)``; ``nm=(n, m)`` for N:M, else unstructured at ``sparsity``."""
     score = w.detach().abs().float()
     mask = nm_mask(score, *nm) if nm else lowest_mask(score, n_pruned(w.numel(), sparsity))
-    return w * mask, mask
+    return w.masked_fill(~mask, 0.0), mask  # +0.0, not w * 0 (-0.0 for w < 0)

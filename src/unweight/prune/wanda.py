@@ -24,4 +24,4 @@ def wanda_prune(w: torch.Tensor, sq_norm: torch.Tensor, sparsity: float = 0.5,
     """``(pruned w, keep-mask)``: per-row unstructured at ``sparsity``, or N:M with ``nm=(n, m)``."""
     score = wanda_scores(w, sq_norm)
     mask = nm_mask(score, *nm) if nm else lowest_mask(score, n_pruned(w.shape[1], sparsity), dim=1)
-    return w * mask, mask
+    return w.masked_fill(~mask, 0.0), mask  # +0.0, not w * 0 (-0.0 for w < 0)

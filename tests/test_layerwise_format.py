@@ -1,0 +1,246 @@
+"""The unweight-layerwise format: what compress_layerwise made of each Linear (pruned, quantized or both)
+comes back bit for bit, costs exactly the bits the format documents, and `unweight compress --method
+wanda|gptq|...` writes a folder that transformers loads as the model compressed in memory."""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import shutil
+
+import pytest
+import torch
+from torch import nn
+
+from unweight.calibrate import LinearStats
+from unweight.cli import main
+from unweight.errors import UnweightError
+from unweight.formats import decode_tensors, same_bits
+from unweight.layerwise import LayerwiseConfig, compress_linear
+from unweight.layerwise_format import (decode, encode_linear, nm_mask_from_positions, nm_positions)
+from unweight.pack import packed_nbytes
+from unweight.prune.nm import nm_mask
+
+ROWS, COLS = 24, 200  # groups of 64 leave a partial last group of 8 columns
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def _compressed(config: LayerwiseConfig, dtype=torch.bfloat16, seed=0):
+    """A Linear with ``dtype``-exact random weights compressed by ``config`` (stats from random inputs,
+    with a few loud channels), rounded to ``dtype`` as the CLI does: (artifacts, weight)."""
+    g = torch.Generator().manual_seed(seed)
+    linear = nn.Linear(COLS, ROWS, bias=False)
+    linear.weight.data = (torch.randn(ROWS, COLS, generator=g) * 0.05).to(dtype).float()
+    stats = LinearStats(COLS, frozenset({"hessian", "abs_mean"}))
+    x = torch.randn(256, COLS, generator=g)
+    x[:, :5] *= 20
+    stats.add_batch(x)
+    return compress_linear(linear, config, stats, weight_dtype=dtype), linear.weight.data
+
+
+def _stored_bits(parts) -> int:
+    return sum(8 * t.numel() * t.element_size() for f, t in parts.items() if f != "header")
+
+
+CASES = {  # name: (config, bits per weight without the header, exactly)
+    "magnitude 30%": (LayerwiseConfig(prune="magnitude", sparsity=0.3), 1 + 0.7 * 16),
+    "wanda 2:4": (LayerwiseConfig(prune="wanda", pattern="2:4"), 0.5 * (2 + 16)),
+    "sparsegpt 4:8": (LayerwiseConfig(prune="sparsegpt", pattern="4:8"), 0.5 * (3 + 16)),
+    "rtn 3-bit g64": (LayerwiseConfig(quant="rtn", bits=3, group_size=64), None),
+    "rtn 4-bit g64 sym": (LayerwiseConfig(quant="rtn", bits=4, group_size=64, scheme="sym"), None),
+    "rtn 4-bit g64 asym_float": (LayerwiseConfig(quant="rtn", bits=4, group_size=64, scheme="asym_float"), None),
+    "gptq 4-bit g64 act-order": (LayerwiseConfig(quant="gptq", bits=4, group_size=64, act_order=True), None),
+    "gptq 2-bit per-channel": (LayerwiseConfig(quant="gptq", bits=2, group_size=-1), None),
+    "awq 4-bit g64": (LayerwiseConfig(quant="awq", bits=4, group_size=64), None),
+    "sparsegpt 2:4 + gptq 4-bit": (LayerwiseConfig(prune="sparsegpt", pattern="2:4", quant="gptq", bits=4,
+                                                   group_size=64), None),
+    "magnitude 50% + rtn 3-bit": (LayerwiseConfig(prune="magnitude", sparsity=0.5, quant="rtn", bits=3,
+                                                  group_size=64), None),
+}
+
+
+def _expected_bits(config: LayerwiseConfig) -> float:
+    """The module docstring's accounting for the quantized cases, on ROWS x COLS."""
+    n_groups = 1 if config.group_size <= 0 else -(-COLS // config.group_size)
+    zero_bits = {"asym_int": config.bits, "asym_float": 32, "sym": 0}[config.scheme]
+    params = ROWS * n_groups * (32 + zero_bits) + (32 * COLS if config.quant == "awq" else 0)
+    if config.prune is None:
+        return config.bits + params / (ROWS * COLS)
+    if config.pattern:  # N:M with N/M = 1/2 here
+        return 0.5 * (2 + config.bits) + params / (ROWS * COLS)
+    return 1 + (1 - config.sparsity) * config.bits + params / (ROWS * COLS)
+
+
+@pytest.mark.parametrize("case", list(CASES))
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_round_trip_is_bit_exact_and_costs_the_documented_bits(case, dtype):
+    config, bits = CASES[case]
+    a, w = _compressed(config, dtype)
+    parts = encode_linear(a, w, config, dtype)
+    out = decode(parts, "w")
+    assert out.dtype == dtype and same_bits(out, w.to(dtype)) and torch.equal(out.float(), w)
+    if config.prune and config.quant is None and dtype == torch.float32:
+        bits += (0.7 if "30%" in case else 0.5) * 16  # the kept values are 32-bit, not 16
+    expected = bits if bits is not None else _expected_bits(config)
+    assert _stored_bits(parts) == pytest.approx(expected * ROWS * COLS, abs=8 * len(parts))  # whole bytes
+    assert set(parts) >= {"header"} and ("values" in parts) == (config.quant is None)
+
+
+def test_nm_positions_round_trip_and_refuse_other_masks():
+    g = torch.Generator().manual_seed(1)
+    for n, m in [(2, 4), (1, 4), (4, 8), (3, 5)]:
+        mask = nm_mask(torch.rand(6, 10 * m, generator=g), n, m)
+        pos = nm_positions(mask, n, m)
+        assert pos.shape == (6, 10, n) and bool((pos.diff(dim=2) > 0).all())
+        assert torch.equal(nm_mask_from_positions(pos, n, m), mask)
+    mask[0, :m] = True
+    with pytest.raises(UnweightError, match="not exactly"):
+        nm_positions(mask, n, m)
+
+
+@pytest.mark.parametrize("field, damage, message", [
+    ("q", lambda t: t[:-1], "truncated or corrupt"),
+    ("scale", lambda t: t.half(), "truncated or corrupt"),
+    ("zero", None, "'zero' is missing"),
+    ("positions", lambda t: torch.zeros_like(t), "repeated positions"),
+    ("header", lambda t: t[:5], "header"),
+])
+def test_corrupt_parts_name_the_tensor(field, damage, message):
+    config = CASES["sparsegpt 2:4 + gptq 4-bit"][0]
+    parts = encode_linear(*_compressed(config), config, torch.bfloat16)
+    if damage is None:
+        del parts[field]
+    else:
+        parts[field] = damage(parts[field])
+    with pytest.raises(UnweightError, match=rf"'model.layers.0.mlp.up_proj.weight'.*{message}"):
+        decode(parts, "model.layers.0.mlp.up_proj.weight")
+
+
+def test_encode_refuses_what_would_not_come_back():
+    config = CASES["wanda 2:4"][0]
+    a, w = _compressed(config)
+    w = w.clone()
+    w[~a.mask] = 1.0  # the model holds something the artifacts do not describe
+    with pytest.raises(UnweightError, match="would differ"):
+        encode_linear(a, w, config, torch.bfloat16)
+    config = CASES["magnitude 50% + rtn 3-bit"][0]
+    a, w = _compressed(config)
+    a.q[~a.mask] = (a.q[~a.mask] + 1) % 8  # a pruned weight off its zero point
+    with pytest.raises(UnweightError, match="zero point"):
+        encode_linear(a, w, config, torch.bfloat16)
+
+
+# ----------------------------------------------------------------------------- the CLI, end to end
+
+CALIB = ["--calib-samples", "4", "--calib-seq-len", "32"]
+
+
+def _cli(argv):
+    stdout = io.StringIO()
+    with contextlib.redirect_stdout(stdout):
+        rc = main(argv)
+    assert rc == 0
+    return json.loads(stdout.getvalue())
+
+
+def _in_memory(folder, config: LayerwiseConfig):
+    """The model compress_layerwise makes in memory from the same folder, windows and config."""
+    from unweight.layerwise import compress_layerwise
+    from unweight.models import load_causal_lm
+
+    model, tok = load_causal_lm(str(folder))
+    compress_layerwise(model, tok, config, weight_dtype=torch.bfloat16, progress=False)
+    return model
+
+
+def _param_bits(numel_rows_cols, config: LayerwiseConfig) -> int:
+    rows, cols = numel_rows_cols
+    if config.quant is None:  # 2:4 of bf16
+        return rows * cols // 4 * 2 * (2 + 16)
+    n_groups = -(-cols // config.group_size)
+    return rows * cols * config.bits + 8 * (packed_nbytes(rows * n_groups, config.bits) + 4 * rows * n_groups)
+
+
+@pytest.mark.parametrize("argv, config", [
+    (["--method", "wanda", "--pattern", "2:4"], LayerwiseConfig(prune="wanda", pattern="2:4")),
+    (["--method", "gptq", "--bits", "4", "--group-size", "16"], LayerwiseConfig(quant="gptq", bits=4, group_size=16)),
+])
+def test_cli_output_loads_as_the_model_compressed_in_memory(tiny_llama, tmp_path, argv, config):
+    from transformers import AutoModelForCausalLM
+
+    import unweight  # noqa: F401  (registers the formats with transformers)
+    from unweight.checkpoint import open_checkpoint
+
+    out = tmp_path / "out"
+    summary = _cli(["compress", str(tiny_llama), str(out), *argv, *CALIB, "--json"])
+    config.n_samples, config.seq_len = 4, 32
+    qc = json.loads((out / "config.json").read_text())["quantization_config"]
+    assert qc["quant_method"] == "unweight-layerwise" and qc["layerwise"]["pattern"] == config.pattern
+    assert qc["layerwise"]["bits"] == config.bits and qc["calibration"]["samples"] == 4
+
+    expected = _in_memory(tiny_llama, config)
+    loaded = AutoModelForCausalLM.from_pretrained(str(out), dtype=torch.float32)
+    got = dict(loaded.named_parameters())
+    for name, p in expected.named_parameters():
+        assert torch.equal(got[name], p), name
+    assert decode_tensors(out)["model.layers.1.mlp.down_proj.weight"].dtype == torch.bfloat16
+
+    # bits per weight: exactly the format's accounting plus the headers
+    ckpt = open_checkpoint(out)
+    rows = summary["per_tensor"]
+    assert len(rows) == summary["encoded"] == 2 * 7
+    header_bits = 0
+    for r in rows:
+        header_bits += 8 * ckpt.info(f"{r['name']}.lw.header").nbytes
+        assert 8 * r["stored"] - 8 * ckpt.info(f"{r['name']}.lw.header").nbytes == _param_bits(r["shape"], config)
+    weights = sum(r["shape"][0] * r["shape"][1] for r in rows)
+    param_bits = sum(_param_bits(r["shape"], config) for r in rows)
+    assert summary["bits_per_weight"] == pytest.approx((param_bits + header_bits) / weights, rel=1e-12)
+    if config.quant is None:  # 2:4 of bf16: 1 bit of positions + 8 of values per weight, and the headers
+        assert summary["bits_per_weight"] == pytest.approx(9 + header_bits / weights, rel=1e-12)
+
+
+def test_a_truncated_part_in_a_folder_names_file_and_tensor(tiny_llama, tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    out = tmp_path / "out"
+    _cli(["compress", str(tiny_llama), str(out), "--method", "magnitude", "--sparsity", "0.4", "--json"])
+    shard = out / "model.safetensors"
+    tensors = load_file(shard)
+    name = "model.layers.0.self_attn.o_proj.weight"
+    tensors[f"{name}.lw.values"] = tensors[f"{name}.lw.values"][:-3].clone()
+    save_file(tensors, shard, metadata={"format": "pt"})
+    with pytest.raises(UnweightError, match=rf"{out}.*{name}.*truncated"):
+        decode_tensors(out)
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--method", "gptq", "--pattern", "2:4"], "go with a pruning method"),
+    (["--method", "wanda", "--sparsity", "1.5"], "--sparsity must lie in (0, 1)"),
+    (["--method", "wanda", "--pattern", "2-4"], "expected N:M"),
+    (["--method", "wanda", "--pattern", "4:2"], "0 < N < M"),
+    (["--method", "wanda", "--quant", "gptq", "--act-order", "--bits", "9"], "--bits must be in 1..8"),
+    (["--method", "awq", "--act-order"], "--act-order goes with GPTQ"),
+])
+def test_bad_requests_are_one_clear_line(tiny_llama, tmp_path, argv, message, capsys):
+    rc = main(["compress", str(tiny_llama), str(tmp_path / "out"), *argv])
+    err = capsys.readouterr().err
+    assert rc == 2 and message in err and len(err.strip().splitlines()) == 1
+
+
+def test_a_model_that_is_no_causal_lm_is_refused(tiny_llama, tmp_path, capsys):
+    folder = tmp_path / "encoder"
+    shutil.copytree(tiny_llama, folder)
+    cfg = json.loads((folder / "config.json").read_text())
+    (folder / "config.json").write_text(json.dumps({**cfg, "architectures": ["LlamaModel"]}))
+    rc = main(["compress", str(folder), str(tmp_path / "out"), "--method", "wanda"])
+    err = capsys.readouterr().err
+    assert rc == 2 and "LlamaModel is not a causal language model" in err
