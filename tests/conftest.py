@@ -184,3 +184,14 @@ def tiny_llama(tmp_path_factory) -> Path:
     import torch
 
     return make_tiny_llama(tmp_path_factory.mktemp("tiny-llama-bf16"), torch.bfloat16)
+
+
+@pytest.fixture
+def one_thread():
+    """Tiny models are dominated by per-op overhead, which extra threads only add to."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

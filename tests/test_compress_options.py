@@ -23,12 +23,7 @@ LISTED = {"model.layers.0.mlp.down_proj.weight": 16, "model.layers.1.self_attn.q
 DEFAULT_K = 4
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def compress(*argv) -> dict:

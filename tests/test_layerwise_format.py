@@ -25,12 +25,7 @@ from unweight.prune.nm import nm_mask
 ROWS, COLS = 24, 200  # groups of 64 leave a partial last group of 8 columns
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _compressed(config: LayerwiseConfig, dtype=torch.bfloat16, seed=0):
