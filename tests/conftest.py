@@ -8,10 +8,18 @@ scores only ~450 tokens/s on 2 cores.
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import numpy as np
 import pytest
+from hypothesis import settings
+
+# Property tests run a fixed example sequence by default, so a run (CI's included) is reproducible;
+# HYPOTHESIS_PROFILE=explore draws fresh examples each run to hunt for counterexamples.
+settings.register_profile("fixed", derandomize=True, print_blob=True)
+settings.register_profile("explore", derandomize=False, print_blob=True)
+settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "fixed"))
 
 from unweight.errors import UnweightError
 

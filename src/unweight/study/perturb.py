@@ -74,4 +74,14 @@ def rank_preserving(centroids: torch.Tensor, generator: torch.Generator,
     d_mean, d_std = _moments(new, weights)
     if d_std == 0:  # all weight on one cluster: only the mean can be matched
         return torch.full_like(centroids, mean)
-    return ((new - d_mean) / d_std * std + mean).to(centroids.dtype)
+    return _strictly_ordered(((new - d_mean) / d_std * std + mean).to(centroids.dtype), centroids)
+
+
+def _strictly_ordered(values: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """``values`` with every tie that ``like`` does not have broken upward by one ulp, in rank order."""
+    order = torch.argsort(like, stable=True).tolist()
+    out = values.clone()
+    for prev, cur in zip(order, order[1:]):
+        if like[cur] > like[prev] and out[cur] <= out[prev]:
+            out[cur] = torch.nextafter(out[prev], torch.tensor(float("inf"), dtype=out.dtype))
+    return out
