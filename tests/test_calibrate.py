@@ -181,6 +181,19 @@ def test_calibration_windows_come_from_the_calibration_split(smollm2):
         calibration_windows(tok, 10_000, 512)
 
 
+def test_calibration_windows_start_with_bos_when_the_tokenizer_adds_one():
+    from test_eval import CharTokenizer
+
+    from unweight.data import corpus
+
+    calib = "\n\n".join(corpus("austen", "calib"))
+    for bos in (None, 1):
+        windows = calibration_windows(CharTokenizer(bos), 3, 32)
+        text = windows[:, 1:] if bos else windows
+        assert windows.shape == (3, 32) and bool((windows[:, 0] == 1).all()) == (bos is not None)
+        assert all("".join(map(chr, w.tolist())) in calib for w in text)
+
+
 @pytest.mark.slow
 def test_real_model_driver_matches_hidden_states_and_gptq_beats_rtn(smollm2):
     """smollm2-135m (4-bit-derived weights), 4 x 64 calibration tokens: uncompressed outputs equal the

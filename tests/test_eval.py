@@ -72,6 +72,33 @@ def test_kl_is_the_mean_kl_from_base_to_model_per_token():
     assert reverse.kl != pytest.approx(r.kl, rel=1e-3)  # the direction matters: KL(base || model)
 
 
+class CharTokenizer:
+    """Tokens are characters' code points; ``bos`` (if given) is put before text, as Gemma's tokenizer does."""
+
+    def __init__(self, bos: int | None):
+        self.bos_token_id = bos
+
+    def __call__(self, text, add_special_tokens=True, return_attention_mask=False):
+        ids = [ord(c) for c in text]
+        return {"input_ids": ([self.bos_token_id] if add_special_tokens and self.bos_token_id else []) + ids}
+
+
+def test_a_bos_tokenizer_gets_bos_then_the_next_text_tokens_in_every_window():
+    docs = ["abcdefghij", "klmnopqrstuvwxyz"]
+    text = [ord(c) for c in "\n\n".join(docs)]  # 28 tokens
+    plain = token_windows(CharTokenizer(None), docs, seq_len=5)
+    assert plain.tolist() == [text[i:i + 5] for i in range(0, 25, 5)]
+    bos = token_windows(CharTokenizer(1), docs, seq_len=5)
+    assert bos.shape == (7, 5) and bool((bos[:, 0] == 1).all())
+    assert bos[:, 1:].reshape(-1).tolist() == text  # no gap, no overlap, every text token once
+    assert token_windows(CharTokenizer(1), docs, seq_len=5, max_tokens=10).tolist() == bos[:2].tolist()
+    # a tokenizer that has a BOS token but does not put it before text gets none
+    class NoAutoBos(CharTokenizer):
+        def __call__(self, text, add_special_tokens=True, return_attention_mask=False):
+            return super().__call__(text, False)
+    assert torch.equal(token_windows(NoAutoBos(1), docs, seq_len=5), plain)
+
+
 def test_seq_len_below_two_and_too_short_text_are_refused(smollm2):
     tok = smollm2[1]
     with pytest.raises(UnweightError, match="seq_len"):

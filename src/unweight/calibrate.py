@@ -47,20 +47,22 @@ def calibration_windows(tokenizer, n_samples: int = DEFAULT_SAMPLES, seq_len: in
     calibration split, which shares no document with the evaluation split (DESIGN.md).
 
     The split is joined with "\\n\\n" and tokenized once, as evaluation text is; windows are drawn
-    without overlap from the ``len // seq_len`` aligned slots, so no token is seen twice.
+    without overlap from the aligned slots, so no token is seen twice; a tokenizer that adds a BOS
+    token gets it at the start of every window, as in evaluation.
     """
     from unweight.data import corpus
+    from unweight.eval.perplexity import cut_window, leading_bos, text_tokens, window_slots
 
-    text = "\n\n".join(corpus(corpus_name, "calib"))
-    ids = tokenizer(text, add_special_tokens=False, return_attention_mask=False)["input_ids"]
-    slots = len(ids) // seq_len
+    bos = leading_bos(tokenizer)
+    ids = text_tokens(tokenizer, corpus(corpus_name, "calib"))
     if n_samples < 1 or seq_len < 2:
         raise UnweightError(f"calibration needs n_samples >= 1 and seq_len >= 2, got {n_samples}, {seq_len}")
+    slots = window_slots(len(ids), seq_len, bos)
     if n_samples > slots:
         raise UnweightError(f"the {corpus_name!r} calibration split has {len(ids)} tokens: at most "
                             f"{slots} windows of {seq_len}, asked for {n_samples}")
     chosen = sorted(random.Random(seed).sample(range(slots), n_samples))
-    return torch.tensor([ids[s * seq_len:(s + 1) * seq_len] for s in chosen], dtype=torch.long)
+    return torch.tensor([cut_window(ids, s, seq_len, bos) for s in chosen], dtype=torch.long)
 
 
 # ----------------------------------------------------------------------------- statistics

@@ -2,7 +2,10 @@
 
 The protocol (DESIGN.md): the corpus' documents are joined with "\\n\\n" and tokenized once; the token
 stream is cut into non-overlapping windows of ``seq_len`` tokens (the remainder is dropped); each
-window is scored independently, so it contributes ``seq_len - 1`` predicted tokens; perplexity is
+window is scored independently, so it contributes ``seq_len - 1`` predicted tokens. A tokenizer that
+puts a BOS token before text (Gemma, Llama) gets it at the start of every window, followed by the next
+``seq_len - 1`` text tokens: such models are trained that way, and without it Gemma 3's perplexity is
+4.6x higher (104.5 vs 22.9 on four 256-token Austen windows); perplexity is
 exp of the mean token NLL over all windows. Bits per byte divide the total NLL (in bits) by the UTF-8
 bytes of the predicted tokens, so models with different tokenizers compare. KL(base || model) and the
 top-1 agreement are computed on the same windows, one window at a time (never all logits in memory).
@@ -42,22 +45,50 @@ class EvalResult:
         return asdict(self)
 
 
+def leading_bos(tokenizer) -> int | None:
+    """The BOS id that ``tokenizer`` puts before text by default, or None (SmolLM2 and GPT-2 add none)."""
+    bos = getattr(tokenizer, "bos_token_id", None)
+    if bos is None:
+        return None
+    ids = tokenizer("a", return_attention_mask=False)["input_ids"]
+    return bos if ids and ids[0] == bos else None
+
+
+def text_tokens(tokenizer, documents: list[str]) -> list[int]:
+    """The documents joined with "\n\n" and tokenized once, without special tokens."""
+    return tokenizer("\n\n".join(documents), add_special_tokens=False, return_attention_mask=False)["input_ids"]
+
+
+def window_slots(n_ids: int, seq_len: int, bos: int | None) -> int:
+    """How many whole windows of ``seq_len`` tokens ``n_ids`` text tokens fill (one per window is BOS)."""
+    if seq_len < 2:
+        raise UnweightError(f"seq_len must be at least 2, got {seq_len}")
+    return n_ids // (seq_len - (bos is not None))
+
+
+def cut_window(ids: list[int], slot: int, seq_len: int, bos: int | None) -> list[int]:
+    """Window number ``slot``: the next text tokens, after the BOS token when there is one."""
+    if bos is None:
+        return ids[slot * seq_len:(slot + 1) * seq_len]
+    width = seq_len - 1
+    return [bos] + ids[slot * width:(slot + 1) * width]
+
+
 def token_windows(tokenizer, documents: list[str], seq_len: int = DEFAULT_SEQ_LEN,
                   max_tokens: int | None = None) -> torch.Tensor:
     """The protocol's windows: [n_windows, seq_len] token ids; ``max_tokens`` keeps the first windows."""
-    if seq_len < 2:
-        raise UnweightError(f"seq_len must be at least 2, got {seq_len}")
-    ids = tokenizer("\n\n".join(documents), add_special_tokens=False, return_attention_mask=False)["input_ids"]
-    n = len(ids) // seq_len
+    bos = leading_bos(tokenizer)
+    ids = text_tokens(tokenizer, documents)
+    n = window_slots(len(ids), seq_len, bos)
     if max_tokens is not None:
         n = min(n, max(1, max_tokens // seq_len))
     if n == 0:
         raise UnweightError(f"the text has {len(ids)} tokens, fewer than one window of {seq_len}")
-    return torch.tensor(ids[: n * seq_len], dtype=torch.long).view(n, seq_len)
+    return torch.tensor([cut_window(ids, s, seq_len, bos) for s in range(n)], dtype=torch.long)
 
 
 def window_bytes(tokenizer, windows: torch.Tensor) -> int:
-    """UTF-8 bytes of the predicted tokens (positions 1..seq_len-1 of every window)."""
+    """UTF-8 bytes of the predicted tokens (positions 1..seq_len-1 of every window; never a BOS)."""
     return sum(len(tokenizer.decode(w[1:].tolist()).encode("utf-8")) for w in windows)
 
 
