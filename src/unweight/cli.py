@@ -24,6 +24,7 @@ COMMANDS = [
     "compress",
     "decompress",
     "verify",
+    "export",
     "analyze",
     "plan",
     "study",

@@ -34,7 +34,7 @@ from __future__ import annotations
 
 import json
 import os
-from dataclasses import asdict
+from dataclasses import asdict, dataclass
 
 import torch
 
@@ -43,7 +43,7 @@ from unweight.formats import Format, Parts, quantization_config, register, same_
 from unweight.layerwise import LayerwiseConfig, LinearArtifacts
 from unweight.pack import bits_needed, pack_bits, packed_nbytes, unpack_bits
 from unweight.prune.nm import parse_pattern
-from unweight.quant.rtn import n_groups, rtn_dequantize
+from unweight.quant.rtn import GroupLevels, n_groups
 
 FORMAT_VERSION = 1
 TAG = "lw"
@@ -127,8 +127,33 @@ def encode_linear(a: LinearArtifacts, weight: torch.Tensor, config: LayerwiseCon
     return parts
 
 
-def decode(parts: Parts, name: str) -> torch.Tensor:
-    """The dense weight (checkpoint dtype) of one encoded Linear."""
+@dataclass
+class StoredLinear:
+    """One encoded Linear, unpacked: its checkpoint dtype, sparsity (``"dense"``, ``"mask"`` or
+    ``"N:M"``) and keep-mask, and either its kept ``values`` (pruned only) or its ``levels`` (quantized;
+    every weight's level, a pruned weight on its group's zero point) and AWQ ``input_scale``."""
+
+    dtype: torch.dtype
+    shape: tuple[int, int]
+    sparsity: str
+    mask: torch.Tensor | None
+    values: torch.Tensor | None
+    levels: GroupLevels | None
+    input_scale: torch.Tensor | None
+
+    def dense(self) -> torch.Tensor:
+        if self.levels is None:
+            w = torch.zeros(self.shape, dtype=self.dtype)
+            w[self.mask] = self.values
+            return w
+        w = self.levels.dequantize()
+        if self.input_scale is not None:
+            w = w / self.input_scale[None, :]
+        return w.to(self.dtype)
+
+
+def unpack_linear(parts: Parts, name: str) -> StoredLinear:
+    """The parts of one encoded Linear, checked and unpacked (errors name ``name``)."""
 
     def bad(msg: str) -> UnweightError:
         return UnweightError(f"tensor {name!r}: {msg}")
@@ -167,13 +192,13 @@ def decode(parts: Parts, name: str) -> torch.Tensor:
         except UnweightError as exc:
             raise bad(f"{exc}: corrupt") from None
     kept = numel if mask is None else int(mask.sum())
+    stored = StoredLinear(dtype, (rows, cols), sparsity, mask, None, None, None)
 
     if bits is None:
         if mask is None:
             raise bad("neither pruned nor quantized: corrupt header")
-        w = torch.zeros(rows, cols, dtype=dtype)
-        w[mask] = need("values", kept * dtype.itemsize, dtype)
-        return w
+        stored.values = need("values", kept * dtype.itemsize, dtype)
+        return stored
     bits, group_size, scheme = int(bits), int(h["group_size"]), h["scheme"]
     n_grp = n_groups(cols, group_size)
     scale = need("scale", 4 * rows * n_grp, torch.float32).view(rows, n_grp)
@@ -193,10 +218,15 @@ def decode(parts: Parts, name: str) -> torch.Tensor:
             raise bad("pruned weights need an integer zero point: corrupt header")
         q = _per_weight(zero, cols, group_size).clone()
         q[mask] = levels
-    dense = rtn_dequantize(q, scale, zero, group_size, scheme)
+    stored.levels = GroupLevels(q, scale, zero, bits, group_size, scheme)
     if h.get("input_scale"):
-        dense = dense / need("input_scale", 4 * cols, torch.float32)[None, :]
-    return dense.to(dtype)
+        stored.input_scale = need("input_scale", 4 * cols, torch.float32)
+    return stored
+
+
+def decode(parts: Parts, name: str) -> torch.Tensor:
+    """The dense weight (checkpoint dtype) of one encoded Linear."""
+    return unpack_linear(parts, name).dense()
 
 
 def _per_weight(per_group: torch.Tensor, cols: int, group_size: int) -> torch.Tensor:

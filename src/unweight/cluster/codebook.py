@@ -27,7 +27,7 @@ from unweight.errors import UnweightError
 from unweight.formats import Format, Parts, register
 from unweight.outliers import restore, select_outliers, split
 from unweight.pack import bits_needed, pack_bits, packed_nbytes, unpack_bits
-from unweight.quant.rtn import rtn_dequantize, rtn_qparams, rtn_quantize_with_qparams
+from unweight.quant.rtn import GroupLevels, rtn_qparams, rtn_quantize_with_qparams
 
 FORMAT_VERSION = 1
 TAG = "cb"
@@ -95,8 +95,8 @@ def encode_rtn(w: torch.Tensor, spec: RTNSpec) -> Parts:
     return parts
 
 
-def decode(parts: Parts, name: str) -> torch.Tensor:
-    """The dense tensor (in its original dtype) of one encoded matrix."""
+def _parse(parts: Parts, name: str):
+    """``(header, dtype, shape, numel, need)``: the header's fields and a checked part getter."""
     try:
         h = json.loads(bytes(parts["header"].numpy()).decode())
         dtype, shape, kind = DTYPES[h["dtype"]], tuple(h["shape"]), h["kind"]
@@ -113,6 +113,23 @@ def decode(parts: Parts, name: str) -> torch.Tensor:
                                 f"expected {nbytes}: truncated or corrupt")
         return t
 
+    return h, dtype, shape, numel, need
+
+
+def rtn_levels(parts: Parts, name: str) -> GroupLevels | None:
+    """The stored levels of an ``rtn`` matrix (None for ``kmeans``); outliers are not included."""
+    h, _, shape, numel, need = _parse(parts, name)
+    if h["kind"] != "rtn":
+        return None
+    bits = int(h["bits"])
+    q = unpack_bits(need("q", packed_nbytes(numel, bits)), bits, numel).view(shape)
+    return GroupLevels(q, need("scale"), need("zero"), bits, int(h["group_size"]), h["scheme"])
+
+
+def decode(parts: Parts, name: str) -> torch.Tensor:
+    """The dense tensor (in its original dtype) of one encoded matrix."""
+    h, dtype, shape, numel, need = _parse(parts, name)
+    kind = h["kind"]
     if kind == "kmeans":
         bits, gran = int(h["bits"]), h["granularity"]
         codebook = need("codebook", 4 * n_codebooks(shape, gran) * int(h["k"])).view(-1, int(h["k"]))
@@ -121,11 +138,7 @@ def decode(parts: Parts, name: str) -> torch.Tensor:
             raise UnweightError(f"tensor {name!r}: an index exceeds the codebook size: corrupt")
         w = codebook_decode(codebook, idx, granularity=gran, dtype=dtype)
     elif kind == "rtn":
-        bits = int(h["bits"])
-        q = unpack_bits(need("q", packed_nbytes(numel, bits)), bits, numel).view(shape)
-        scale, zero = need("scale").float(), need("zero")
-        w = rtn_dequantize(q, scale, zero.float() if zero.is_floating_point() else zero,
-                           int(h["group_size"]), h["scheme"], dtype=dtype)
+        w = rtn_levels(parts, name).dequantize(dtype)
     else:
         raise UnweightError(f"tensor {name!r}: unknown codebook kind {kind!r}")
     if "outlier_idx" in parts:

@@ -26,6 +26,8 @@ within float rounding (asym_int, whose widened range then is [min(v, 0), max(v, 
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
 from unweight.errors import UnweightError
@@ -105,6 +107,24 @@ def rtn_dequantize(q: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, gro
     z = zero.to(torch.float32).unsqueeze(2)
     w = z + s * groups if scheme == "asym_float" else s * (groups - z)
     return w.reshape(rows, -1)[:, :cols].to(dtype)
+
+
+@dataclass
+class GroupLevels:
+    """One group-quantized matrix as stored: every weight's level ``q`` (uint8 ``[rows, cols]``), the
+    per-group ``scale`` and ``zero`` (``[rows, n_groups]``, see :func:`rtn_qparams`), and how they were
+    made. What exporters to other formats read."""
+
+    q: torch.Tensor
+    scale: torch.Tensor
+    zero: torch.Tensor
+    bits: int
+    group_size: int
+    scheme: str
+
+    def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        zero = self.zero.float() if self.zero.is_floating_point() else self.zero
+        return rtn_dequantize(self.q, self.scale.float(), zero, self.group_size, self.scheme, dtype=dtype)
 
 
 def rtn_fake_quantize(w: torch.Tensor, bits: int, group_size: int,
