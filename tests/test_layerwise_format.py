@@ -89,6 +89,50 @@ def test_round_trip_is_bit_exact_and_costs_the_documented_bits(case, dtype):
     assert set(parts) >= {"header"} and ("values" in parts) == (config.quant is None)
 
 
+PLANTED = [(3, 17), (20, 150)]  # (row, col): two super weights, ~100 sigma
+
+
+@pytest.mark.parametrize("quant", ["rtn", "gptq", "awq"])
+@pytest.mark.parametrize("prune", [None, "sparsegpt"])
+def test_outliers_come_back_exactly_cost_their_bits_and_lower_the_output_error(quant, prune):
+    if prune and quant == "awq":
+        pytest.skip("AWQ does not combine with pruning")
+    g = torch.Generator().manual_seed(3)
+    w = (torch.randn(ROWS, COLS, generator=g) * 0.05).to(torch.bfloat16).float()
+    for r, c in PLANTED:
+        w[r, c] = 5.0 if r % 2 else -5.0
+    x = torch.randn(512, COLS, generator=g)
+    stats = LinearStats(COLS, frozenset({"hessian", "abs_mean"}))
+    stats.add_batch(x)
+    errors = {}
+    for outliers in (None, 2):
+        config = LayerwiseConfig(prune=prune, pattern="2:4" if prune else None, quant=quant, bits=3,
+                                 group_size=64, outliers=outliers)
+        linear = nn.Linear(COLS, ROWS, bias=False)
+        linear.weight.data = w.clone()
+        a = compress_linear(linear, config, stats, weight_dtype=torch.bfloat16)
+        parts = encode_linear(a, linear.weight.data, config, torch.bfloat16)
+        out = decode(parts, "w")
+        assert same_bits(out, linear.weight.data.to(torch.bfloat16))
+        rows = [r for r, _ in PLANTED]  # the other rows' groups hold no outlier
+        errors[outliers] = float(((x @ (out.float() - w)[rows].T) ** 2).mean())
+        if outliers:
+            assert sorted(a.outlier_idx.tolist()) == sorted(r * COLS + c for r, c in PLANTED)
+            for r, c in PLANTED:
+                assert out[r, c].item() == w[r, c].item()  # the super weights are kept exactly
+            assert parts["outlier_idx"].dtype == torch.int32 and parts["outlier_val"].dtype == torch.bfloat16
+            assert _stored_bits(parts) == without + 2 * (32 + 16)  # two indices and two values
+        else:
+            without = _stored_bits(parts)
+            assert "outlier_idx" not in parts
+    assert errors[2] < errors[None] / 3, errors  # 2:4 pruning error remains in both
+
+
+def test_outliers_without_a_quantizer_are_refused():
+    with pytest.raises(UnweightError, match="outliers are kept exactly by a quantizer"):
+        LayerwiseConfig(prune="wanda", outliers="auto")
+
+
 def test_nm_positions_round_trip_and_refuse_other_masks():
     g = torch.Generator().manual_seed(1)
     for n, m in [(2, 4), (1, 4), (4, 8), (3, 5)]:
@@ -201,6 +245,29 @@ def test_cli_output_loads_as_the_model_compressed_in_memory(tiny_llama, tmp_path
     assert summary["bits_per_weight"] == pytest.approx((param_bits + header_bits) / weights, rel=1e-12)
     if config.quant is None:  # 2:4 of bf16: 1 bit of positions + 8 of values per weight, and the headers
         assert summary["bits_per_weight"] == pytest.approx(9 + header_bits / weights, rel=1e-12)
+
+
+def test_cli_outliers_with_gptq_load_as_compressed_in_memory(tiny_llama, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    import unweight  # noqa: F401
+
+    out = tmp_path / "out"
+    summary = _cli(["compress", str(tiny_llama), str(out), "--method", "gptq", "--bits", "3", "--group-size",
+                    "16", "--outliers", "2", *CALIB, "--json"])
+    qc = json.loads((out / "config.json").read_text())["quantization_config"]
+    assert qc["layerwise"]["outliers"] == 2 and "outliers 2" in qc["describe"]
+    config = LayerwiseConfig(quant="gptq", bits=3, group_size=16, outliers=2, n_samples=4, seq_len=32)
+    expected = _in_memory(tiny_llama, config)
+    got = dict(AutoModelForCausalLM.from_pretrained(str(out), dtype=torch.float32).named_parameters())
+    for name, p in expected.named_parameters():
+        assert torch.equal(got[name], p), name
+    from unweight.checkpoint import open_checkpoint
+
+    ckpt = open_checkpoint(out)
+    for r in summary["per_tensor"]:  # two exact weights per matrix: an I32 index and a bf16 value each
+        assert ckpt.info(f"{r['name']}.lw.outlier_idx").nbytes == 8
+        assert ckpt.info(f"{r['name']}.lw.outlier_val").nbytes == 4
 
 
 def test_a_truncated_part_in_a_folder_names_file_and_tensor(tiny_llama, tmp_path):

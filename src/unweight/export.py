@@ -94,6 +94,8 @@ def _stored(fmt_name: str, parts: dict, name: str):
     from unweight.layerwise_format import unpack_linear
 
     s = unpack_linear(parts, name)
+    if s.outlier_idx is not None:
+        raise UnweightError("exact outliers have no compressed-tensors form; compress without --outliers")
     if s.input_scale is not None:
         raise UnweightError("AWQ input scales would have to be folded into the preceding layer, which "
                             "the export does not do yet")

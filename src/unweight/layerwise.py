@@ -9,7 +9,9 @@ that need no calibration data (magnitude, RTN, and their combination) skip the d
 Linears directly. Embeddings and the LM head are left alone.
 
 What a storage format needs is recorded per Linear in ``artifacts`` (a dict the caller passes):
-levels, scales and zeros as RTN stores them, the keep-mask of pruned weights, and AWQ's input scale.
+levels, scales and zeros as RTN stores them, the keep-mask of pruned weights, AWQ's input scale, and
+the weights kept exactly (``config.outliers``, dense-and-sparse as in :mod:`unweight.outliers`: left out
+of every group's range, GPTQ compensating the rest around them, written back after dequantization).
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ from torch import nn
 from unweight.calibrate import (DEFAULT_BATCH, DEFAULT_SAMPLES, DEFAULT_SEQ_LEN, LinearStats,
                                 block_linears, calibration_windows, decoder_layers, run_layerwise)
 from unweight.errors import UnweightError
+from unweight.outliers import restore, select_outliers, split
 from unweight.prune.magnitude import magnitude_prune
 from unweight.prune.nm import parse_pattern
 from unweight.prune.sparsegpt import sparsegpt_prune
@@ -55,6 +58,7 @@ class LayerwiseConfig:
     seed: int = 0
     batch_size: int = DEFAULT_BATCH
     exclude: list[str] = field(default_factory=list)  # substrings of Linear names to leave alone
+    outliers: int | float | str | None = None  # kept exactly (unweight.outliers); quantizers only
 
     @classmethod
     def from_method(cls, method: str, **settings) -> "LayerwiseConfig":
@@ -81,6 +85,9 @@ class LayerwiseConfig:
                                 "combine pruning with gptq or rtn")
         if self.prune and self.quant and self.scheme == "asym_float":
             raise UnweightError("pruning + quantization needs an integer zero point (asym_int or sym)")
+        if self.outliers is not None and self.quant is None:
+            raise UnweightError("outliers are kept exactly by a quantizer; pruning alone keeps every "
+                                "kept weight exactly already (add --quant gptq|rtn)")
 
     @property
     def stats(self) -> tuple[str, ...]:
@@ -102,6 +109,8 @@ class LayerwiseConfig:
         if self.quant:
             g = f"g{self.group_size}" if self.group_size > 0 else "per-channel"
             parts.append(f"{self.quant} {self.bits}-bit {g}" + (" act-order" if self.act_order else ""))
+        if self.outliers is not None:
+            parts.append(f"outliers {self.outliers}")
         return " + ".join(parts)
 
 
@@ -114,6 +123,8 @@ class LinearArtifacts:
     scale: torch.Tensor | None = None
     zero: torch.Tensor | None = None
     input_scale: torch.Tensor | None = None  # AWQ: dense W = dequant(q) / input_scale
+    outlier_idx: torch.Tensor | None = None  # flat indices of the weights kept exactly (int64, sorted)
+    outlier_val: torch.Tensor | None = None  # their original values (float32)
     seconds: float = 0.0
 
 
@@ -136,21 +147,31 @@ def compress_linear(linear: nn.Linear, config: LayerwiseConfig, stats: LinearSta
     elif config.prune == "sparsegpt":
         dense, out.mask = sparsegpt_prune(dense, stats.hessian, config.sparsity, nm, config.damp,
                                           config.block_size)
+    exact = None
+    if config.quant and config.outliers is not None:  # dense-and-sparse: out of every range, restored
+        out.outlier_idx = select_outliers(dense, config.outliers)
+        zeroed, out.outlier_val, _ = split(dense, out.outlier_idx)
+        exact = torch.zeros(dense.numel(), dtype=torch.bool, device=dense.device)
+        exact[out.outlier_idx] = True
+        exact = exact.view(dense.shape)
     if config.quant == "rtn":
         # with an integer zero point, 0 rounds to the level z exactly: pruned weights stay zero
-        out.q, out.scale, out.zero = rtn_quantize(dense, config.bits, config.group_size, config.scheme)
+        out.q, out.scale, out.zero = rtn_quantize(dense if exact is None else zeroed, config.bits,
+                                                  config.group_size, config.scheme)
     elif config.quant == "gptq":
         out.q, out.scale, out.zero = gptq_quantize(dense, stats.hessian, config.bits, config.group_size,
                                                    config.scheme, config.act_order, config.damp,
-                                                   config.block_size, mask=out.mask)
+                                                   config.block_size, mask=out.mask, exact=exact)
     elif config.quant == "awq":
-        result = awq_quantize(dense, stats.hessian, stats.abs_mean, config.bits, config.group_size,
-                              config.scheme)
+        result = awq_quantize(dense if exact is None else zeroed, stats.hessian, stats.abs_mean, config.bits,
+                              config.group_size, config.scheme)
         out.q, out.scale, out.zero, out.input_scale = result.q, result.scale, result.zero, result.input_scale
     if out.q is not None:
         dense = rtn_dequantize(out.q, out.scale, out.zero, config.group_size, config.scheme)
         if out.input_scale is not None:
             dense = dense / out.input_scale[None, :]
+        if out.outlier_idx is not None:
+            dense = restore(dense, out.outlier_idx, out.outlier_val)
     w.copy_(dense.to(weight_dtype or w.dtype))
     out.seconds = time.perf_counter() - t0
     return out

@@ -17,7 +17,9 @@ One compressed weight ``NAME`` is stored as plain tensors ``NAME.lw.{field}``:
   packed at ``bits`` (``asym_int``), the F32 group minima (``asym_float``), or nothing (``sym``: the
   constant ``2**(bits-1)``); ``input_scale`` F32 ``[cols]`` for AWQ (dense ``W = dequant(q) / s``).
   Pruned and quantized: only the kept weights' levels are stored; a pruned weight sits on its group's
-  zero point (exactly 0), which decode puts back.
+  zero point (exactly 0), which decode puts back. Quantized with ``--outliers`` (dense-and-sparse):
+  ``outlier_idx`` I32 flat indices and ``outlier_val`` their values in the checkpoint dtype, written over
+  the dequantized matrix (the header counts them).
 
 Decode is :func:`unweight.layerwise.compress_linear`'s own arithmetic (``rtn_dequantize`` in float32,
 divided by the input scale, cast to the checkpoint dtype), and :func:`encode_linear` decodes what it
@@ -41,6 +43,7 @@ import torch
 from unweight.errors import UnweightError
 from unweight.formats import Format, Parts, quantization_config, register, same_bits
 from unweight.layerwise import LayerwiseConfig, LinearArtifacts
+from unweight.outliers import restore
 from unweight.pack import bits_needed, pack_bits, packed_nbytes, unpack_bits
 from unweight.prune.nm import parse_pattern
 from unweight.quant.rtn import GroupLevels, n_groups
@@ -121,6 +124,10 @@ def encode_linear(a: LinearArtifacts, weight: torch.Tensor, config: LayerwiseCon
             raise UnweightError(f"sym zero points must all be {1 << (bits - 1)}")
         if a.input_scale is not None:
             parts["input_scale"] = a.input_scale.to(torch.float32).contiguous()
+        if a.outlier_idx is not None and a.outlier_idx.numel():
+            h["outliers"] = int(a.outlier_idx.numel())
+            parts["outlier_idx"] = a.outlier_idx.to(torch.int32).contiguous()
+            parts["outlier_val"] = weight.reshape(-1)[a.outlier_idx].to(dtype).contiguous()
     parts["header"] = torch.frombuffer(bytearray(json.dumps(h, separators=(",", ":")).encode()), dtype=torch.uint8)
     if not same_bits(decode(parts, name), weight.to(dtype)):
         raise UnweightError("the stored weights would differ from the compressed model's: not written")
@@ -140,6 +147,8 @@ class StoredLinear:
     values: torch.Tensor | None
     levels: GroupLevels | None
     input_scale: torch.Tensor | None
+    outlier_idx: torch.Tensor | None = None  # flat indices of the weights stored exactly
+    outlier_val: torch.Tensor | None = None  # their values, in the checkpoint dtype
 
     def dense(self) -> torch.Tensor:
         if self.levels is None:
@@ -149,7 +158,8 @@ class StoredLinear:
         w = self.levels.dequantize()
         if self.input_scale is not None:
             w = w / self.input_scale[None, :]
-        return w.to(self.dtype)
+        w = w.to(self.dtype)
+        return w if self.outlier_idx is None else restore(w, self.outlier_idx, self.outlier_val)
 
 
 def unpack_linear(parts: Parts, name: str) -> StoredLinear:
@@ -221,6 +231,12 @@ def unpack_linear(parts: Parts, name: str) -> StoredLinear:
     stored.levels = GroupLevels(q, scale, zero, bits, group_size, scheme)
     if h.get("input_scale"):
         stored.input_scale = need("input_scale", 4 * cols, torch.float32)
+    if h.get("outliers"):
+        n_out = int(h["outliers"])
+        idx = need("outlier_idx", 4 * n_out, torch.int32).long()
+        if n_out and (int(idx.min()) < 0 or int(idx.max()) >= numel):
+            raise bad("an outlier index is out of range: corrupt")
+        stored.outlier_idx, stored.outlier_val = idx, need("outlier_val", n_out * dtype.itemsize, dtype)
     return stored
 
 

@@ -192,7 +192,8 @@ def _layerwise(args):
         raise UnweightError(f"--sparsity must lie in (0, 1), got {args.sparsity}")
     if not 1 <= args.bits <= 8:
         raise UnweightError(f"--bits must be in 1..8, got {args.bits}")
-    settings = {"n_samples": args.calib_samples, "seq_len": args.calib_seq_len, "act_order": args.act_order}
+    settings = {"n_samples": args.calib_samples, "seq_len": args.calib_seq_len, "act_order": args.act_order,
+                "outliers": parse_outliers(args.outliers)}
     if pruning:
         settings.update(sparsity=0.5 if args.sparsity is None else args.sparsity, pattern=args.pattern, quant=args.quant)
     if not pruning or args.quant:
@@ -225,7 +226,8 @@ def add_arguments(p):
     g.add_argument("--scheme", default="asym_int", choices=["asym_int", "asym_float", "sym"],
                    help="rtn: w=s*(q-z) integer zero point (default), w=min+s*q float minimum, or symmetric")
     g.add_argument("--outliers", default="none",
-                   help="keep weights exactly (dense-and-sparse): none, auto, a count N, or a fraction (0.05%%)")
+                   help="keep weights exactly (dense-and-sparse; kmeans, rtn, gptq, awq, pruning with --quant): none, "
+                        "auto, a count N, or a fraction (0.05%%)")
     g.add_argument("--include-embeddings", action="store_true", help="also compress embeddings and the output head")
     g.add_argument("--calib-samples", type=int, default=16, help="calibration windows (default: 16)")
     g.add_argument("--calib-seq-len", type=int, default=512, help="calibration window length (default: 512)")

@@ -26,6 +26,11 @@ exactly the weights GPTQ compensated for.
 ``mask`` (keep-mask, e.g. from SparseGPT) quantizes pruned weights to exactly zero, the level ``z``
 (an integer zero point is required), and compensates their error like any other: sparsity and
 quantization combine as in SparseGPT's joint mode.
+
+``exact`` (bool, ``w.shape``) marks weights kept exactly at their original values (dense-and-sparse
+outliers, as SpQR keeps them unquantized): they are left out of every group's range, their
+"quantized" value is the original weight, and the difference from the weight as updated so far is
+compensated like any rounding error. Their levels are meaningless; the caller writes the values back.
 """
 
 from __future__ import annotations
@@ -81,8 +86,8 @@ def _quantize_column(w: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, q
 @torch.no_grad()
 def gptq_quantize(w: torch.Tensor, hessian: torch.Tensor, bits: int = 4, group_size: int = 128,
                   scheme: str = DEFAULT_SCHEME, act_order: bool = False, damp: float = DEFAULT_DAMP,
-                  block_size: int = DEFAULT_BLOCK, mask: torch.Tensor | None = None
-                  ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                  block_size: int = DEFAULT_BLOCK, mask: torch.Tensor | None = None,
+                  exact: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """GPTQ-quantize ``w`` (``[rows, cols]``) given ``hessian`` (``[cols, cols]``, mean of x x^T).
 
     Returns ``(q, scale, zero)`` exactly as :func:`unweight.quant.rtn.rtn_quantize` does
@@ -98,14 +103,20 @@ def gptq_quantize(w: torch.Tensor, hessian: torch.Tensor, bits: int = 4, group_s
     W = w.detach().to(torch.float32).clone()
     h = hessian.detach().to(W.device, torch.float64)
     W[:, torch.diag(h) == 0] = 0.0  # inputs that never fire: their weights do not matter
-    keep = None if mask is None else mask.to(W.device, torch.bool)
+    pruned_mask = None if mask is None else ~mask.to(W.device, torch.bool)
+    fixed = None if exact is None or not bool(exact.any()) else exact.to(W.device, torch.bool)
+    original = W.clone() if fixed is not None else None
+    # what a group's range is taken over: neither pruned weights (they become 0) nor exact ones
+    excluded = [t for t in (pruned_mask, fixed) if t is not None]
+    keep = ~(excluded[0] if len(excluded) == 1 else excluded[0] | excluded[1]) if excluded else None
 
-    static = rtn_qparams(W, bits, g, scheme) if act_order else None  # [rows, n_groups] each
+    static = rtn_qparams(W if fixed is None else W * ~fixed, bits, g, scheme) if act_order else None
     static_zero = static[1].to(torch.float32) if static else None
     perm = torch.argsort(torch.diag(h), descending=True, stable=True) if act_order else None
     if perm is not None:
         W, h = W[:, perm], h[perm][:, perm]
-        keep = None if keep is None else keep[:, perm]
+        keep, pruned_mask, fixed, original = (None if t is None else t[:, perm]
+                                              for t in (keep, pruned_mask, fixed, original))
     hinv, _ = inverse_hessian_cholesky(h, damp)
 
     Q = torch.zeros(rows, cols, dtype=torch.uint8, device=W.device)
@@ -134,10 +145,12 @@ def gptq_quantize(w: torch.Tensor, hessian: torch.Tensor, bits: int = 4, group_s
                 s_col, z_col = s[:, 0], z[:, 0].to(torch.float32)
             wcol = W1[:, i]
             q, dq = _quantize_column(wcol, s_col, z_col, qmax, scheme)
-            if keep is not None:  # pruned weights sit exactly on zero: the level z
-                pruned = ~keep[:, col]
+            if pruned_mask is not None:  # pruned weights sit exactly on zero: the level z
+                pruned = pruned_mask[:, col]
                 q = torch.where(pruned, z_col, q)
                 dq = dq.masked_fill(pruned, 0.0)
+            if fixed is not None:  # exact weights keep their original values
+                dq = torch.where(fixed[:, col], original[:, col], dq)
             Q1[:, i] = q
             err = (wcol - dq).div_(Hinv1[i, i])
             W1[:, i:].addr_(err, Hinv1[i, i:], alpha=-1.0)
