@@ -270,6 +270,46 @@ def test_cli_outliers_with_gptq_load_as_compressed_in_memory(tiny_llama, tmp_pat
         assert ckpt.info(f"{r['name']}.lw.outlier_val").nbytes == 4
 
 
+def test_a_gptq_recipe_gives_each_linear_its_own_width_and_outliers(tiny_llama, tmp_path):
+    """Hybrid precision in one command: 2-bit down_proj in block 0, 8-bit q_proj with two exact
+    weights in block 1, 4-bit g16 elsewhere; the folder loads as the same per-Linear compression
+    made in memory, and every matrix costs what recipe.setting_bits says plus its header and outliers."""
+    from dataclasses import replace
+
+    from transformers import AutoModelForCausalLM
+
+    import unweight  # noqa: F401
+    from unweight.checkpoint import open_checkpoint
+    from unweight.layerwise import compress_layerwise
+    from unweight.models import load_causal_lm
+    from unweight.recipe import Recipe, dump, setting_bits
+
+    special = {"model.layers.0.mlp.down_proj": {"bits": 2}, "model.layers.1.self_attn.q_proj": {"bits": 8, "outliers": 2}}
+    recipe = Recipe(method="gptq", default={"bits": 4, "group_size": 16},
+                    matrices={f"{m}.weight": {"group_size": 16, **s} for m, s in special.items()})
+    path = dump(recipe, tmp_path / "recipe.yaml")
+    out = tmp_path / "out"
+    summary = _cli(["compress", str(tiny_llama), str(out), "--recipe", str(path), *CALIB, "--json"])
+    assert summary["method"] == "gptq" and (out / "recipe.yaml").exists()
+
+    base = LayerwiseConfig(quant="gptq", bits=4, group_size=16, n_samples=4, seq_len=32)
+    own = {m: replace(base, bits=s["bits"], outliers=s.get("outliers")) for m, s in special.items()}
+    model, tok = load_causal_lm(str(tiny_llama))
+    compress_layerwise(model, tok, base, weight_dtype=torch.bfloat16, progress=False,
+                       config_for=lambda name: own.get(name, base))
+    got = dict(AutoModelForCausalLM.from_pretrained(str(out), dtype=torch.float32).named_parameters())
+    for name, p in model.named_parameters():
+        assert torch.equal(got[name], p), name
+
+    ckpt = open_checkpoint(out)
+    for r in summary["per_tensor"]:
+        settings = recipe.settings_for(r["name"])
+        header = ckpt.info(f"{r['name']}.lw.header").nbytes
+        extra = 2 * (4 + 2) if "outliers" in settings else 0
+        expected = setting_bits("gptq", tuple(r["shape"]), settings) * r["shape"][0] * r["shape"][1] / 8
+        assert r["stored"] - header - extra == pytest.approx(expected, abs=1), r["name"]
+
+
 def test_a_truncated_part_in_a_folder_names_file_and_tensor(tiny_llama, tmp_path):
     from safetensors.torch import load_file, save_file
 

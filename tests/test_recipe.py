@@ -49,7 +49,10 @@ def _good() -> dict:
     (lambda d: d.update(version=2), "version 2 is not supported"),
     (lambda d: d.update(version=True), "not supported"),
     (lambda d: d.update(extra=1), "unknown key(s) ['extra']"),
-    (lambda d: d.update(method="gptq"), "method must be one of kmeans, rtn"),
+    (lambda d: d.update(method="awq"), "method must be one of kmeans, rtn, gptq"),
+    (lambda d: d.update(default={"k": 8, "outliers": "many"}), "--outliers takes"),
+    (lambda d: d.update(default={"k": 8, "outliers": [1]}), "outliers must be str or int or float"),
+    (lambda d: d.update(method="gptq", default={"k": 8}, matrices={}), "unknown setting(s) ['k']"),
     (lambda d: d.pop("default"), "missing 'default'"),
     (lambda d: d.update(default={"bits": 3}), "unknown setting(s) ['bits']"),
     (lambda d: d.update(default={}), "missing 'k'"),
@@ -94,6 +97,24 @@ def test_bit_costs_count_every_part():
     assert rtn_bits((576, 576), 3) == 3 + 576 * 5 * 40 / (576 * 576)
     assert rtn_bits((8, 256), 4, 0) == 4 + 8 * 40 / (8 * 256)
     assert setting_bits("rtn", (8, 256), {"bits": 4, "group_size": 0}) == rtn_bits((8, 256), 4, 0)
+    # gptq as unweight-layerwise stores it: a float32 scale and a bits-wide zero point per group
+    assert setting_bits("gptq", (576, 576), {"bits": 3}) == 3 + 576 * 5 * (32 + 3) / (576 * 576)
+    assert setting_bits("gptq", (8, 256), {"bits": 4, "group_size": 0, "scheme": "sym"}) == 4 + 8 * 32 / (8 * 256)
+
+
+def test_reconstruct_keeps_recipe_outliers_exactly():
+    torch.manual_seed(1)
+    w = torch.randn(32, 64) * 0.02
+    w[5, 7], w[30, 60] = 3.0, -2.5
+    for method, s in (("kmeans", {"k": 4}), ("rtn", {"bits": 2, "group_size": 32})):
+        plain = reconstruct(w, method, s)
+        kept = reconstruct(w, method, {**s, "outliers": 2})
+        assert kept[5, 7] == 3.0 and kept[30, 60] == -2.5
+        mask = torch.ones_like(w, dtype=torch.bool)
+        mask[5, 7] = mask[30, 60] = False
+        assert ((kept - w)[mask] ** 2).sum() < ((plain - w)[mask] ** 2).sum()  # the bulk is fitted better
+    with pytest.raises(UnweightError, match="needs calibration data"):
+        reconstruct(w, "gptq", {"bits": 4})
 
 
 def test_reconstruct_is_exact_when_k_covers_the_values():
@@ -162,3 +183,29 @@ def test_plan_beats_uniform_when_one_matrix_is_fragile():
     uniform_loss = sum(m["options"][1]["loss"] for m in measurements["matrices"].values())
     assert allocation.total_loss < uniform_loss
     assert allocation.chosen[0].label in ("k=32", "k=64")
+
+
+@pytest.mark.usefixtures("one_thread")
+def test_plan_with_outliers_counts_them_and_compress_keeps_them(tiny_causal_lm, tmp_path):
+    """`plan --outliers 2`: every setting of the recipe keeps 2 weights per matrix exactly; the
+    expected bits add 2 x (32-bit index + 32-bit value, a float32 model) per matrix to each setting's
+    cost; `compress --recipe` stores them."""
+    from unweight.checkpoint import open_checkpoint
+    from unweight.cli import main
+
+    path = tmp_path / "recipe.yaml"
+    assert main(["plan", str(tiny_causal_lm), "--bits", "3.5", "--method", "rtn", "--estimate", "fisher",
+                 "--windows", "2", "--seq-len", "32", "--outliers", "2", "--out", str(path), "--quiet"]) == 0
+    recipe = load(path)
+    ckpt = open_checkpoint(tiny_causal_lm)
+    names = [n for n in ckpt.names() if ".layers." in n and n.endswith("_proj.weight")]
+    assert len(names) == 14 and all(recipe.settings_for(n)["outliers"] == 2 for n in names)
+    shapes = {n: tuple(ckpt.info(n).shape) for n in names}
+    total = sum(math.prod(s) for s in shapes.values())
+    expected = sum(math.prod(s) * setting_bits("rtn", s, recipe.settings_for(n)) + 2 * 64
+                   for n, s in shapes.items()) / total
+    assert recipe.expected_bits == pytest.approx(expected, rel=1e-12) and recipe.expected_bits <= 3.5
+    out = tmp_path / "out"
+    assert main(["compress", str(tiny_causal_lm), str(out), "--recipe", str(path)]) == 0
+    stored = open_checkpoint(out)
+    assert all(stored.info(f"{n}.cb.outlier_idx").shape == (2,) for n in names)

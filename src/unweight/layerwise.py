@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field, fields
+from typing import Callable
 
 import torch
 from torch import nn
@@ -182,13 +183,17 @@ def compress_layerwise(model: nn.Module, tokenizer, config: LayerwiseConfig, n_s
                        seq_len: int | None = None, *, windows: torch.Tensor | None = None,
                        device: torch.device | str | None = None,
                        artifacts: dict[str, LinearArtifacts] | None = None,
-                       weight_dtype: torch.dtype | None = None, progress: bool = True) -> nn.Module:
+                       weight_dtype: torch.dtype | None = None, progress: bool = True,
+                       config_for: Callable[[str], LayerwiseConfig] | None = None) -> nn.Module:
     """Compress every Linear of ``model``'s decoder blocks in place; returns ``model``.
 
     Calibration: ``windows`` if given, else ``calibration_windows(tokenizer, n_samples, seq_len,
     config.seed)`` (defaults from ``config``). ``artifacts``, if given, is filled with a
     :class:`LinearArtifacts` per Linear, keyed by its full module name (``model.layers.3.mlp.up_proj``).
     ``weight_dtype``: see :func:`compress_linear` (later blocks are calibrated on the rounded weights).
+    ``config_for(full_name)``, if given, is each Linear's own config (hybrid precision from a recipe);
+    ``config`` then decides calibration and which statistics are gathered, so every per-Linear config
+    must need no statistics that ``config`` does not.
     """
     layers = decoder_layers(model)
     prefix = next(n for n, m in model.named_modules() if m is layers)
@@ -197,9 +202,10 @@ def compress_layerwise(model: nn.Module, tokenizer, config: LayerwiseConfig, n_s
         return not any(x in name for x in config.exclude)
 
     def process(index: int, name: str, linear: nn.Linear, stats: LinearStats | None) -> None:
-        result = compress_linear(linear, config, stats, weight_dtype)
+        full = f"{prefix}.{index}.{name}"
+        result = compress_linear(linear, config if config_for is None else config_for(full), stats, weight_dtype)
         if artifacts is not None:
-            artifacts[f"{prefix}.{index}.{name}"] = _to_cpu(result)
+            artifacts[full] = _to_cpu(result)
 
     if not config.calibrated:
         for index, block in enumerate(layers):

@@ -37,6 +37,7 @@ from __future__ import annotations
 import json
 import os
 from dataclasses import asdict, dataclass
+from typing import Callable
 
 import torch
 
@@ -258,11 +259,13 @@ FORMAT = register(Format(quant_method="unweight-layerwise", tag=TAG, version=FOR
 
 # ----------------------------------------------------------------------------- a whole model
 
-def layerwise_encoder(src: str | os.PathLike, config: LayerwiseConfig, progress: bool = True):
+def layerwise_encoder(src: str | os.PathLike, config: LayerwiseConfig, progress: bool = True,
+                      config_for: Callable[[str], LayerwiseConfig] | None = None):
     """Compress the causal LM in the HF folder ``src`` with ``config`` (calibrated on ``config.n_samples``
     windows of ``config.seq_len``); returns ``(encode, model)``: ``encode(name, tensor)`` for
     :func:`unweight.formats.compress_checkpoint` (parts for every compressed Linear weight, None for the
-    rest), and the compressed model, whose weights are exactly what the written folder loads as."""
+    rest), and the compressed model, whose weights are exactly what the written folder loads as.
+    ``config_for``: each Linear's own config (see :func:`unweight.layerwise.compress_layerwise`)."""
     from unweight.checkpoint import ST_DTYPES, open_checkpoint
     from unweight.layerwise import compress_layerwise
     from unweight.models import load_causal_lm
@@ -279,7 +282,8 @@ def layerwise_encoder(src: str | os.PathLike, config: LayerwiseConfig, progress:
     weight_dtype = matrix_dtypes.pop() if len(matrix_dtypes) == 1 else None  # else: stored as .to(dtype)
     model, tok = load_causal_lm(str(ckpt.path))
     artifacts: dict[str, LinearArtifacts] = {}
-    compress_layerwise(model, tok, config, artifacts=artifacts, weight_dtype=weight_dtype, progress=progress)
+    compress_layerwise(model, tok, config, artifacts=artifacts, weight_dtype=weight_dtype, progress=progress,
+                       config_for=config_for)
     names, params = set(ckpt.names()), dict(model.named_parameters())
     missing = [f"{m}.weight" for m in artifacts if f"{m}.weight" not in names or f"{m}.weight" not in params]
     if missing:
@@ -290,7 +294,8 @@ def layerwise_encoder(src: str | os.PathLike, config: LayerwiseConfig, progress:
         module = name.removesuffix(".weight")
         if module == name or module not in artifacts:
             return None
-        return encode_linear(artifacts[module], params[name], config, t.dtype, name)
+        own = config if config_for is None else config_for(module)
+        return encode_linear(artifacts[module], params[name], own, t.dtype, name)
 
     return encode, model
 

@@ -4,7 +4,7 @@
 Schema, version 1 (:data:`RECIPE_VERSION`; every key is checked, unknown keys are errors)::
 
     version: 1                  # required
-    method: kmeans              # required: kmeans | rtn
+    method: kmeans              # required: kmeans | rtn | gptq
     default: {k: 16}            # required: the setting of every matrix the recipe does not list
     matrices:                   # optional: per-matrix settings, by weight name (state-dict name)
       model.layers.3.mlp.down_proj.weight: {k: 64}
@@ -22,6 +22,13 @@ Settings per method:
   ``scheme`` (``asym_int`` | ``asym_float`` | ``sym``, default ``asym_int``: integer zero point).
   Cost (:func:`rtn_bits`): ``bits`` per weight plus, per group of a row (the last group holds the
   remainder), a float32 scale and an 8-bit zero point as :mod:`unweight.quant.rtn` stores them.
+- ``gptq``: the same keys as ``rtn`` (GPTQ, :mod:`unweight.quant.gptq`, calibrated block by block, each
+  Linear at its own width: "2-bit for the low-rank layers, 4-bit for the rest" in one command). Cost
+  (:func:`gptq_bits`): ``bits`` plus a float32 scale and a ``bits``-wide zero point per group, as
+  :mod:`unweight.layerwise_format` stores them.
+- every method: optionally ``outliers`` (``none`` | ``auto`` | a count | a fraction such as ``0.05%``):
+  weights kept exactly (dense-and-sparse, :mod:`unweight.outliers`), excluded from the lossy part.
+  Their cost depends on the weights (an int32 index and a value each) and is not in ``expected_bits``.
 
 Which matrices a recipe applies to at all (embeddings? the head?) is the compressing command's choice;
 ``default`` covers the ones it compresses that the recipe does not list. ``unweight plan`` lists
@@ -41,15 +48,17 @@ import yaml
 from unweight.errors import UnweightError
 
 RECIPE_VERSION = 1
-METHODS = ("kmeans", "rtn")
+METHODS = ("kmeans", "rtn", "gptq")
 CODEBOOK_ENTRY_BITS = 32  # cluster_tensor's codebooks are float32
 RTN_SCALE_BITS, RTN_ZERO_BITS = 32, 8  # rtn_qparams: float32 scale, uint8 zero point per group
 DEFAULT_GROUP_SIZE = 128
 MAX_K = 256
 _KEYS = {"version", "method", "default", "matrices", "budget_bits", "expected_bits", "model", "notes"}
-_SETTINGS = {"kmeans": {"k": int, "granularity": str},
-             "rtn": {"bits": int, "group_size": int, "scheme": str}}
-_REQUIRED = {"kmeans": "k", "rtn": "bits"}
+_OUTLIERS = (str, int, float)
+_SETTINGS = {"kmeans": {"k": int, "granularity": str, "outliers": _OUTLIERS},
+             "rtn": {"bits": int, "group_size": int, "scheme": str, "outliers": _OUTLIERS},
+             "gptq": {"bits": int, "group_size": int, "scheme": str, "outliers": _OUTLIERS}}
+_REQUIRED = {"kmeans": "k", "rtn": "bits", "gptq": "bits"}
 
 
 @dataclass
@@ -86,6 +95,14 @@ def _complete(method: str, settings: dict) -> dict:
     return {"group_size": DEFAULT_GROUP_SIZE, "scheme": "asym_int", **settings}
 
 
+def _named(parse, value, prefix: str) -> None:
+    """``parse(value)``, its UnweightError prefixed with the file and key."""
+    try:
+        parse(value)
+    except UnweightError as exc:
+        raise UnweightError(f"{prefix}: {exc}") from None
+
+
 def _check_settings(method: str, settings, where: str, source: str) -> dict:
     if not isinstance(settings, dict):
         raise UnweightError(f"{source}: {where} must be a mapping of settings, got {settings!r}")
@@ -98,17 +115,19 @@ def _check_settings(method: str, settings, where: str, source: str) -> dict:
     for key, value in settings.items():
         kind = allowed[key]
         if not isinstance(value, kind) or isinstance(value, bool):
-            raise UnweightError(f"{source}: {where}: {key} must be {kind.__name__}, got {value!r}")
+            names = " or ".join(k.__name__ for k in kind) if isinstance(kind, tuple) else kind.__name__
+            raise UnweightError(f"{source}: {where}: {key} must be {names}, got {value!r}")
+    if "outliers" in settings:
+        from unweight.outliers import parse_outliers
+
+        _named(parse_outliers, settings["outliers"], f"{source}: {where}")
     if method == "kmeans":
         if not 2 <= settings["k"] <= MAX_K:
             raise UnweightError(f"{source}: {where}: k must lie in 2..{MAX_K}, got {settings['k']}")
         if "granularity" in settings:
             from unweight.cluster import parse_granularity
 
-            try:
-                parse_granularity(settings["granularity"])
-            except UnweightError as exc:
-                raise UnweightError(f"{source}: {where}: {exc}") from None
+            _named(parse_granularity, settings["granularity"], f"{source}: {where}")
     else:
         from unweight.quant.rtn import MAX_BITS, SCHEMES
 
@@ -213,11 +232,24 @@ def rtn_bits(shape: tuple[int, int], bits: int, group_size: int = DEFAULT_GROUP_
     return bits + rows * n_groups(cols, group_size) * (RTN_SCALE_BITS + RTN_ZERO_BITS) / (rows * cols)
 
 
+def gptq_bits(shape: tuple[int, int], bits: int, group_size: int = DEFAULT_GROUP_SIZE,
+              scheme: str = "asym_int") -> float:
+    """Bits per weight of GPTQ as stored: ``bits`` plus a float32 scale per group and a zero point
+    (``bits`` wide; float32 for asym_float; none for sym)."""
+    from unweight.quant.rtn import n_groups
+
+    rows, cols = shape
+    zero = {"asym_int": bits, "asym_float": 32, "sym": 0}[scheme]
+    return bits + rows * n_groups(cols, group_size) * (32 + zero) / (rows * cols)
+
+
 def setting_bits(method: str, shape: tuple[int, int], settings: dict) -> float:
     """Bits per weight of one matrix under ``settings`` (completed with the defaults)."""
     s = _complete(method, settings)
     if method == "kmeans":
         return kmeans_bits(shape, s["k"], s["granularity"])
+    if method == "gptq":
+        return gptq_bits(shape, s["bits"], s["group_size"], s["scheme"])
     return rtn_bits(shape, s["bits"], s["group_size"])
 
 
@@ -227,10 +259,20 @@ def reconstruct(w: torch.Tensor, method: str, settings: dict) -> torch.Tensor:
     K-means clusters the values exactly as stored: a float32 tensor whose values are all bfloat16
     (a bf16 checkpoint loaded in float32) is clustered as bfloat16, which is exact and much faster."""
     s = _complete(method, settings)
+    if method == "gptq":
+        raise UnweightError("a gptq setting needs calibration data: apply the recipe with "
+                            "`unweight compress MODEL OUT --recipe RECIPE`")
+    from unweight.outliers import parse_outliers, restore, select_outliers, split
+
+    idx = select_outliers(w, parse_outliers(s.get("outliers")))
+    exact = idx.numel() > 0
+    if exact:  # dense-and-sparse, as the codebook format stores it
+        w_rest, values, keep = split(w, idx)
     if method == "rtn":
         from unweight.quant.rtn import rtn_fake_quantize
 
-        return rtn_fake_quantize(w, s["bits"], s["group_size"], s["scheme"])
+        out = rtn_fake_quantize(w_rest if exact else w, s["bits"], s["group_size"], s["scheme"])
+        return restore(out, idx, values) if exact else out
     from unweight.cluster import cluster_tensor, codebook_decode
 
     source = w
@@ -238,8 +280,10 @@ def reconstruct(w: torch.Tensor, method: str, settings: dict) -> torch.Tensor:
         as_bf16 = w.to(torch.bfloat16)
         if torch.equal(as_bf16.to(torch.float32), w):
             source = as_bf16
-    codebook, assignments = cluster_tensor(source, s["k"], granularity=s["granularity"])
-    return codebook_decode(codebook, assignments, s["granularity"], dtype=w.dtype)
+    codebook, assignments = cluster_tensor(source, s["k"], granularity=s["granularity"],
+                                           importance=keep if exact else None)
+    out = codebook_decode(codebook, assignments, s["granularity"], dtype=w.dtype)
+    return restore(out, idx, values) if exact else out
 
 
 @torch.no_grad()

@@ -61,12 +61,19 @@ def activation_energy(model_dir, n_samples: int, seq_len: int) -> dict:
 
 
 def _settings(args, config: dict, flags: dict):
-    """Per-matrix settings: the recipe's (``--recipe``), else ``flags`` for every matrix; recorded."""
+    """Per-matrix settings: the recipe's (``--recipe``), else ``flags`` for every matrix; recorded.
+    ``outliers`` is parsed: the recipe's where it sets them, else ``--outliers``."""
+    outliers = parse_outliers(args.outliers)
     if args.loaded_recipe is None:
         config.update(flags)
-        return lambda name: flags
+        return lambda name: {**flags, "outliers": outliers}
     config.update(recipe=args.loaded_recipe.to_dict(), recipe_path=str(args.recipe))
-    return args.loaded_recipe.settings_for
+
+    def settings(name: str) -> dict:
+        s = args.loaded_recipe.settings_for(name)
+        return {**s, "outliers": parse_outliers(s["outliers"]) if "outliers" in s else outliers}
+
+    return settings
 
 
 def _calibration(args, config: dict):
@@ -140,7 +147,6 @@ def _refined(args, config: dict, encode):
 def _kmeans(args):
     from unweight.cluster.codebook import FORMAT, KMeansSpec, encode_kmeans
 
-    outliers = parse_outliers(args.outliers)
     config = {"method": "kmeans"}
     settings = _settings(args, config, {"k": args.k, "granularity": args.granularity})
     config.update(outliers=args.outliers, weighted=args.weighted)
@@ -150,7 +156,7 @@ def _kmeans(args):
 
     def encode(name, t):
         imp = energy.get(name)
-        spec = KMeansSpec(outliers=outliers, **settings(name))
+        spec = KMeansSpec(**settings(name))
         return encode_kmeans(t, spec, importance=None if imp is None else imp[None, :].expand(t.shape))
 
     encode = _targets(args, config, encode)
@@ -162,13 +168,12 @@ def _kmeans(args):
 def _rtn(args):
     from unweight.cluster.codebook import FORMAT, RTNSpec, encode_rtn
 
-    outliers = parse_outliers(args.outliers)
     config = {"method": "rtn"}
     settings = _settings(args, config, {"bits": args.bits, "group_size": args.group_size, "scheme": args.scheme})
     config["outliers"] = args.outliers
 
     def encode(name, t):
-        return encode_rtn(t, RTNSpec(outliers=outliers, **settings(name)))
+        return encode_rtn(t, RTNSpec(**settings(name)))
 
     return FORMAT, _targets(args, config, encode), config
 
@@ -179,6 +184,8 @@ LAYERWISE = ("magnitude", "wanda", "sparsegpt", "gptq", "awq")
 def _layerwise(args):
     """Prune and/or quantize every decoder Linear in memory, block by block on calibration windows
     (unweight.layerwise), then store exactly that (unweight-layerwise, unweight.layerwise_format)."""
+    from dataclasses import replace
+
     from unweight.layerwise import PRUNERS, LayerwiseConfig
     from unweight.layerwise_format import FORMAT, layerwise_encoder, quantization_entries
 
@@ -203,8 +210,19 @@ def _layerwise(args):
         raise UnweightError("--act-order goes with GPTQ (--method gptq, or a pruning method with --quant gptq)")
     if Path(args.out).exists() and not args.force:  # found now, not after the calibration
         raise UnweightError(f"{args.out}: already exists (pass --force to replace it)")
-    encode, _ = layerwise_encoder(args.src, config)
-    return FORMAT, encode, quantization_entries(config, args.method)
+    config_for, entries = None, {}
+    if args.loaded_recipe is not None:  # hybrid precision: each Linear at the recipe's setting
+        per_name = _settings(args, entries, {})
+        cache = {}
+
+        def config_for(module: str) -> LayerwiseConfig:
+            if module not in cache:
+                s = per_name(f"{module}.weight")
+                cache[module] = replace(config, bits=s["bits"], group_size=s["group_size"], scheme=s["scheme"],
+                                        outliers=s["outliers"])
+            return cache[module]
+    encode, _ = layerwise_encoder(args.src, config, config_for=config_for)
+    return FORMAT, encode, {**quantization_entries(config, args.method), **entries}
 
 
 METHODS = {"lossless": _lossless, "kmeans": _kmeans, "rtn": _rtn, **dict.fromkeys(LAYERWISE, _layerwise)}
@@ -232,8 +250,9 @@ def add_arguments(p):
     g.add_argument("--calib-samples", type=int, default=16, help="calibration windows (default: 16)")
     g.add_argument("--calib-seq-len", type=int, default=512, help="calibration window length (default: 512)")
     g.add_argument("--recipe", metavar="YAML",
-                   help="per-matrix settings and the method (kmeans|rtn) from `unweight plan`; they replace "
-                        "--k/--granularity/--bits/--group-size/--scheme")
+                   help="per-matrix settings and the method (kmeans|rtn|gptq, schema in unweight.recipe), "
+                        "e.g. from `unweight plan`; they replace --k/--granularity/--bits/--group-size/--scheme "
+                        "(and --outliers where a setting gives its own)")
     g = p.add_argument_group("codebook refinement (kmeans, arXiv 2603.17917)")
     g.add_argument("--finetune-steps", type=int, default=0, metavar="N",
                    help="fine-tune the centroids (assignments frozen, outliers exact) for N Adam steps on the "

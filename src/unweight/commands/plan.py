@@ -65,6 +65,10 @@ def add_arguments(p):
     p.add_argument("--method", default="kmeans", choices=list(OPTIONS), help="kmeans (default) or rtn")
     p.add_argument("--estimate", default="measured", choices=list(DEFAULT_WINDOWS),
                    help="how each option's loss increase is estimated (default: measured)")
+    p.add_argument("--outliers", default=None, metavar="SPEC",
+                   help="every option keeps these weights exactly (dense-and-sparse: auto, a count, or a "
+                        "fraction such as 0.05%%), their indices and values counted in the bits; recorded in "
+                        "the recipe (default: none)")
     p.add_argument("--out", default="recipe.yaml", help="recipe to write (default: recipe.yaml)")
     p.add_argument("--windows", type=int, default=None,
                    help="calibration windows (default: 2 measured, 8 fisher)")
@@ -97,12 +101,32 @@ def add_arguments(p):
 
 
 def _label(settings: dict) -> str:
-    return ",".join(f"{k}={v}" for k, v in settings.items())
+    """``k=16`` or ``bits=3``: the option (outliers, the same for every option, are left out)."""
+    return ",".join(f"{k}={v}" for k, v in settings.items() if k != "outliers")
+
+
+def options_for(method: str, outliers: str | int | float | None = None) -> list[dict]:
+    """The settings the planner chooses from; with ``outliers`` every option keeps them exactly."""
+    return [s if outliers is None else {**s, "outliers": outliers} for s in OPTIONS[method]]
+
+
+def option_bits(method: str, w: torch.Tensor, settings: dict) -> float:
+    """Bits per weight of ``w`` under ``settings``, the exact weights included: an int32 index and a
+    value each, the value 16-bit when ``w`` holds bfloat16 values (a bf16 checkpoint), else 32-bit."""
+    bits = setting_bits(method, tuple(w.shape), settings)
+    if settings.get("outliers") is None:
+        return bits
+    from unweight.outliers import parse_outliers, select_outliers
+
+    n = select_outliers(w, parse_outliers(settings["outliers"])).numel()
+    value_bits = 16 if torch.equal(w.to(torch.bfloat16).to(w.dtype), w) else 32
+    return bits + n * (32 + value_bits) / w.numel()
 
 
 @torch.no_grad()
 def measure_options(model, tok, method: str, estimate: str, n_windows: int, seq_len: int,
-                    progress: bool = True, stride: int = 1, metric: str = "kl") -> dict:
+                    progress: bool = True, stride: int = 1, metric: str = "kl",
+                    outliers: str | int | float | None = None) -> dict:
     """{"base_loss", "tokens", "matrices": {name: {"numel", "shape", "options": [{settings, bits,
     loss}]}}}: every option of every decoder Linear, estimated alone."""
     from unweight.analysis.sensitivity import (TailLoss, collect_statistics, decoder_linears,
@@ -125,11 +149,10 @@ def measure_options(model, tok, method: str, estimate: str, n_windows: int, seq_
                                   disable=not progress):
         w = linear.weight.data
         options = []
-        for settings in OPTIONS[method]:
+        for settings in options_for(method, outliers):
             new = reconstruct(w, method, settings)
             loss = tail.increase(name, new) if fisher is None else fisher_estimate(fisher[name], new - w)
-            options.append({"settings": settings, "bits": setting_bits(method, tuple(w.shape), settings),
-                            "loss": loss})
+            options.append({"settings": settings, "bits": option_bits(method, w, settings), "loss": loss})
         result["matrices"][name] = {"numel": w.numel(), "shape": list(w.shape), "options": options}
     return result
 
@@ -227,10 +250,11 @@ def make_recipe(measurements: dict, allocation, method: str, budget: float, mode
                   notes=notes)
 
 
-def uniform_setting(method: str, budget: float) -> dict:
+def uniform_setting(method: str, budget: float, outliers: str | int | float | None = None) -> dict:
     """The uniform baseline at the same nominal bits: K = 2^floor(bits), or floor(bits) RTN bits."""
     n = max(1, math.floor(budget))
-    return {"k": 2 ** n} if method == "kmeans" else {"bits": n}
+    s = {"k": 2 ** n} if method == "kmeans" else {"bits": n}
+    return s if outliers is None else {**s, "outliers": outliers}
 
 
 def evaluate_recipes(model, tok, recipes: dict[str, Recipe | None], names: list[str], eval_tokens: int,
@@ -266,6 +290,9 @@ def run(args) -> int:
         torch.set_num_threads(args.threads)
     if not args.bits > 0:
         raise UnweightError(f"--bits must be positive, got {args.bits}")
+    from unweight.outliers import parse_outliers
+
+    args.outliers = parse_outliers(args.outliers)  # None, "auto", a count or a fraction
     if args.model in MODELS and MODELS[args.model].kind != "causal-lm":
         raise UnweightError(f"{args.model}: the planner measures a causal LM's loss; this is an encoder")
     if (args.refine or args.check) and args.estimate != "fisher":
@@ -276,7 +303,7 @@ def run(args) -> int:
     model, tok = load_causal_lm(str(hf_folder(args.model)))
 
     saved = Path(args.measurements) if args.measurements else None
-    key = {"model": args.model, "method": args.method, "estimate": args.estimate}
+    key = {"model": args.model, "method": args.method, "estimate": args.estimate, "outliers": args.outliers}
 
     def save(m: dict) -> None:
         if saved is not None:
@@ -292,7 +319,8 @@ def run(args) -> int:
                                 f"not of {key}")
     else:
         measurements = {**key, **measure_options(model, tok, args.method, args.estimate, n_windows,
-                                                 args.seq_len, progress, args.score_stride, args.metric)}
+                                                 args.seq_len, progress, args.score_stride, args.metric,
+                                                 args.outliers)}
         save(measurements)
     rounds = []
     if args.refine and measurements.get("refine_slice", {}).get("metric", args.metric) != args.metric:
@@ -312,7 +340,7 @@ def run(args) -> int:
     scale = estimate_scale(measurements)
     mats = matrix_options(measurements, scale)
     allocation = plan(mats, args.bits)
-    uniform = uniform_setting(args.method, args.bits)
+    uniform = uniform_setting(args.method, args.bits, args.outliers)
     u_index = [next(j for j, o in enumerate(measurements["matrices"][m.name]["options"])
                     if o["settings"] == uniform) for m in mats]
     from unweight.quant.planner import evaluate as allocation_of
@@ -331,7 +359,7 @@ def run(args) -> int:
     recipe = make_recipe(measurements, allocation, args.method, args.bits, args.model, notes)
     dump(recipe, args.out)
 
-    result = {"model": args.model, "method": args.method, "estimate": notes["estimate"],
+    result = {"model": args.model, "method": args.method, "outliers": args.outliers, "estimate": notes["estimate"],
               "budget_bits": args.bits, "expected_bits": allocation.bits_per_weight,
               "predicted_loss_increase": allocation.total_loss, "lower_bound": allocation.lower_bound,
               "proven_optimal": allocation.proven_optimal, "estimate_scale": scale,
@@ -363,7 +391,7 @@ def _print(result: dict, recipe: Recipe, measurements: dict) -> None:
         chosen = recipe.matrices.get(name, recipe.default)
         by_kind.setdefault(matrix_kind(name), Counter())[_label(chosen)] += 1
     rows = [{"matrix": k, **{lbl: n for lbl, n in c.items()}} for k, c in by_kind.items()]
-    labels = [_label(s) for s in OPTIONS[result["method"]]]
+    labels = [_label(s) for s in options_for(result["method"], result.get("outliers"))]
     print(format_table(rows, [Column("matrix")] + [Column(lbl) for lbl in labels],
                        title=f"{result['model']}: plan at {result['budget_bits']} bits per weight "
                              f"({result['estimate']} sensitivity)"))
