@@ -155,18 +155,27 @@ class _StopForward(Exception):
     pass
 
 
-class _Catcher(nn.Module):
-    """Stands in for a decoder block during capture: records the call, computes nothing."""
+class BlockStandIn(nn.Module):
+    """Takes a decoder block's place in the model's layer list; attributes the model reads off its
+    blocks (``attention_type``...) come from the block it stands in for. Subclasses define forward."""
 
-    def __init__(self, block: nn.Module, index: int, record: Callable, last: bool):
+    def __init__(self, block: nn.Module):
         super().__init__()
-        self.block, self.index, self.record, self.last = block, index, record, last
+        self.block = block
 
-    def __getattr__(self, name: str):  # attributes the model reads off its blocks (attention_type...)
+    def __getattr__(self, name: str):
         try:
             return super().__getattr__(name)
         except AttributeError:
             return getattr(super().__getattr__("block"), name)
+
+
+class _Catcher(BlockStandIn):
+    """Stands in for a decoder block during capture: records the call, computes nothing."""
+
+    def __init__(self, block: nn.Module, index: int, record: Callable, last: bool):
+        super().__init__(block)
+        self.index, self.record, self.last = index, record, last
 
     def forward(self, *args, **kwargs):
         hidden = args[0] if args else kwargs.pop("hidden_states")

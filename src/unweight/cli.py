@@ -62,6 +62,13 @@ def main(argv: list[str] | None = None) -> int:
     if not getattr(args, "_run", None):
         parser.print_help()
         return 1
+    if getattr(args, "threads", None):
+        if args.threads < 1:
+            print(f"unweight {args.command}: error: --threads must be >= 1, got {args.threads}", file=sys.stderr)
+            return 2
+        import torch
+
+        torch.set_num_threads(args.threads)
     try:
         return int(args._run(args) or 0)
     except UnweightError as exc:

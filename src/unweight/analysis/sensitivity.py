@@ -46,7 +46,7 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm import tqdm
 
-from unweight.calibrate import decoder_layers
+from unweight.calibrate import BlockStandIn, decoder_layers
 from unweight.errors import UnweightError
 from unweight.prune.nm import lowest_mask
 from unweight.prune.wanda import wanda_scores
@@ -191,19 +191,13 @@ def matrix_sensitivity(w: torch.Tensor, sq_norm: torch.Tensor, fisher: torch.Ten
 
 # ----------------------------------------------------------------------------- measured losses
 
-class _Replay(nn.Module):
+class _Replay(BlockStandIn):
     """Stands in for a decoder block that need not run: returns the cached input of the first block
     that does (the model's loop passes it on to the next stand-in, then to that block)."""
 
     def __init__(self, block: nn.Module, as_tuple: bool):
-        super().__init__()
-        self.block, self.as_tuple, self.hidden = block, as_tuple, None
-
-    def __getattr__(self, name: str):  # attributes the model reads off its blocks (attention_type...)
-        try:
-            return super().__getattr__(name)
-        except AttributeError:
-            return getattr(super().__getattr__("block"), name)
+        super().__init__(block)
+        self.as_tuple, self.hidden = as_tuple, None
 
     def forward(self, *args, **kwargs):
         return (self.hidden,) if self.as_tuple else self.hidden

@@ -37,6 +37,7 @@ from unweight.analysis.superweights import (CANDIDATES_PER_MATRIX, MEASURED_TOP,
                                             block_index, find_candidates, measure_effects,
                                             select_for_measurement)
 from unweight.checkpoint import open_checkpoint
+from unweight.commands import add_threads
 from unweight.errors import UnweightError
 from unweight.models import MODELS, hf_folder
 from unweight.report.table import Column, format_table
@@ -86,8 +87,7 @@ def add_arguments(p):
                    help="relative loss increase under which weights count as redundant (default 0.01)")
     p.add_argument("--outlier-top", type=int, default=MEASURED_TOP,
                    help=f"candidates measured: this many overall plus down-projections (default {MEASURED_TOP})")
-    p.add_argument("--threads", type=int, default=None,
-                   help="torch threads (default: torch's choice; 1 is much faster on a busy machine)")
+    add_threads(p)
     p.add_argument("--no-plots", action="store_true", help="skip the PNG plots")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
 
@@ -300,10 +300,6 @@ def print_report(result: dict) -> None:
 
 
 def run(args) -> int:
-    if args.threads:
-        import torch
-
-        torch.set_num_threads(args.threads)
     path = hf_folder(args.model)
     kind = _model_kind(args.model, path)
     if (args.calib or args.outliers) and kind not in ("causal-lm", "encoder"):

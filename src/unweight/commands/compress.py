@@ -22,6 +22,7 @@ quantization_config records the recipe, the fine-tuning and every (a, b).
 import json
 from pathlib import Path
 
+from unweight.commands import add_threads
 from unweight.errors import UnweightError
 from unweight.formats import compress_checkpoint
 from unweight.models import hf_folder
@@ -272,6 +273,7 @@ def add_arguments(p):
     g.add_argument("--pattern", metavar="N:M", help="pruning: keep N of every M consecutive inputs, e.g. 2:4")
     g.add_argument("--quant", choices=["gptq", "rtn"], help="pruning: also quantize the kept weights")
     g.add_argument("--act-order", action="store_true", help="gptq: quantize columns in decreasing Hessian order")
+    add_threads(p)
     p.add_argument("--json", action="store_true", help="print the size accounting and the config as JSON")
 
 

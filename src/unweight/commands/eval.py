@@ -9,6 +9,7 @@ Deterministic: the same command prints the same numbers.
 
 import json
 
+from unweight.commands import add_threads
 from unweight.data import CORPORA, corpus
 from unweight.eval import DEFAULT_SEQ_LEN, evaluate, token_windows
 from unweight.models import load_causal_lm
@@ -23,6 +24,7 @@ def add_arguments(p):
     p.add_argument("--seq-len", type=int, default=DEFAULT_SEQ_LEN, help="window length in tokens (default: 1024)")
     p.add_argument("--max-tokens", type=int, default=None, help="score only the first windows up to this many tokens")
     p.add_argument("--base", default=None, help="base model for KL divergence and top-1 agreement")
+    add_threads(p)
     p.add_argument("--json", action="store_true", help="print JSON")
 
 

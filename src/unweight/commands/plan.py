@@ -45,6 +45,7 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
+from unweight.commands import add_threads
 from unweight.errors import UnweightError
 from unweight.quant.planner import MatrixOptions, Option, plan, uniform_allocation
 from unweight.recipe import Recipe, dump, reconstruct, setting_bits
@@ -94,8 +95,7 @@ def add_arguments(p):
                    help="perplexity of the plan vs the base model and a uniform allocation")
     p.add_argument("--eval-tokens", type=int, default=DEFAULT_EVAL_TOKENS,
                    help=f"evaluation tokens (windows of {EVAL_SEQ_LEN}; default {DEFAULT_EVAL_TOKENS})")
-    p.add_argument("--threads", type=int, default=None,
-                   help="torch threads (default: torch's choice; 1 is much faster on a busy machine)")
+    add_threads(p)
     p.add_argument("--json", action="store_true", help="print the result as JSON")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
 
@@ -286,8 +286,6 @@ def evaluate_recipes(model, tok, recipes: dict[str, Recipe | None], names: list[
 def run(args) -> int:
     from unweight.models import MODELS, hf_folder, load_causal_lm
 
-    if args.threads:
-        torch.set_num_threads(args.threads)
     if not args.bits > 0:
         raise UnweightError(f"--bits must be positive, got {args.bits}")
     from unweight.outliers import parse_outliers

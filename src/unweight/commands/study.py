@@ -23,6 +23,7 @@ import sys
 import time
 from pathlib import Path
 
+from unweight.commands import add_threads
 from unweight.data import CORPORA
 from unweight.errors import UnweightError
 
@@ -66,7 +67,7 @@ def add_arguments(p):
                    help="top robust-z weights per matrix kept exact in every variant (default: 0, as the paper)")
     r.add_argument("--corpus", default="austen", choices=list(CORPORA),
                    help="evaluation corpus, split eval (default: austen)")
-    r.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
+    add_threads(r)
     r.set_defaults(_study=run_rank)
 
 
@@ -94,8 +95,6 @@ def run_rank(args) -> int:
 
     if args.k < 2:
         raise UnweightError(f"--k must be at least 2, got {args.k}")
-    if args.threads:
-        torch.set_num_threads(args.threads)
     overrides = {k: v for k, v in {
         "k": args.k, "seeds": args.seeds, "seq_len": args.seq_len, "max_tokens": args.max_tokens,
         "scan_blocks": _blocks(args.blocks), "progressive_steps": args.progressive_steps,
