@@ -3,6 +3,7 @@ zstd-3, at one thread and at all threads, with the order-0 bound per dtype.
 
     .venv/bin/python bench/lossless.py                     # minilm-l6 as fp32, bf16, fp16, fp8
     .venv/bin/python bench/lossless.py --max-mb 8 --reps 1 # a quick look while developing
+    .venv/bin/python bench/lossless.py --dtypes bf16 --threads 1 --methods unweight,zipnn-0.5.4
 
 ratio = compressed bytes / original bytes; MB/s counts original bytes (10^6) per second of wall
 time, best of ``--reps`` runs, methods interleaved so that machine load hits all of them alike;
@@ -155,7 +156,7 @@ def m_lmzip(tensors, threads, tmp: Path):
 # ---------------------------------------------------------------------------------------------
 
 
-def bench_dtype(tensors, dtype_name, reps, tmp):
+def bench_dtype(tensors, dtype_name, reps, tmp, threads_list=None, only=None):
     raw_bytes = sum(t.numel() * t.element_size() for t in tensors.values())
     bound = sum(order0_bits(t) * t.numel() for t in tensors.values()) / 8 / raw_bytes
     makers = {
@@ -165,8 +166,10 @@ def bench_dtype(tensors, dtype_name, reps, tmp):
         "zstd-3": lambda th: m_zstd(tensors, th),
         "bytesplit-zstd-3": lambda th: m_bytesplit_zstd(tensors, th),
     }
+    if only:
+        makers = {k: v for k, v in makers.items() if k in only}
     rows = {}
-    for threads in sorted({1, THREADS}):
+    for threads in threads_list or sorted({1, THREADS}):
         methods = {}
         for name, make in makers.items():
             try:
@@ -286,6 +289,10 @@ def main():
     ap.add_argument("--max-mb", type=float, default=None, help="fp32 MB of weights per model")
     ap.add_argument("--out", default=str(Path(__file__).parent / "results" / "lossless.json"))
     ap.add_argument("--ablation", action="store_true", help="bits per weight of each model part")
+    ap.add_argument("--threads", default=None,
+                    help=f"comma-separated thread counts (default: 1,{THREADS})")
+    ap.add_argument("--methods", default=None,
+                    help="comma-separated methods to run (default: all; e.g. unweight,zipnn-0.5.4)")
     args = ap.parse_args()
     report = {"machine": {"cpus": THREADS, "platform": platform.platform(),
                           "loadavg_start": os.getloadavg()},
@@ -305,7 +312,9 @@ def main():
                         print(f"  {k:55s} {v:8.4f}")
                     report.setdefault("ablation", []).append(res)
                     continue
-                res = {"model": model, **bench_dtype(tensors, dt, args.reps, Path(tmp))}
+                threads = [int(x) for x in args.threads.split(",")] if args.threads else None
+                only = set(args.methods.split(",")) if args.methods else None
+                res = {"model": model, **bench_dtype(tensors, dt, args.reps, Path(tmp), threads, only)}
                 print_table(res)
                 report["results"].append(res)
     report["machine"]["loadavg_end"] = os.getloadavg()

@@ -53,6 +53,24 @@ def _store_raw_hi(vals, hi_shift, hbytes, c0, n, dst):
             d16[i] = np.uint16(src[i] >> hi_shift)
 
 
+@njit(cache=True, nogil=True)
+def _load_raw_hi(code, s0, n, hbytes, c0, out, low, is32):
+    """A raw segment's hi words into ``out[c0:c0 + n]`` (joined with ``low`` for FP32)."""
+    dst = out[c0:c0 + n]
+    if hbytes == 1:
+        src8 = code[s0:s0 + n]
+        for i in range(n):
+            dst[i] = src8[i]
+    else:
+        src16 = code[s0:s0 + 2 * n].view(np.uint16)
+        if is32:
+            for i in range(n):
+                dst[i] = (np.uint32(src16[i]) << np.uint32(16)) | np.uint32(low[i])
+        else:
+            for i in range(n):
+                dst[i] = src16[i]
+
+
 _RANGES = {}
 
 
@@ -83,8 +101,8 @@ def _make_ranges(hbits, rb, stamp):
 
     @njit(cache=True, nogil=True)
     def encode_range(vals, vals_u8, itemsize, lo, hi, chunk_w, numel, row_len, q, nph, ebits,
-                     hi_shift, coded, enc, rcp, code, code_base, code_sizes, modes, low, low_base,
-                     low_sizes, check, scratch):
+                     hi_shift, coded, enc, code, code_base, code_sizes, modes, low, low_base,
+                     low_sizes, check, words, scratch):
         assert stamp != 0
         for c in range(lo, hi):
             c0 = c * chunk_w
@@ -94,8 +112,8 @@ def _make_ranges(hbits, rb, stamp):
             size = n * hbytes
             mode = MODE_RAW
             if coded:
-                p = rans.encode_chunk(vals, hi_shift, ebits, c0, n, row_len, q, nph, enc, rcp,
-                                      scratch, hbits, rb)
+                rans.gather_chunk(vals, hi_shift, ebits, c0, n, row_len, q, nph, words, hbits, rb)
+                p = rans.encode_words(words, n, enc, scratch, rb)
                 nbytes = (scratch.size - p) * 4
                 if nbytes < size:
                     code[dst:dst + nbytes] = scratch[p:].view(np.uint8)
@@ -113,40 +131,37 @@ def _make_ranges(hbits, rb, stamp):
 
     @njit(cache=True, nogil=True)
     def decode_range(code, code_off, low, low_off, modes, check, lo, hi, chunk_w, numel, itemsize,
-                     row_len, q, nph, ebits, is32, dec, out_hi, out32, out_u8, scratch_hi,
-                     scratch_low, status):
+                     row_len, q, nph, ebits, is32, dec, out, out_u8, words, scratch_low, status):
+        assert stamp != 0
+        counts = np.zeros(nph, np.int64)
+        no_low = scratch_low[:0]
         for c in range(lo, hi):
             c0 = c * chunk_w
             n = min(chunk_w, numel - c0)
             s0 = code_off[c]
             seglen = code_off[c + 1] - s0
-            # the decoded hi words land in out_hi itself, or in a scratch for FP32
-            target = scratch_hi if is32 else out_hi
-            dst0 = 0 if is32 else c0
-            mode = modes[c]
-            if mode == MODE_RAW:
-                if seglen != n * hbytes:
-                    status[c] = ERR_RAW_SIZE
-                    continue
-                target[dst0:dst0 + n] = code[s0:s0 + seglen].view(target.dtype)
-            elif mode == MODE_CODED:
-                rc = rans.decode_chunk(code, s0, seglen, target, dst0 - c0, c0, n, row_len, q, nph,
-                                       ebits, dec, hbits, rb)
-                if rc != rans.OK:
-                    status[c] = rc
-                    continue
-                rans.unpermute(target, dst0, n, hbits, rb)
-            else:
-                status[c] = ERR_MODE
-                continue
             if is32:
                 seg = low[low_off[c]:low_off[c + 1]]
                 if not unpack_low(seg, n, scratch_low):
                     status[c] = ERR_LOW
                     continue
-                o32 = out32[c0:c0 + n]
-                for i in range(n):
-                    o32[i] = (np.uint32(scratch_hi[i]) << np.uint32(16)) | np.uint32(scratch_low[i])
+            mode = modes[c]
+            if mode == MODE_RAW:
+                if seglen != n * hbytes:
+                    status[c] = ERR_RAW_SIZE
+                    continue
+                _load_raw_hi(code, s0, n, hbytes, c0, out, scratch_low, is32)
+            elif mode == MODE_CODED:
+                rans.phase_counts(c0, n, row_len, q, nph, counts)
+                rc = rans.decode_words(code, s0, seglen, n, counts, dec, words, rb)
+                if rc != rans.OK:
+                    status[c] = rc
+                    continue
+                rans.scatter_chunk(words, c0, n, row_len, q, nph, ebits, out,
+                                   scratch_low if is32 else no_low, hbits, rb)
+            else:
+                status[c] = ERR_MODE
+                continue
             if xxh64(out_u8, c0 * itemsize, n * itemsize) != check[c]:
                 status[c] = ERR_CHECKSUM
 

@@ -125,33 +125,32 @@ def encode_tensor(t: torch.Tensor, threads: int | None = None) -> dict[str, torc
 
     if plan is not None:
         space = 1 << (lay.exp_bits + plan.k)
-        enc = np.zeros((plan.nph, space), np.uint64)
-        rcp = np.zeros((plan.nph, space), np.float64)
-        dec = np.zeros((plan.nph, rans.PROB_SCALE), np.uint64)
-        if rans.build_tables(plan.alphabet, plan.freq, rb, enc, rcp, dec) != -1:
+        enc = np.zeros((4, plan.nph, space), np.uint64)
+        if rans.build_tables(plan.alphabet, plan.freq, rb, enc, np.zeros((0, 0), np.uint64)) != -1:
             raise AssertionError("model produced an invalid frequency table")
         q, row_len, nph = plan.q, plan.row_len, plan.nph
     else:
-        enc = np.zeros((1, 1), np.uint64)
-        rcp = np.zeros((1, 1), np.float64)
+        enc = np.zeros((4, 1, 1), np.uint64)
         q, row_len, nph = np.zeros(1, np.int8), max(numel, 1), 1
 
-    region = chunk_w * hbytes  # a chunk never takes more than its raw hi words
+    cw = min(chunk_w, numel)  # the longest chunk
+    region = cw * hbytes  # a chunk never takes more than its raw hi words
     code = np.empty(nchunks * region + rans.STREAM_PAD, np.uint8)
     code_sizes = np.zeros(nchunks, np.int64)
     modes = np.zeros(nchunks, np.uint8)
     check = np.zeros(nchunks, np.uint64)
     is32 = lay.low_bits > 0
-    low_region = chunk_w * 2 + -(-chunk_w // LOW_BLOCK) if is32 else 0
+    low_region = cw * 2 + -(-cw // LOW_BLOCK) if is32 else 0
     low = np.empty(nchunks * low_region, np.uint8)
     low_sizes = np.zeros(nchunks, np.int64)
     vals_u8 = vals.view(np.uint8)
 
     def task(lo: int, hi: int) -> None:
-        scratch = np.empty(chunk_w + 2 * rans.LANES + 2, np.uint32)
+        words = np.empty(cw, np.uint32)
+        scratch = np.empty(cw + 2 * rans.LANES + 2, np.uint32)
         encode_range(vals, vals_u8, lay.itemsize, lo, hi, chunk_w, numel, row_len, q, nph,
-                     lay.exp_bits, lay.low_bits, plan is not None, enc, rcp, code, lo * region,
-                     code_sizes, modes, low, lo * low_region, low_sizes, check, scratch)
+                     lay.exp_bits, lay.low_bits, plan is not None, enc, code, lo * region,
+                     code_sizes, modes, low, lo * low_region, low_sizes, check, words, scratch)
 
     ranges = _run(task, nchunks, threads)
     offsets = _close_gaps(code, ranges, region, code_sizes)
@@ -308,8 +307,7 @@ def decode_tensor(parts, name: str, threads: int | None = None) -> torch.Tensor:
         if not model.parse_tables(tables, nsym, nph, alphabet, freq) or alphabet[-1] >= space:
             raise _fail(name, "code tables are malformed")
         dec = np.zeros((nph, rans.PROB_SCALE), np.uint64)
-        bad = rans.build_tables(alphabet, freq, rb, np.zeros((nph, space), np.uint64),
-                                np.zeros((nph, space)), dec)
+        bad = rans.build_tables(alphabet, freq, rb, np.zeros((4, 0, 0), np.uint64), dec)
         if bad != -1:
             raise _fail(name, f"code table of phase {bad} is invalid")
         if nrows:
@@ -330,17 +328,15 @@ def decode_tensor(parts, name: str, threads: int | None = None) -> torch.Tensor:
     nbytes = numel * lay.itemsize
     out_u8 = np.empty(-(-nbytes // 8) * 8, np.uint8)
     out = out_u8[:nbytes].view(lay.word_dtype)
-    empty_hi = np.zeros(0, np.uint16 if hbits == 16 else np.uint8)
     status = np.zeros(nchunks, np.int32)
     decode_range = chunks.range_kernels(hbits, rb)[1]
 
     def task(lo: int, hi: int) -> None:
-        scratch_hi = np.empty(chunk_w if is32 else 0, empty_hi.dtype)
-        scratch_low = np.empty(chunk_w if is32 else 0, np.uint16)
+        words = np.empty(min(chunk_w, numel), np.uint16)
+        scratch_low = np.empty(min(chunk_w, numel) if is32 else 0, np.uint16)
         decode_range(code, offsets, low, low_offsets, modes, check, lo, hi, chunk_w, numel,
-                     lay.itemsize, row_len, q, nph, lay.exp_bits, is32, dec,
-                     empty_hi if is32 else out, out if is32 else np.zeros(0, np.uint32), out_u8,
-                     scratch_hi, scratch_low, status)
+                     lay.itemsize, row_len, q, nph, lay.exp_bits, is32, dec, out,
+                     out_u8, words, scratch_low, status)
 
     _run(task, nchunks, threads)
     failed = np.flatnonzero(status)

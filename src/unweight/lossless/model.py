@@ -248,11 +248,12 @@ def plan(vals: np.ndarray, lay: FloatLayout, shape: tuple[int, ...], nchunks: in
         means = np.zeros(nrows)
         _row_mean_exponents(vals, hi_shift, man, (1 << ebits) - 1, nrows, row_len, means)
         qf = np.clip(np.floor(finest * (means - np.median(means))), -128, 127).astype(np.int64)
-    else:
-        qf = np.zeros(nrows, np.int64)
-    groups, gid = np.unique(qf, return_inverse=True)
-    order = np.argsort(gid, kind="stable").astype(np.int64)
-    starts = np.searchsorted(gid[order], np.arange(groups.size + 1)).astype(np.int64)
+        groups, gid = np.unique(qf, return_inverse=True)
+        order = np.argsort(gid, kind="stable").astype(np.int64)
+        starts = np.searchsorted(gid[order], np.arange(groups.size + 1)).astype(np.int64)
+    else:  # one group of one row: skip the sorting (small tensors are many, and all overhead)
+        groups, gid = np.zeros(1, np.int64), np.zeros(nrows, np.int64)
+        order, starts = np.zeros(1, np.int64), np.array([0, 1], np.int64)
     hist = np.zeros((groups.size, nsym), np.int64)
     _grouped_histogram(vals, hi_shift, hbits, man - kmax, row_len, order, starts, hist)
 
