@@ -155,13 +155,21 @@ def tiny_results(tiny):
 
     model, windows = tiny
     h = Harness(model, windows)
-    config = RankStudyConfig(k=4, seeds=2, seq_len=24, max_tokens=48, progressive_steps=4)
+    config = RankStudyConfig(k=4, seeds=2, seq_len=24, max_tokens=48, progressive_steps=4, scan_every=1)
     results = run_rank_study(h, config)
     results["model"] = "tiny"
     results["claims"] = claims(results)
     # the model is left exactly as loaded
     assert h.score().perplexity == pytest.approx(h.base.perplexity, rel=1e-6)
     return results
+
+
+def test_default_scans_every_other_block_and_replaces_every_block():
+    from unweight.study.rank import RankStudyConfig, _blocks
+
+    config = RankStudyConfig()
+    assert _blocks(config.scan_blocks, 30, config.scan_every) == list(range(0, 30, 2))
+    assert config.progressive_steps is None and _blocks([0, -1], 30, config.scan_every) == [0, 29]
 
 
 def test_study_records_every_measurement(tiny_results):
