@@ -1,13 +1,21 @@
-"""The unweight-codebook format: K-means and RTN matrices stored as plain tensors, outliers kept exactly."""
+"""The unweight-codebook format: K-means and RTN matrices stored as plain tensors, outliers kept exactly;
+the indices or levels optionally rANS-coded (``compress --entropy``)."""
+
+import contextlib
+import io
+import json
 
 import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from unweight.cluster.codebook import KMeansSpec, RTNSpec, decode, encode_kmeans, encode_rtn
+from unweight.cli import main
+from unweight.cluster.codebook import (KMeansSpec, RTNSpec, decode, encode_kmeans, encode_rtn, entropy_code,
+                                       rtn_levels, stored_values)
 from unweight.errors import UnweightError
 from unweight.formats import compress_checkpoint, decode_tensors, same_bits
+from unweight.lossless import symbols
 from unweight.outliers import parse_outliers, select_outliers
 from unweight.pack import packed_nbytes
 from unweight.quant.rtn import rtn_fake_quantize
@@ -146,3 +154,176 @@ def test_compressed_folder_decodes_to_what_the_encoder_measured(tmp_path):
     assert torch.equal(dense["model.layers.0.mlp.up_proj.weight"], decode(encode_kmeans(w, spec), "x"))
     assert len(torch.unique(dense["model.layers.0.mlp.up_proj.weight"])) <= 8
     assert stats.bits_per_weight == pytest.approx(8 * stats.encoded_stored_bytes / w.numel())
+
+
+# --- entropy-coded indices and levels (unweight.lossless.symbols, compress --entropy) ---------------
+
+def _stream_overhead(numel: int) -> int:
+    """What a symbol stream may cost beyond bit-packing: header, padding, and per chunk an offset,
+    a mode and a checksum (plus the first offset)."""
+    nchunks = -(-numel // symbols.CHUNK_SYMBOLS)
+    return 8 * len(symbols.HEAD_FIELDS) + 16 + 8 + 17 * nchunks
+
+
+def _skewed(n: int, k: int, seed: int = 0) -> torch.Tensor:
+    """Indices 0..k-1 with geometric frequencies (p halves per index): entropy well below log2 k."""
+    g = torch.Generator().manual_seed(seed)
+    p = 0.5 ** torch.arange(k, dtype=torch.float64)
+    return torch.multinomial(p / p.sum(), n, replacement=True, generator=g).to(torch.uint8)
+
+
+@pytest.mark.parametrize("k", [2, 3, 16, 256])
+@pytest.mark.parametrize("shape", [(1, 1), (3, 5), (7, 129), (70, 1000)])
+def test_entropy_coded_kmeans_decodes_bit_exact(k, shape):
+    w = _matrix(*shape, seed=k)
+    if k == 256 and w.numel() > 10_000:
+        w = _matrix(70, 1000, seed=k)[:, :200]  # K=256 clustering is slow; still 14000 values
+    packed = encode_kmeans(w, KMeansSpec(k=k, outliers=1 if w.numel() > 1 else None))
+    coded = entropy_code(packed, "w")
+    assert "indices" not in coded and "indices_rans_code" in coded
+    assert same_bits(decode(coded, "w"), decode(packed, "w"))
+    assert torch.equal(stored_values(coded, "w"), stored_values(packed, "w"))
+    assert entropy_code(coded, "w") is coded  # idempotent
+
+
+@pytest.mark.parametrize("bits", [1, 2, 4, 8])
+@pytest.mark.parametrize("shape", [(1, 1), (5, 3), (9, 300), (66, 1024)])
+def test_entropy_coded_rtn_levels_decode_bit_exact(bits, shape):
+    w = _matrix(*shape, seed=bits)
+    packed = encode_rtn(w, RTNSpec(bits=bits, group_size=64))
+    coded = entropy_code(packed, "w")
+    assert "q" not in coded and "q_rans_head" in coded
+    assert torch.equal(rtn_levels(coded, "w").q, rtn_levels(packed, "w").q)
+    assert same_bits(decode(coded, "w"), decode(packed, "w"))
+
+
+@settings(max_examples=40, deadline=None)
+@given(st.integers(0, 140_000), st.integers(1, 8), st.booleans(), st.integers(0, 2**31))
+def test_symbol_stream_round_trips_and_never_costs_more_than_packing_plus_overhead(n, width, skew, seed):
+    k = 1 << width
+    if skew:
+        x = _skewed(n, k, seed) if n else torch.zeros(0, dtype=torch.uint8)
+    else:
+        x = torch.randint(0, k, (n,), generator=torch.Generator().manual_seed(seed), dtype=torch.uint8)
+    parts = symbols.encode_symbols(x, width)
+    assert torch.equal(symbols.decode_symbols(parts, n, "t"), x)
+    assert symbols.stream_nbytes(parts) <= packed_nbytes(n, width) + _stream_overhead(n)
+
+
+@pytest.mark.parametrize("k", [2, 4, 16, 256])
+def test_entropy_coding_is_strictly_smaller_on_skewed_indices_and_near_their_entropy(k):
+    n = 200_000
+    x = _skewed(n, k)
+    bits = max(1, (k - 1).bit_length())
+    parts = symbols.encode_symbols(x, bits)
+    counts = torch.bincount(x.long(), minlength=k).double()
+    p = counts[counts > 0] / n
+    entropy_bytes = float(-(p * p.log2()).sum()) * n / 8
+    size = symbols.stream_nbytes(parts)
+    assert size < packed_nbytes(n, bits)
+    assert size <= 1.01 * entropy_bytes + _stream_overhead(n) + 64 * 4 + 2 * k  # + states, tables
+
+
+def test_a_constant_stream_costs_almost_nothing():
+    for value in (0, 7, 255):
+        x = torch.full((300_000,), value, dtype=torch.uint8)
+        parts = symbols.encode_symbols(x, 8)
+        assert torch.equal(symbols.decode_symbols(parts, x.numel(), "t"), x)
+        assert symbols.stream_nbytes(parts) < 600
+
+
+def test_entropy_coded_matrix_counts_every_part_and_beats_packing_when_skewed():
+    w = _matrix(100, 1000, dtype=torch.float32)
+    packed = encode_kmeans(w, KMeansSpec(k=16))
+    coded = entropy_code(packed, "w")
+    header_growth = coded["header"].numel() - packed["header"].numel()
+    assert _nbytes(coded) <= _nbytes(packed) + _stream_overhead(w.numel()) + header_growth
+    # Gaussian weights: the outer clusters are rarely used, so coding the indices pays
+    assert _nbytes(coded) < _nbytes(packed)
+
+
+@pytest.fixture(scope="module")
+def coded_matrix():
+    """A K=16 matrix of 90000 values (two chunks of indices, both coded), entropy-coded."""
+    w = _matrix(90, 1000, dtype=torch.float32)
+    return entropy_code(encode_kmeans(w, KMeansSpec(k=16)), "layer.w")
+
+
+def test_corrupt_or_truncated_index_streams_raise_naming_the_tensor(coded_matrix):
+    parts = coded_matrix
+    code, offsets = parts["indices_rans_code"], parts["indices_rans_offsets"]
+    assert parts["indices_rans_modes"].tolist() == [0, 0]  # both chunks coded
+    flip = lambda t, i: torch.cat([t[:i], t[i:i + 1] ^ 0x5A, t[i + 1:]])  # noqa: E731
+    bad = {
+        "first chunk byte": ("indices_rans_code", flip(code, 40)),
+        "second chunk byte": ("indices_rans_code", flip(code, int(offsets[1]) + 100)),
+        "truncated": ("indices_rans_code", code[:-40]),
+        "states": ("indices_rans_code", flip(code, 3)),
+        "offsets": ("indices_rans_offsets", torch.tensor([0, int(offsets[1]) - 4, int(offsets[2])])),
+        "offsets short": ("indices_rans_offsets", offsets[:2]),
+        "modes": ("indices_rans_modes", torch.tensor([0, 1], dtype=torch.uint8)),
+        "checksum": ("indices_rans_check", parts["indices_rans_check"] ^ 1),
+        "tables": ("indices_rans_tables", flip(parts["indices_rans_tables"], 2)),
+        "head": ("indices_rans_head", parts["indices_rans_head"] + torch.eye(9, dtype=torch.int64)[2]),
+        "dtype": ("indices_rans_offsets", offsets.to(torch.int32)),
+    }
+    for field, value in bad.values():
+        with pytest.raises(UnweightError, match="'layer.w'"):
+            decode({**parts, field: value}, "layer.w")
+    for field in ("indices_rans_code", "indices_rans_head", "indices_rans_check"):
+        missing = {k: v for k, v in parts.items() if k != field}
+        with pytest.raises(UnweightError, match=field.removeprefix("indices_rans_")):
+            decode(missing, "layer.w")
+    with pytest.raises(UnweightError, match="chunk 1 of 2"):
+        decode({**parts, "indices_rans_code": flip(code, int(offsets[1]) + 100)}, "layer.w")
+
+
+@settings(max_examples=30, deadline=None)
+@given(st.data())
+def test_any_flipped_byte_of_a_coded_segment_raises(coded_matrix, data):
+    parts = coded_matrix
+    code = parts["indices_rans_code"]
+    i = data.draw(st.integers(0, int(parts["indices_rans_offsets"][-1]) - 1))
+    x = data.draw(st.integers(1, 255))
+    bad = code.clone()
+    bad[i] ^= x
+    with pytest.raises(UnweightError, match="'layer.w'.*chunk"):
+        decode({**parts, "indices_rans_code": bad}, "layer.w")
+
+
+@pytest.mark.parametrize("method", [["--method", "kmeans", "--k", "8", "--outliers", "2"],
+                                    ["--method", "kmeans", "--k", "4", "--affine", "moments"],
+                                    ["--method", "rtn", "--bits", "3", "--group-size", "16"]])
+def test_compress_entropy_loads_to_the_same_weights(tiny_llama, tmp_path, method, one_thread):
+    from transformers import AutoModelForCausalLM
+
+    summaries = {}
+    for tag, extra in {"packed": [], "coded": ["--entropy"]}.items():
+        out = io.StringIO()
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(io.StringIO()):
+            assert main(["compress", str(tiny_llama), str(tmp_path / tag), *method, *extra,
+                         "--threads", "1", "--json"]) == 0
+        summaries[tag] = json.loads(out.getvalue())
+    qc = json.loads((tmp_path / "coded" / "config.json").read_text())["quantization_config"]
+    assert qc["entropy"] == "rans" and "entropy" not in summaries["packed"]["quantization_config"]
+    dense = {tag: decode_tensors(tmp_path / tag) for tag in summaries}
+    assert set(dense["packed"]) == set(dense["coded"])
+    for name, t in dense["packed"].items():
+        assert same_bits(dense["coded"][name], t), name
+    models = {tag: AutoModelForCausalLM.from_pretrained(tmp_path / tag) for tag in summaries}
+    coded_params = dict(models["coded"].named_parameters())
+    for name, p in models["packed"].named_parameters():
+        assert torch.equal(coded_params[name], p), name
+    for name, p in coded_params.items():
+        assert torch.equal(p.detach().to(dense["coded"][name].dtype), dense["coded"][name]), name
+    header_growth = len(',"entropy":"rans"')
+    for packed, coded in zip(*(summaries[t]["per_tensor"] for t in ("packed", "coded"))):
+        numel = torch.Size(packed["shape"]).numel()
+        assert coded["stored"] <= packed["stored"] + _stream_overhead(numel) + header_growth, packed["name"]
+
+
+def test_entropy_needs_kmeans_or_rtn(tiny_llama, tmp_path, capsys):
+    assert main(["compress", str(tiny_llama), str(tmp_path / "out"), "--method", "lossless", "--entropy"]) == 2
+    err = capsys.readouterr().err
+    assert "--entropy" in err and "'lossless'" in err and len(err.strip().splitlines()) == 1
+    assert not (tmp_path / "out").exists()

@@ -57,10 +57,16 @@ def test_codebook_linear_logits_equal_dense(granularity, outliers, packed):
 
 @pytest.mark.parametrize("granularity", ["matrix", "group:8"])
 @pytest.mark.parametrize("packed", [False, True])
-def test_codebook_linear_weight_is_the_format_decode(granularity, packed):
+@pytest.mark.parametrize("entropy", [False, True])
+def test_codebook_linear_weight_is_the_format_decode(granularity, packed, entropy):
+    from unweight.cluster.codebook import entropy_code
+
     w = (torch.randn(48, 40) * 0.02).bfloat16()
     w[3, 5] = 2.0  # a planted outlier, kept exactly
     parts = encode_kmeans(w, KMeansSpec(k=16, granularity=granularity, outliers=1))
+    if entropy:  # rANS-coded indices (--entropy) load the same
+        parts = entropy_code(parts, "w")
+        assert "indices" not in parts
     m = CodebookLinear(clustered_from_parts(parts), packed=packed)
     assert torch.equal(m.weight, decode(parts, "w"))
     assert m.weight[3, 5] == 2.0

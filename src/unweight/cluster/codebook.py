@@ -8,7 +8,12 @@ One encoded matrix ``NAME`` is stored as plain tensors ``NAME.cb.{field}``:
 - kind ``rtn`` (group round-to-nearest, ``unweight.quant.rtn``): ``q`` U8 packed at ``bits``, ``scale``
   F16 ``[rows, n_groups]`` and ``zero`` (U8 integer zero points, or F16 minima for ``asym_float``);
 - optional dense-and-sparse outliers (``unweight.outliers``): ``outlier_idx`` I32 flat indices and
-  ``outlier_val`` in the matrix's dtype, written back exactly on decode.
+  ``outlier_val`` in the matrix's dtype, written back exactly on decode;
+- optionally (:func:`entropy_code`, header ``"entropy": "rans"``) the indices or levels rANS-coded
+  instead of bit-packed: ``indices`` (or ``q``) is then replaced by the parts of one order-0 symbol
+  stream, ``indices_rans_{head,code,offsets,modes,check,tables}`` (``unweight.lossless.symbols``), which
+  is never larger than the packed field plus its header, offsets, modes, checksums and padding.
+  Decoding accepts both; the header's ``bits`` is still the width the values fit in.
 
 Every figure of bits per weight counts all of these tensors. Scales are stored in float16 and the
 levels are computed from the stored (rounded) scales, so what is measured is what loads.
@@ -32,6 +37,8 @@ from unweight.quant.rtn import GroupLevels, rtn_qparams, rtn_quantize_with_qpara
 FORMAT_VERSION = 1
 TAG = "cb"
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
+LEVELS = {"kmeans": "indices", "rtn": "q"}  # the field holding each kind's per-weight values
+ENTROPY = "rans"  # header "entropy": the values are an unweight.lossless.symbols stream
 
 
 @dataclass(frozen=True)
@@ -50,7 +57,10 @@ class RTNSpec:
 
 
 def _header(kind: str, w: torch.Tensor, **params) -> torch.Tensor:
-    h = {"kind": kind, "dtype": str(w.dtype).removeprefix("torch."), "shape": list(w.shape), **params}
+    return _json({"kind": kind, "dtype": str(w.dtype).removeprefix("torch."), "shape": list(w.shape), **params})
+
+
+def _json(h: dict) -> torch.Tensor:
     return torch.frombuffer(bytearray(json.dumps(h, separators=(",", ":")).encode()), dtype=torch.uint8)
 
 
@@ -116,13 +126,58 @@ def _parse(parts: Parts, name: str):
     return h, dtype, shape, numel, need
 
 
+def _levels(parts: Parts, h: dict, name: str, numel: int, need) -> torch.Tensor:
+    """The flat uint8 indices (``kmeans``) or levels (``rtn``), bit-packed or rANS-coded."""
+    field, bits = LEVELS[h["kind"]], int(h["bits"])
+    coding = h.get("entropy")
+    if coding is None:
+        return unpack_bits(need(field, packed_nbytes(numel, bits)), bits, numel)
+    if coding != ENTROPY:
+        raise UnweightError(f"tensor {name!r}: unknown entropy coding {coding!r} of {field!r}")
+    from unweight.lossless.symbols import decode_symbols
+
+    prefix = f"{field}_{ENTROPY}_"
+    values = decode_symbols({k.removeprefix(prefix): v for k, v in parts.items() if k.startswith(prefix)},
+                            numel, name)
+    if numel and int(values.max()) >= 1 << bits:
+        raise UnweightError(f"tensor {name!r}: a stored value exceeds {bits} bits: corrupt")
+    return values
+
+
+def stored_values(parts: Parts, name: str = "<tensor>") -> torch.Tensor:
+    """The per-weight values as stored, uint8 in the matrix's shape: K-means indices or RTN levels,
+    whether bit-packed or rANS-coded (outliers not applied)."""
+    h, _, shape, numel, need = _parse(parts, name)
+    if h["kind"] not in LEVELS:
+        raise UnweightError(f"tensor {name!r}: unknown codebook kind {h['kind']!r}")
+    return _levels(parts, h, name, numel, need).view(shape)
+
+
+def entropy_code(parts: Parts, name: str = "<tensor>") -> Parts:
+    """The same matrix with its indices (``kmeans``) or levels (``rtn``) rANS-coded instead of
+    bit-packed (one order-0 table per matrix); it decodes to the same tensor. Idempotent."""
+    h, _, _, numel, need = _parse(parts, name)
+    if h.get("entropy") == ENTROPY:
+        return parts
+    if h["kind"] not in LEVELS:
+        raise UnweightError(f"tensor {name!r}: unknown codebook kind {h['kind']!r}")
+    from unweight.lossless.symbols import encode_symbols
+
+    field, bits = LEVELS[h["kind"]], int(h["bits"])
+    values = _levels(parts, h, name, numel, need)
+    out = {k: v for k, v in parts.items() if k not in (field, "header")}
+    out["header"] = _json({**h, "entropy": ENTROPY})
+    out.update({f"{field}_{ENTROPY}_{s}": t for s, t in encode_symbols(values, bits).items()})
+    return out
+
+
 def rtn_levels(parts: Parts, name: str) -> GroupLevels | None:
     """The stored levels of an ``rtn`` matrix (None for ``kmeans``); outliers are not included."""
     h, _, shape, numel, need = _parse(parts, name)
     if h["kind"] != "rtn":
         return None
     bits = int(h["bits"])
-    q = unpack_bits(need("q", packed_nbytes(numel, bits)), bits, numel).view(shape)
+    q = _levels(parts, h, name, numel, need).view(shape)
     return GroupLevels(q, need("scale"), need("zero"), bits, int(h["group_size"]), h["scheme"])
 
 
@@ -131,9 +186,9 @@ def decode(parts: Parts, name: str) -> torch.Tensor:
     h, dtype, shape, numel, need = _parse(parts, name)
     kind = h["kind"]
     if kind == "kmeans":
-        bits, gran = int(h["bits"]), h["granularity"]
+        gran = h["granularity"]
         codebook = need("codebook", 4 * n_codebooks(shape, gran) * int(h["k"])).view(-1, int(h["k"]))
-        idx = unpack_bits(need("indices", packed_nbytes(numel, bits)), bits, numel).view(shape)
+        idx = _levels(parts, h, name, numel, need).view(shape)
         if numel and int(idx.max()) >= codebook.shape[1]:
             raise UnweightError(f"tensor {name!r}: an index exceeds the codebook size: corrupt")
         w = codebook_decode(codebook, idx, granularity=gran, dtype=dtype)
@@ -150,4 +205,4 @@ def decode(parts: Parts, name: str) -> torch.Tensor:
 
 
 FORMAT = register(Format(quant_method="unweight-codebook", tag=TAG, version=FORMAT_VERSION, decode=decode,
-                         description="K-means codebooks or RTN levels, bit-packed, with exact outliers"))
+                         description="K-means codebooks or RTN levels, bit-packed or rANS-coded, exact outliers"))

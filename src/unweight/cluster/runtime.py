@@ -52,12 +52,12 @@ def clustered_from_parts(parts: Parts, name: str = "<tensor>") -> ClusteredMatri
         raise UnweightError(f"tensor {name!r}: corrupt or missing codebook header ({exc})") from None
     if kind != "kmeans":
         raise UnweightError(f"tensor {name!r}: a CodebookLinear needs kind 'kmeans', got {kind!r}")
-    for field in ("codebook", "indices"):
-        if field not in parts:
-            raise UnweightError(f"tensor {name!r}: part {field!r} is missing")
-    k, bits = int(h["k"]), int(h["bits"])
-    numel = math.prod(shape)
-    assignments = unpack_bits(parts["indices"], bits, numel).view(shape)
+    if "codebook" not in parts:
+        raise UnweightError(f"tensor {name!r}: part 'codebook' is missing")
+    from unweight.cluster.codebook import stored_values
+
+    k, numel = int(h["k"]), math.prod(shape)
+    assignments = stored_values(parts, name)  # bit-packed or rANS-coded (--entropy)
     if numel and int(assignments.max()) >= k:
         raise UnweightError(f"tensor {name!r}: an index exceeds the codebook size: corrupt")
     idx = parts.get("outlier_idx")

@@ -2,6 +2,7 @@
 
   unweight compress smollm2-135m out/lossless --method lossless
   unweight compress out/smollm2-bf16 out/k16 --method kmeans --k 16
+  unweight compress smollm2-135m out/k16e --method kmeans --k 16 --entropy   (indices rANS-coded; also rtn)
   unweight compress smollm2-135m out/rtn4 --method rtn --bits 4 --group-size 128
   unweight compress smollm2-135m out/gptq4 --method gptq --bits 4        (also: awq)
   unweight compress smollm2-135m out/wanda24 --method wanda --pattern 2:4  (also: magnitude, sparsegpt)
@@ -179,6 +180,19 @@ def _rtn(args):
     return FORMAT, _targets(args, config, encode), config
 
 
+def _entropy_coded(config: dict, encode):
+    """--entropy: the encoder's parts with the indices/levels rANS-coded (after any refinement); recorded."""
+    from unweight.cluster.codebook import ENTROPY, entropy_code
+
+    config["entropy"] = ENTROPY
+
+    def coded(name, t):
+        parts = encode(name, t)
+        return None if parts is None else entropy_code(parts, name)
+
+    return coded
+
+
 LAYERWISE = ("magnitude", "wanda", "sparsegpt", "gptq", "awq")
 
 
@@ -248,6 +262,9 @@ def add_arguments(p):
                    help="keep weights exactly (dense-and-sparse; kmeans, rtn, gptq, awq, pruning with --quant): none, "
                         "auto, a count N, or a fraction (0.05%%)")
     g.add_argument("--include-embeddings", action="store_true", help="also compress embeddings and the output head")
+    g.add_argument("--entropy", action="store_true",
+                   help="kmeans, rtn: rANS-code the indices/levels (one order-0 table per matrix) instead of "
+                        "bit-packing them; at most 113 bytes per matrix + 17 per 64K weights above packed")
     g.add_argument("--calib-samples", type=int, default=16, help="calibration windows (default: 16)")
     g.add_argument("--calib-seq-len", type=int, default=512, help="calibration window length (default: 512)")
     g.add_argument("--recipe", metavar="YAML",
@@ -316,6 +333,9 @@ def run(args) -> int:
     if (args.finetune_steps or args.affine) and args.method != "kmeans":
         raise UnweightError(f"--finetune-steps and --affine refine K-means codebooks; method {args.method!r} "
                             f"has none")
+    if args.entropy and args.method not in ("kmeans", "rtn"):
+        raise UnweightError(f"--entropy codes K-means indices or RTN levels (--method kmeans or rtn); method "
+                            f"{args.method!r} stores neither")
     if args.finetune_steps < 0:
         raise UnweightError(f"--finetune-steps must be >= 0, got {args.finetune_steps}")
     args.finetune_lr = DEFAULT_LR if args.finetune_lr is None else args.finetune_lr
@@ -325,6 +345,8 @@ def run(args) -> int:
     if args.loaded_recipe is not None:
         _check_recipe_names(args)
     fmt, encode, config = METHODS[args.method](args)
+    if args.entropy:
+        encode = _entropy_coded(config, encode)
     stats = compress_checkpoint(args.src, args.out, fmt, encode, config, overwrite=args.force)
     if args.loaded_recipe is not None:  # the folder says how it was made (DESIGN.md, on-disk format)
         from unweight.recipe import dump
