@@ -35,11 +35,17 @@ STAGES = [
     ("rtn 3-bit g128", ["--method", "rtn", "--bits", "3", "--group-size", "128"]),
     ("kmeans K=16", ["--method", "kmeans", "--k", "16"]),
     ("kmeans K=16 + outliers auto", ["--method", "kmeans", "--k", "16", "--outliers", "auto"]),
+    ("kmeans K=16 + outliers auto + entropy", ["--method", "kmeans", "--k", "16", "--outliers", "auto",
+                                               "--entropy"]),
     ("kmeans K=64 + outliers auto", ["--method", "kmeans", "--k", "64", "--outliers", "auto"]),
     # calibrated methods on a short calibration slice (4 x 512 tokens) to keep the demo short
     ("gptq 4-bit g128", ["--method", "gptq", "--bits", "4", *CALIB]),
     ("wanda 2:4", ["--method", "wanda", "--pattern", "2:4", *CALIB]),
+    # exported with `unweight export` and loaded back by transformers + compressed-tensors (vLLM's format)
+    ("gptq 4-bit g64 sym -> compressed-tensors", ["--method", "gptq", "--bits", "4", "--group-size", "64",
+                                                   "--scheme", "sym", *CALIB]),
 ]
+EXPORTED = "-> compressed-tensors"
 
 
 def add_arguments(p):
@@ -87,6 +93,17 @@ def run(args) -> int:
             rc, _ = _quiet(["verify", str(bf16), str(target)])
             extra["bit-exact"] = rc == 0
             extra["ratio"] = stats["ratio"]
+        if label.endswith(EXPORTED):
+            try:
+                import compressed_tensors  # noqa: F401  (transformers needs it to load the export)
+            except ImportError:
+                print(f"demo: skipping {label!r}: pip install compressed-tensors to load the export")
+                continue
+            exported = target.with_name(target.name + "-ct")
+            rc, _ = _quiet(["export", str(target), str(exported), "--force"])
+            if rc != 0:
+                raise UnweightError(f"demo stage {label!r}: unweight export failed")
+            target, seconds = exported, time.perf_counter() - t
         measure(label, load_causal_lm(str(target))[0], stats["bits_per_weight"], seconds, **extra)
 
     title = (f"unweight demo: {args.model} (4-bit-derived GGUF), {windows.numel():,} tokens of Austen "
