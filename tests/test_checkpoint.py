@@ -138,3 +138,18 @@ def test_corrupt_gguf(tmp_path):
     p.write_bytes(b"GGUF" + b"\x00" * 13)
     with pytest.raises(UnweightError, match="x.gguf"):
         open_checkpoint(p)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_gguf_get_as_equals_get_then_cast_for_every_tensor(tmp_path, monkeypatch, dtype):
+    """Block-wise dequantization into the target dtype (small blocks here, so every matrix takes
+    several) gives exactly get().to(dtype), whether the architecture's processor leaves a tensor
+    alone (embeddings, MLP) or rewrites it (llama's q/k permutation takes the general path)."""
+    import unweight.checkpoint as checkpoint
+    from conftest import make_tiny_gguf
+
+    monkeypatch.setattr(checkpoint, "DEQUANT_ROWS", 5)
+    ckpt = open_checkpoint(make_tiny_gguf(tmp_path / "tiny.gguf"))
+    for name in ckpt.names():
+        got = ckpt.get_as(name, dtype)
+        assert got.dtype == dtype and torch.equal(got, ckpt.get(name).to(dtype)), name

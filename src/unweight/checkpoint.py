@@ -152,6 +152,11 @@ class Checkpoint:
     def get(self, name: str) -> torch.Tensor:
         raise NotImplementedError
 
+    def get_as(self, name: str, dtype: torch.dtype) -> torch.Tensor:
+        """``get(name)`` with floating-point tensors cast to ``dtype`` (integer tensors as stored)."""
+        t = self.get(name)
+        return t.to(dtype) if t.is_floating_point() else t
+
     def items(self) -> Iterator[tuple[str, torch.Tensor]]:
         for name in self.names():
             yield name, self.get(name)
@@ -280,6 +285,32 @@ class GgufCheckpoint(Checkpoint):
     def info(self, name: str) -> TensorInfo:
         t = self._tensors[self._gguf_name(name)]
         return TensorInfo(name, t.tensor_type.name, tuple(int(d) for d in reversed(t.shape)))
+
+    def get_as(self, name: str, dtype: torch.dtype) -> torch.Tensor:
+        """Dequantized straight into ``dtype``, row block by row block, when the architecture's tensor
+        processor leaves the tensor as it is (tried on the first block): the float32 tensor never
+        exists whole. Otherwise (a processor that permutes or shifts it), ``get`` then cast."""
+        from gguf import dequantize
+
+        g = self._gguf_name(name)
+        t = self._tensors[g]
+        if dtype == torch.float32 or t.data.ndim < 2 or t.data.shape[0] <= DEQUANT_ROWS:
+            return super().get_as(name, dtype)
+        mapping, processor = self._mapping()
+        try:
+            first = np.array(dequantize(t.data[:DEQUANT_ROWS], t.tensor_type), dtype=np.float32)
+            probe = processor.process(weights=first, name=g, tensor_key_mapping=mapping,
+                                      parsed_parameters={}).weights
+        except Exception:  # noqa: BLE001  (any trouble: take the general path, which reports it)
+            return super().get_as(name, dtype)
+        if probe is not first:
+            return super().get_as(name, dtype)
+        out = torch.empty((t.data.shape[0], *first.shape[1:]), dtype=dtype)
+        out[:DEQUANT_ROWS] = torch.from_numpy(first).to(dtype)
+        for start in range(DEQUANT_ROWS, t.data.shape[0], DEQUANT_ROWS):
+            block = dequantize(t.data[start:start + DEQUANT_ROWS], t.tensor_type)
+            out[start:start + DEQUANT_ROWS] = torch.from_numpy(np.array(block, dtype=np.float32)).to(dtype)
+        return out
 
     def get(self, name: str) -> torch.Tensor:
         from gguf import dequantize

@@ -64,9 +64,7 @@ def convert(src: str | Path, out: str | Path, dtype: str = "bf16", overwrite: bo
         elif ckpt.format == "hf":
             copy_side_files(ckpt.path, w.folder)
         for name in tqdm(names, desc=f"convert to {dtype}", unit="tensor", disable=not progress):
-            t = ckpt.get(name)
-            if t.is_floating_point():
-                t = t.to(target)  # the float32 original is freed here, not at the next get
+            t = ckpt.get_as(name, target)  # GGUF: dequantized into the target dtype block by block
             w.add(name, t)
             del t
     return Path(out)
