@@ -80,9 +80,10 @@ def _scheme(lv: GroupLevels, cols: int) -> tuple:
 
 
 def _stored(fmt_name: str, parts: dict, name: str):
-    """``(levels, mask, sparsity)`` of one encoded tensor, or an error saying why it cannot be exported."""
+    """``(levels, mask, sparsity, dense)`` of one encoded tensor (the dense weights as unweight loads
+    them), or an error saying why it cannot be exported."""
     if fmt_name == "unweight-codebook":
-        from unweight.cluster.codebook import rtn_levels
+        from unweight.cluster.codebook import decode, rtn_levels
 
         if "outlier_idx" in parts:
             raise UnweightError("exact outliers have no compressed-tensors form; compress without --outliers")
@@ -90,7 +91,7 @@ def _stored(fmt_name: str, parts: dict, name: str):
         if lv is None:
             raise UnweightError("K-means codebooks have no compressed-tensors form (it holds integer "
                                 "levels only); export RTN, GPTQ or pruned results")
-        return lv, None, "dense"
+        return lv, None, "dense", decode(parts, name)
     from unweight.layerwise_format import unpack_linear
 
     s = unpack_linear(parts, name)
@@ -99,7 +100,7 @@ def _stored(fmt_name: str, parts: dict, name: str):
     if s.input_scale is not None:
         raise UnweightError("AWQ input scales would have to be folded into the preceding layer, which "
                             "the export does not do yet")
-    return s.levels, s.mask, s.sparsity
+    return s.levels, s.mask, s.sparsity, s.dense()
 
 
 def _check_pattern(dense: torch.Tensor, pattern: str) -> None:
@@ -137,8 +138,7 @@ def export_compressed_tensors(src: str | os.PathLike, out: str | os.PathLike, ov
             parts = {p.rsplit(marker, 1)[1]: ckpt.get(p) for p in groups.pop(base)}
             module = base.removesuffix(".weight")
             try:
-                levels, mask, sparsity = _stored(fmt.quant_method, parts, base)
-                dense = fmt.decode(parts, base)
+                levels, mask, sparsity, dense = _stored(fmt.quant_method, parts, base)
                 if mask is not None:
                     if sparsity != "mask":
                         _check_pattern(dense, sparsity)
