@@ -110,17 +110,16 @@ def options_for(method: str, outliers: str | int | float | None = None) -> list[
     return [s if outliers is None else {**s, "outliers": outliers} for s in OPTIONS[method]]
 
 
-def option_bits(method: str, w: torch.Tensor, settings: dict) -> float:
-    """Bits per weight of ``w`` under ``settings``, the exact weights included: an int32 index and a
+def outlier_bits(w: torch.Tensor, outliers: str | int | float | None) -> float:
+    """Bits per weight of ``w``'s exact weights (the same for every option): an int32 index and a
     value each, the value 16-bit when ``w`` holds bfloat16 values (a bf16 checkpoint), else 32-bit."""
-    bits = setting_bits(method, tuple(w.shape), settings)
-    if settings.get("outliers") is None:
-        return bits
-    from unweight.outliers import parse_outliers, select_outliers
+    if outliers is None:
+        return 0.0
+    from unweight.outliers import select_outliers
 
-    n = select_outliers(w, parse_outliers(settings["outliers"])).numel()
+    n = select_outliers(w, outliers).numel()
     value_bits = 16 if torch.equal(w.to(torch.bfloat16).to(w.dtype), w) else 32
-    return bits + n * (32 + value_bits) / w.numel()
+    return n * (32 + value_bits) / w.numel()
 
 
 @torch.no_grad()
@@ -148,11 +147,13 @@ def measure_options(model, tok, method: str, estimate: str, n_windows: int, seq_
     for name, (_, linear) in tqdm(linears.items(), desc=f"options ({estimate})", unit="matrix",
                                   disable=not progress):
         w = linear.weight.data
+        exact = outlier_bits(w, outliers)
         options = []
         for settings in options_for(method, outliers):
             new = reconstruct(w, method, settings)
             loss = tail.increase(name, new) if fisher is None else fisher_estimate(fisher[name], new - w)
-            options.append({"settings": settings, "bits": option_bits(method, w, settings), "loss": loss})
+            options.append({"settings": settings, "bits": setting_bits(method, tuple(w.shape), settings) + exact,
+                            "loss": loss})
         result["matrices"][name] = {"numel": w.numel(), "shape": list(w.shape), "options": options}
     return result
 
