@@ -16,6 +16,7 @@ Pickles (``.bin``, ``.pt``, ``.pth``, ``.ckpt``, ``.pkl``) are refused: unweight
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import shutil
@@ -290,15 +291,14 @@ class GgufCheckpoint(Checkpoint):
         """Dequantized straight into ``dtype``, row block by row block, when the architecture's tensor
         processor leaves the tensor as it is (tried on the first block): the float32 tensor never
         exists whole. Otherwise (a processor that permutes or shifts it), ``get`` then cast."""
-        from gguf import dequantize
-
         g = self._gguf_name(name)
         t = self._tensors[g]
         if dtype == torch.float32 or t.data.ndim < 2 or t.data.shape[0] <= DEQUANT_ROWS:
             return super().get_as(name, dtype)
         mapping, processor = self._mapping()
+        blocks = _row_blocks(t.data, t.tensor_type)
         try:
-            first = np.array(dequantize(t.data[:DEQUANT_ROWS], t.tensor_type), dtype=np.float32)
+            _, first = next(blocks)
             probe = processor.process(weights=first, name=g, tensor_key_mapping=mapping,
                                       parsed_parameters={}).weights
         except Exception:  # noqa: BLE001  (any trouble: take the general path, which reports it)
@@ -306,15 +306,11 @@ class GgufCheckpoint(Checkpoint):
         if probe is not first:
             return super().get_as(name, dtype)
         out = torch.empty((t.data.shape[0], *first.shape[1:]), dtype=dtype)
-        out[:DEQUANT_ROWS] = torch.from_numpy(first).to(dtype)
-        for start in range(DEQUANT_ROWS, t.data.shape[0], DEQUANT_ROWS):
-            block = dequantize(t.data[start:start + DEQUANT_ROWS], t.tensor_type)
-            out[start:start + DEQUANT_ROWS] = torch.from_numpy(np.array(block, dtype=np.float32)).to(dtype)
+        for start, block in itertools.chain([(0, first)], blocks):
+            out[start:start + len(block)] = torch.from_numpy(np.require(block, requirements="W")).to(dtype)
         return out
 
     def get(self, name: str) -> torch.Tensor:
-        from gguf import dequantize
-
         g = self._gguf_name(name)
         t = self._tensors[g]
         mapping, processor = self._mapping()
@@ -333,20 +329,30 @@ class GgufCheckpoint(Checkpoint):
 DEQUANT_ROWS = 8192  # rows dequantized at a time: gguf's temporaries stay ~ a few MB, not ~3x the tensor
 
 
+def _row_blocks(data: np.ndarray, qtype) -> Iterator[tuple[int, np.ndarray]]:
+    """``(first row, float32 block)``: ``gguf.dequantize`` of a tensor by blocks of
+    :data:`DEQUANT_ROWS` rows (one block when it has no more rows, or fewer than two dimensions)."""
+    from gguf import dequantize
+
+    if data.ndim < 2 or data.shape[0] <= DEQUANT_ROWS:
+        yield 0, np.asarray(dequantize(data, qtype), dtype=np.float32)
+        return
+    for start in range(0, data.shape[0], DEQUANT_ROWS):
+        yield start, np.asarray(dequantize(data[start:start + DEQUANT_ROWS], qtype), dtype=np.float32)
+
+
 def _dequantize_rows(data: np.ndarray, qtype) -> np.ndarray:
     """``gguf.dequantize`` of a whole tensor, row block by row block, into one private float32 array.
 
     gguf dequantizes a whole tensor at once through several full-size temporaries; done by blocks of
     :data:`DEQUANT_ROWS` rows, the peak is the float32 result plus one block's temporaries."""
-    from gguf import dequantize
-
+    blocks = _row_blocks(data, qtype)
+    _, first = next(blocks)
     if data.ndim < 2 or data.shape[0] <= DEQUANT_ROWS:
-        return np.array(dequantize(data, qtype), dtype=np.float32)
-    first = dequantize(data[:DEQUANT_ROWS], qtype)
+        return np.array(first)  # private: the processors may change it in place
     out = np.empty((data.shape[0], *first.shape[1:]), dtype=np.float32)
-    out[:DEQUANT_ROWS] = first
-    for start in range(DEQUANT_ROWS, data.shape[0], DEQUANT_ROWS):
-        out[start:start + DEQUANT_ROWS] = dequantize(data[start:start + DEQUANT_ROWS], qtype)
+    for start, block in itertools.chain([(0, first)], blocks):
+        out[start:start + len(block)] = block
     return out
 
 
