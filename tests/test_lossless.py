@@ -66,8 +66,11 @@ def make(dtype: torch.dtype, shape: tuple[int, ...], kind: str, seed: int) -> to
     if kind == "special" and n:
         sp = specials(dtype)
         idx = torch.from_numpy(rng.integers(0, n, size=max(1, n // 7)))
-        flat = t.reshape(-1)
-        flat[idx] = sp[torch.from_numpy(rng.integers(0, sp.numel(), size=idx.numel()))]
+        view = INT_VIEW[t.element_size()]
+        # numpy's fancy assignment: the last of repeated indices wins, always (torch leaves it open,
+        # and with several threads the winner varies from run to run)
+        flat = t.reshape(-1).view(view).numpy()
+        flat[idx.numpy()] = sp.view(view).numpy()[rng.integers(0, sp.numel(), size=idx.numel())]
     return t
 
 
