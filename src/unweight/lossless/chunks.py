@@ -28,6 +28,13 @@ ERR_LOW = 4  # the FP32 low segment disagrees with its own block headers
 ERR_CHECKSUM = 5
 ERR_MODE = 6
 
+# what a chunk kernel's status means, for the segment errors every stream shares
+SEGMENT_ERRORS = {
+    rans.ERR_OVERRUN: "coded segment ends early (truncated or corrupt)",
+    rans.ERR_STATE: "coded segment is corrupt (the decoder did not end in its initial state)",
+    ERR_RAW_SIZE: "raw segment has the wrong length",
+}
+
 
 @njit(cache=True, nogil=True)
 def close_gaps(buf, starts, dests, lengths):

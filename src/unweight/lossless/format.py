@@ -39,9 +39,7 @@ HEAD_FIELDS = ("magic", "version", "dtype", "numel", "chunk", "lanes", "prob_bit
 _F = {name: i for i, name in enumerate(HEAD_FIELDS)}
 
 _ERRORS = {
-    rans.ERR_OVERRUN: "coded segment ends early (truncated or corrupt)",
-    rans.ERR_STATE: "coded segment is corrupt (the decoder did not end in its initial state)",
-    chunks.ERR_RAW_SIZE: "raw segment has the wrong length",
+    **chunks.SEGMENT_ERRORS,
     chunks.ERR_LOW: "low-mantissa segment is corrupt",
     chunks.ERR_CHECKSUM: "checksum mismatch: decoded bytes differ from the original",
     chunks.ERR_MODE: "unknown chunk mode",

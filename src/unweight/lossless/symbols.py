@@ -61,9 +61,7 @@ HEAD_FIELDS = ("magic", "version", "numel", "chunk", "lanes", "prob_bits", "widt
 _F = {f: i for i, f in enumerate(HEAD_FIELDS)}
 
 _ERRORS = {
-    rans.ERR_OVERRUN: "coded segment ends early (truncated or corrupt)",
-    rans.ERR_STATE: "coded segment is corrupt (the decoder did not end in its initial state)",
-    chunks.ERR_RAW_SIZE: "raw segment has the wrong length",
+    **chunks.SEGMENT_ERRORS,
     chunks.ERR_CHECKSUM: "checksum mismatch: decoded symbols differ from the original",
     chunks.ERR_MODE: "unknown chunk mode (or coded without a code table)",
 }
