@@ -105,7 +105,7 @@ def encode_rtn(w: torch.Tensor, spec: RTNSpec) -> Parts:
     return parts
 
 
-def _parse(parts: Parts, name: str):
+def parse_parts(parts: Parts, name: str):
     """``(header, dtype, shape, numel, need)``: the header's fields and a checked part getter."""
     try:
         h = json.loads(bytes(parts["header"].numpy()).decode())
@@ -147,7 +147,7 @@ def _levels(parts: Parts, h: dict, name: str, numel: int, need) -> torch.Tensor:
 def stored_values(parts: Parts, name: str = "<tensor>") -> torch.Tensor:
     """The per-weight values as stored, uint8 in the matrix's shape: K-means indices or RTN levels,
     whether bit-packed or rANS-coded (outliers not applied)."""
-    h, _, shape, numel, need = _parse(parts, name)
+    h, _, shape, numel, need = parse_parts(parts, name)
     if h["kind"] not in LEVELS:
         raise UnweightError(f"tensor {name!r}: unknown codebook kind {h['kind']!r}")
     return _levels(parts, h, name, numel, need).view(shape)
@@ -156,7 +156,7 @@ def stored_values(parts: Parts, name: str = "<tensor>") -> torch.Tensor:
 def entropy_code(parts: Parts, name: str = "<tensor>") -> Parts:
     """The same matrix with its indices (``kmeans``) or levels (``rtn``) rANS-coded instead of
     bit-packed (one order-0 table per matrix); it decodes to the same tensor. Idempotent."""
-    h, _, _, numel, need = _parse(parts, name)
+    h, _, _, numel, need = parse_parts(parts, name)
     if h.get("entropy") == ENTROPY:
         return parts
     if h["kind"] not in LEVELS:
@@ -173,7 +173,7 @@ def entropy_code(parts: Parts, name: str = "<tensor>") -> Parts:
 
 def rtn_levels(parts: Parts, name: str) -> GroupLevels | None:
     """The stored levels of an ``rtn`` matrix (None for ``kmeans``); outliers are not included."""
-    h, _, shape, numel, need = _parse(parts, name)
+    h, _, shape, numel, need = parse_parts(parts, name)
     if h["kind"] != "rtn":
         return None
     bits = int(h["bits"])
@@ -183,7 +183,7 @@ def rtn_levels(parts: Parts, name: str) -> GroupLevels | None:
 
 def decode(parts: Parts, name: str) -> torch.Tensor:
     """The dense tensor (in its original dtype) of one encoded matrix."""
-    h, dtype, shape, numel, need = _parse(parts, name)
+    h, dtype, shape, numel, need = parse_parts(parts, name)
     kind = h["kind"]
     if kind == "kmeans":
         gran = h["granularity"]

@@ -16,7 +16,6 @@ receive no gradient and stay exact.
 from __future__ import annotations
 
 import json
-import math
 import os
 from typing import NamedTuple
 
@@ -24,7 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from unweight.cluster.codebook import DTYPES
+from unweight.cluster.codebook import parse_parts, stored_values
 from unweight.cluster.tensor import codebook_decode, parse_granularity
 from unweight.errors import UnweightError
 from unweight.formats import Parts
@@ -45,18 +44,11 @@ class ClusteredMatrix(NamedTuple):
 def clustered_from_parts(parts: Parts, name: str = "<tensor>") -> ClusteredMatrix:
     """The :class:`ClusteredMatrix` of one ``kmeans``-encoded matrix's parts (``header``, ``codebook``,
     ``indices``, optional ``outlier_idx``/``outlier_val``)."""
-    try:
-        h = json.loads(bytes(parts["header"].numpy()).decode())
-        kind, shape, dtype = h["kind"], tuple(h["shape"]), DTYPES[h["dtype"]]
-    except (KeyError, ValueError, UnicodeDecodeError) as exc:
-        raise UnweightError(f"tensor {name!r}: corrupt or missing codebook header ({exc})") from None
-    if kind != "kmeans":
-        raise UnweightError(f"tensor {name!r}: a CodebookLinear needs kind 'kmeans', got {kind!r}")
-    if "codebook" not in parts:
-        raise UnweightError(f"tensor {name!r}: part 'codebook' is missing")
-    from unweight.cluster.codebook import stored_values
-
-    k, numel = int(h["k"]), math.prod(shape)
+    h, dtype, _, numel, need = parse_parts(parts, name)
+    if h["kind"] != "kmeans":
+        raise UnweightError(f"tensor {name!r}: a CodebookLinear needs kind 'kmeans', got {h['kind']!r}")
+    need("codebook")
+    k = int(h["k"])
     assignments = stored_values(parts, name)  # bit-packed or rANS-coded (--entropy)
     if numel and int(assignments.max()) >= k:
         raise UnweightError(f"tensor {name!r}: an index exceeds the codebook size: corrupt")
