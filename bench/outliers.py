@@ -95,9 +95,9 @@ class Config:
         return lambda name, w: encode_kmeans(w, spec, importance=importance[name].expand(w.shape))
 
 
-def all_configs() -> list[Config]:
-    sweep = [Config("kmeans", k, o) for k in KS for o in OUTLIERS]
-    sweep += [Config("rtn", b, o) for b in RTN_BITS for o in OUTLIERS]
+def all_configs(outliers: tuple[str, ...] = OUTLIERS) -> list[Config]:
+    sweep = [Config("kmeans", k, o) for k in KS for o in outliers]
+    sweep += [Config("rtn", b, o) for b in RTN_BITS for o in outliers]
     protection = [Config("kmeans", PROTECTION_K, o, g, w, "protection")
                   for g, w in PROTECTIONS for o in ("none", "auto")]
     return sweep + protection
@@ -178,6 +178,9 @@ def main() -> int:
     ap.add_argument("--model", default="smollm2-135m", help="smollm2-135m (default) or gemma3-270m")
     ap.add_argument("--configs", help="comma-separated fnmatch patterns over the config names, "
                                       "e.g. 'kmeans16*,rtn4/*' (names: see --list)")
+    ap.add_argument("--outliers", default=",".join(OUTLIERS),
+                    help=f"comma-separated --outliers specs of the sweep (default {','.join(OUTLIERS)}; "
+                         "e.g. z4,z6 for robust z-score thresholds)")
     ap.add_argument("--list", action="store_true", help="print the config names and exit")
     ap.add_argument("--tokens", type=int, default=4096, help="evaluation tokens (default 4096: 4 windows)")
     ap.add_argument("--seq-len", type=int, default=1024, help="evaluation window (default 1024)")
@@ -188,7 +191,9 @@ def main() -> int:
                     help="smoke run: K=16 and RTN4, outliers none/auto, 1 window of 512, calibration 4 x 256")
     ap.add_argument("--out", type=Path, help="default bench/results/outliers-<model>.json")
     args = ap.parse_args()
-    configs = select(all_configs(), args.configs, args.quick)
+    for spec in args.outliers.split(","):
+        parse_outliers(spec)  # a bad spec fails here, before the models load
+    configs = select(all_configs(tuple(args.outliers.split(","))), args.configs, args.quick)
     if args.list:
         print("\n".join(c.name for c in configs))
         return 0

@@ -117,9 +117,16 @@ def test_outlier_selection_rules():
     assert select_outliers(w, None).numel() == 0
     assert select_outliers(w, 5).numel() == 5
     assert select_outliers(w, 0.01).numel() == 100
-    assert select_outliers(w, "auto").tolist() == [101]  # only the planted one clears z >= 20
-    with pytest.raises(UnweightError):
-        parse_outliers("lots")
+    assert select_outliers(w, "z20").tolist() == [101]  # only the planted one clears z >= 20
+    auto = select_outliers(w, "auto")
+    assert torch.equal(auto, select_outliers(w, "z4")) and 101 in auto.tolist()
+    z = (w - w.median()).abs() / (1.4826 * (w - w.median()).abs().median())
+    assert auto.numel() == int((z >= 4).sum()) < 10  # a Gaussian bulk puts ~6e-5 of its weights there
+    assert select_outliers(w, "z0.5").numel() == 100  # capped at 1% of the matrix
+    assert parse_outliers("z6") == "z6"
+    for bad in ("lots", "z", "z-1", "zz"):
+        with pytest.raises(UnweightError):
+            parse_outliers(bad)
 
 
 def test_targets_are_block_linears_only_by_default():

@@ -1,0 +1,370 @@
+"""unweight's GPTQ, SparseGPT and Wanda against llm-compressor's, same data, same windows, same machine.
+
+Claim (issue 7): on smollm2-135m, unweight's ``gptq4``, ``sparsegpt-50``, ``sparsegpt-2:4`` and
+``wanda-50`` (``bench/prune_quant.py``) reach a perplexity within 1% of llm-compressor's
+(vllm-project/llm-compressor, PyPI ``llmcompressor``) for the same method and setting, in at most
+0.5x its wall time. The script measures it; it does not assume it.
+
+Setup (pinned):
+
+- model: ``hf_folder("smollm2-135m")`` (the bundled Q4_1 GGUF converted to bf16, ~/.cache/unweight/
+  models/smollm2-135m-bf16; **4-bit-derived weights**), loaded in float32 on the CPU by both sides;
+- calibration: the very token windows ``bench/prune_quant.py`` uses, ``calibration_windows(tok, 32,
+  512, seed=0)`` (Sense and Sensibility, disjoint from evaluation), dumped by ``prepare`` to
+  ``/tmp/lc/calib.safetensors`` (int64 ``input_ids`` ``[32, 512]``, no pickle) and handed to
+  llm-compressor as a ``datasets.Dataset`` of ``input_ids`` + ``attention_mask`` (no shuffling, no
+  padding, no truncation: 32 x 512 tokens exactly);
+- llm-compressor 0.14.0.1 (compressed-tensors 0.19.0, transformers 5.17.0, torch 2.13.0+cpu) lives in
+  its own virtualenv, ``/work/lcvenv``, so the two transformers never meet; ``compress`` runs there,
+  ``prepare`` and ``evaluate`` run in unweight's ``.venv`` (transformers 5.24.0, torch 2.13.0+cpu);
+- llm-compressor settings (``oneshot``, sequential pipeline -- what its ``independent`` default picks
+  for these modifiers --, calibration batch 8 windows as unweight's driver, every decoder Linear,
+  ``lm_head`` ignored: it is tied to the embedding):
+
+  - ``gptq4``: ``GPTQModifier``, int4 asymmetric, ``actorder=None``, ``dampening_frac=0.01``,
+    ``block_size=128``, min-max observer; groups of 128 input columns per row. smollm2's 576-column
+    inputs are not a multiple of 128, which llm-compressor's ``group`` strategy refuses (it checks at
+    initialisation, for vLLM's kernels); its ``block`` strategy with ``block_structure=[1, 128]`` is
+    the same grouping as unweight's (4 groups of 128 and a remainder group of 64 per 576-column row)
+    and is what runs by default (``--layout block``; ``--layout group`` tries the refused one and
+    records the error, ``--layout group64`` runs group size 64). **Not the same algorithm in one
+    respect**: llm-compressor 0.14 computes every group's scale and zero once from the *original*
+    weights (its observer, before the GPTQ loop); unweight, as the GPTQ reference code, computes a
+    group's parameters from the weights *as updated so far* when the group's first column comes up;
+  - ``sparsegpt50`` / ``sparsegpt24``: ``SparseGPTModifier`` (``llmcompressor.modifiers.pruning``),
+    ``sparsity=0.5``, ``mask_structure="0:0"`` / ``"2:4"``, ``dampening_frac=0.01``,
+    ``block_size=128``. Unstructured: llm-compressor prunes 50% of each 128-column block (all rows),
+    unweight allocates per block so that each matrix ends at exactly 50%;
+  - ``wanda50``: ``WandaPruningModifier``, ``sparsity=0.5``, per output row (both);
+
+- output: the compressed model saved **dense** in float32 (the weights as llm-compressor leaves them
+  in the model: fake-quantized values for GPTQ, zeros for pruning; the quantization parameters are
+  dropped) to ``/tmp/lc/<method>/``, with ``/tmp/lc/<method>/lc_run.json`` (wall time, settings);
+- time: wall seconds of the ``oneshot`` call (model already loaded: dataset wrapping, session setup,
+  tracing, calibration, the method, propagation), one thread (``OMP_NUM_THREADS=1``,
+  ``torch.set_num_threads(1)``); unweight's figure is prune_quant's (``compress_layerwise``, one
+  thread) from a run of ``bench/prune_quant.py`` in the same session on the same machine;
+- evaluation: exactly prune_quant's: ``token_windows(tok, corpus("austen", "eval"), 1024,
+  max_tokens=8192)``, perplexity, KL(base || model) and top-1 agreement against
+  ``load_causal_lm("smollm2-135m")`` (the GGUF), float32.
+
+Run (each step alone on the machine; the load average is recorded)::
+
+    .venv/bin/python bench/llmcompressor_side.py prepare
+    for m in gptq4 sparsegpt50 sparsegpt24 wanda50; do
+        OMP_NUM_THREADS=1 /work/lcvenv/bin/python bench/llmcompressor_side.py compress --method $m
+    done
+    OMP_NUM_THREADS=1 .venv/bin/python bench/prune_quant.py \\
+        --methods gptq4,sparsegpt-50,sparsegpt-2:4,wanda-50 --threads 1 --out /tmp/lc/prune_quant.json
+    OMP_NUM_THREADS=1 .venv/bin/python bench/llmcompressor_side.py evaluate
+
+``evaluate`` prints the table and writes ``bench/results/llmcompressor-smollm2-135m.json``.
+The llm-compressor venv: ``python3 -m venv /work/lcvenv``; ``pip install torch==2.13.0`` (CPU wheel);
+``pip install -c constraints.txt llmcompressor==0.14.0.1`` with ``torch==2.13.0+cpu`` in the
+constraints file (no CUDA packages are pulled). Nothing here imports unweight in that venv, nor
+llm-compressor in unweight's.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import shutil
+import sys
+import time
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
+
+WORK = Path("/tmp/lc")
+CALIB = WORK / "calib.safetensors"
+MODEL_DIR = Path.home() / ".cache/unweight/models/smollm2-135m-bf16"  # = unweight.models.hf_folder("smollm2-135m")
+RESULT = Path(__file__).parent / "results" / "llmcompressor-smollm2-135m.json"
+N_SAMPLES, SEQ_LEN, SEED = 32, 512, 0  # prune_quant.py's defaults
+EVAL_SEQ_LEN, EVAL_TOKENS = 1024, 8192
+CALIB_BATCH = 8  # unweight.calibrate.DEFAULT_BATCH: windows per block forward
+# llm-compressor method -> unweight's prune_quant.py row
+PAIRS = {"gptq4": "gptq4", "sparsegpt50": "sparsegpt-50", "sparsegpt24": "sparsegpt-2:4", "wanda50": "wanda-50"}
+TIED_SKIP = ["lm_head"]  # tied to the embedding: pruning it would prune the embedding too
+
+
+def machine() -> dict:
+    return {"platform": platform.platform(), "cpus": os.cpu_count(), "torch": torch.__version__,
+            "threads": torch.get_num_threads(), "omp_num_threads": os.environ.get("OMP_NUM_THREADS"),
+            "load_avg": os.getloadavg()}
+
+
+# ----------------------------------------------------------------------------- prepare (unweight's venv)
+
+def prepare(args) -> int:
+    from unweight.calibrate import calibration_windows
+    from unweight.models import hf_folder, load_causal_lm
+
+    folder = hf_folder("smollm2-135m")
+    if folder.resolve() != MODEL_DIR.resolve():
+        sys.exit(f"hf_folder('smollm2-135m') is {folder}, not {MODEL_DIR}: update MODEL_DIR")
+    base_tok = load_causal_lm("smollm2-135m")[1]  # prune_quant.py calibrates with the base's tokenizer
+    _, tok = load_causal_lm(str(folder))  # the folder's: checked to give the same ids
+    calib = calibration_windows(base_tok, N_SAMPLES, SEQ_LEN, seed=SEED)
+    same = torch.equal(calib, calibration_windows(tok, N_SAMPLES, SEQ_LEN, seed=SEED))
+    WORK.mkdir(parents=True, exist_ok=True)
+    save_file({"input_ids": calib.to(torch.int64).contiguous()}, str(CALIB),
+              metadata={"source": f"calibration_windows(tok, {N_SAMPLES}, {SEQ_LEN}, seed={SEED})",
+                        "model": str(folder), "folder_tokenizer_gives_same_ids": str(same)})
+    print(f"wrote {CALIB}: {tuple(calib.shape)} int64, folder tokenizer gives the same ids: {same}")
+    return 0
+
+
+# ----------------------------------------------------------------------------- compress (llm-compressor's venv)
+
+def _recipe(method: str, layout: str):
+    """(modifier, settings dict for the record)."""
+    if method == "gptq4":
+        from llmcompressor.modifiers.gptq import GPTQModifier
+
+        weights = {"num_bits": 4, "type": "int", "symmetric": False, "dynamic": False, "actorder": None}
+        if layout == "block":
+            weights |= {"strategy": "block", "block_structure": [1, 128]}
+        elif layout == "group":
+            weights |= {"strategy": "group", "group_size": 128}
+        elif layout == "group64":
+            weights |= {"strategy": "group", "group_size": 64}
+        else:
+            raise SystemExit(f"unknown layout {layout!r}")
+        settings = {"modifier": "GPTQModifier", "config_groups": {"group_0": {"targets": ["Linear"],
+                                                                              "weights": weights}},
+                    "ignore": TIED_SKIP, "dampening_frac": 0.01, "block_size": 128, "actorder": None}
+        mod = GPTQModifier(config_groups=settings["config_groups"], ignore=TIED_SKIP, dampening_frac=0.01,
+                           block_size=128, actorder=None)
+        return mod, settings
+    if method in ("sparsegpt50", "sparsegpt24"):
+        from llmcompressor.modifiers.pruning.sparsegpt import SparseGPTModifier
+
+        structure = "2:4" if method == "sparsegpt24" else "0:0"
+        settings = {"modifier": "SparseGPTModifier", "sparsity": 0.5, "mask_structure": structure,
+                    "targets": ["Linear"], "ignore": TIED_SKIP, "dampening_frac": 0.01, "block_size": 128}
+        mod = SparseGPTModifier(sparsity=0.5, mask_structure=structure, targets=["Linear"], ignore=TIED_SKIP,
+                                dampening_frac=0.01, block_size=128)
+        return mod, settings
+    if method == "wanda50":
+        from llmcompressor.modifiers.pruning.wanda import WandaPruningModifier
+
+        settings = {"modifier": "WandaPruningModifier", "sparsity": 0.5, "mask_structure": "0:0",
+                    "targets": ["Linear"], "ignore": TIED_SKIP}
+        return WandaPruningModifier(sparsity=0.5, mask_structure="0:0", targets=["Linear"], ignore=TIED_SKIP), settings
+    raise SystemExit(f"unknown method {method!r}; valid: {', '.join(PAIRS)}")
+
+
+def compress(args) -> int:
+    torch.set_num_threads(args.threads)
+    from datasets import Dataset
+    from importlib.metadata import version
+    from llmcompressor import oneshot
+    from transformers import AutoModelForCausalLM
+
+    model_dir = Path(args.model)
+    ids = load_file(str(args.calib))["input_ids"]
+    n, seq = ids.shape
+    if args.quick:
+        ids = ids[:4, :128]
+        n, seq = ids.shape
+    ds = Dataset.from_dict({"input_ids": ids.tolist(), "attention_mask": torch.ones_like(ids).tolist()})
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    model.eval()
+    modifier, settings = _recipe(args.method, args.layout)
+    name = args.method + ("" if args.layout == "block" or args.method != "gptq4" else f"-{args.layout}")
+    out = Path(args.out_dir) / (name + ("-quick" if args.quick else ""))
+    record = {"method": name, "llmcompressor_settings": settings, "model": str(model_dir),
+              "calibration": {"file": str(args.calib), "n_samples": n, "seq_len": seq, "batch_size": CALIB_BATCH,
+                              "shuffle": False},
+              "versions": {p: version(p) for p in ("llmcompressor", "compressed-tensors", "transformers", "torch",
+                                                   "datasets", "accelerate", "auto-round")},
+              "machine_before": machine()}
+    os.chdir(WORK)  # llm-compressor may write logs next to the working directory
+    start = time.perf_counter()
+    try:
+        oneshot(model=model, tokenizer=str(model_dir), dataset=ds, recipe=[modifier], num_calibration_samples=n,
+                max_seq_length=seq, shuffle_calibration_samples=False, batch_size=CALIB_BATCH,
+                pipeline=args.pipeline)
+    except Exception as exc:  # recorded, not hidden
+        record |= {"error": f"{type(exc).__name__}: {exc}", "seconds_until_error": time.perf_counter() - start}
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "lc_run.json").write_text(json.dumps(record, indent=1, default=str))
+        print(f"{name}: FAILED after {record['seconds_until_error']:.1f} s: {record['error']}", flush=True)
+        return 1
+    seconds = time.perf_counter() - start
+    record |= {"seconds": seconds, "machine_after": machine(), "pipeline": args.pipeline}
+    mods = getattr(modifier, "config_groups", None)
+    if mods:  # what the modifier resolved (observer, zero-point dtype...)
+        record["resolved_weights"] = {k: v.weights.model_dump(mode="json") if hasattr(v, "weights") else str(v)
+                                      for k, v in modifier.resolve_quantization_config().config_groups.items()}
+
+    # dense save: exactly the tensors of the original folder, from the model as llm-compressor left it
+    with safe_open(str(model_dir / "model.safetensors"), "pt") as f:
+        keys = list(f.keys())
+    state = model.state_dict()
+    tensors = {k: state[k].detach().to(torch.float32).contiguous().clone() for k in keys}
+    extra = sorted(set(state) - set(keys))
+    if out.exists():
+        shutil.rmtree(out)
+    out.mkdir(parents=True)
+    save_file(tensors, str(out / "model.safetensors"), metadata={"format": "pt"})
+    config = json.loads((model_dir / "config.json").read_text())
+    config.pop("quantization_config", None)
+    config["dtype"] = "float32"
+    (out / "config.json").write_text(json.dumps(config, indent=1))
+    for p in model_dir.iterdir():
+        if p.name.startswith("tokenizer") or p.name.endswith(".jinja"):
+            shutil.copy(p, out / p.name)
+    record["dropped_state_keys"] = extra[:20] + (["..."] if len(extra) > 20 else [])
+    (out / "lc_run.json").write_text(json.dumps(record, indent=1, default=str))
+    print(f"{name}: oneshot {seconds:.1f} s (load {record['machine_after']['load_avg'][0]:.2f}); wrote {out}",
+          flush=True)
+    return 0
+
+
+# ----------------------------------------------------------------------------- evaluate (unweight's venv)
+
+def _checks(folder: Path, method: str, original: dict) -> dict:
+    """What the saved weights are: zeros in the decoder Linears, untouched non-Linear tensors, and for
+    GPTQ the most distinct values in any group of 128 columns of a row (<= 16 at 4 bits)."""
+    saved = load_file(str(folder / "model.safetensors"))
+    linear = [k for k in saved if ".layers." in k and k.endswith("proj.weight")]
+    other = [k for k in saved if k not in linear]
+    zeros = sum((saved[k] == 0).sum().item() for k in linear) / sum(saved[k].numel() for k in linear)
+    out = {"linear_tensors": len(linear), "linear_zero_fraction": zeros,
+           "non_linear_unchanged": all(torch.equal(saved[k], original[k].to(torch.float32)) for k in other),
+           "linears_changed": sum(not torch.equal(saved[k], original[k].to(torch.float32)) for k in linear)}
+    if method.startswith("gptq"):
+        most = 0
+        for k in linear:
+            w = saved[k]
+            for c in range(0, w.shape[1], 128):
+                g = w[:, c:c + 128]
+                s = torch.sort(g, dim=1).values
+                distinct = 1 + (s[:, 1:] != s[:, :-1]).sum(dim=1)
+                most = max(most, int(distinct.max()))
+        out["max_distinct_values_per_row_group128"] = most
+    if "24" in method:
+        ok = all(((saved[k].reshape(saved[k].shape[0], -1, 4) != 0).sum(-1) <= 2).all().item() for k in linear)
+        out["2:4_holds"] = ok
+    return out
+
+
+def evaluate_all(args) -> int:
+    torch.set_num_threads(args.threads)
+    from unweight.data import corpus
+    from unweight.eval.perplexity import evaluate, token_windows
+    from unweight.models import hf_folder, load_causal_lm
+
+    load_start = os.getloadavg()
+    base, tok = load_causal_lm("smollm2-135m")
+    ev = token_windows(tok, corpus("austen", "eval"), EVAL_SEQ_LEN, max_tokens=EVAL_TOKENS)
+    original = load_file(str(hf_folder("smollm2-135m") / "model.safetensors"))
+    calib_meta = {}
+    with safe_open(str(CALIB), "pt") as f:
+        calib_meta = f.metadata()
+    uw = json.loads(Path(args.unweight_json).read_text()) if Path(args.unweight_json).exists() else None
+    uw_rows = {r["method"]: r for r in uw["rows"]} if uw else {}
+    rows = []
+    freeze = Path(args.freeze)
+    for lc_name in args.methods.split(","):
+        folder = WORK / lc_name
+        run = json.loads((folder / "lc_run.json").read_text())
+        row = {"method": lc_name, "unweight_method": PAIRS.get(lc_name.split("-")[0])}
+        if "error" in run:
+            row |= {"llmcompressor": {"error": run["error"]}, "lc_run": run}
+            rows.append(row)
+            print(f"{lc_name}: llm-compressor failed: {run['error']}", flush=True)
+            continue
+        model, _ = load_causal_lm(str(folder))
+        t0 = time.perf_counter()
+        r = evaluate(model, ev, tok, base=base, progress=False, desc=lc_name)
+        del model
+        row["llmcompressor"] = {"perplexity": r.perplexity, "bits_per_byte": r.bits_per_byte, "kl": r.kl,
+                                "top1": r.top1_agreement, "seconds": run["seconds"],
+                                "load_avg_after": run["machine_after"]["load_avg"], "checks": _checks(folder, lc_name, original),
+                                "eval_seconds": time.perf_counter() - t0}
+        row["lc_run"] = run
+        u = uw_rows.get(row["unweight_method"])
+        if u:
+            row["unweight"] = {k: u.get(k) for k in ("setting", "perplexity", "bits_per_byte", "kl", "top1", "bpw",
+                                                      "sparsity", "seconds", "load_avg_1min")}
+            row["ppl_ratio"] = u["perplexity"] / r.perplexity  # unweight / llm-compressor
+            row["time_ratio"] = u["seconds"] / run["seconds"]
+            row["target_met"] = {"ppl_within_1pct": row["ppl_ratio"] <= 1.01, "time_le_0.5x": row["time_ratio"] <= 0.5}
+        rows.append(row)
+        print(f"{lc_name}: ppl {r.perplexity:.3f} kl {r.kl:.4f} top1 {r.top1_agreement:.3f}", flush=True)
+
+    base_row = uw_rows.get("base (GGUF, fp32)")
+    result = {
+        "claim": "issue 7: unweight's GPTQ/SparseGPT/Wanda within 1% of llm-compressor's perplexity in <= 0.5x its "
+                 "wall time, smollm2-135m, same calibration windows and evaluation windows",
+        "model": "smollm2-135m (hf_folder: bf16 folder of the bundled Q4_1 GGUF, loaded in float32; 4-bit-derived)",
+        "calibration": {"windows": f"calibration_windows(tok, {N_SAMPLES}, {SEQ_LEN}, seed={SEED})", "file": str(CALIB),
+                        "file_metadata": calib_meta, "batch": CALIB_BATCH},
+        "evaluation": {"corpus": "austen/eval", "seq_len": EVAL_SEQ_LEN, "windows": len(ev),
+                       "tokens_scored": len(ev) * (EVAL_SEQ_LEN - 1), "kl_base": "load_causal_lm('smollm2-135m') (GGUF)"},
+        "base_perplexity": base_row["perplexity"] if base_row else None,
+        "unweight_run": {"file": args.unweight_json, "machine": uw["machine"] if uw else None},
+        "versions": {"unweight_venv": _freeze(sys.executable, ("torch", "transformers", "safetensors")),
+                     "lcvenv_freeze": freeze.read_text().split() if freeze.exists() else None},
+        "evaluate_machine": machine() | {"load_avg_start": load_start},
+        "rows": rows,
+    }
+    RESULT.parent.mkdir(parents=True, exist_ok=True)
+    RESULT.write_text(json.dumps(result, indent=1, default=str))
+
+    print(f"\nsmollm2-135m, eval austen/eval {len(ev)} x {EVAL_SEQ_LEN}; calib {N_SAMPLES} x {SEQ_LEN}; one thread; "
+          f"ratios = unweight / llm-compressor")
+    print(f"{'method':16s} {'uw ppl':>8s} {'lc ppl':>8s} {'ppl ratio':>9s} {'uw KL':>7s} {'lc KL':>7s} "
+          f"{'uw s':>7s} {'lc s':>7s} {'time ratio':>10s}")
+    for row in rows:
+        lc, u = row["llmcompressor"], row.get("unweight")
+        if "error" in lc:
+            print(f"{row['method']:16s} llm-compressor failed: {lc['error'][:90]}")
+            continue
+        if not u:
+            print(f"{row['method']:16s} {'-':>8s} {lc['perplexity']:8.3f}")
+            continue
+        print(f"{row['method']:16s} {u['perplexity']:8.3f} {lc['perplexity']:8.3f} {row['ppl_ratio']:9.4f} "
+              f"{u['kl']:7.4f} {lc['kl']:7.4f} {u['seconds']:7.1f} {lc['seconds']:7.1f} {row['time_ratio']:10.3f}")
+    print(f"wrote {RESULT}")
+    return 0
+
+
+def _freeze(python: str, names) -> dict:
+    from importlib.metadata import version
+
+    return {n: version(n) for n in names}
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    sub = ap.add_subparsers(dest="cmd", required=True)
+    sub.add_parser("prepare", help="dump the calibration windows (unweight's venv)")
+    c = sub.add_parser("compress", help="run llm-compressor's oneshot (llm-compressor's venv)")
+    c.add_argument("--method", required=True, choices=list(PAIRS))
+    c.add_argument("--layout", default="block", choices=["block", "group", "group64"],
+                   help="gptq4 groups: block [1,128] (= unweight's g128 with remainder), group 128, group 64")
+    c.add_argument("--model", default=str(MODEL_DIR))
+    c.add_argument("--calib", default=str(CALIB))
+    c.add_argument("--out-dir", default=str(WORK))
+    c.add_argument("--pipeline", default="sequential")
+    c.add_argument("--threads", type=int, default=1)
+    c.add_argument("--quick", action="store_true", help="smoke run: 4 x 128 calibration tokens, -quick folder")
+    e = sub.add_parser("evaluate", help="score the saved folders as prune_quant does (unweight's venv)")
+    e.add_argument("--methods", default=",".join(PAIRS))
+    e.add_argument("--unweight-json", default=str(WORK / "prune_quant.json"))
+    e.add_argument("--freeze", default=str(WORK / "lcvenv-freeze.txt"), help="pip freeze of /work/lcvenv")
+    e.add_argument("--threads", type=int, default=1)
+    args = ap.parse_args()
+    return {"prepare": prepare, "compress": compress, "evaluate": evaluate_all}[args.cmd](args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
