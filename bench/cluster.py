@@ -26,7 +26,7 @@ Setup. Decoders (smollm2-135m, gemma3-270m): the bundled model's bf16 folder in 
 base and the source of the weights (clustered as bf16). Perplexity, KL(base || model) and top-1
 agreement on the Austen evaluation split, windows from ``unweight.eval.token_windows`` (BOS first in
 every window for gemma3, as ``unweight eval`` does), the base's log-probabilities cached in float32
-(windows x (seq_len - 1) x vocab x 4 bytes: 2.1 GB for gemma3 at 4 x 512). Calibration (the
+(windows x (seq_len - 1) x vocab x 4 bytes: 1.07 GB for gemma3 at 2 x 512). Calibration (the
 ``weighted`` statistics, fine-tuning windows) comes from the calibration split, disjoint from the
 evaluation text. minilm-l6 (a full-precision fp32 encoder): no next-token loss, so the quality is
 the mean sentence-embedding cosine to the original model (mean-pooled, normalized: the probe of
@@ -48,10 +48,20 @@ CPU time, its RSS before clustering (``psutil``) and its peak RSS while clusteri
 (VmHWM of ``/proc/self/status``, reset after reading the matrices).
 
 **Flattered figures:** smollm2-135m and gemma3-270m come from 4/5-bit GGUF files: a matrix holds only
-~10k distinct values (at most 16 per 32-weight block), so K-means at large K, the relative error and
-perplexity near the base look better than they would on a full-precision model (DESIGN.md). The
-minilm-l6 rows (fp32, ~150k distinct values per matrix) are the unflattered reference for the weight
-error and the embedding cosine; its clustering time is also the hard case for the histogram DP.
+~10k distinct values (at most 16 per 32-weight block), so every quality figure on them (K-means at
+large K above all: the K=64 target, the relative error, perplexity and KL near the base, and the
+Lloyd comparison, on an easy histogram) looks better than it would on a full-precision model
+(DESIGN.md). The minilm-l6 rows (fp32, ~150k distinct values per matrix) are the unflattered
+reference for the weight error and the embedding cosine; its clustering time is also the hard case
+for the histogram DP. Bits per weight and the decoders' clustering times are not flattered (a real
+bf16 matrix has a few thousand distinct values too; ``bench/kmeans_speed.py``).
+
+Defaults (per model, for one thread on the shared 2-core machine): smollm2-135m 4,096 evaluation
+tokens (8 x 512), 20 fine-tuning steps; gemma3-270m 1,024 tokens (2 x 512; ~50 tokens/s at one
+thread, and its 262k-token vocabulary makes the base cache large), 10 steps; minilm-l6 256
+evaluation paragraphs of at most 128 tokens, 64 calibration paragraphs. Short slices: differences
+below ~1% perplexity are within their noise; KL is the steadier figure. The full grid takes about
+20-30 min per model at one thread (load 3 from other jobs; less alone).
 
     .venv/bin/python bench/cluster.py --model smollm2-135m|gemma3-270m|minilm-l6 --threads 1
         [--ks 8 16 32 64] [--variants plain outliers ...] [--outliers auto] [--eval-tokens N]
@@ -144,9 +154,11 @@ def relative_error(originals: dict, weights: dict) -> float:
     return math.sqrt(err / ref)
 
 
-def lloyd_comparison(originals: dict, parts_by_name: dict, k: int, runs: int, seed: int = 0) -> dict:
+def lloyd_comparison(originals: dict, parts_by_name: dict, k: int, runs: int, histograms: dict,
+                     seed: int = 0) -> dict:
     """Summed exact objective (float32 codebook as stored) against the summed best of ``runs`` Lloyd
-    runs per matrix, and the matrices where the exact one is worse (should be none)."""
+    runs per matrix (k-means++ seeds, ``bench/kmeans_speed.py``), and the matrices where the exact one
+    is worse (should be none). ``histograms`` caches each matrix's (values, counts) across K."""
     from kmeans_speed import histogram, lloyd_1d  # bench/ is on sys.path when this script runs
 
     rng = np.random.default_rng(seed)
@@ -155,7 +167,9 @@ def lloyd_comparison(originals: dict, parts_by_name: dict, k: int, runs: int, se
     for name, w in originals.items():
         m = clustered_from_parts(parts_by_name[name], name)
         exact = kmeans_objective(w, m.codebook, m.assignments)
-        x, wt = histogram(w)
+        if name not in histograms:
+            histograms[name] = histogram(w)
+        x, wt = histograms[name]
         best = min(lloyd_1d(x, wt, k, rng) for _ in range(runs))
         exact_total, lloyd_total = exact_total + exact, lloyd_total + best
         worse += exact > best * (1 + 1e-9)
@@ -324,8 +338,9 @@ def columns(encoder: bool) -> list[Column]:
     quality = ([Column("cosine", "cosine", ".5f"), Column("cosine_distance", "1-cos", ".2e")] if encoder else
                [Column("perplexity", "ppl"), Column("shown_vs_base", "vs base", vs_base), Column("kl", "KL", ".4f"),
                 Column("top1", "top-1", ".3f")])
-    return ([Column("config"), Column("bits_per_weight", "bpw", ".3f"), Column("bits_per_weight_rans", "bpw rANS", ".3f"),
-             Column("outliers_kept", "kept"), Column("relative_error", "rel err", ".4f")] + quality +
+    return ([Column("config"), Column("bits_per_weight", "bpw", ".3f"),
+             Column("bits_per_weight_rans", "bpw rANS", ".3f"), Column("outliers_kept", "kept"),
+             Column("relative_error", "rel err", ".4f")] + quality +
             [Column("cluster_s", "cluster s", ".1f"), Column("correction_s", "+corr s", ".1f"),
              Column("load_avg", "load", ".1f")])
 
@@ -361,6 +376,196 @@ def what_each_bought(rows: list[dict], k: int, encoder: bool, base_ppl: float | 
 
 
 # --------------------------------------------------------------------------------------------------
+# Setup: the model, its evaluation probe and its calibration statistics
+
+
+def setup_encoder(args) -> tuple:
+    """(model, tokenizer, probe, evaluation info, calibration batch) of minilm-l6."""
+    from transformers import AutoTokenizer
+
+    from unweight.commands.analyze import load_encoder
+
+    folder = hf_folder(args.model)
+    model, calib_batch = load_encoder(folder, args.calib_texts, args.eval_seq_len)
+    tok = AutoTokenizer.from_pretrained(str(folder))
+    probe = EmbeddingProbe(model, eval_paragraphs(tok, args.eval_texts, args.eval_seq_len))
+    evaluation = {"probe": "mean sentence-embedding cosine to the original (mean pooling, EmbeddingLoss)",
+                  "corpus": "austen/eval paragraphs (random, seed 0)", "texts": probe.texts,
+                  "tokens": probe.tokens, "max_len": args.eval_seq_len}
+    print(f"{args.model}: eval {probe.texts} texts, {probe.tokens} tokens ({probe.forward_s:.1f} s a forward)")
+    return model, tok, probe, evaluation, calib_batch
+
+
+def setup_decoder(args) -> tuple:
+    """(model, tokenizer, probe, evaluation info, None) of a bundled decoder, from its bf16 folder."""
+    from unweight.data import corpus
+    from unweight.eval import token_windows
+    from unweight.eval.perplexity import leading_bos
+    from unweight.models import load_causal_lm
+
+    model, tok = load_causal_lm(str(hf_folder(args.model)))
+    windows = token_windows(tok, corpus("austen", "eval"), args.eval_seq_len, max_tokens=args.eval_tokens)
+    probe = NextTokenProbe(model, windows)
+    bos = leading_bos(tok)
+    bos_first = bos is not None and bool((windows[:, 0] == bos).all())
+    evaluation = {"corpus": "austen/eval", "seq_len": args.eval_seq_len, "windows": len(windows),
+                  "tokens_scored": len(windows) * (args.eval_seq_len - 1), "bos_first": bos_first,
+                  "base": "the bf16 folder in float32 (what is clustered)", **probe.reference,
+                  "base_cache_mb": probe.cache_mb}
+    print(f"{args.model}: eval {windows.numel()} tokens ({len(windows)} x {args.eval_seq_len}, BOS first: "
+          f"{bos_first}; {windows.numel() / probe.forward_s:.0f} tokens/s; base log-probs {probe.cache_mb:.0f} MB); "
+          f"base ppl {probe.reference['perplexity']:.3f}", flush=True)
+    return model, tok, probe, evaluation, None
+
+
+def activation_energy(args, model, tok, calib_batch, encoder: bool) -> tuple[dict, dict]:
+    """({name: ||X_j||^2 per input column}, how it was measured) on calibration text."""
+    t0 = time.perf_counter()
+    if encoder:
+        from unweight.analysis.sensitivity import encoder_statistics
+
+        stats, _ = encoder_statistics(model, calib_batch)
+        info = {"corpus": "austen/calib paragraphs (random, seed 0)", "texts": len(calib_batch["input_ids"])}
+    else:
+        from unweight.analysis.sensitivity import collect_statistics
+        from unweight.calibrate import calibration_windows
+
+        windows = calibration_windows(tok, args.calib_samples, args.calib_seq_len)
+        stats = collect_statistics(model, windows, fisher=False, progress=False)
+        info = {"corpus": "austen/calib", "samples": args.calib_samples, "seq_len": args.calib_seq_len}
+    return {n: v.float() for n, v in stats.sq_norm.items()}, info | {"seconds": time.perf_counter() - t0}
+
+
+# --------------------------------------------------------------------------------------------------
+# The run: rows measured and saved one by one
+
+
+class Run:
+    def __init__(self, args, model, probe, originals: dict, encoder: bool, meta: dict):
+        self.args, self.model, self.probe, self.originals, self.encoder = args, model, probe, originals, encoder
+        self.numel = sum(w.numel() for w in originals.values())
+        self.meta, self.rows = meta, []
+        self.out = args.out or RESULTS / f"cluster-{args.model}.json"
+
+    def save(self) -> None:
+        self.out.parent.mkdir(parents=True, exist_ok=True)
+        self.meta["machine"]["load_avg_now"] = os.getloadavg()
+        self.out.write_text(json.dumps({"meta": self.meta, "rows": self.rows}, indent=1))
+
+    def record(self, method: str, k_or_bits: int, variant: str, parts_by_name: dict, cluster_s: float,
+               correction_s: float = 0.0, coded: tuple[int, float] | None = None, extra: dict | None = None) -> None:
+        """Measure one set of encoded matrices (``coded``: its rANS-coded bits and seconds, if known)."""
+        r0, load_avg = time.perf_counter(), os.getloadavg()[0]
+        originals = self.originals
+        weights = {n: decode(pp, n) for n, pp in parts_by_name.items()}
+        coded_bits, entropy_s = coded or entropy_bits(parts_by_name)
+        r = {"config": f"{method}{k_or_bits}/{variant}", "method": method, "k_or_bits": k_or_bits, "variant": variant,
+             "bits_per_weight": sum(parts_bits(pp) for pp in parts_by_name.values()) / self.numel,
+             "bits_per_weight_rans": coded_bits / self.numel, "entropy_s": entropy_s,
+             "outliers_kept": sum(pp["outlier_idx"].numel() for pp in parts_by_name.values() if "outlier_idx" in pp),
+             "relative_error": relative_error(originals, weights),
+             "cluster_s": cluster_s, "correction_s": correction_s, "load_avg": load_avg, **(extra or {})}
+        if self.encoder:
+            r.update(self.probe.measure(weights))
+        else:
+            load(self.model, originals, weights)
+            r.update(self.probe.measure())
+            load(self.model, originals, originals)
+        r["measure_s"] = time.perf_counter() - r0
+        self.rows.append(r)
+        quality = (f"cos {r['cosine']:.5f}" if self.encoder else
+                   f"ppl {r['perplexity']:10.3f} ({vs_base(shown([r])[0]['shown_vs_base']):>9})  KL {r['kl']:.4f}")
+        row_s = r["measure_s"] + cluster_s + correction_s + r.get("lloyd_s", 0)
+        print(f"{r['config']:26} {r['bits_per_weight']:6.3f} bpw ({r['bits_per_weight_rans']:6.3f} rANS)  "
+              f"rel err {r['relative_error']:.4f}  {quality}  cluster {cluster_s:5.1f} s  +{correction_s:5.1f} s  "
+              f"(row {row_s:4.0f} s, load {load_avg:.1f})", flush=True)
+        self.save()
+
+    def kmeans_rows(self, k: int, variants: list[str], outliers, energy: dict, ft_windows, histograms: dict) -> None:
+        """Every variant at one K; the outlier-based ones share one encoding."""
+        args, originals, model = self.args, self.originals, self.model
+        outlier_parts = None
+        for variant in variants:
+            if variant == "plain":
+                parts, s = encode_all(originals, lambda n, w: encode_kmeans(w, KMeansSpec(k=k)))
+                extra = lloyd_comparison(originals, parts, k, args.lloyd_runs, histograms) if args.lloyd_runs else None
+                self.record("kmeans", k, variant, parts, s, extra=extra)
+                continue
+            if variant == "weighted":
+                parts, s = encode_all(originals, lambda n, w: encode_kmeans(
+                    w, KMeansSpec(k=k), importance=energy[n][None, :].expand(w.shape)))
+                self.record("kmeans", k, variant, parts, s)
+                continue
+            if outlier_parts is None:
+                outlier_parts, outlier_s = encode_all(
+                    originals, lambda n, w: encode_kmeans(w, KMeansSpec(k=k, outliers=outliers)))
+                # the corrections change codebook values only: the coded indices are the same bytes
+                coded = entropy_bits(outlier_parts)
+            if variant == "outliers":
+                self.record("kmeans", k, variant, outlier_parts, outlier_s, coded=coded)
+            elif variant == "outliers+affine":
+                t0 = time.perf_counter()
+                parts = affine_codebooks(originals, outlier_parts)
+                self.record("kmeans", k, variant, parts, outlier_s, time.perf_counter() - t0, coded=coded)
+            else:  # outliers+finetune
+                from unweight.cluster.finetune import finetune_centroids
+
+                load(model, originals, {n: decode(pp, n) for n, pp in outlier_parts.items()})
+                matrices = {n: clustered_from_parts(pp, n) for n, pp in outlier_parts.items()}
+                losses = []
+                t0 = time.perf_counter()
+                codebooks = finetune_centroids(model, matrices, ft_windows, args.finetune_steps,
+                                               lr=args.finetune_lr, on_step=lambda i, loss: losses.append(loss))
+                ft_s = time.perf_counter() - t0
+                load(model, originals, originals)
+                parts = {n: {**pp, "codebook": codebooks[n]} for n, pp in outlier_parts.items()}
+                self.record("kmeans", k, variant, parts, outlier_s, ft_s, coded=coded,
+                            extra={"finetune_losses": losses})
+
+    def summarize(self) -> dict:
+        """Print the table, what each correction bought at K=16 and the targets; return the summary."""
+        args, rows, meta, encoder = self.args, self.rows, self.meta, self.encoder
+        base_ppl = None if encoder else self.probe.reference["perplexity"]
+        evaluation = meta["evaluation"]
+        title = (f"{args.model} ({'fp32 encoder' if encoder else '4-bit-derived: figures flattered'}); "
+                 + (f"cosine over {evaluation['texts']} Austen evaluation paragraphs" if encoder else
+                    f"{evaluation['tokens_scored']} tokens of the Austen evaluation split in windows of "
+                    f"{args.eval_seq_len}; base ppl {base_ppl:.3f}")
+                 + f"; bpw measured over {meta['matrices']} block Linears; {meta['machine']['threads']} thread(s)")
+        print()
+        print(format_table(shown(sorted(rows, key=lambda r: r["bits_per_weight"])), columns(encoder), title=title))
+        summary = {}
+        if bought := what_each_bought(rows, 16, encoder, base_ppl):
+            summary["k16"] = bought
+            print()
+            print(format_table(bought, [Column("change"), Column("bpw", "d bpw", "+.4f"),
+                                        Column("rel_err", "d rel err", "+.4f"), Column("quality"),
+                                        Column("gap_recovered", "gap closed", ".0%")],
+                               title="What each correction bought at K=16 (against the row it is stacked on; "
+                                     "gap closed: of the NLL gap to the base, minilm: of 1 - cosine)"))
+        if skipped := meta["skipped"]:
+            print("".join(f"\nskipped {v}: {why}" for v, why in skipped.items()))
+        print()
+        if wm := meta.get("whole_model"):
+            judged = wm["numba_threads"] <= 2  # the target is for 2 cores: fewer threads is stricter
+            summary["whole_model_target_met"] = wm["wall_s"] <= TARGET_WHOLE_MODEL_S if judged else None
+            print(f"whole model clustered at K={WHOLE_MODEL_K}: {wm['wall_s']:.1f} s wall, {wm['cpu_s']:.1f} s CPU "
+                  f"({wm['numba_threads']} thread(s), load {wm['load_avg'][0]:.1f}; target <= "
+                  f"{TARGET_WHOLE_MODEL_S:.0f} s on 2 cores{'' if judged else ': not judged at this thread count'}), "
+                  f"peak RSS {wm['peak_rss_clustering_mb'] or float('nan'):.0f} MB while clustering "
+                  f"({wm['rss_before_clustering_mb']:.0f} MB before), {wm['peak_rss_mb']:.0f} MB with reading")
+        if lloyd := [r for r in rows if "matrices_where_exact_is_worse" in r]:
+            worse = sum(r["matrices_where_exact_is_worse"] for r in lloyd)
+            summary["lloyd_worse_matrices"] = worse
+            print(f"exact objective vs best of {args.lloyd_runs} Lloyd runs per matrix: worse on {worse} matrices; "
+                  "Lloyd's excess " + ", ".join(f"K={r['k_or_bits']} {100 * r['lloyd_excess']:+.3f}%" for r in lloyd))
+        if not encoder and (k64 := [r for r in rows if r["method"] == "kmeans" and r["k_or_bits"] == 64]):
+            best = min(k64, key=lambda r: r["perplexity"])
+            summary["k64_best"] = {"config": best["config"], "ppl_vs_base": best["ppl_vs_base"],
+                                   "within_1pct": best["ppl_vs_base"] <= K64_WITHIN}
+            print(f"K=64 best: {best['config']} {vs_base(best['ppl_vs_base'])} over the base "
+                  f"(target within {K64_WITHIN:.0%}; 4-bit-derived: flattered)")
+        return summary
 
 
 def main() -> int:
@@ -398,82 +603,32 @@ def main() -> int:
     encoder = MODELS[args.model].kind == "encoder"
     skipped = {v: ENCODER_SKIPS[v] for v in args.variants if encoder and v in ENCODER_SKIPS}
     variants = [v for v in args.variants if v not in skipped]
-    out = args.out or RESULTS / f"cluster-{args.model}.json"
     load_start = os.getloadavg()
 
-    folder = hf_folder(args.model)
     t0 = time.perf_counter()
-    if encoder:
-        from transformers import AutoTokenizer
-
-        from unweight.analysis.sensitivity import encoder_statistics
-        from unweight.commands.analyze import load_encoder
-
-        model, calib_batch = load_encoder(folder, args.calib_texts, args.eval_seq_len)
-        tok = AutoTokenizer.from_pretrained(str(folder))
-        probe = EmbeddingProbe(model, eval_paragraphs(tok, args.eval_texts, args.eval_seq_len))
-        evaluation = {"probe": "mean sentence-embedding cosine to the original (mean pooling, EmbeddingLoss)",
-                      "corpus": "austen/eval paragraphs (random, seed 0)", "texts": probe.texts,
-                      "tokens": probe.tokens, "max_len": args.eval_seq_len}
-        print(f"{args.model}: eval {probe.texts} texts, {probe.tokens} tokens ({probe.forward_s:.1f} s a forward)")
-    else:
-        from unweight.data import corpus
-        from unweight.eval import token_windows
-        from unweight.eval.perplexity import leading_bos
-        from unweight.models import load_causal_lm
-
-        model, tok = load_causal_lm(str(folder))
-        windows = token_windows(tok, corpus("austen", "eval"), args.eval_seq_len, max_tokens=args.eval_tokens)
-        probe = NextTokenProbe(model, windows)
-        bos = leading_bos(tok)
-        evaluation = {"corpus": "austen/eval", "seq_len": args.eval_seq_len, "windows": len(windows),
-                      "tokens_scored": len(windows) * (args.eval_seq_len - 1), "bos_per_window": bos is not None,
-                      "base": "the bf16 folder in float32 (what is clustered)", **probe.reference,
-                      "base_cache_mb": probe.cache_mb}
-        print(f"{args.model}: eval {windows.numel()} tokens ({len(windows)} x {args.eval_seq_len}, BOS first: "
-              f"{bos is not None and bool((windows[:, 0] == bos).all())}; "
-              f"{windows.numel() / probe.forward_s:.0f} tokens/s; base log-probs {probe.cache_mb:.0f} MB); "
-              f"base ppl {probe.reference['perplexity']:.3f}", flush=True)
-    dtype = torch.float32 if encoder else torch.bfloat16  # as stored: fp32 encoder, bf16 folders
+    model, tok, probe, evaluation, calib_batch = (setup_encoder if encoder else setup_decoder)(args)
+    dtype = torch.float32 if encoder else torch.bfloat16  # as stored: the fp32 encoder, the bf16 folders
     originals = {n: p.detach().to(dtype).clone() for n, p in model.named_parameters() if is_target(n, tuple(p.shape))}
     numel = sum(w.numel() for w in originals.values())
     print(f"{len(originals)} target matrices, {numel:,} weights ({dtype}); variants {', '.join(variants)}"
           + "".join(f"; skipped {v}: {why}" for v, why in skipped.items()), flush=True)
-
-    calibration = {}
-    energy = {}
+    calibration, energy, ft_windows = {}, {}, None
     if "weighted" in variants:
-        t1 = time.perf_counter()
-        if encoder:
-            stats, _ = encoder_statistics(model, calib_batch)
-            calibration["weighted"] = {"corpus": "austen/calib paragraphs (random, seed 0)", "texts": args.calib_texts}
-        else:
-            from unweight.analysis.sensitivity import collect_statistics
-            from unweight.calibrate import calibration_windows
-
-            stats = collect_statistics(model, calibration_windows(tok, args.calib_samples, args.calib_seq_len),
-                                       fisher=False, progress=False)
-            calibration["weighted"] = {"corpus": "austen/calib", "samples": args.calib_samples,
-                                       "seq_len": args.calib_seq_len}
-        energy = {n: v.float() for n, v in stats.sq_norm.items()}
+        energy, calibration["weighted"] = activation_energy(args, model, tok, calib_batch, encoder)
         if missing := sorted(set(originals) - set(energy)):
             sys.exit(f"no activation statistics for {len(missing)} target matrices (first: {missing[0]})")
-        calibration["weighted"]["seconds"] = time.perf_counter() - t1
-    ft_windows = None
     if "outliers+finetune" in variants:
         from unweight.calibrate import calibration_windows
-        from unweight.cluster.finetune import finetune_centroids
 
         ft_windows = calibration_windows(tok, max(1, min(args.finetune_steps, 16)), args.finetune_seq_len, seed=1)
         calibration["finetune"] = {"corpus": "austen/calib", "steps": args.finetune_steps,
                                    "seq_len": args.finetune_seq_len, "lr": args.finetune_lr,
                                    "windows": len(ft_windows)}
-    warm = torch.randn(64, 256).to(dtype)
-    encode_kmeans(warm, KMeansSpec(k=4), importance=torch.ones(64, 256))  # numba: compile or load its cache
+    warm = torch.randn(64, 256).to(dtype)  # numba: compile, or load its disk cache, before any timing
+    encode_kmeans(warm, KMeansSpec(k=4), importance=torch.ones(64, 256))
     entropy_code(encode_kmeans(warm, KMeansSpec(k=4)), "warm-up")
     entropy_code(encode_rtn(warm, RTNSpec(bits=4, group_size=GROUP_SIZE)), "warm-up")
 
-    rows = []
     meta = {
         "claim": "issue 4 item 7: per-matrix K-means x {plain, weighted, outliers, +affine, +finetune} against RTN",
         "model": args.model, "weights": numel, "matrices": len(originals), "weight_dtype": str(dtype),
@@ -488,127 +643,24 @@ def main() -> int:
                     "threads": torch.get_num_threads(), "numba_threads": numba.get_num_threads(),
                     "load_avg_start": load_start},
     }
-
-    def save() -> None:
-        out.parent.mkdir(parents=True, exist_ok=True)
-        meta["machine"]["load_avg_now"] = os.getloadavg()
-        out.write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
-
-    def record(method: str, k_or_bits: int, variant: str, parts_by_name: dict, cluster_s: float,
-               correction_s: float = 0.0, coded: tuple[int, float] | None = None, extra: dict | None = None) -> None:
-        r0, load_avg = time.perf_counter(), os.getloadavg()[0]
-        weights = {n: decode(pp, n) for n, pp in parts_by_name.items()}
-        coded_bits, entropy_s = coded or entropy_bits(parts_by_name)
-        r = {"config": f"{method}{k_or_bits}/{variant}", "method": method, "k_or_bits": k_or_bits, "variant": variant,
-             "bits_per_weight": sum(parts_bits(pp) for pp in parts_by_name.values()) / numel,
-             "bits_per_weight_rans": coded_bits / numel, "entropy_s": entropy_s,
-             "outliers_kept": sum(pp["outlier_idx"].numel() for pp in parts_by_name.values() if "outlier_idx" in pp),
-             "relative_error": relative_error(originals, weights),
-             "cluster_s": cluster_s, "correction_s": correction_s, "load_avg": load_avg, **(extra or {})}
-        if encoder:
-            r.update(probe.measure(weights))
-        else:
-            load(model, originals, weights)
-            r.update(probe.measure())
-            load(model, originals, originals)
-        r["measure_s"] = time.perf_counter() - r0
-        rows.append(r)
-        quality = (f"cos {r['cosine']:.5f}" if encoder else
-                   f"ppl {r['perplexity']:10.3f} ({vs_base(shown([r])[0]['shown_vs_base']):>9})  KL {r['kl']:.4f}")
-        print(f"{r['config']:24} {r['bits_per_weight']:6.3f} bpw ({r['bits_per_weight_rans']:6.3f} rANS)  "
-              f"rel err {r['relative_error']:.4f}  {quality}  cluster {cluster_s:5.1f} s  +{correction_s:5.1f} s  "
-              f"(row {r['measure_s'] + cluster_s + correction_s + r.get('lloyd_s', 0):4.0f} s, load {load_avg:.1f})",
-              flush=True)
-        save()
-
+    run = Run(args, model, probe, originals, encoder, meta)
     if not args.no_whole_model:
-        meta["whole_model"] = whole_model(args.model, WHOLE_MODEL_K, args.threads)
-        wm = meta["whole_model"]
-        print(f"whole model at K={WHOLE_MODEL_K} (fresh process, {wm['torch_threads']} thread(s)): {wm['wall_s']:.1f} s "
-              f"wall, {wm['cpu_s']:.1f} s CPU; RSS {wm['rss_before_clustering_mb']:.0f} MB before clustering, "
-              f"peak {wm['peak_rss_clustering_mb'] or float('nan'):.0f} MB while clustering, "
+        meta["whole_model"] = wm = whole_model(args.model, WHOLE_MODEL_K, args.threads)
+        print(f"whole model at K={WHOLE_MODEL_K} (fresh process, {wm['numba_threads']} thread(s)): "
+              f"{wm['wall_s']:.1f} s wall, {wm['cpu_s']:.1f} s CPU; RSS {wm['rss_before_clustering_mb']:.0f} MB "
+              f"before clustering, peak {wm['peak_rss_clustering_mb'] or float('nan'):.0f} MB while clustering, "
               f"{wm['peak_rss_mb']:.0f} MB in all (reading the checkpoint included)", flush=True)
-        save()
-
+        run.save()
     for bits in args.rtn_bits:
         spec = RTNSpec(bits=bits, group_size=GROUP_SIZE)
         parts, s = encode_all(originals, lambda n, w: encode_rtn(w, spec))
-        record("rtn", bits, f"g{GROUP_SIZE}", parts, s)
-
+        run.record("rtn", bits, f"g{GROUP_SIZE}", parts, s)
+    histograms = {}
     for k in args.ks:
-        outlier_parts = None
-        for variant in variants:
-            if variant == "plain":
-                parts, s = encode_all(originals, lambda n, w: encode_kmeans(w, KMeansSpec(k=k)))
-                extra = lloyd_comparison(originals, parts, k, args.lloyd_runs) if args.lloyd_runs else None
-                record("kmeans", k, variant, parts, s, extra=extra)
-            elif variant == "weighted":
-                parts, s = encode_all(originals, lambda n, w: encode_kmeans(
-                    w, KMeansSpec(k=k), importance=energy[n][None, :].expand(w.shape)))
-                record("kmeans", k, variant, parts, s)
-            else:
-                if outlier_parts is None:
-                    outlier_parts, outlier_s = encode_all(
-                        originals, lambda n, w: encode_kmeans(w, KMeansSpec(k=k, outliers=outliers)))
-                    # the corrections change codebook values only: the coded indices are the same bytes
-                    outlier_coded = entropy_bits(outlier_parts)
-                if variant == "outliers":
-                    record("kmeans", k, variant, outlier_parts, outlier_s, coded=outlier_coded)
-                elif variant == "outliers+affine":
-                    t1 = time.perf_counter()
-                    parts = affine_codebooks(originals, outlier_parts)
-                    record("kmeans", k, variant, parts, outlier_s, time.perf_counter() - t1, coded=outlier_coded)
-                else:
-                    load(model, originals, {n: decode(pp, n) for n, pp in outlier_parts.items()})
-                    matrices = {n: clustered_from_parts(pp, n) for n, pp in outlier_parts.items()}
-                    losses = []
-                    t1 = time.perf_counter()
-                    codebooks = finetune_centroids(model, matrices, ft_windows, args.finetune_steps,
-                                                   lr=args.finetune_lr, on_step=lambda i, l: losses.append(l))
-                    ft_s = time.perf_counter() - t1
-                    load(model, originals, originals)
-                    parts = {n: {**pp, "codebook": codebooks[n]} for n, pp in outlier_parts.items()}
-                    record("kmeans", k, variant, parts, outlier_s, ft_s, coded=outlier_coded,
-                           extra={"finetune_losses": losses})
-
-    title = (f"{args.model} ({'fp32 encoder' if encoder else '4-bit-derived: figures flattered'}); "
-             + (f"cosine over {probe.texts} Austen evaluation paragraphs" if encoder else
-                f"{evaluation['tokens_scored']} tokens of the Austen evaluation split in windows of "
-                f"{args.eval_seq_len}; base ppl {probe.reference['perplexity']:.3f}")
-             + f"; bpw measured over {len(originals)} block Linears; {meta['machine']['threads']} thread(s)")
-    print()
-    print(format_table(shown(sorted(rows, key=lambda r: r["bits_per_weight"])), columns(encoder), title=title))
-    summary = {}
-    if bought := what_each_bought(rows, 16, encoder, None if encoder else probe.reference["perplexity"]):
-        summary["k16"] = bought
-        print()
-        print(format_table(bought, [Column("change"), Column("bpw", "d bpw", "+.4f"), Column("rel_err", "d rel err", "+.4f"),
-                                    Column("quality"), Column("gap_recovered", "gap closed", ".0%")],
-                           title="What each correction bought at K=16 (against the row it is stacked on)"))
-    print()
-    if wm := meta.get("whole_model"):
-        judged = wm["numba_threads"] == 2  # the target is for 2 cores
-        summary["whole_model_target_met"] = wm["wall_s"] <= TARGET_WHOLE_MODEL_S if judged else None
-        print(f"whole model clustered at K={WHOLE_MODEL_K}: {wm['wall_s']:.1f} s wall, {wm['cpu_s']:.1f} s CPU "
-              f"({wm['numba_threads']} thread(s), load {wm['load_avg'][0]:.1f}; target <= {TARGET_WHOLE_MODEL_S:.0f} s "
-              f"on 2 cores{'' if judged else ': not judged at this thread count'}), "
-              f"peak RSS {wm['peak_rss_clustering_mb'] or float('nan'):.0f} MB while clustering "
-              f"({wm['rss_before_clustering_mb']:.0f} MB before), {wm['peak_rss_mb']:.0f} MB with reading")
-    if lloyd := [r for r in rows if "matrices_where_exact_is_worse" in r]:
-        worse = sum(r["matrices_where_exact_is_worse"] for r in lloyd)
-        summary["lloyd_worse_matrices"] = worse
-        print(f"exact objective vs best of {args.lloyd_runs} Lloyd runs: worse on {worse} matrices over "
-              f"{len(lloyd)} K values; Lloyd's excess " + ", ".join(
-                  f"K={r['k_or_bits']} {100 * r['lloyd_excess']:+.3f}%" for r in lloyd))
-    if not encoder and (k64 := [r for r in rows if r["method"] == "kmeans" and r["k_or_bits"] == 64]):
-        best = min(k64, key=lambda r: r["perplexity"])
-        summary["k64_best"] = {"config": best["config"], "ppl_vs_base": best["ppl_vs_base"],
-                               "within_1pct": best["ppl_vs_base"] <= K64_WITHIN}
-        print(f"K=64 best: {best['config']} {vs_base(best['ppl_vs_base'])} over the base "
-              f"(target within {K64_WITHIN:.0%}; 4-bit-derived: flattered)")
-    meta["summary"] = summary
-    save()
-    print(f"wrote {out}")
+        run.kmeans_rows(k, variants, outliers, energy, ft_windows, histograms)
+    meta["summary"] = run.summarize()
+    run.save()
+    print(f"wrote {run.out}")
     return 0
 
 
