@@ -346,3 +346,32 @@ def test_a_model_that_is_no_causal_lm_is_refused(tiny_llama, tmp_path, capsys):
     rc = main(["compress", str(folder), str(tmp_path / "out"), "--method", "wanda"])
     err = capsys.readouterr().err
     assert rc == 2 and "LlamaModel is not a causal language model" in err
+
+
+@pytest.mark.parametrize("config", [
+    LayerwiseConfig(quant="gptq", bits=3, group_size=16, act_order=True),
+    LayerwiseConfig(quant="awq", bits=4, group_size=16),
+    LayerwiseConfig(prune="sparsegpt", pattern="2:4", quant="gptq", bits=4, group_size=16),
+], ids=["gptq", "awq", "sparsegpt+gptq"])
+def test_a_bf16_model_calibrated_in_float32_equals_the_float32_model(tiny_llama, config):
+    """Holding the model in bfloat16 (half the memory) and computing each block in float32 gives the
+    float32 model's result bit for bit, artifacts included."""
+    from unweight.layerwise import compress_layerwise
+    from unweight.models import load_causal_lm
+
+    results = []
+    for hold, compute in ((None, None), (torch.bfloat16, torch.float32)):
+        model, tok = load_causal_lm(str(tiny_llama), dtype=hold)
+        artifacts = {}
+        compress_layerwise(model, tok, config, n_samples=4, seq_len=32, artifacts=artifacts,
+                           weight_dtype=torch.bfloat16, progress=False, compute_dtype=compute)
+        results.append(({n: p.float() for n, p in model.named_parameters()}, artifacts))
+        if hold is not None:
+            assert all(p.dtype == torch.bfloat16 for p in model.parameters())
+    (w32, a32), (w16, a16) = results
+    assert w32.keys() == w16.keys() and all(torch.equal(w32[n], w16[n]) for n in w32)
+    assert a32.keys() == a16.keys() and len(a32) == 14
+    for name in a32:
+        for field in ("mask", "q", "scale", "zero", "input_scale"):
+            x, y = getattr(a32[name], field), getattr(a16[name], field)
+            assert (x is None and y is None) or torch.equal(x, y), (name, field)

@@ -196,11 +196,16 @@ class BlockInputs:
 
 @torch.no_grad()
 def capture_block_inputs(model: nn.Module, windows: torch.Tensor,
-                         batch_size: int = DEFAULT_BATCH) -> BlockInputs:
-    """Block 0's input hidden states and every block's call kwargs, for ``windows`` in batches."""
+                         batch_size: int = DEFAULT_BATCH, compute_dtype: torch.dtype | None = None) -> BlockInputs:
+    """Block 0's input hidden states and every block's call kwargs, for ``windows`` in batches.
+
+    ``compute_dtype``: the token embeddings are cast to it as they leave the embedding, so everything
+    computed from them before block 0 (embedding scale, rotary tables) is computed in it. For a model
+    held in bfloat16 with bfloat16 weights, float32 here gives exactly the inputs of the float32 model."""
     layers = decoder_layers(model)
     originals = list(layers)
-    embed_device = model.get_input_embeddings().weight.device
+    embedding = model.get_input_embeddings()
+    embed_device = embedding.weight.device
     out = BlockInputs(hidden=[], kwargs=[])
     batch_kwargs: list[dict] = []
 
@@ -209,6 +214,8 @@ def capture_block_inputs(model: nn.Module, windows: torch.Tensor,
             out.hidden.append(hidden)
         batch_kwargs.append(kwargs)
 
+    cast = None if compute_dtype is None else embedding.register_forward_hook(
+        lambda _module, _args, output: output.to(compute_dtype))
     try:
         for i, block in enumerate(originals):
             layers[i] = _Catcher(block, i, record, last=i == len(originals) - 1)
@@ -225,17 +232,20 @@ def capture_block_inputs(model: nn.Module, windows: torch.Tensor,
     finally:
         for i, block in enumerate(originals):
             layers[i] = block
+        if cast is not None:
+            cast.remove()
     return out
 
 
-def _to(obj, device):
-    """``obj`` (tensors inside tuples, lists and dicts) on ``device``."""
+def _to(obj, device, dtype: torch.dtype | None = None):
+    """``obj`` (tensors inside tuples, lists and dicts) on ``device``; floating tensors cast to
+    ``dtype`` if given."""
     if isinstance(obj, torch.Tensor):
-        return obj.to(device)
+        return obj.to(device, dtype) if dtype is not None and obj.is_floating_point() else obj.to(device)
     if isinstance(obj, (tuple, list)):
-        return type(obj)(_to(o, device) for o in obj)
+        return type(obj)(_to(o, device, dtype) for o in obj)
     if isinstance(obj, dict):
-        return {k: _to(v, device) for k, v in obj.items()}
+        return {k: _to(v, device, dtype) for k, v in obj.items()}
     return obj
 
 
@@ -251,7 +261,8 @@ def run_layerwise(model: nn.Module, windows: torch.Tensor, process: Process | No
                   stats: Iterable[str] = ("hessian",), batch_size: int = DEFAULT_BATCH,
                   device: torch.device | str | None = None,
                   targets: Callable[[str, nn.Linear], bool] | None = None,
-                  after_block: AfterBlock | None = None, progress: bool = True) -> None:
+                  after_block: AfterBlock | None = None, progress: bool = True,
+                  compute_dtype: torch.dtype | None = None) -> None:
     """Walk the decoder blocks with the calibration ``windows`` (``[n, seq_len]`` token ids).
 
     For each block: collect ``stats`` (names in :data:`STATS`) of the inputs of its Linears (those
@@ -259,20 +270,24 @@ def run_layerwise(model: nn.Module, windows: torch.Tensor, process: Process | No
     each in the order the block calls them, then recompute the block's outputs with the processed
     weights and feed them to the next block. ``after_block(block_index, block, outputs)`` sees those
     outputs. ``process=None`` only propagates (no hooks, one pass per block). ``device``: where each
-    block runs (default: where its weights are); it is moved back afterwards.
+    block runs (default: where its weights are); it is moved back afterwards. ``compute_dtype``: each
+    block is cast to it while it runs and back afterwards, and the hidden states are kept in it, so a
+    model can be held in bfloat16 (half the memory) and calibrated in float32; ``process`` must leave
+    weights representable in the held dtype for the cast back to be exact.
     """
     want = frozenset(stats)
     if unknown := want - set(STATS):
         raise UnweightError(f"unknown statistics {sorted(unknown)}; valid: {', '.join(STATS)}")
     layers = decoder_layers(model)
-    inputs = capture_block_inputs(model, windows, batch_size)
+    inputs = capture_block_inputs(model, windows, batch_size, compute_dtype)
     hidden = inputs.hidden
     for index, block in enumerate(tqdm(layers, desc="blocks", unit="block", disable=not progress)):
-        home = next(block.parameters()).device
+        first = next(block.parameters())
+        home, home_dtype = first.device, first.dtype
         run_on = torch.device(device) if device is not None else home
-        block.to(run_on)
-        kwargs = [_to(inputs.kwargs[b][index], run_on) for b in range(len(hidden))]
-        hidden = [h.to(run_on) for h in hidden]
+        block.to(run_on, compute_dtype)
+        kwargs = [_to(inputs.kwargs[b][index], run_on, compute_dtype) for b in range(len(hidden))]
+        hidden = [h.to(run_on, compute_dtype) for h in hidden]
         if process is not None:
             per_linear = _collect(block, hidden, kwargs, want, targets)
             for name, (linear, st) in per_linear.items():
@@ -281,7 +296,7 @@ def run_layerwise(model: nn.Module, windows: torch.Tensor, process: Process | No
         hidden = [_hidden(block(h, **kw)) for h, kw in zip(hidden, kwargs)]
         if after_block is not None:
             after_block(index, block, hidden)
-        block.to(home)
+        block.to(home, home_dtype if compute_dtype is not None else None)
 
 
 def _collect(block: nn.Module, hidden: Sequence[torch.Tensor], kwargs: Sequence[dict],

@@ -184,7 +184,8 @@ def compress_layerwise(model: nn.Module, tokenizer, config: LayerwiseConfig, n_s
                        device: torch.device | str | None = None,
                        artifacts: dict[str, LinearArtifacts] | None = None,
                        weight_dtype: torch.dtype | None = None, progress: bool = True,
-                       config_for: Callable[[str], LayerwiseConfig] | None = None) -> nn.Module:
+                       config_for: Callable[[str], LayerwiseConfig] | None = None,
+                       compute_dtype: torch.dtype | None = None) -> nn.Module:
     """Compress every Linear of ``model``'s decoder blocks in place; returns ``model``.
 
     Calibration: ``windows`` if given, else ``calibration_windows(tokenizer, n_samples, seq_len,
@@ -193,7 +194,9 @@ def compress_layerwise(model: nn.Module, tokenizer, config: LayerwiseConfig, n_s
     ``weight_dtype``: see :func:`compress_linear` (later blocks are calibrated on the rounded weights).
     ``config_for(full_name)``, if given, is each Linear's own config (hybrid precision from a recipe);
     ``config`` then decides calibration and which statistics are gathered, so every per-Linear config
-    must need no statistics that ``config`` does not.
+    must need no statistics that ``config`` does not. ``compute_dtype`` (e.g. float32 for a model held
+    in bfloat16): blocks are calibrated and compressed in it one at a time (see
+    :func:`unweight.calibrate.run_layerwise`); give ``weight_dtype`` = the held dtype with it.
     """
     layers = decoder_layers(model)
     prefix = next(n for n, m in model.named_modules() if m is layers)
@@ -217,7 +220,7 @@ def compress_layerwise(model: nn.Module, tokenizer, config: LayerwiseConfig, n_s
         windows = calibration_windows(tokenizer, n_samples or config.n_samples, seq_len or config.seq_len,
                                       config.seed)
     run_layerwise(model, windows, process, stats=config.stats, batch_size=config.batch_size,
-                  device=device, targets=wanted, progress=progress)
+                  device=device, targets=wanted, progress=progress, compute_dtype=compute_dtype)
     return model
 
 

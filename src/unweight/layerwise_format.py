@@ -280,10 +280,13 @@ def layerwise_encoder(src: str | os.PathLike, config: LayerwiseConfig, progress:
     infos = [ckpt.info(n) for n in ckpt.names()]
     matrix_dtypes = {ST_DTYPES[i.dtype] for i in infos if len(i.shape) == 2 and i.dtype in ("F32", "F16", "BF16")}
     weight_dtype = matrix_dtypes.pop() if len(matrix_dtypes) == 1 else None  # else: stored as .to(dtype)
-    model, tok = load_causal_lm(str(ckpt.path))
+    # a 16-bit checkpoint is held in its own dtype (half the memory of float32) and each block is
+    # computed in float32 while it is compressed: the same figures as a float32 model, bit for bit
+    hold = weight_dtype if weight_dtype in (torch.bfloat16, torch.float16) else None
+    model, tok = load_causal_lm(str(ckpt.path), dtype=hold)
     artifacts: dict[str, LinearArtifacts] = {}
     compress_layerwise(model, tok, config, artifacts=artifacts, weight_dtype=weight_dtype, progress=progress,
-                       config_for=config_for)
+                       config_for=config_for, compute_dtype=None if hold is None else torch.float32)
     names, params = set(ckpt.names()), dict(model.named_parameters())
     missing = [f"{m}.weight" for m in artifacts if f"{m}.weight" not in names or f"{m}.weight" not in params]
     if missing:
