@@ -174,11 +174,12 @@ def entropy_code(parts: Parts, name: str = "<tensor>") -> Parts:
 def rtn_levels(parts: Parts, name: str) -> GroupLevels | None:
     """The stored levels of an ``rtn`` matrix (None for ``kmeans``); outliers are not included."""
     h, _, shape, numel, need = parse_parts(parts, name)
-    if h["kind"] != "rtn":
-        return None
-    bits = int(h["bits"])
+    return _group_levels(parts, h, name, shape, numel, need) if h["kind"] == "rtn" else None
+
+
+def _group_levels(parts: Parts, h: dict, name: str, shape, numel: int, need) -> GroupLevels:
     q = _levels(parts, h, name, numel, need).view(shape)
-    return GroupLevels(q, need("scale"), need("zero"), bits, int(h["group_size"]), h["scheme"])
+    return GroupLevels(q, need("scale"), need("zero"), int(h["bits"]), int(h["group_size"]), h["scheme"])
 
 
 def decode(parts: Parts, name: str) -> torch.Tensor:
@@ -193,7 +194,7 @@ def decode(parts: Parts, name: str) -> torch.Tensor:
             raise UnweightError(f"tensor {name!r}: an index exceeds the codebook size: corrupt")
         w = codebook_decode(codebook, idx, granularity=gran, dtype=dtype)
     elif kind == "rtn":
-        w = rtn_levels(parts, name).dequantize(dtype)
+        w = _group_levels(parts, h, name, shape, numel, need).dequantize(dtype)
     else:
         raise UnweightError(f"tensor {name!r}: unknown codebook kind {kind!r}")
     if "outlier_idx" in parts:
