@@ -10,7 +10,8 @@ Setup (pinned):
 - model: ``hf_folder("smollm2-135m")`` (the bundled Q4_1 GGUF converted to bf16, ~/.cache/unweight/
   models/smollm2-135m-bf16; **4-bit-derived weights**), loaded in float32 on the CPU by both sides;
 - calibration: the very token windows ``bench/prune_quant.py`` uses, ``calibration_windows(tok, 32,
-  512, seed=0)`` (Sense and Sensibility, disjoint from evaluation), dumped by ``prepare`` to
+  512, seed=0)`` with the GGUF's tokenizer (the folder's gives the same ids, checked; Sense and
+  Sensibility, disjoint from evaluation), dumped by ``prepare`` to
   ``/tmp/lc/calib.safetensors`` (int64 ``input_ids`` ``[32, 512]``, no pickle) and handed to
   llm-compressor as a ``datasets.Dataset`` of ``input_ids`` + ``attention_mask`` (no shuffling, no
   padding, no truncation: 32 x 512 tokens exactly);
@@ -19,22 +20,32 @@ Setup (pinned):
   ``prepare`` and ``evaluate`` run in unweight's ``.venv`` (transformers 5.24.0, torch 2.13.0+cpu);
 - llm-compressor settings (``oneshot``, sequential pipeline -- what its ``independent`` default picks
   for these modifiers --, calibration batch 8 windows as unweight's driver, every decoder Linear,
-  ``lm_head`` ignored: it is tied to the embedding):
+  ``lm_head`` ignored with ``re:.*lm_head``: it is tied to the embedding, and a plain ``"lm_head"``
+  does not stop the sparsity modifiers, which name it ``"lm_head."`` and then prune the embedding;
+  the output error of each Linear is propagated as in unweight: a block's Linears are all
+  calibrated on one forward of the block as it was, then compressed, then the block's outputs are
+  recomputed with the compressed weights for the next block):
 
   - ``gptq4``: ``GPTQModifier``, int4 asymmetric, ``actorder=None``, ``dampening_frac=0.01``,
-    ``block_size=128``, min-max observer; groups of 128 input columns per row. smollm2's 576-column
-    inputs are not a multiple of 128, which llm-compressor's ``group`` strategy refuses (it checks at
-    initialisation, for vLLM's kernels); its ``block`` strategy with ``block_structure=[1, 128]`` is
-    the same grouping as unweight's (4 groups of 128 and a remainder group of 64 per 576-column row)
-    and is what runs by default (``--layout block``; ``--layout group`` tries the refused one and
-    records the error, ``--layout group64`` runs group size 64). **Not the same algorithm in one
-    respect**: llm-compressor 0.14 computes every group's scale and zero once from the *original*
-    weights (its observer, before the GPTQ loop); unweight, as the GPTQ reference code, computes a
-    group's parameters from the weights *as updated so far* when the group's first column comes up;
+    ``block_size=128``, ``memoryless_minmax`` observer; groups of 128 input columns per row.
+    smollm2's 576-column inputs are not a multiple of 128, which llm-compressor's ``group`` strategy
+    refuses (it checks at initialisation, for vLLM's kernels: ``--layout group`` records the error);
+    ``bypass_divisibility_checks=True`` gets past the check and then fails in the first calibration
+    forward on the CPU (``--layout group-bypass``: "unflatten: Provided sizes [-1, 128] don't
+    multiply up to the size of dim 1 (576)"). Its ``block`` strategy with ``block_structure=[1,
+    128]`` is the same grouping as unweight's (4 groups of 128 and a remainder group of 64 per
+    576-column row, checked: at most 16 distinct values in every such group) and is what runs by
+    default (``--layout block``; ``--layout group64`` runs group size 64). **Not the same algorithm
+    in one respect**: llm-compressor 0.14 computes every group's scale and zero once from the
+    *original* weights (its observer, before the GPTQ loop); unweight, as the GPTQ reference code,
+    computes a group's parameters from the weights *as updated so far* when the group's first
+    column comes up;
   - ``sparsegpt50`` / ``sparsegpt24``: ``SparseGPTModifier`` (``llmcompressor.modifiers.pruning``),
     ``sparsity=0.5``, ``mask_structure="0:0"`` / ``"2:4"``, ``dampening_frac=0.01``,
-    ``block_size=128``. Unstructured: llm-compressor prunes 50% of each 128-column block (all rows),
-    unweight allocates per block so that each matrix ends at exactly 50%;
+    ``block_size=128``. Unstructured: llm-compressor prunes every weight at or under the 50%
+    threshold of each 128-column block (all rows), one or more above half (0.50001 of the weights),
+    unweight allocates per block so that each matrix ends at exactly 50%; 2:4 is the same rule in
+    both (the same W and H give the same mask);
   - ``wanda50``: ``WandaPruningModifier``, ``sparsity=0.5``, per output row (both);
 
 - output: the compressed model saved **dense** in float32 (the weights as llm-compressor leaves them
@@ -51,6 +62,7 @@ Setup (pinned):
 Run (each step alone on the machine; the load average is recorded)::
 
     .venv/bin/python bench/llmcompressor_side.py prepare
+    /work/lcvenv/bin/pip freeze > /tmp/lc/lcvenv-freeze.txt   # recorded in the JSON
     for m in gptq4 sparsegpt50 sparsegpt24 wanda50; do
         OMP_NUM_THREADS=1 /work/lcvenv/bin/python bench/llmcompressor_side.py compress --method $m
     done
@@ -89,7 +101,8 @@ EVAL_SEQ_LEN, EVAL_TOKENS = 1024, 8192
 CALIB_BATCH = 8  # unweight.calibrate.DEFAULT_BATCH: windows per block forward
 # llm-compressor method -> unweight's prune_quant.py row
 PAIRS = {"gptq4": "gptq4", "sparsegpt50": "sparsegpt-50", "sparsegpt24": "sparsegpt-2:4", "wanda50": "wanda-50"}
-TIED_SKIP = ["lm_head"]  # tied to the embedding: pruning it would prune the embedding too
+TIED_SKIP = ["re:.*lm_head"]  # tied to the embedding: pruning it would prune the embedding too. A plain
+# "lm_head" does not do for the sparsity modifiers: with targets ["Linear"] they name the module "lm_head."
 
 
 def machine() -> dict:
@@ -129,7 +142,7 @@ def _recipe(method: str, layout: str):
         weights = {"num_bits": 4, "type": "int", "symmetric": False, "dynamic": False, "actorder": None}
         if layout == "block":
             weights |= {"strategy": "block", "block_structure": [1, 128]}
-        elif layout == "group":
+        elif layout in ("group", "group-bypass"):
             weights |= {"strategy": "group", "group_size": 128}
         elif layout == "group64":
             weights |= {"strategy": "group", "group_size": 64}
@@ -137,9 +150,10 @@ def _recipe(method: str, layout: str):
             raise SystemExit(f"unknown layout {layout!r}")
         settings = {"modifier": "GPTQModifier", "config_groups": {"group_0": {"targets": ["Linear"],
                                                                               "weights": weights}},
-                    "ignore": TIED_SKIP, "dampening_frac": 0.01, "block_size": 128, "actorder": None}
+                    "ignore": TIED_SKIP, "dampening_frac": 0.01, "block_size": 128, "actorder": None,
+                    "bypass_divisibility_checks": layout == "group-bypass"}
         mod = GPTQModifier(config_groups=settings["config_groups"], ignore=TIED_SKIP, dampening_frac=0.01,
-                           block_size=128, actorder=None)
+                           block_size=128, actorder=None, bypass_divisibility_checks=layout == "group-bypass")
         return mod, settings
     if method in ("sparsegpt50", "sparsegpt24"):
         from llmcompressor.modifiers.pruning.sparsegpt import SparseGPTModifier
@@ -255,6 +269,21 @@ def _checks(folder: Path, method: str, original: dict) -> dict:
     return out
 
 
+DEVIATIONS = [
+    "gptq4: llm-compressor 0.14 takes every group's scale/zero from the original weights (observer "
+    "memoryless_minmax, before the GPTQ loop); unweight from the weights as updated so far when the group starts "
+    "(the GPTQ reference code's behaviour)",
+    "gptq4: llm-compressor's group strategy refuses 576 % 128 != 0; its block strategy [1, 128] is run instead, "
+    "the same grouping as unweight's g128 (4 x 128 + a remainder group of 64 per 576-column row)",
+    "sparsegpt50: llm-compressor prunes everything at or under each 128-column block's 50% threshold "
+    "(0.50001 of the weights); unweight exactly 50% per matrix",
+    "same rules otherwise: dampening 0.01 x mean(diag H) in both, lazy block 128, 2:4 by the same saliency, "
+    "Wanda per output row; sequential pipeline with error propagation in both; calibration batch 8 in both",
+    "time: llm-compressor's is the oneshot call on the loaded model (setup, tracing, calibration, method, "
+    "propagation); unweight's is prune_quant's compress_layerwise (capture, statistics, method, propagation)",
+]
+
+
 def evaluate_all(args) -> int:
     torch.set_num_threads(args.threads)
     from unweight.data import corpus
@@ -311,8 +340,9 @@ def evaluate_all(args) -> int:
                        "tokens_scored": len(ev) * (EVAL_SEQ_LEN - 1), "kl_base": "load_causal_lm('smollm2-135m') (GGUF)"},
         "base_perplexity": base_row["perplexity"] if base_row else None,
         "unweight_run": {"file": args.unweight_json, "machine": uw["machine"] if uw else None},
-        "versions": {"unweight_venv": _freeze(sys.executable, ("torch", "transformers", "safetensors")),
+        "versions": {"unweight_venv": _versions(("torch", "transformers", "safetensors")),
                      "lcvenv_freeze": freeze.read_text().split() if freeze.exists() else None},
+        "deviations": DEVIATIONS,
         "evaluate_machine": machine() | {"load_avg_start": load_start},
         "rows": rows,
     }
@@ -337,7 +367,7 @@ def evaluate_all(args) -> int:
     return 0
 
 
-def _freeze(python: str, names) -> dict:
+def _versions(names) -> dict:
     from importlib.metadata import version
 
     return {n: version(n) for n in names}
@@ -349,8 +379,9 @@ def main() -> int:
     sub.add_parser("prepare", help="dump the calibration windows (unweight's venv)")
     c = sub.add_parser("compress", help="run llm-compressor's oneshot (llm-compressor's venv)")
     c.add_argument("--method", required=True, choices=list(PAIRS))
-    c.add_argument("--layout", default="block", choices=["block", "group", "group64"],
-                   help="gptq4 groups: block [1,128] (= unweight's g128 with remainder), group 128, group 64")
+    c.add_argument("--layout", default="block", choices=["block", "group", "group-bypass", "group64"],
+                   help="gptq4 groups: block [1,128] (= unweight's g128 with remainder), group 128 (refused), "
+                        "group 128 with bypass_divisibility_checks, group 64")
     c.add_argument("--model", default=str(MODEL_DIR))
     c.add_argument("--calib", default=str(CALIB))
     c.add_argument("--out-dir", default=str(WORK))
