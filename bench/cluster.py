@@ -12,6 +12,7 @@ Rows (``--ks``, ``--variants``, ``--rtn-bits``), on the Linear weights of the de
   text (SqueezeLLM's weighting without the gradient);
 - ``outliers``: dense-and-sparse, the ``--outliers`` spec (default ``auto``) kept exactly
   (``unweight.outliers``);
+- ``weighted+outliers``: both (the weights kept exactly get importance 0);
 - ``outliers+affine``: then the moment-matching affine correction per matrix
   (``unweight.cluster.affine.fit_moments`` on the non-outlier weights, applied to the codebook);
 - ``outliers+finetune``: then centroid-only fine-tuning (``unweight.cluster.finetune``) for
@@ -99,7 +100,7 @@ from unweight.report.table import Column, format_table
 from unweight.targets import is_target
 
 BENCH_MODELS = ("smollm2-135m", "gemma3-270m", "minilm-l6")
-VARIANTS = ("plain", "weighted", "outliers", "outliers+affine", "outliers+finetune")
+VARIANTS = ("plain", "weighted", "outliers", "weighted+outliers", "outliers+affine", "outliers+finetune")
 ENCODER_SKIPS = {"outliers+finetune": "centroid fine-tuning minimizes a language-modelling loss; "
                                       "the encoder has none"}
 GROUP_SIZE = 128  # RTN groups: do not align with GGUF's 32-weight blocks
@@ -354,8 +355,8 @@ def what_each_bought(rows: list[dict], k: int, encoder: bool, base_ppl: float | 
     """At K=k: each correction against the row it is stacked on; ``gap_recovered``: the share of the
     NLL gap to the base it closed (encoder: of the cosine distance)."""
     by = {r["variant"]: r for r in rows if r["method"] == "kmeans" and r["k_or_bits"] == k}
-    pairs = [("weighted", "plain"), ("outliers", "plain"), ("outliers+affine", "outliers"),
-             ("outliers+finetune", "outliers")]
+    pairs = [("weighted", "plain"), ("outliers", "plain"), ("weighted+outliers", "outliers"),
+             ("outliers+affine", "outliers"), ("outliers+finetune", "outliers")]
     out = []
     for variant, over in pairs:
         if variant not in by or over not in by:
@@ -496,6 +497,11 @@ class Run:
                     w, KMeansSpec(k=k), importance=energy[n][None, :].expand(w.shape)))
                 self.record("kmeans", k, variant, parts, s)
                 continue
+            if variant == "weighted+outliers":
+                parts, s = encode_all(originals, lambda n, w: encode_kmeans(
+                    w, KMeansSpec(k=k, outliers=outliers), importance=energy[n][None, :].expand(w.shape)))
+                self.record("kmeans", k, variant, parts, s)
+                continue
             if outlier_parts is None:
                 outlier_parts, outlier_s = encode_all(
                     originals, lambda n, w: encode_kmeans(w, KMeansSpec(k=k, outliers=outliers)))
@@ -613,7 +619,7 @@ def main() -> int:
     print(f"{len(originals)} target matrices, {numel:,} weights ({dtype}); variants {', '.join(variants)}"
           + "".join(f"; skipped {v}: {why}" for v, why in skipped.items()), flush=True)
     calibration, energy, ft_windows = {}, {}, None
-    if "weighted" in variants:
+    if {"weighted", "weighted+outliers"} & set(variants):
         energy, calibration["weighted"] = activation_energy(args, model, tok, calib_batch, encoder)
         if missing := sorted(set(originals) - set(energy)):
             sys.exit(f"no activation statistics for {len(missing)} target matrices (first: {missing[0]})")
