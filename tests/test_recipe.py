@@ -142,6 +142,19 @@ def test_apply_in_memory_replaces_only_listed_weights():
         apply_in_memory(model, recipe, ["2.weight"])
 
 
+def test_apply_in_memory_counts_exact_outliers():
+    """Bits per weight include the sparse part: an int32 index and a float32 value per kept weight."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(32, 16))
+    with torch.no_grad():
+        model[0].weight[3, 5] = 40.0
+    original = model[0].weight.detach().clone()
+    recipe = Recipe(method="kmeans", default={"k": 4, "outliers": 3})
+    info = apply_in_memory(model, recipe, ["0.weight"])
+    assert info["bits_per_weight"] == pytest.approx(kmeans_bits((16, 32), 4) + 3 * (32 + 32) / 512)
+    assert model[0].weight[3, 5] == 40.0 and torch.equal(model[0].weight[3, 5], original[3, 5])
+
+
 def _measurements(losses: list[list[float]], shapes: list[tuple[int, int]], method: str) -> dict:
     return {"matrices": {
         f"model.layers.{i}.mlp.w.weight": {

@@ -253,6 +253,19 @@ def setting_bits(method: str, shape: tuple[int, int], settings: dict) -> float:
     return rtn_bits(shape, s["bits"], s["group_size"])
 
 
+def outlier_bits(w: torch.Tensor, outliers: str | int | float | None) -> float:
+    """Bits per weight of ``w``'s exact weights (``--outliers`` spec; the same for every option): an
+    int32 index and a value each, the value 16-bit when ``w`` holds bfloat16 values (a bf16
+    checkpoint), else 32-bit."""
+    if outliers is None:
+        return 0.0
+    from unweight.outliers import select_outliers
+
+    n = select_outliers(w, outliers).numel()
+    value_bits = 16 if torch.equal(w.to(torch.bfloat16).to(w.dtype), w) else 32
+    return n * (32 + value_bits) / w.numel()
+
+
 def reconstruct(w: torch.Tensor, method: str, settings: dict) -> torch.Tensor:
     """What a matrix becomes under ``settings``: quantized and decoded, in ``w``'s dtype.
 
@@ -289,7 +302,8 @@ def reconstruct(w: torch.Tensor, method: str, settings: dict) -> torch.Tensor:
 @torch.no_grad()
 def apply_in_memory(model: torch.nn.Module, recipe: Recipe, names: list[str] | None = None) -> dict:
     """Replace the weights ``names`` (default: every matrix the recipe lists) of ``model`` in place by
-    their reconstruction; returns {"matrices", "parameters", "bits_per_weight"} of what was replaced.
+    their reconstruction; returns {"matrices", "parameters", "bits_per_weight"} of what was replaced
+    (exact outliers' indices and values included).
 
     This is for measuring a recipe before compressing (no storage format); names must be parameters."""
     params = dict(model.named_parameters())
@@ -300,8 +314,11 @@ def apply_in_memory(model: torch.nn.Module, recipe: Recipe, names: list[str] | N
             raise UnweightError(f"recipe names {name!r}, which the model does not have")
         p = params[name]
         settings = recipe.settings_for(name)
+        from unweight.outliers import parse_outliers
+
+        exact = outlier_bits(p.data, parse_outliers(settings.get("outliers")))
         p.data = reconstruct(p.data, recipe.method, settings)
         total += p.numel()
-        total_bits += p.numel() * setting_bits(recipe.method, tuple(p.shape), settings)
+        total_bits += p.numel() * (setting_bits(recipe.method, tuple(p.shape), settings) + exact)
     return {"matrices": len(names), "parameters": total,
             "bits_per_weight": total_bits / total if total else None}

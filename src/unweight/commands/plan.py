@@ -48,7 +48,7 @@ from tqdm import tqdm
 from unweight.commands import add_threads
 from unweight.errors import UnweightError
 from unweight.quant.planner import MatrixOptions, Option, plan, uniform_allocation
-from unweight.recipe import Recipe, dump, reconstruct, setting_bits
+from unweight.recipe import Recipe, dump, outlier_bits, reconstruct, setting_bits
 from unweight.report.table import Column, format_table
 
 HELP = "assign a K (or bit width) per matrix under a bits-per-weight budget; write recipe.yaml"
@@ -108,18 +108,6 @@ def _label(settings: dict) -> str:
 def options_for(method: str, outliers: str | int | float | None = None) -> list[dict]:
     """The settings the planner chooses from; with ``outliers`` every option keeps them exactly."""
     return [s if outliers is None else {**s, "outliers": outliers} for s in OPTIONS[method]]
-
-
-def outlier_bits(w: torch.Tensor, outliers: str | int | float | None) -> float:
-    """Bits per weight of ``w``'s exact weights (the same for every option): an int32 index and a
-    value each, the value 16-bit when ``w`` holds bfloat16 values (a bf16 checkpoint), else 32-bit."""
-    if outliers is None:
-        return 0.0
-    from unweight.outliers import select_outliers
-
-    n = select_outliers(w, outliers).numel()
-    value_bits = 16 if torch.equal(w.to(torch.bfloat16).to(w.dtype), w) else 32
-    return n * (32 + value_bits) / w.numel()
 
 
 @torch.no_grad()
