@@ -13,6 +13,8 @@ Rows (``--ks``, ``--variants``, ``--rtn-bits``), on the Linear weights of the de
 - ``outliers``: dense-and-sparse, the ``--outliers`` spec (default ``auto``) kept exactly
   (``unweight.outliers``);
 - ``weighted+outliers``: both (the weights kept exactly get importance 0);
+- ``fisher+outliers``: each weight weighted by its squared gradient (empirical Fisher, SqueezeLLM's
+  weighting) on calibration text, with the outliers (decoders only);
 - ``outliers+affine``: then the moment-matching affine correction per matrix
   (``unweight.cluster.affine.fit_moments`` on the non-outlier weights, applied to the codebook);
 - ``outliers+finetune``: then centroid-only fine-tuning (``unweight.cluster.finetune``) for
@@ -100,9 +102,11 @@ from unweight.report.table import Column, format_table
 from unweight.targets import is_target
 
 BENCH_MODELS = ("smollm2-135m", "gemma3-270m", "minilm-l6")
-VARIANTS = ("plain", "weighted", "outliers", "weighted+outliers", "outliers+affine", "outliers+finetune")
+VARIANTS = ("plain", "weighted", "outliers", "weighted+outliers", "fisher+outliers", "outliers+affine",
+            "outliers+finetune")
 ENCODER_SKIPS = {"outliers+finetune": "centroid fine-tuning minimizes a language-modelling loss; "
-                                      "the encoder has none"}
+                                      "the encoder has none",
+                 "fisher+outliers": "squared gradients of a language-modelling loss; the encoder has none"}
 GROUP_SIZE = 128  # RTN groups: do not align with GGUF's 32-weight blocks
 WHOLE_MODEL_K = 16
 TARGET_WHOLE_MODEL_S = 10.0
@@ -437,6 +441,18 @@ def activation_energy(args, model, tok, calib_batch, encoder: bool) -> tuple[dic
     return {n: v.float() for n, v in stats.sq_norm.items()}, info | {"seconds": time.perf_counter() - t0}
 
 
+def fisher_weights(args, model, tok) -> tuple[dict, dict]:
+    """({name: squared gradients of the next-token loss, the matrix's shape}, how) on calibration text."""
+    from unweight.analysis.sensitivity import collect_statistics
+    from unweight.calibrate import calibration_windows
+
+    t0 = time.perf_counter()
+    windows = calibration_windows(tok, args.calib_samples, args.calib_seq_len)
+    stats = collect_statistics(model, windows, fisher=True, progress=False)
+    info = {"corpus": "austen/calib", "samples": args.calib_samples, "seq_len": args.calib_seq_len}
+    return stats.fisher, info | {"seconds": time.perf_counter() - t0}
+
+
 # --------------------------------------------------------------------------------------------------
 # The run: rows measured and saved one by one
 
@@ -497,9 +513,11 @@ class Run:
                     w, KMeansSpec(k=k), importance=energy[n][None, :].expand(w.shape)))
                 self.record("kmeans", k, variant, parts, s)
                 continue
-            if variant == "weighted+outliers":
+            if variant in ("weighted+outliers", "fisher+outliers"):
+                imp = (lambda n, w: energy[n][None, :].expand(w.shape)) if variant == "weighted+outliers" else (
+                    lambda n, w: self.fisher[n])
                 parts, s = encode_all(originals, lambda n, w: encode_kmeans(
-                    w, KMeansSpec(k=k, outliers=outliers), importance=energy[n][None, :].expand(w.shape)))
+                    w, KMeansSpec(k=k, outliers=outliers), importance=imp(n, w)))
                 self.record("kmeans", k, variant, parts, s)
                 continue
             if outlier_parts is None:
@@ -623,6 +641,11 @@ def main() -> int:
         energy, calibration["weighted"] = activation_energy(args, model, tok, calib_batch, encoder)
         if missing := sorted(set(originals) - set(energy)):
             sys.exit(f"no activation statistics for {len(missing)} target matrices (first: {missing[0]})")
+    fisher = {}
+    if "fisher+outliers" in variants:
+        fisher, calibration["fisher"] = fisher_weights(args, model, tok)
+        if missing := sorted(set(originals) - set(fisher)):
+            sys.exit(f"no Fisher statistics for {len(missing)} target matrices (first: {missing[0]})")
     if "outliers+finetune" in variants:
         from unweight.calibrate import calibration_windows
 
@@ -650,6 +673,7 @@ def main() -> int:
                     "load_avg_start": load_start},
     }
     run = Run(args, model, probe, originals, encoder, meta)
+    run.fisher = fisher
     if not args.no_whole_model:
         meta["whole_model"] = wm = whole_model(args.model, WHOLE_MODEL_K, args.threads)
         print(f"whole model at K={WHOLE_MODEL_K} (fresh process, {wm['numba_threads']} thread(s)): "
