@@ -170,3 +170,34 @@ def test_calib_and_outliers_on_a_tiny_causal_lm(tiny_causal_lm, tmp_path):
     calib = result["calibration"]
     assert calib["tokens"] == 2 * 31 and calib["measure_tokens"] == 31
     assert len(calib["hidden_channel_max"]) == 2 + 1
+
+
+def test_outliers_detects_a_super_weight_planted_in_a_small_model(tiny_causal_lm, tmp_path):
+    """A weight planted at 60 robust sigmas in block 1's down-projection of a tiny Llama is the top
+    candidate, with its position, its z-score and a measured effect of zeroing it alone."""
+    import shutil
+
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    folder = tmp_path / "planted"
+    shutil.copytree(tiny_causal_lm, folder)
+    name, (row, col) = "model.layers.1.mlp.down_proj.weight", (7, 41)
+    (path,) = folder.glob("*.safetensors")
+    tensors = load_file(path)
+    w = tensors[name]
+    w[row, col] = 60 * 1.4826 * (w - w.median()).abs().median()
+    save_file(tensors, path, metadata={"format": "pt"})
+    out = tmp_path / "out"
+    threads = torch.get_num_threads()
+    try:
+        with contextlib.redirect_stdout(io.StringIO()):
+            rc = main(["analyze", str(folder), "--calib", "--outliers", "--calib-windows", "2",
+                       "--seq-len", "32", "--outlier-top", "2", "--out", str(out), "--quiet", "--threads", "1"])
+    finally:
+        torch.set_num_threads(threads)
+    assert rc == 0
+    top = json.loads((out / "analysis.json").read_text())["outliers"]["candidates"][0]
+    assert (top["name"], top["block"], top["row"], top["col"]) == (name, 1, row, col)
+    assert top["z"] == pytest.approx(60, rel=0.05) and top["down_proj"]
+    assert top["measured"] and top["zero_increase"] != 0
