@@ -253,21 +253,23 @@ def setting_bits(method: str, shape: tuple[int, int], settings: dict) -> float:
     return rtn_bits(shape, s["bits"], s["group_size"])
 
 
-def outlier_bits(w: torch.Tensor, outliers: str | int | float | None) -> float:
-    """Bits per weight of ``w``'s exact weights (``--outliers`` spec; the same for every option): an
-    int32 index and a value each, the value 16-bit when ``w`` holds bfloat16 values (a bf16
-    checkpoint), else 32-bit."""
+def outlier_bits(w: torch.Tensor, outliers: str | int | float | torch.Tensor | None) -> float:
+    """Bits per weight of ``w``'s exact weights (an ``--outliers`` spec, or the selected flat indices;
+    the same for every option): an int32 index and a value each, the value 16-bit when ``w`` holds
+    bfloat16 values (a bf16 checkpoint), else 32-bit."""
     if outliers is None:
         return 0.0
     from unweight.outliers import select_outliers
 
-    n = select_outliers(w, outliers).numel()
+    n = (outliers if isinstance(outliers, torch.Tensor) else select_outliers(w, outliers)).numel()
     value_bits = 16 if torch.equal(w.to(torch.bfloat16).to(w.dtype), w) else 32
     return n * (32 + value_bits) / w.numel()
 
 
-def reconstruct(w: torch.Tensor, method: str, settings: dict) -> torch.Tensor:
+def reconstruct(w: torch.Tensor, method: str, settings: dict,
+                outlier_idx: torch.Tensor | None = None) -> torch.Tensor:
     """What a matrix becomes under ``settings``: quantized and decoded, in ``w``'s dtype.
+    ``outlier_idx``: the exact weights ``settings["outliers"]`` selects, when the caller has them.
 
     K-means clusters the values exactly as stored: a float32 tensor whose values are all bfloat16
     (a bf16 checkpoint loaded in float32) is clustered as bfloat16, which is exact and much faster."""
@@ -277,7 +279,7 @@ def reconstruct(w: torch.Tensor, method: str, settings: dict) -> torch.Tensor:
                             "`unweight compress MODEL OUT --recipe RECIPE`")
     from unweight.outliers import parse_outliers, restore, select_outliers, split
 
-    idx = select_outliers(w, parse_outliers(s.get("outliers")))
+    idx = select_outliers(w, parse_outliers(s.get("outliers"))) if outlier_idx is None else outlier_idx
     exact = idx.numel() > 0
     if exact:  # dense-and-sparse, as the codebook format stores it
         w_rest, values, keep = split(w, idx)
@@ -306,6 +308,8 @@ def apply_in_memory(model: torch.nn.Module, recipe: Recipe, names: list[str] | N
     (exact outliers' indices and values included).
 
     This is for measuring a recipe before compressing (no storage format); names must be parameters."""
+    from unweight.outliers import parse_outliers, select_outliers
+
     params = dict(model.named_parameters())
     names = list(recipe.matrices) if names is None else names
     total_bits = total = 0
@@ -314,10 +318,9 @@ def apply_in_memory(model: torch.nn.Module, recipe: Recipe, names: list[str] | N
             raise UnweightError(f"recipe names {name!r}, which the model does not have")
         p = params[name]
         settings = recipe.settings_for(name)
-        from unweight.outliers import parse_outliers
-
-        exact = outlier_bits(p.data, parse_outliers(settings.get("outliers")))
-        p.data = reconstruct(p.data, recipe.method, settings)
+        idx = select_outliers(p.data, parse_outliers(settings.get("outliers")))
+        exact = outlier_bits(p.data, idx)
+        p.data = reconstruct(p.data, recipe.method, settings, idx)
         total += p.numel()
         total_bits += p.numel() * (setting_bits(recipe.method, tuple(p.shape), settings) + exact)
     return {"matrices": len(names), "parameters": total,

@@ -119,6 +119,7 @@ def measure_options(model, tok, method: str, estimate: str, n_windows: int, seq_
     from unweight.analysis.sensitivity import (TailLoss, collect_statistics, decoder_linears,
                                                fisher_estimate)
     from unweight.calibrate import calibration_windows
+    from unweight.outliers import select_outliers
 
     windows = calibration_windows(tok, n_windows, seq_len)
     if estimate == "measured":
@@ -135,10 +136,11 @@ def measure_options(model, tok, method: str, estimate: str, n_windows: int, seq_
     for name, (_, linear) in tqdm(linears.items(), desc=f"options ({estimate})", unit="matrix",
                                   disable=not progress):
         w = linear.weight.data
-        exact = outlier_bits(w, outliers)
+        idx = None if outliers is None else select_outliers(w, outliers)  # once: every option keeps them
+        exact = outlier_bits(w, idx)
         options = []
         for settings in options_for(method, outliers):
-            new = reconstruct(w, method, settings)
+            new = reconstruct(w, method, settings, idx)
             loss = tail.increase(name, new) if fisher is None else fisher_estimate(fisher[name], new - w)
             options.append({"settings": settings, "bits": setting_bits(method, tuple(w.shape), settings) + exact,
                             "loss": loss})
