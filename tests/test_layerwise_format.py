@@ -375,3 +375,18 @@ def test_a_bf16_model_calibrated_in_float32_equals_the_float32_model(tiny_llama,
         for field in ("mask", "q", "scale", "zero", "input_scale"):
             x, y = getattr(a32[name], field), getattr(a16[name], field)
             assert (x is None and y is None) or torch.equal(x, y), (name, field)
+
+
+def test_calibrating_in_float32_gives_each_tensor_its_own_dtype_back(tiny_llama):
+    """A block that mixes dtypes (a norm kept in float32 in a bf16 model) keeps them after
+    run_layerwise(compute_dtype=float32) casts it up to compute."""
+    from unweight.layerwise import compress_layerwise
+    from unweight.models import load_causal_lm
+
+    model, tok = load_causal_lm(str(tiny_llama), dtype=torch.bfloat16)
+    norm = model.model.layers[0].input_layernorm
+    norm.weight.data = norm.weight.data.float()
+    compress_layerwise(model, tok, LayerwiseConfig(quant="gptq", bits=4, group_size=16), n_samples=2, seq_len=16,
+                       weight_dtype=torch.bfloat16, progress=False, compute_dtype=torch.float32)
+    assert norm.weight.dtype == torch.float32
+    assert model.model.layers[0].mlp.down_proj.weight.dtype == torch.bfloat16

@@ -271,9 +271,10 @@ def run_layerwise(model: nn.Module, windows: torch.Tensor, process: Process | No
     weights and feed them to the next block. ``after_block(block_index, block, outputs)`` sees those
     outputs. ``process=None`` only propagates (no hooks, one pass per block). ``device``: where each
     block runs (default: where its weights are); it is moved back afterwards. ``compute_dtype``: each
-    block is cast to it while it runs and back afterwards, and the hidden states are kept in it, so a
-    model can be held in bfloat16 (half the memory) and calibrated in float32; ``process`` must leave
-    weights representable in the held dtype for the cast back to be exact.
+    block is cast to it while it runs and each tensor back to its own dtype afterwards, and the hidden
+    states are kept in it, so a model can be held in bfloat16 (half the memory) and calibrated in
+    float32; ``process`` must leave weights representable in the held dtype for the cast back to be
+    exact.
     """
     want = frozenset(stats)
     if unknown := want - set(STATS):
@@ -282,8 +283,8 @@ def run_layerwise(model: nn.Module, windows: torch.Tensor, process: Process | No
     inputs = capture_block_inputs(model, windows, batch_size, compute_dtype)
     hidden = inputs.hidden
     for index, block in enumerate(tqdm(layers, desc="blocks", unit="block", disable=not progress)):
-        first = next(block.parameters())
-        home, home_dtype = first.device, first.dtype
+        home = next(block.parameters()).device
+        held = _dtypes(block) if compute_dtype is not None else None
         run_on = torch.device(device) if device is not None else home
         block.to(run_on, compute_dtype)
         kwargs = [_to(inputs.kwargs[b][index], run_on, compute_dtype) for b in range(len(hidden))]
@@ -296,7 +297,20 @@ def run_layerwise(model: nn.Module, windows: torch.Tensor, process: Process | No
         hidden = [_hidden(block(h, **kw)) for h, kw in zip(hidden, kwargs)]
         if after_block is not None:
             after_block(index, block, hidden)
-        block.to(home, home_dtype if compute_dtype is not None else None)
+        block.to(home)
+        if held is not None:
+            _restore_dtypes(block, held)
+
+
+def _dtypes(module: nn.Module) -> dict[str, torch.dtype]:
+    """Each parameter's and buffer's dtype (a block may mix them: norms kept in float32)."""
+    return {n: t.dtype for n, t in [*module.named_parameters(), *module.named_buffers()]}
+
+
+def _restore_dtypes(module: nn.Module, dtypes: dict[str, torch.dtype]) -> None:
+    for n, t in [*module.named_parameters(), *module.named_buffers()]:
+        if t.dtype != dtypes[n]:
+            t.data = t.data.to(dtypes[n])
 
 
 def _collect(block: nn.Module, hidden: Sequence[torch.Tensor], kwargs: Sequence[dict],
