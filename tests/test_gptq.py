@@ -67,3 +67,12 @@ def test_dead_inputs_and_indefinite_hessians():
     assert torch.isfinite(upper).all() and not dead.any()
     with pytest.raises(UnweightError, match="does not match"):
         gptq_quantize(w, torch.eye(32), 4, 32)
+
+
+def test_inverse_hessian_cholesky_is_the_upper_factor_of_the_dampened_inverse():
+    _, h = layer(rows=4, cols=96, n=512)
+    u, dead = inverse_hessian_cholesky(h, 0.01)
+    assert not dead.any() and torch.equal(u, torch.triu(u)) and (torch.diag(u) > 0).all()
+    h64 = h.double() + 0.01 * torch.diag(h.double()).mean() * torch.eye(96, dtype=torch.float64)
+    ref = torch.linalg.cholesky(torch.linalg.inv(h64), upper=True)  # the reference code's route
+    torch.testing.assert_close(u.double(), ref, rtol=1e-3, atol=1e-6 * ref.abs().max().item())

@@ -21,6 +21,7 @@ import torch
 
 from unweight.prune.nm import lowest_mask, n_pruned
 from unweight.quant.gptq import DEFAULT_BLOCK, DEFAULT_DAMP, inverse_hessian_cholesky
+from unweight.quant.sweep import prune_sweep
 from unweight.errors import UnweightError
 
 
@@ -48,21 +49,13 @@ def sparsegpt_prune(w: torch.Tensor, hessian: torch.Tensor, sparsity: float = 0.
         W1 = W[:, i1:i2].clone()
         Err1 = torch.zeros_like(W1)
         Hinv1 = hinv[i1:i2, i1:i2]
-        d = torch.diag(Hinv1)
-        keep1 = keep[:, i1:i2]  # a view: filled block by block
+        keep1 = torch.ones_like(W1, dtype=torch.bool)
         if nm is None:
             k = n_pruned(rows * i2, sparsity) - pruned_so_far  # cumulative: exact in total
-            keep1.copy_(lowest_mask(W1.square() / d.square()[None, :], k))
+            keep1 = lowest_mask(W1.square() / torch.diag(Hinv1).square()[None, :], k)
             pruned_so_far += k
-        for i in range(i2 - i1):
-            if nm is not None and i % m == 0:
-                saliency = W1[:, i:i + m].square() / d[i:i + m].square()[None, :]
-                keep1[:, i:i + m] = lowest_mask(saliency, m - n, dim=1)
-            wcol = W1[:, i]
-            err = wcol.masked_fill(keep1[:, i], 0.0).div_(Hinv1[i, i])  # the pruned weights' error
-            W1[:, i:].addr_(err, Hinv1[i, i:], alpha=-1.0)
-            W1[:, i].masked_fill_(~keep1[:, i], 0.0)  # exactly zero (the update leaves ~1e-9)
-            Err1[:, i] = err
+        prune_sweep(W1, Hinv1, keep1, nm, Err1)
+        keep[:, i1:i2] = keep1
         W[:, i1:i2] = W1
         W[:, i2:].addmm_(Err1, hinv[i1:i2, i2:], alpha=-1.0)
     return W.to(w.dtype), keep

@@ -39,6 +39,7 @@ import torch
 
 from unweight.errors import UnweightError
 from unweight.quant.rtn import DEFAULT_SCHEME, rtn_dequantize, rtn_qparams
+from unweight.quant.sweep import quant_sweep
 
 DEFAULT_DAMP = 0.01  # fraction of mean(diag H) added to the diagonal
 DEFAULT_BLOCK = 128  # columns per lazy batch update
@@ -60,27 +61,19 @@ def inverse_hessian_cholesky(hessian: torch.Tensor, damp: float = DEFAULT_DAMP
         h[dead, dead] = 1.0
         eye = torch.eye(h.shape[0], dtype=dtype, device=h.device)
         mean_diag = torch.diag(h).mean()
+        flipped = h.flip(0, 1)  # J H J, J the reversal
         for attempt in range(MAX_DAMP_RETRIES):
-            factor, info = torch.linalg.cholesky_ex(h + damp * (10 ** attempt) * mean_diag * eye)
+            # J H J = L L^T gives H = R R^T with R = J L J upper, so H^-1 = U^T U with U = R^-1 =
+            # J L^-1 J: one Cholesky and one triangular solve (the reference code's second
+            # Cholesky of the explicit inverse, and torch.cholesky_inverse, cost 2-10x more on CPU)
+            factor, info = torch.linalg.cholesky_ex(flipped + damp * (10 ** attempt) * mean_diag * eye)
             if info != 0:
                 continue
-            # H^-1 = L^-T L^-1 by a triangular solve (torch.cholesky_inverse is ~10x slower on CPU)
-            linv = torch.linalg.solve_triangular(factor, eye, upper=False)
-            upper, info = torch.linalg.cholesky_ex(linv.T @ linv, upper=True)
-            if info == 0 and torch.isfinite(upper).all():
+            upper = torch.linalg.solve_triangular(factor, eye, upper=False).flip(0, 1)
+            if torch.isfinite(upper).all():
                 return upper.to(torch.float32), dead
     raise UnweightError("the calibration Hessian is not positive definite even with strong "
                         "dampening: use more calibration tokens")
-
-
-def _quantize_column(w: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, qmax: int,
-                     scheme: str) -> tuple[torch.Tensor, torch.Tensor]:
-    """Levels and dequantized values of one column; the same arithmetic as RTN's (float32)."""
-    if scheme == "asym_float":
-        q = torch.round((w - zero) / scale).clamp(0, qmax)
-        return q, zero + scale * q
-    q = (torch.round(w / scale) + zero).clamp(0, qmax)
-    return q, scale * (q - zero)
 
 
 @torch.no_grad()
@@ -130,31 +123,34 @@ def gptq_quantize(w: torch.Tensor, hessian: torch.Tensor, bits: int = 4, group_s
         W1 = W[:, i1:i2].clone()
         Q1 = torch.zeros_like(W1)  # levels, as floats until the block is done
         Err1 = torch.zeros_like(W1)
+        S1, Z1 = torch.empty_like(W1), torch.empty_like(W1)  # each weight's grid
         Hinv1 = hinv[i1:i2, i1:i2]
-        for i in range(i2 - i1):
-            col = i1 + i
-            if static is not None:
-                orig = col if perm is None else int(perm[col])
-                s_col, z_col = static[0][:, orig // g], static_zero[:, orig // g]
-            elif col % g == 0:  # a new group starts: parameters from the weights as updated so far
-                current = torch.cat([W1[:, i:], W[:, i2:]], dim=1)[:, :g]
-                if keep is not None:  # the range of what will be kept (pruned weights become 0)
-                    current = current * keep[:, col:col + g]
-                s, z = rtn_qparams(current, bits, 0, scheme)
-                scale[:, col // g], zero[:, col // g] = s[:, 0], z[:, 0]
-                s_col, z_col = s[:, 0], z[:, 0].to(torch.float32)
-            wcol = W1[:, i]
-            q, dq = _quantize_column(wcol, s_col, z_col, qmax, scheme)
-            if pruned_mask is not None:  # pruned weights sit exactly on zero: the level z
-                pruned = pruned_mask[:, col]
-                q = torch.where(pruned, z_col, q)
-                dq = dq.masked_fill(pruned, 0.0)
-            if fixed is not None:  # exact weights keep their original values
-                dq = torch.where(fixed[:, col], original[:, col], dq)
-            Q1[:, i] = q
-            err = (wcol - dq).div_(Hinv1[i, i])
-            W1[:, i:].addr_(err, Hinv1[i, i:], alpha=-1.0)
-            Err1[:, i] = err
+        pruned1, fixed1, orig1 = (None if t is None else t[:, i1:i2].contiguous()
+                                  for t in (pruned_mask, fixed, original))
+
+        def sweep(a: int, b: int) -> None:
+            quant_sweep(W1, Hinv1, a, b, S1, Z1, qmax, scheme == "asym_float", pruned1, fixed1,
+                        orig1, Q1, Err1)
+
+        if static is not None:
+            cols1 = torch.arange(i1, i2, device=W.device) if perm is None else perm[i1:i2]
+            S1.copy_(static[0][:, cols1 // g])
+            Z1.copy_(static_zero[:, cols1 // g])
+            sweep(0, i2 - i1)
+        else:  # the block runs in segments cut where a group starts
+            cuts = sorted({0, i2 - i1} | {c - i1 for c in range(i1, i2) if c % g == 0})
+            for a, b in zip(cuts[:-1], cuts[1:]):
+                col = i1 + a
+                if col % g == 0:  # a new group: parameters from the weights as updated so far
+                    current = torch.cat([W1[:, a:], W[:, i2:]], dim=1)[:, :g]
+                    if keep is not None:  # the range of what will be kept (pruned weights become 0)
+                        current = current * keep[:, col:col + g]
+                    s, z = rtn_qparams(current, bits, 0, scheme)
+                    scale[:, col // g], zero[:, col // g] = s[:, 0], z[:, 0]
+                    s_col, z_col = s[:, 0], z[:, 0].to(torch.float32)
+                S1[:, a:b] = s_col[:, None]
+                Z1[:, a:b] = z_col[:, None]
+                sweep(a, b)
         Q[:, i1:i2] = Q1.to(torch.uint8)
         W[:, i2:].addmm_(Err1, hinv[i1:i2, i2:], alpha=-1.0)
 
