@@ -218,3 +218,25 @@ def test_real_model_driver_matches_hidden_states_and_gptq_beats_rtn(smollm2):
     for i in range(model.config.num_hidden_layers - 1):
         torch.testing.assert_close(outs[i], ref[i + 1], rtol=1e-4, atol=1e-3)
     assert len(errors) == 7 and all(g < r for g, r in errors.values()), errors
+
+
+def test_hessian_of_wide_inputs_is_the_full_gram_matrix():
+    # 300 columns: three strips of the upper-triangle product, the last one ragged
+    x = torch.randn(2, 40, 300, generator=torch.Generator().manual_seed(0))
+    st = LinearStats(300, frozenset({"hessian"}))
+    st.add_batch(x[0])
+    st.add_batch(x[1])
+    flat = x.reshape(-1, 300).double()
+    torch.testing.assert_close(st.hessian.double(), flat.T @ flat / 80, rtol=1e-5, atol=1e-5)
+    assert torch.equal(st.hessian, st.hessian.T)
+
+
+def test_statistics_pass_stops_after_the_last_linears_input():
+    model, ids = tiny_llama(), windows(n=4)
+    calls = []
+    down = decoder_layers(model)[0].mlp.down_proj
+    down.register_forward_hook(lambda m, a, o: calls.append(a[0].shape[0]))
+    seen = []
+    run_layerwise(model, ids, lambda i, n, lin, st: seen.append((i, n)), batch_size=2, progress=False)
+    assert (0, "mlp.down_proj") in seen  # its statistics were collected (in its pre-hook) ...
+    assert len(calls) == 2  # ... but it ran only to propagate the block's two batches
