@@ -112,3 +112,20 @@ def test_bad_patterns_and_shapes_raise():
         magnitude_prune(torch.randn(4, 10), nm=(2, 4))
     with pytest.raises(UnweightError, match="sparsity"):
         magnitude_prune(torch.randn(4, 8), 1.0)
+
+
+def test_lowest_mask_is_a_stable_sort_with_ties():
+    from unweight.prune.nm import lowest_mask
+    g = torch.Generator().manual_seed(0)
+    for shape, dim in [((7, 12), 1), ((7, 12), None), ((3, 5, 4), 2), ((6, 8), 0)]:
+        for s in (torch.rand(shape, generator=g), torch.randint(0, 3, shape, generator=g).float()):
+            s = s.clone()
+            s.view(-1)[5] = float("nan")  # NaN ranks highest, as in a sort
+            for k in (0, 1, 3, s.numel() if dim is None else s.shape[dim]):
+                for scores in (s, torch.nan_to_num(s, nan=0.5)):
+                    ref = torch.ones_like(scores, dtype=torch.bool)
+                    if dim is None:
+                        ref.view(-1)[torch.argsort(scores.reshape(-1), stable=True)[:k]] = False
+                    else:
+                        ref.scatter_(dim, torch.argsort(scores, dim=dim, stable=True).narrow(dim, 0, k), False)
+                    assert torch.equal(lowest_mask(scores, k, dim), ref), (shape, dim, k)

@@ -40,18 +40,22 @@ def n_pruned(count: int, sparsity: float) -> int:
 
 
 def lowest_mask(scores: torch.Tensor, k: int, dim: int | None = None) -> torch.Tensor:
-    """Keep-mask pruning exactly the ``k`` lowest ``scores`` (over everything, or along ``dim``)."""
+    """Keep-mask pruning exactly the ``k`` lowest ``scores`` (over everything, or along ``dim``);
+    among equal scores the lower index is pruned first."""
     if dim is None:
-        flat = scores.reshape(-1)
-        mask = torch.ones_like(flat, dtype=torch.bool)
-        if k > 0:
-            mask[torch.argsort(flat, stable=True)[:k]] = False
-        return mask.view(scores.shape)
-    mask = torch.ones_like(scores, dtype=torch.bool)
-    if k > 0:
-        lowest = torch.argsort(scores, dim=dim, stable=True).narrow(dim, 0, k)
-        mask.scatter_(dim, lowest, False)
-    return mask
+        return lowest_mask(scores.reshape(1, -1), k, dim=1).view(scores.shape)
+    if k <= 0:
+        return torch.ones_like(scores, dtype=torch.bool)
+    if not torch.isfinite(scores).all():  # NaN has no rank for kthvalue: sort (NaN counts as highest)
+        mask = torch.ones_like(scores, dtype=torch.bool)
+        return mask.scatter_(dim, torch.argsort(scores, dim=dim, stable=True).narrow(dim, 0, k), False)
+    # the k-th lowest value t: prune everything below it and, of the scores equal to it, the first
+    # ones by index up to k in all (a selection, about 1.6x faster than a stable sort of each row)
+    t = scores.kthvalue(k, dim=dim, keepdim=True).values
+    below = scores < t
+    tied = scores == t
+    room = k - below.sum(dim, keepdim=True)
+    return ~(below | (tied & (tied.cumsum(dim) <= room)))
 
 
 def nm_mask(scores: torch.Tensor, n: int, m: int) -> torch.Tensor:
