@@ -87,6 +87,7 @@ import shutil
 import sys
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import torch
 from safetensors import safe_open
@@ -241,6 +242,37 @@ def compress(args) -> int:
     return 0
 
 
+# ----------------------------------------------------------------------------- time (unweight's venv)
+
+def time_unweight(args) -> int:
+    """Wall seconds of unweight's compress_layerwise per method (no evaluation), as prune_quant times
+    it, so that the two sides can be timed alternately under the same machine load."""
+    torch.set_num_threads(args.threads)
+    sys.path.insert(0, str(Path(__file__).parent))
+    from prune_quant import SETTINGS
+
+    from unweight.layerwise import LayerwiseConfig, compress_layerwise
+    from unweight.models import hf_folder, load_causal_lm
+
+    model, tok = load_causal_lm(str(hf_folder("smollm2-135m")))
+    pristine = {k: v.clone() for k, v in model.state_dict().items()}
+    calib = load_file(str(CALIB))["input_ids"]
+    out = Path(args.out)
+    times = json.loads(out.read_text()) if out.exists() else {}
+    for name in args.methods.split(","):
+        method, settings = SETTINGS[name]
+        model.load_state_dict(pristine)
+        config = LayerwiseConfig.from_method(method, n_samples=N_SAMPLES, seq_len=SEQ_LEN, **settings)
+        before = machine()
+        start = time.perf_counter()
+        compress_layerwise(model, tok, config, windows=calib, progress=False)
+        seconds = time.perf_counter() - start
+        times.setdefault(name, []).append({"seconds": seconds, "machine_before": before, "machine_after": machine()})
+        out.write_text(json.dumps(times, indent=1))
+        print(f"{name}: compress_layerwise {seconds:.1f} s (load {before['load_avg'][0]:.2f})", flush=True)
+    return 0
+
+
 # ----------------------------------------------------------------------------- evaluate (unweight's venv)
 
 def _checks(folder: Path, method: str, original: dict) -> dict:
@@ -299,6 +331,9 @@ def evaluate_all(args) -> int:
         calib_meta = f.metadata()
     uw = json.loads(Path(args.unweight_json).read_text()) if Path(args.unweight_json).exists() else None
     uw_rows = {r["method"]: r for r in uw["rows"]} if uw else {}
+    uw_times = json.loads(Path(args.unweight_times).read_text()) if args.unweight_times else {}
+    previous = ({r["method"]: r for r in json.loads(RESULT.read_text())["rows"]}
+                if args.reuse_scores and RESULT.exists() else {})
     rows = []
     freeze = Path(args.freeze)
     for lc_name in args.methods.split(","):
@@ -310,19 +345,30 @@ def evaluate_all(args) -> int:
             rows.append(row)
             print(f"{lc_name}: llm-compressor failed: {run['error']}", flush=True)
             continue
-        model, _ = load_causal_lm(str(folder))
-        t0 = time.perf_counter()
-        r = evaluate(model, ev, tok, base=base, progress=False, desc=lc_name)
-        del model
+        old = previous.get(lc_name, {}).get("llmcompressor")
+        if old and "perplexity" in old:  # --reuse-scores: llm-compressor's output is deterministic (checked)
+            r = SimpleNamespace(perplexity=old["perplexity"], bits_per_byte=old["bits_per_byte"], kl=old["kl"],
+                                top1_agreement=old["top1"])
+            t0 = time.perf_counter() - old["eval_seconds"]
+        else:
+            model, _ = load_causal_lm(str(folder))
+            t0 = time.perf_counter()
+            r = evaluate(model, ev, tok, base=base, progress=False, desc=lc_name)
+            del model
         row["llmcompressor"] = {"perplexity": r.perplexity, "bits_per_byte": r.bits_per_byte, "kl": r.kl,
                                 "top1": r.top1_agreement, "seconds": run["seconds"],
+                                "load_avg_before": run["machine_before"]["load_avg"],
                                 "load_avg_after": run["machine_after"]["load_avg"], "checks": _checks(folder, lc_name, original),
-                                "eval_seconds": time.perf_counter() - t0}
+                                "eval_seconds": time.perf_counter() - t0, "score_reused": bool(old)}
         row["lc_run"] = run
         u = uw_rows.get(row["unweight_method"])
         if u:
             row["unweight"] = {k: u.get(k) for k in ("setting", "perplexity", "bits_per_byte", "kl", "top1", "bpw",
                                                       "sparsity", "seconds", "load_avg_1min")}
+            if timed := uw_times.get(row["unweight_method"]):  # the alternate timing run: its last run counts
+                row["unweight"] |= {"seconds_prune_quant_run": u["seconds"], "seconds": timed[-1]["seconds"],
+                                    "timing_runs": timed}
+                u = row["unweight"]
             row["ppl_ratio"] = u["perplexity"] / r.perplexity  # unweight / llm-compressor
             row["time_ratio"] = u["seconds"] / run["seconds"]
             row["target_met"] = {"ppl_within_1pct": row["ppl_ratio"] <= 1.01, "time_le_0.5x": row["time_ratio"] <= 0.5}
@@ -393,8 +439,15 @@ def main() -> int:
     e.add_argument("--unweight-json", default=str(WORK / "prune_quant.json"))
     e.add_argument("--freeze", default=str(WORK / "lcvenv-freeze.txt"), help="pip freeze of /work/lcvenv")
     e.add_argument("--threads", type=int, default=1)
+    e.add_argument("--unweight-times", default="", help="time's JSON: unweight's seconds from the alternate timing run")
+    e.add_argument("--reuse-scores", action="store_true",
+                   help="take llm-compressor's perplexity/KL from the last result instead of evaluating again")
+    t = sub.add_parser("time", help="time unweight's compress_layerwise per method, no evaluation (unweight's venv)")
+    t.add_argument("--methods", default=",".join(PAIRS.values()))
+    t.add_argument("--out", default=str(WORK / "unweight-times.json"))
+    t.add_argument("--threads", type=int, default=1)
     args = ap.parse_args()
-    return {"prepare": prepare, "compress": compress, "evaluate": evaluate_all}[args.cmd](args)
+    return {"prepare": prepare, "compress": compress, "evaluate": evaluate_all, "time": time_unweight}[args.cmd](args)
 
 
 if __name__ == "__main__":

@@ -1,4 +1,4 @@
-"""Every pruning and quantization method at its standard setting on smollm2-135m: quality and time.
+"""Every pruning and quantization method at its standard setting on a model: quality and time.
 
 Claim (issue 7): unweight's magnitude, Wanda, SparseGPT (50% and 2:4), RTN, GPTQ (4 and 3 bits, g128)
 and AWQ (4 bits, g128) reach the quality the papers report relative to one another (SparseGPT <=
@@ -6,14 +6,15 @@ Wanda < magnitude; GPTQ and AWQ < RTN), with one layer-by-layer driver.
 
 Setup (pinned):
 
-- model: ``hf_folder("smollm2-135m")``, the bundled Q4_1 GGUF converted to bf16 and loaded in float32
+- model: ``hf_folder(--model)`` (default smollm2-135m; gemma3-270m), the bundled GGUF converted to bf16 and
+  loaded in float32
   -- **4-bit-derived weights**: a 4-bit quantizer with groups aligned to GGUF's 32-weight blocks would
   rebuild them almost exactly, hence group size 128, which does not align with the 576-column rows
   (4 groups of 128 + a remainder group of 64 per row);
 - calibration: ``calibration_windows(tok, 32, 512, seed=0)`` from the calibration split (Sense and
   Sensibility), disjoint from evaluation;
 - evaluation: ``token_windows(tok, corpus("austen", "eval"), 1024, max_tokens=8192)``; KL and top-1
-  agreement against ``load_causal_lm("smollm2-135m")`` (the GGUF, dequantized by transformers);
+  agreement against ``load_causal_lm(--model)`` (the GGUF, dequantized by transformers);
 - bits per weight: **nominal**, over the decoder Linears only (embedding, norms excluded), as the
   layout would store them: levels at ``bits``, an fp16 scale and a ``bits``-wide integer zero per
   group (actual groups, remainder included), AWQ's fp16 input scale per column; unstructured sparsity
@@ -129,7 +130,7 @@ def main() -> int:
     def save(rows, tokens, windows):
         out.parent.mkdir(parents=True, exist_ok=True)
         out.write_text(json.dumps({
-            "claim": "issue 7: methods at standard settings on smollm2-135m (4-bit-derived weights)",
+            "claim": f"issue 7: methods at standard settings on {args.model} (4-bit-derived weights)",
             "model": args.model, "calibration": {"corpus": "austen/calib", "n_samples": args.n_samples,
                                                  "seq_len": args.seq_len, "seed": 0},
             "evaluation": {"corpus": "austen/eval", "seq_len": args.eval_seq_len, "tokens": tokens,
@@ -179,7 +180,7 @@ def main() -> int:
               f"{bpw:5.2f} bpw  {seconds:7.1f} s  (load {load:.1f})", flush=True)
         save(rows, n_tokens, n_windows)
 
-    print(f"\nsmollm2-135m (4-bit-derived: bundled Q4_1 GGUF), eval: austen eval split, first "
+    print(f"\n{args.model} (4-bit-derived: the bundled GGUF), eval: austen eval split, first "
           f"{n_windows * args.eval_seq_len} tokens in windows of {args.eval_seq_len}; calibration {args.n_samples} x "
           f"{args.seq_len} tokens of the calib split. bpw: nominal, decoder Linears.")
     print(f"{'method':22s} {'ppl':>9s} {'vs base':>8s} {'KL':>8s} {'top-1':>6s} {'bpw':>6s} {'zeros':>6s} {'time s':>8s}")
