@@ -71,6 +71,21 @@ Run (each step alone on the machine; the load average is recorded)::
     OMP_NUM_THREADS=1 .venv/bin/python bench/llmcompressor_side.py evaluate
 
 ``evaluate`` prints the table and writes ``bench/results/llmcompressor-smollm2-135m.json``.
+
+Timing on a shared machine: ``time`` runs only unweight's ``compress_layerwise`` per method (no
+evaluation), so the two sides can be timed alternately under the same background load, e.g.::
+
+    for pair in "gptq4 gptq4" "sparsegpt-50 sparsegpt50" "sparsegpt-2:4 sparsegpt24" "wanda-50 wanda50"; do
+        set -- $pair
+        OMP_NUM_THREADS=1 .venv/bin/python bench/llmcompressor_side.py time --methods $1
+        OMP_NUM_THREADS=1 /work/lcvenv/bin/python bench/llmcompressor_side.py compress --method $2
+    done
+    .venv/bin/python bench/llmcompressor_side.py evaluate --reuse-scores --unweight-times /tmp/lc/unweight-times.json
+
+``--unweight-times`` takes unweight's seconds from those runs (the prune_quant run's are kept as
+``seconds_prune_quant_run``); ``--reuse-scores`` keeps llm-compressor's perplexity and KL from the last
+``evaluate`` (its output is deterministic: two runs gave the same perplexities to 5 digits) instead of
+scoring the re-made folders again.
 The llm-compressor venv: ``python3 -m venv /work/lcvenv``; ``pip install torch==2.13.0`` (CPU wheel);
 ``pip install -c constraints.txt llmcompressor==0.14.0.1`` with ``torch==2.13.0+cpu`` in the
 constraints file (no CUDA packages are pulled). Nothing here imports unweight in that venv, nor
