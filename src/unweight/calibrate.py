@@ -165,7 +165,7 @@ def block_linears(block: nn.Module) -> dict[str, nn.Linear]:
 # ----------------------------------------------------------------------------- capturing inputs
 
 class _StopForward(Exception):
-    pass
+    """Raised from a hook to end a forward pass whose remaining outputs are not needed."""
 
 
 class BlockStandIn(nn.Module):
@@ -327,10 +327,6 @@ def _restore_dtypes(module: nn.Module, dtypes: dict[str, torch.dtype]) -> None:
             t.data = t.data.to(dtypes[n])
 
 
-class _AllSeen(Exception):
-    """Raised by the hook of a batch's last Linear: the rest of the block's forward is not needed."""
-
-
 def _collect(block: nn.Module, hidden: Sequence[torch.Tensor], kwargs: Sequence[dict],
              want: frozenset[str], targets) -> dict[str, tuple[nn.Linear, LinearStats]]:
     """Run ``block`` on every batch with hooks on its Linears' inputs; one accumulator per distinct input.
@@ -361,8 +357,8 @@ def _collect(block: nn.Module, hidden: Sequence[torch.Tensor], kwargs: Sequence[
                 acc._batch = batch[0]
             last[0], last[1] = x, acc
             seen.add(name)
-            if len(seen) == len(linears):
-                raise _AllSeen
+            if len(seen) == len(linears):  # the rest of the block's forward is not needed
+                raise _StopForward
         return fn
 
     handles = [m.register_forward_pre_hook(hook(n)) for n, m in linears.items()]
@@ -373,7 +369,7 @@ def _collect(block: nn.Module, hidden: Sequence[torch.Tensor], kwargs: Sequence[
             seen.clear()
             try:
                 block(h, **kw)
-            except _AllSeen:
+            except _StopForward:
                 pass
     finally:
         for handle in handles:

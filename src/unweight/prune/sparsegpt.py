@@ -49,11 +49,12 @@ def sparsegpt_prune(w: torch.Tensor, hessian: torch.Tensor, sparsity: float = 0.
         W1 = W[:, i1:i2].clone()
         Err1 = torch.zeros_like(W1)
         Hinv1 = hinv[i1:i2, i1:i2]
-        keep1 = torch.ones_like(W1, dtype=torch.bool)
         if nm is None:
             k = n_pruned(rows * i2, sparsity) - pruned_so_far  # cumulative: exact in total
             keep1 = lowest_mask(W1.square() / torch.diag(Hinv1).square()[None, :], k)
             pruned_so_far += k
+        else:  # chosen by the sweep, every m columns
+            keep1 = torch.ones_like(W1, dtype=torch.bool)
         prune_sweep(W1, Hinv1, keep1, nm, Err1)
         keep[:, i1:i2] = keep1
         W[:, i1:i2] = W1
