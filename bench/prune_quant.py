@@ -67,6 +67,17 @@ SETTINGS = {  # in the order they run: the cheap ones first
 }
 
 
+def resumed(out: Path, resume: bool, settings: dict) -> dict | None:
+    """The JSON already in ``out`` when resuming, or None; exits if it was written with other
+    ``settings`` (each key must hold the same value there)."""
+    if not (resume and out.exists()):
+        return None
+    old = json.loads(out.read_text())
+    if any(old.get(k) != v for k, v in settings.items()):
+        sys.exit(f"{out} was written with other settings; run without --resume or change --out")
+    return old
+
+
 def nominal_bits(model, config: LayerwiseConfig) -> tuple[float, float]:
     """(bits per weight, fraction of zeros) over the decoder Linears, as described in the docstring."""
     bits = weights = zeros = 0

@@ -24,6 +24,7 @@ from pathlib import Path
 
 import torch
 
+from prune_quant import resumed  # bench/ is on sys.path when this script runs
 from unweight.calibrate import calibration_windows
 from unweight.data import corpus
 from unweight.eval.perplexity import evaluate, token_windows
@@ -57,9 +58,7 @@ def main() -> int:
     calib = calibration_windows(tok, args.n_samples, args.seq_len, seed=0)
     out = Path(args.out)
     settings = {"model": args.model, "eval_tokens": len(ev) * 1023, "calibration": [args.n_samples, args.seq_len]}
-    old = json.loads(out.read_text()) if args.resume and out.exists() else None
-    if old is not None and any(old.get(k) != v for k, v in settings.items()):
-        sys.exit(f"{out} was written with other settings; run without --resume or change --out")
+    old = resumed(out, args.resume, settings)
     dense = old["dense_perplexity"] if old else evaluate(model, ev, tok, progress=False).perplexity
     print(f"dense (bf16 folder, 4-bit-derived): perplexity {dense:.3f}", flush=True)
     results = {m: dict(old["perplexity"].get(m, {})) if old else {} for m in methods}

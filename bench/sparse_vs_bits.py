@@ -33,7 +33,7 @@ from pathlib import Path
 
 import torch
 
-from prune_quant import nominal_bits  # bench/ is on sys.path when this script runs
+from prune_quant import nominal_bits, resumed  # bench/ is on sys.path when this script runs
 from unweight.calibrate import block_linears, calibration_windows, decoder_layers
 from unweight.data import corpus
 from unweight.eval.perplexity import evaluate, token_windows
@@ -118,18 +118,15 @@ def main() -> int:
     ev = token_windows(tok, corpus("austen", "eval"), 1024, max_tokens=args.eval_tokens)
     calib = calibration_windows(tok, args.n_samples, args.seq_len, seed=0)
     out = Path(args.out)
-    settings = {"model": args.model, "calibration": [args.n_samples, args.seq_len]}
-    old = json.loads(out.read_text()) if args.resume and out.exists() else None
-    if old is not None and (any(old.get(k) != v for k, v in settings.items())
-                            or old["eval_tokens"] != len(ev) * 1023):
-        sys.exit(f"{out} was written with other settings; run without --resume or change --out")
+    settings = {"model": args.model, "calibration": [args.n_samples, args.seq_len], "eval_tokens": len(ev) * 1023}
+    old = resumed(out, args.resume, settings)
     dense_ppl = old["dense_perplexity"] if old else evaluate(model, ev, tok, progress=False).perplexity
     results = [r for r in old["rows"] if r["row"] in names] if old else []
 
     def save():
         out.parent.mkdir(parents=True, exist_ok=True)
         out.write_text(json.dumps(settings | {
-            "dense_perplexity": dense_ppl, "eval_tokens": len(ev) * 1023, "rows": results,
+            "dense_perplexity": dense_ppl, "rows": results,
             "threads": torch.get_num_threads(), "load_avg_end": os.getloadavg()}, indent=1))
 
     for name in names:
