@@ -102,8 +102,9 @@ def test_statistics_are_those_of_each_linears_inputs():
         LinearStats(4, frozenset({"hessian"})).abs_mean
 
 
-@pytest.mark.parametrize("make", [tiny_llama, tiny_gemma3])
-def test_compressed_blocks_feed_the_next(make):
+@pytest.mark.parametrize("make,true_sequential", [(tiny_llama, False), (tiny_gemma3, False),
+                                                  (tiny_llama, True), (tiny_gemma3, True)])
+def test_compressed_blocks_feed_the_next(make, true_sequential):
     """The outputs handed on are those of the compressed model: they equal its hidden states after."""
     model, ids = make(), windows()
     calls = []
@@ -112,7 +113,7 @@ def test_compressed_blocks_feed_the_next(make):
         calls.append((index, name))
         linear.weight.data = magnitude_prune(linear.weight.data, 0.5)[0]
 
-    outs = driver_outputs(model, ids, process, stats=())
+    outs = driver_outputs(model, ids, process, stats=(), true_sequential=true_sequential)
     assert len(calls) == 7 * model.config.num_hidden_layers
     ref = hidden_states(model, ids)
     for i in range(model.config.num_hidden_layers - 1):
@@ -121,6 +122,7 @@ def test_compressed_blocks_feed_the_next(make):
 
 @pytest.mark.parametrize("method,settings", [("wanda", {"pattern": "2:4"}), ("sparsegpt", {"sparsity": 0.5}),
                                              ("sparsegpt", {"pattern": "2:4", "bits": 4}),
+                                             ("sparsegpt", {"pattern": "2:4", "bits": 4, "true_sequential": True}),
                                              ("gptq", {"bits": 3, "group_size": 32, "act_order": True}),
                                              ("awq", {"bits": 4, "group_size": 32}), ("magnitude", {"sparsity": 0.3}),
                                              ("magnitude", {"pattern": "2:4", "bits": 3, "quant": "rtn"})])
@@ -240,3 +242,39 @@ def test_statistics_pass_stops_after_the_last_linears_input():
     run_layerwise(model, ids, lambda i, n, lin, st: seen.append((i, n)), batch_size=2, progress=False)
     assert (0, "mlp.down_proj") in seen  # its statistics were collected (in its pre-hook) ...
     assert len(calls) == 2  # ... but it ran only to propagate the block's two batches
+
+
+def _inputs_of_linears(model, ids) -> dict[tuple[int, str], torch.Tensor]:
+    """Every Linear's input on ``ids``, ``[tokens, in]``, keyed by (block, name)."""
+    seen, handles = {}, []
+    for i, block in enumerate(decoder_layers(model)):
+        handles += [m.register_forward_pre_hook(lambda m, a, key=(i, n): seen.__setitem__(key, a[0].reshape(-1, a[0].shape[-1])))
+                    for n, m in block_linears(block).items()]
+    with torch.no_grad():
+        model(input_ids=ids)
+    for h in handles:
+        h.remove()
+    return seen
+
+
+@pytest.mark.parametrize("true_sequential", [False, True])
+def test_true_sequential_calibrates_each_linear_on_the_compressed_inputs(true_sequential):
+    """True-sequential: every Linear's statistics are those of its inputs in the *compressed* model (the
+    Linears before it in its block already compressed). Block by block (the default): those of the
+    model compressed up to the block before, so within a block only the first Linears' agree."""
+    model, ids = tiny_llama(), windows(n=3)
+    hessians = {}
+
+    def process(index, name, linear, st):
+        hessians[(index, name)] = st.hessian.double()
+        linear.weight.data = magnitude_prune(linear.weight.data, 0.5)[0]
+
+    run_layerwise(model, ids, process, stats=("hessian",), batch_size=2, progress=False,
+                  true_sequential=true_sequential)
+    after = _inputs_of_linears(model, ids)
+    agree = {}
+    for key, h in hessians.items():
+        x = after[key].double()
+        agree[key] = torch.allclose(h, x.T @ x / x.shape[0], rtol=1e-4, atol=1e-5)
+    assert all(agree[(i, n)] for i in range(3) for n in ("self_attn.q_proj", "self_attn.v_proj"))
+    assert all(agree.values()) == true_sequential

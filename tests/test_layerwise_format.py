@@ -211,6 +211,8 @@ def _param_bits(numel_rows_cols, config: LayerwiseConfig) -> int:
 @pytest.mark.parametrize("argv, config", [
     (["--method", "wanda", "--pattern", "2:4"], LayerwiseConfig(prune="wanda", pattern="2:4")),
     (["--method", "gptq", "--bits", "4", "--group-size", "16"], LayerwiseConfig(quant="gptq", bits=4, group_size=16)),
+    (["--method", "gptq", "--bits", "4", "--group-size", "16", "--true-sequential"],
+     LayerwiseConfig(quant="gptq", bits=4, group_size=16, true_sequential=True)),
 ])
 def test_cli_output_loads_as_the_model_compressed_in_memory(tiny_llama, tmp_path, argv, config):
     from transformers import AutoModelForCausalLM
@@ -224,6 +226,7 @@ def test_cli_output_loads_as_the_model_compressed_in_memory(tiny_llama, tmp_path
     qc = json.loads((out / "config.json").read_text())["quantization_config"]
     assert qc["quant_method"] == "unweight-layerwise" and qc["layerwise"]["pattern"] == config.pattern
     assert qc["layerwise"]["bits"] == config.bits and qc["calibration"]["samples"] == 4
+    assert qc["layerwise"]["true_sequential"] == config.true_sequential
 
     expected = _in_memory(tiny_llama, config)
     loaded = AutoModelForCausalLM.from_pretrained(str(out), dtype=torch.float32)

@@ -16,6 +16,12 @@ arXiv 2306.11695) drivers, once, for every decoder architecture transformers loa
    i+1's inputs. One block's statistics are in memory at a time; with ``device`` set, one block at a
    time is moved there and back.
 
+   With ``true_sequential`` (GPTQ's ``--true-sequential``), each Linear is compressed in its forward
+   pre-hook, as soon as its inputs are complete, so the Linears after it in the block are calibrated on
+   inputs that come through the already-compressed ones, and that same forward's outputs go to block
+   i+1: one forward per block instead of two. Its inputs are complete only once every window has
+   reached it, so the windows run as one batch.
+
 The decoder blocks are found, not named per family: the ``nn.ModuleList`` whose length is the (text)
 config's ``num_hidden_layers``.
 """
@@ -275,7 +281,7 @@ def run_layerwise(model: nn.Module, windows: torch.Tensor, process: Process | No
                   device: torch.device | str | None = None,
                   targets: Callable[[str, nn.Linear], bool] | None = None,
                   after_block: AfterBlock | None = None, progress: bool = True,
-                  compute_dtype: torch.dtype | None = None) -> None:
+                  compute_dtype: torch.dtype | None = None, true_sequential: bool = False) -> None:
     """Walk the decoder blocks with the calibration ``windows`` (``[n, seq_len]`` token ids).
 
     For each block: collect ``stats`` (names in :data:`STATS`) of the inputs of its Linears (those
@@ -287,12 +293,15 @@ def run_layerwise(model: nn.Module, windows: torch.Tensor, process: Process | No
     block is cast to it while it runs and each tensor back to its own dtype afterwards, and the hidden
     states are kept in it, so a model can be held in bfloat16 (half the memory) and calibrated in
     float32; ``process`` must leave weights representable in the held dtype for the cast back to be
-    exact.
+    exact. ``true_sequential``: compress each Linear as the block's one forward reaches it (see the
+    module docstring); ``batch_size`` is then the number of windows.
     """
     want = frozenset(stats)
     if unknown := want - set(STATS):
         raise UnweightError(f"unknown statistics {sorted(unknown)}; valid: {', '.join(STATS)}")
     layers = decoder_layers(model)
+    if true_sequential and process is not None:
+        batch_size = len(windows)
     inputs = capture_block_inputs(model, windows, batch_size, compute_dtype)
     hidden = inputs.hidden
     for index, block in enumerate(tqdm(layers, desc="blocks", unit="block", disable=not progress)):
@@ -302,13 +311,17 @@ def run_layerwise(model: nn.Module, windows: torch.Tensor, process: Process | No
         block.to(run_on, compute_dtype)
         kwargs = [_to(inputs.kwargs[b][index], run_on, compute_dtype) for b in range(len(hidden))]
         hidden = [h.to(run_on, compute_dtype) for h in hidden]
-        if process is not None:
-            per_linear = _collect(block, hidden, kwargs, want, targets)
-            for name, (linear, st) in per_linear.items():
-                process(index, name, linear, st)
-            del per_linear
-        if after_block is not None or index < len(layers) - 1:  # the last block's outputs go nowhere
-            hidden = [_hidden(block(h, **kw)) for h, kw in zip(hidden, kwargs)]
+        if process is not None and true_sequential:  # one forward: compresses, and its outputs go on
+            hidden = _collect(block, hidden, kwargs, want, targets,
+                              now=lambda name, linear, st, index=index: process(index, name, linear, st))[1]
+        else:
+            if process is not None:
+                per_linear, _ = _collect(block, hidden, kwargs, want, targets)
+                for name, (linear, st) in per_linear.items():
+                    process(index, name, linear, st)
+                del per_linear
+            if after_block is not None or index < len(layers) - 1:  # the last block's outputs go nowhere
+                hidden = [_hidden(block(h, **kw)) for h, kw in zip(hidden, kwargs)]
         if after_block is not None:
             after_block(index, block, hidden)
         block.to(home)
@@ -328,13 +341,18 @@ def _restore_dtypes(module: nn.Module, dtypes: dict[str, torch.dtype]) -> None:
 
 
 def _collect(block: nn.Module, hidden: Sequence[torch.Tensor], kwargs: Sequence[dict],
-             want: frozenset[str], targets) -> dict[str, tuple[nn.Linear, LinearStats]]:
+             want: frozenset[str], targets, now: Callable[[str, nn.Linear, LinearStats], None] | None = None,
+             ) -> tuple[dict[str, tuple[nn.Linear, LinearStats]], list[torch.Tensor]]:
     """Run ``block`` on every batch with hooks on its Linears' inputs; one accumulator per distinct input.
 
     Linears that receive the very same input tensor (q/k/v after the input norm, gate/up after the
     post-attention norm) share one :class:`LinearStats`, so X^T X is computed once for them. A batch's
     forward stops as soon as every Linear has seen its input (the last one, e.g. the MLP's
     down-projection, is then never computed: its output is not a statistic).
+
+    ``now(name, linear, stats)``, if given, is called in each Linear's hook once its input is added
+    (true-sequential: it may change the weights the Linear is about to apply); the forwards then run to
+    the end and their output hidden states are returned with the accumulators (else ``[]``).
     """
     linears = {n: m for n, m in block_linears(block).items() if targets is None or targets(n, m)}
     found: dict[str, tuple[nn.Linear, LinearStats]] = {}
@@ -357,21 +375,24 @@ def _collect(block: nn.Module, hidden: Sequence[torch.Tensor], kwargs: Sequence[
                 acc._batch = batch[0]
             last[0], last[1] = x, acc
             seen.add(name)
-            if len(seen) == len(linears):  # the rest of the block's forward is not needed
+            if now is not None:
+                now(name, module, acc)
+            elif len(seen) == len(linears):  # the rest of the block's forward is not needed
                 raise _StopForward
         return fn
 
     handles = [m.register_forward_pre_hook(hook(n)) for n, m in linears.items()]
+    outputs = []
     try:
         for b, (h, kw) in enumerate(zip(hidden, kwargs)):
             batch[0] = b
             last[0] = last[1] = None
             seen.clear()
             try:
-                block(h, **kw)
+                outputs.append(_hidden(block(h, **kw)))
             except _StopForward:
                 pass
     finally:
         for handle in handles:
             handle.remove()
-    return found
+    return found, outputs

@@ -58,6 +58,7 @@ class LayerwiseConfig:
     seq_len: int = DEFAULT_SEQ_LEN
     seed: int = 0
     batch_size: int = DEFAULT_BATCH
+    true_sequential: bool = False  # each Linear calibrated after the ones before it: one forward per block
     exclude: list[str] = field(default_factory=list)  # substrings of Linear names to leave alone
     outliers: int | float | str | None = None  # kept exactly (unweight.outliers); quantizers only
 
@@ -112,7 +113,7 @@ class LayerwiseConfig:
             parts.append(f"{self.quant} {self.bits}-bit {g}" + (" act-order" if self.act_order else ""))
         if self.outliers is not None:
             parts.append(f"outliers {self.outliers}")
-        return " + ".join(parts)
+        return " + ".join(parts) + (", true-sequential" if self.true_sequential and self.calibrated else "")
 
 
 @dataclass
@@ -220,7 +221,8 @@ def compress_layerwise(model: nn.Module, tokenizer, config: LayerwiseConfig, n_s
         windows = calibration_windows(tokenizer, n_samples or config.n_samples, seq_len or config.seq_len,
                                       config.seed)
     run_layerwise(model, windows, process, stats=config.stats, batch_size=config.batch_size,
-                  device=device, targets=wanted, progress=progress, compute_dtype=compute_dtype)
+                  device=device, targets=wanted, progress=progress, compute_dtype=compute_dtype,
+                  true_sequential=config.true_sequential)
     return model
 
 

@@ -215,7 +215,7 @@ def _layerwise(args):
     if not 1 <= args.bits <= 8:
         raise UnweightError(f"--bits must be in 1..8, got {args.bits}")
     settings = {"n_samples": args.calib_samples, "seq_len": args.calib_seq_len, "act_order": args.act_order,
-                "outliers": parse_outliers(args.outliers)}
+                "outliers": parse_outliers(args.outliers), "true_sequential": args.true_sequential}
     if pruning:
         settings.update(sparsity=0.5 if args.sparsity is None else args.sparsity, pattern=args.pattern, quant=args.quant)
     if not pruning or args.quant:
@@ -290,6 +290,10 @@ def add_arguments(p):
     g.add_argument("--pattern", metavar="N:M", help="pruning: keep N of every M consecutive inputs, e.g. 2:4")
     g.add_argument("--quant", choices=["gptq", "rtn"], help="pruning: also quantize the kept weights")
     g.add_argument("--act-order", action="store_true", help="gptq: quantize columns in decreasing Hessian order")
+    g.add_argument("--true-sequential", action="store_true",
+                   help="calibrate each Linear on the outputs of the block's already-compressed Linears before it, "
+                        "in the block's one forward (GPTQ's true-sequential; 0.7-0.8x the time: one forward per "
+                        "block instead of two; the calibration windows run as one batch)")
     add_threads(p)
     p.add_argument("--json", action="store_true", help="print the size accounting and the config as JSON")
 
