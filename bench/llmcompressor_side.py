@@ -86,6 +86,18 @@ evaluation), so the two sides can be timed alternately under the same background
 ``seconds_prune_quant_run``); ``--reuse-scores`` keeps llm-compressor's perplexity and KL from the last
 ``evaluate`` (its output is deterministic: two runs gave the same perplexities to 5 digits) instead of
 scoring the re-made folders again.
+
+unweight's true-sequential mode (``--true-sequential``: each Linear calibrated on the outputs of its
+block's already-compressed Linears, in one forward per block) is timed and scored the same way, into
+its own files::
+
+    OMP_NUM_THREADS=1 .venv/bin/python bench/llmcompressor_side.py time --methods $1 --true-sequential \
+        --out /tmp/lc/unweight-times-ts.json      # alternating with llm-compressor, as above
+    OMP_NUM_THREADS=1 .venv/bin/python bench/prune_quant.py --methods gptq4,sparsegpt-50,sparsegpt-2:4,wanda-50 \
+        --threads 1 --true-sequential --out /tmp/lc/prune_quant_ts.json
+    .venv/bin/python bench/llmcompressor_side.py evaluate --reuse-scores --unweight-json /tmp/lc/prune_quant_ts.json \
+        --unweight-times /tmp/lc/unweight-times-ts.json --result bench/results/llmcompressor-ts-smollm2-135m.json
+
 The llm-compressor venv: ``python3 -m venv /work/lcvenv``; ``pip install torch==2.13.0`` (CPU wheel);
 ``pip install -c constraints.txt llmcompressor==0.14.0.1`` with ``torch==2.13.0+cpu`` in the
 constraints file (no CUDA packages are pulled). Nothing here imports unweight in that venv, nor
@@ -277,12 +289,13 @@ def time_unweight(args) -> int:
     for name in args.methods.split(","):
         method, settings = SETTINGS[name]
         model.load_state_dict(pristine)
-        config = LayerwiseConfig.from_method(method, n_samples=N_SAMPLES, seq_len=SEQ_LEN, **settings)
+        config = LayerwiseConfig.from_method(method, n_samples=N_SAMPLES, seq_len=SEQ_LEN,
+                                             true_sequential=args.true_sequential, **settings)
         before = machine()
         start = time.perf_counter()
         compress_layerwise(model, tok, config, windows=calib, progress=False)
         seconds = time.perf_counter() - start
-        times.setdefault(name, []).append({"seconds": seconds, "machine_before": before, "machine_after": machine()})
+        times.setdefault(name, []).append({"seconds": seconds, "true_sequential": args.true_sequential, "machine_before": before, "machine_after": machine()})
         out.write_text(json.dumps(times, indent=1))
         print(f"{name}: compress_layerwise {seconds:.1f} s (load {before['load_avg'][0]:.2f})", flush=True)
     return 0
@@ -329,6 +342,10 @@ DEVIATIONS = [
     "time: llm-compressor's is the oneshot call on the loaded model (setup, tracing, calibration, method, "
     "propagation); unweight's is prune_quant's compress_layerwise (capture, statistics, method, propagation)",
 ]
+TRUE_SEQUENTIAL = ("unweight ran true-sequential (prune_quant --true-sequential): each Linear calibrated on the outputs "
+                   "of its block's already-compressed Linears, in one forward per block, the 32 windows as one batch; "
+                   "llm-compressor calibrates a whole block on one forward of the block as it was, then recomputes "
+                   "its outputs")
 
 
 def evaluate_all(args) -> int:
@@ -347,8 +364,9 @@ def evaluate_all(args) -> int:
     uw = json.loads(Path(args.unweight_json).read_text()) if Path(args.unweight_json).exists() else None
     uw_rows = {r["method"]: r for r in uw["rows"]} if uw else {}
     uw_times = json.loads(Path(args.unweight_times).read_text()) if args.unweight_times else {}
-    previous = ({r["method"]: r for r in json.loads(RESULT.read_text())["rows"]}
-                if args.reuse_scores and RESULT.exists() else {})
+    result_path = Path(args.result)
+    previous = ({r["method"]: r for r in json.loads(result_path.read_text())["rows"]}
+                if args.reuse_scores and result_path.exists() else {})
     rows = []
     freeze = Path(args.freeze)
     for lc_name in args.methods.split(","):
@@ -391,6 +409,7 @@ def evaluate_all(args) -> int:
         print(f"{lc_name}: ppl {r.perplexity:.3f} kl {r.kl:.4f} top1 {r.top1_agreement:.3f}", flush=True)
 
     base_row = uw_rows.get("base (GGUF, fp32)")
+    true_sequential = bool(uw and uw["calibration"].get("true_sequential"))
     result = {
         "claim": "issue 7: unweight's GPTQ/SparseGPT/Wanda within 1% of llm-compressor's perplexity in <= 0.5x its "
                  "wall time, smollm2-135m, same calibration windows and evaluation windows",
@@ -403,12 +422,12 @@ def evaluate_all(args) -> int:
         "unweight_run": {"file": args.unweight_json, "machine": uw["machine"] if uw else None},
         "versions": {"unweight_venv": _versions(("torch", "transformers", "safetensors")),
                      "lcvenv_freeze": freeze.read_text().split() if freeze.exists() else None},
-        "deviations": DEVIATIONS,
+        "deviations": DEVIATIONS + ([TRUE_SEQUENTIAL] if true_sequential else []),
         "evaluate_machine": machine() | {"load_avg_start": load_start},
         "rows": rows,
     }
-    RESULT.parent.mkdir(parents=True, exist_ok=True)
-    RESULT.write_text(json.dumps(result, indent=1, default=str))
+    result_path.parent.mkdir(parents=True, exist_ok=True)
+    result_path.write_text(json.dumps(result, indent=1, default=str))
 
     print(f"\nsmollm2-135m, eval austen/eval {len(ev)} x {EVAL_SEQ_LEN}; calib {N_SAMPLES} x {SEQ_LEN}; one thread; "
           f"ratios = unweight / llm-compressor")
@@ -424,7 +443,7 @@ def evaluate_all(args) -> int:
             continue
         print(f"{row['method']:16s} {u['perplexity']:8.3f} {lc['perplexity']:8.3f} {row['ppl_ratio']:9.4f} "
               f"{u['kl']:7.4f} {lc['kl']:7.4f} {u['seconds']:7.1f} {lc['seconds']:7.1f} {row['time_ratio']:10.3f}")
-    print(f"wrote {RESULT}")
+    print(f"wrote {result_path}")
     return 0
 
 
@@ -455,12 +474,14 @@ def main() -> int:
     e.add_argument("--freeze", default=str(WORK / "lcvenv-freeze.txt"), help="pip freeze of /work/lcvenv")
     e.add_argument("--threads", type=int, default=1)
     e.add_argument("--unweight-times", default="", help="time's JSON: unweight's seconds from the alternate timing run")
+    e.add_argument("--result", default=str(RESULT), help="where the comparison's JSON goes")
     e.add_argument("--reuse-scores", action="store_true",
                    help="take llm-compressor's perplexity/KL from the last result instead of evaluating again")
     t = sub.add_parser("time", help="time unweight's compress_layerwise per method, no evaluation (unweight's venv)")
     t.add_argument("--methods", default=",".join(PAIRS.values()))
     t.add_argument("--out", default=str(WORK / "unweight-times.json"))
     t.add_argument("--threads", type=int, default=1)
+    t.add_argument("--true-sequential", action="store_true", help="unweight's true-sequential calibration")
     args = ap.parse_args()
     return {"prepare": prepare, "compress": compress, "evaluate": evaluate_all, "time": time_unweight}[args.cmd](args)
 

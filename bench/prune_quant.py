@@ -114,6 +114,8 @@ def main() -> int:
     ap.add_argument("--no-kl", action="store_true", help="skip KL/top-1 (halves evaluation time)")
     ap.add_argument("--quick", action="store_true", help="smoke run: 4 x 128 calibration, 2048 eval tokens")
     ap.add_argument("--out", default="bench/results/prune_quant.json")
+    ap.add_argument("--true-sequential", action="store_true",
+                    help="calibrated methods: each Linear calibrated after the ones before it, one forward per block")
     ap.add_argument("--resume", action="store_true",
                     help="keep the rows already in --out (same settings) and run only the missing methods")
     args = ap.parse_args()
@@ -137,26 +139,28 @@ def main() -> int:
         return evaluate(m, ev, tok, base=ref if m is not base else None, progress=False, desc=desc)
 
     out = Path(args.out)
+    n_windows = len(ev)
+    n_tokens = n_windows * (args.eval_seq_len - 1)  # predicted tokens scored
+    settings = {"model": args.model,
+                "calibration": {"corpus": "austen/calib", "n_samples": args.n_samples, "seq_len": args.seq_len,
+                                "seed": 0, "true_sequential": args.true_sequential},
+                "evaluation": {"corpus": "austen/eval", "seq_len": args.eval_seq_len, "tokens": n_tokens,
+                               "windows": n_windows}}
 
-    def save(rows, tokens, windows):
+    def save(rows):
         out.parent.mkdir(parents=True, exist_ok=True)
         out.write_text(json.dumps({
             "claim": f"issue 7: methods at standard settings on {args.model} (4-bit-derived weights)",
-            "model": args.model, "calibration": {"corpus": "austen/calib", "n_samples": args.n_samples,
-                                                 "seq_len": args.seq_len, "seed": 0},
-            "evaluation": {"corpus": "austen/eval", "seq_len": args.eval_seq_len, "tokens": tokens,
-                           "windows": windows},
+            **settings,
             "machine": {"platform": platform.platform(), "cpus": os.cpu_count(), "torch": torch.__version__,
                         "threads": torch.get_num_threads(), "load_avg_start": load_start,
                         "load_avg_now": os.getloadavg()},
             "rows": rows,
         }, indent=1, default=str))
 
-    n_windows = len(ev)
-    n_tokens = n_windows * (args.eval_seq_len - 1)  # predicted tokens scored
-    previous = json.loads(out.read_text())["rows"] if args.resume and out.exists() else []
+    previous = resumed(out, args.resume, settings)
     if previous:
-        rows = previous
+        rows = previous["rows"]
         names = [n for n in names if n not in {row["method"] for row in rows}]
         print(f"resuming {out}: {len(rows)} rows kept, running {', '.join(names) or 'nothing'}", flush=True)
     else:
@@ -172,11 +176,12 @@ def main() -> int:
                      "sparsity": 0.0, "seconds": 0.0, "eval_tokens_per_s": r.tokens_per_s})
         print(f"base {rows[0]['perplexity']:.3f}, bf16 folder {rows[1]['perplexity']:.3f} "
               f"({r.tokens} tokens, {time.perf_counter() - t0:.0f} s)", flush=True)
-        save(rows, n_tokens, n_windows)
+        save(rows)
     for name in names:
-        method, settings = SETTINGS[name]
+        method, setting = SETTINGS[name]
         model.load_state_dict(pristine)
-        config = LayerwiseConfig.from_method(method, n_samples=args.n_samples, seq_len=args.seq_len, **settings)
+        config = LayerwiseConfig.from_method(method, n_samples=args.n_samples, seq_len=args.seq_len,
+                                             true_sequential=args.true_sequential, **setting)
         load = os.getloadavg()[0]
         start = time.perf_counter()
         compress_layerwise(model, tok, config, windows=calib, progress=False)
@@ -189,7 +194,7 @@ def main() -> int:
                      "load_avg_1min": load, "eval_tokens_per_s": r.tokens_per_s})
         print(f"{name:14s} ppl {r.perplexity:9.3f}  kl {r.kl if r.kl is not None else float('nan'):.4f}  "
               f"{bpw:5.2f} bpw  {seconds:7.1f} s  (load {load:.1f})", flush=True)
-        save(rows, n_tokens, n_windows)
+        save(rows)
 
     print(f"\n{args.model} (4-bit-derived: the bundled GGUF), eval: austen eval split, first "
           f"{n_windows * args.eval_seq_len} tokens in windows of {args.eval_seq_len}; calibration {args.n_samples} x "
@@ -203,7 +208,7 @@ def main() -> int:
         print(f"{row['method']:22s} {row['perplexity']:9.3f} {row['perplexity'] / base_ppl - 1:+8.1%} {kl:>8s} "
               f"{top1:>6s} {bpw:>6s} {row['sparsity']:6.1%} {row['seconds']:8.1f}")
 
-    save(rows, n_tokens, n_windows)
+    save(rows)
     print(f"wrote {out}")
     return 0
 
