@@ -334,6 +334,7 @@ def test_a_truncated_part_in_a_folder_names_file_and_tensor(tiny_llama, tmp_path
     (["--method", "wanda", "--pattern", "4:2"], "0 < N < M"),
     (["--method", "wanda", "--quant", "gptq", "--act-order", "--bits", "9"], "--bits must be in 1..8"),
     (["--method", "awq", "--act-order"], "--act-order goes with GPTQ"),
+    (["--method", "magnitude", "--quant", "rtn", "--true-sequential"], "--true-sequential goes with a calibrated"),
 ])
 def test_bad_requests_are_one_clear_line(tiny_llama, tmp_path, argv, message, capsys):
     rc = main(["compress", str(tiny_llama), str(tmp_path / "out"), *argv])

@@ -223,6 +223,9 @@ def _layerwise(args):
     config = LayerwiseConfig.from_method(args.method, **settings)
     if args.act_order and config.quant != "gptq":
         raise UnweightError("--act-order goes with GPTQ (--method gptq, or a pruning method with --quant gptq)")
+    if args.true_sequential and not config.calibrated:
+        raise UnweightError(f"--true-sequential goes with a calibrated method (wanda, sparsegpt, gptq, awq): "
+                            f"{config.describe()} uses no calibration data")
     if Path(args.out).exists() and not args.force:  # found now, not after the calibration
         raise UnweightError(f"{args.out}: already exists (pass --force to replace it)")
     config_for, entries = None, {}
