@@ -295,7 +295,8 @@ def time_unweight(args) -> int:
         start = time.perf_counter()
         compress_layerwise(model, tok, config, windows=calib, progress=False)
         seconds = time.perf_counter() - start
-        times.setdefault(name, []).append({"seconds": seconds, "true_sequential": args.true_sequential, "machine_before": before, "machine_after": machine()})
+        times.setdefault(name, []).append({"seconds": seconds, "true_sequential": args.true_sequential,
+                                           "machine_before": before, "machine_after": machine()})
         out.write_text(json.dumps(times, indent=1))
         print(f"{name}: compress_layerwise {seconds:.1f} s (load {before['load_avg'][0]:.2f})", flush=True)
     return 0
@@ -342,10 +343,10 @@ DEVIATIONS = [
     "time: llm-compressor's is the oneshot call on the loaded model (setup, tracing, calibration, method, "
     "propagation); unweight's is prune_quant's compress_layerwise (capture, statistics, method, propagation)",
 ]
-TRUE_SEQUENTIAL = ("unweight ran true-sequential (prune_quant --true-sequential): each Linear calibrated on the outputs "
-                   "of its block's already-compressed Linears, in one forward per block, the 32 windows as one batch; "
-                   "llm-compressor calibrates a whole block on one forward of the block as it was, then recomputes "
-                   "its outputs")
+TRUE_SEQUENTIAL = ("unweight ran true-sequential (prune_quant --true-sequential): each Linear calibrated on the "
+                   "outputs of its block's already-compressed Linears, in one forward per block, the 32 windows as "
+                   "one batch; llm-compressor calibrates a whole block on one forward of the block as it was, then "
+                   "recomputes its outputs")
 
 
 def evaluate_all(args) -> int:

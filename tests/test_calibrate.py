@@ -248,7 +248,8 @@ def _inputs_of_linears(model, ids) -> dict[tuple[int, str], torch.Tensor]:
     """Every Linear's input on ``ids``, ``[tokens, in]``, keyed by (block, name)."""
     seen, handles = {}, []
     for i, block in enumerate(decoder_layers(model)):
-        handles += [m.register_forward_pre_hook(lambda m, a, key=(i, n): seen.__setitem__(key, a[0].reshape(-1, a[0].shape[-1])))
+        handles += [m.register_forward_pre_hook(
+                        lambda m, a, key=(i, n): seen.__setitem__(key, a[0].reshape(-1, a[0].shape[-1])))
                     for n, m in block_linears(block).items()]
     with torch.no_grad():
         model(input_ids=ids)

@@ -215,7 +215,8 @@ def _layerwise(args):
     if not 1 <= args.bits <= 8:
         raise UnweightError(f"--bits must be in 1..8, got {args.bits}")
     settings = {"n_samples": args.calib_samples, "seq_len": args.calib_seq_len, "act_order": args.act_order,
-                "outliers": parse_outliers(args.outliers), "true_sequential": args.true_sequential}
+                "outliers": parse_outliers(args.outliers),
+                "true_sequential": args.true_sequential}
     if pruning:
         settings.update(sparsity=0.5 if args.sparsity is None else args.sparsity, pattern=args.pattern, quant=args.quant)
     if not pruning or args.quant:
