@@ -72,16 +72,23 @@ def test_gemma3_blocks_get_their_own_masks():
     assert not torch.allclose(right, wrong, atol=1e-4)
 
 
-def test_statistics_are_those_of_each_linears_inputs():
-    model, ids = tiny_llama(), windows(n=3)
-    seen, stats = {}, {}
-    block = decoder_layers(model)[1]
-    handles = [m.register_forward_hook(lambda m, a, o, n=n: seen.setdefault(n, []).append(a[0]))
-               for n, m in block_linears(block).items()]
+def _inputs_of_linears(model, ids) -> dict[tuple[int, str], torch.Tensor]:
+    """Every Linear's input on ``ids``, ``[tokens, in]``, keyed by (block, name)."""
+    seen, handles = {}, []
+    for i, block in enumerate(decoder_layers(model)):
+        handles += [m.register_forward_pre_hook(
+                        lambda m, a, key=(i, n): seen.__setitem__(key, a[0].reshape(-1, a[0].shape[-1])))
+                    for n, m in block_linears(block).items()]
     with torch.no_grad():
         model(input_ids=ids)
     for h in handles:
         h.remove()
+    return seen
+
+
+def test_statistics_are_those_of_each_linears_inputs():
+    model, ids = tiny_llama(), windows(n=3)
+    seen, stats = _inputs_of_linears(model, ids), {}
 
     def process(index, name, linear, st):
         if index == 1:
@@ -93,7 +100,7 @@ def test_statistics_are_those_of_each_linears_inputs():
     assert stats["self_attn.q_proj"] is stats["self_attn.v_proj"]  # one accumulator per distinct input
     assert stats["mlp.gate_proj"] is stats["mlp.up_proj"] and stats["mlp.up_proj"] is not stats["mlp.down_proj"]
     for name, st in stats.items():
-        x = torch.cat(seen[name]).reshape(-1, st.in_features).double()
+        x = seen[(1, name)].double()
         assert st.n_tokens == x.shape[0] == 3 * 16
         torch.testing.assert_close(st.hessian.double(), x.T @ x / x.shape[0], rtol=1e-4, atol=1e-5)
         torch.testing.assert_close(st.sq_norm.double(), x.square().sum(0), rtol=1e-5, atol=1e-6)
@@ -242,20 +249,6 @@ def test_statistics_pass_stops_after_the_last_linears_input():
     run_layerwise(model, ids, lambda i, n, lin, st: seen.append((i, n)), batch_size=2, progress=False)
     assert (0, "mlp.down_proj") in seen  # its statistics were collected (in its pre-hook) ...
     assert len(calls) == 2  # ... but it ran only to propagate the block's two batches
-
-
-def _inputs_of_linears(model, ids) -> dict[tuple[int, str], torch.Tensor]:
-    """Every Linear's input on ``ids``, ``[tokens, in]``, keyed by (block, name)."""
-    seen, handles = {}, []
-    for i, block in enumerate(decoder_layers(model)):
-        handles += [m.register_forward_pre_hook(
-                        lambda m, a, key=(i, n): seen.__setitem__(key, a[0].reshape(-1, a[0].shape[-1])))
-                    for n, m in block_linears(block).items()]
-    with torch.no_grad():
-        model(input_ids=ids)
-    for h in handles:
-        h.remove()
-    return seen
 
 
 @pytest.mark.parametrize("true_sequential", [False, True])

@@ -300,7 +300,8 @@ def run_layerwise(model: nn.Module, windows: torch.Tensor, process: Process | No
     if unknown := want - set(STATS):
         raise UnweightError(f"unknown statistics {sorted(unknown)}; valid: {', '.join(STATS)}")
     layers = decoder_layers(model)
-    if true_sequential and process is not None:
+    one_pass = true_sequential and process is not None
+    if one_pass:
         batch_size = len(windows)
     inputs = capture_block_inputs(model, windows, batch_size, compute_dtype)
     hidden = inputs.hidden
@@ -311,7 +312,7 @@ def run_layerwise(model: nn.Module, windows: torch.Tensor, process: Process | No
         block.to(run_on, compute_dtype)
         kwargs = [_to(inputs.kwargs[b][index], run_on, compute_dtype) for b in range(len(hidden))]
         hidden = [h.to(run_on, compute_dtype) for h in hidden]
-        if process is not None and true_sequential:  # one forward: compresses, and its outputs go on
+        if one_pass:  # one forward: compresses, and its outputs go on
             hidden = _collect(block, hidden, kwargs, want, targets,
                               now=lambda name, linear, st, index=index: process(index, name, linear, st))[1]
         else:
