@@ -15,7 +15,7 @@ from unweight.cluster.codebook import (KMeansSpec, RTNSpec, decode, encode_kmean
                                        rtn_levels, stored_values)
 from unweight.errors import UnweightError
 from unweight.formats import compress_checkpoint, decode_tensors, same_bits
-from unweight.lossless import symbols
+from unweight.lossless import rans, symbols
 from unweight.outliers import parse_outliers, select_outliers
 from unweight.pack import packed_nbytes
 from unweight.quant.rtn import rtn_fake_quantize
@@ -169,7 +169,7 @@ def _stream_overhead(numel: int) -> int:
     """What a symbol stream may cost beyond bit-packing: header, padding, and per chunk an offset,
     a mode and a checksum (plus the first offset)."""
     nchunks = -(-numel // symbols.CHUNK_SYMBOLS)
-    return 8 * len(symbols.HEAD_FIELDS) + 16 + 8 + 17 * nchunks
+    return 8 * len(symbols.HEAD_FIELDS) + rans.STREAM_PAD + 8 + 17 * nchunks
 
 
 def _skewed(n: int, k: int, seed: int = 0) -> torch.Tensor:
@@ -228,7 +228,7 @@ def test_entropy_coding_is_strictly_smaller_on_skewed_indices_and_near_their_ent
     entropy_bytes = float(-(p * p.log2()).sum()) * n / 8
     size = symbols.stream_nbytes(parts)
     assert size < packed_nbytes(n, bits)
-    assert size <= 1.01 * entropy_bytes + _stream_overhead(n) + 64 * 4 + 2 * k  # + states, tables
+    assert size <= 1.01 * entropy_bytes + _stream_overhead(n) + rans.STATE_BYTES + 2 * k  # + states, tables
 
 
 def test_a_constant_stream_costs_almost_nothing():
@@ -251,8 +251,8 @@ def test_entropy_coded_matrix_counts_every_part_and_beats_packing_when_skewed():
 
 @pytest.fixture(scope="module")
 def coded_matrix():
-    """A K=16 matrix of 90000 values (two chunks of indices, both coded), entropy-coded."""
-    w = _matrix(90, 1000, dtype=torch.float32)
+    """A K=16 matrix of two chunks of indices (both coded), entropy-coded."""
+    w = _matrix(symbols.CHUNK_SYMBOLS // 1000 + 30, 1000, dtype=torch.float32)
     return entropy_code(encode_kmeans(w, KMeansSpec(k=16)), "layer.w")
 
 

@@ -13,7 +13,7 @@ from unweight.errors import UnweightError
 from unweight.lossless import (decode_tensor, encode_tensor, encoded_names, is_supported,
                                merge_fields, order0_bits, split_fields)
 from unweight.lossless import format as fmt
-from unweight.lossless import rans
+from unweight.lossless import rans, simd
 from unweight.lossless.fields import LOW_BLOCK
 from unweight.lossless.hashing import xxh64
 
@@ -106,7 +106,7 @@ def test_specials_survive_in_every_dtype(dtype):
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32, torch.float16])
 def test_many_default_chunks_threads_give_identical_output(dtype):
-    t = make(dtype, (300, 512), "weights", 1)  # 153600 values: three default chunks
+    t = make(dtype, (1100, 512), "weights", 1)  # 563200 values: three default chunks
     one = encode(t, threads=1)
     two = encode(t, threads=2)
     assert one.keys() == two.keys() and all(torch.equal(one[k], two[k]) for k in one)
@@ -115,15 +115,15 @@ def test_many_default_chunks_threads_give_identical_output(dtype):
 
 
 # XXH64 of every part (sorted by suffix) of ``make(dtype, (300, 257), "special", 7)`` as the
-# version 1 coder wrote them before it was rewritten for speed: a rewrite must write the same bytes
-PINNED = {torch.bfloat16: 0x6ADA7BF11DA283C2, torch.float16: 0xBA276D457AFB9251,
-          torch.float32: 0x9EBCF156A626BC48, torch.float8_e4m3fn: 0xFC6EF4BF5221991D,
-          torch.float8_e5m2: 0x4DDFE2B2FA24D8F5}
+# version 2 coder (16 lanes, chunks of 2^18) wrote them: a rewrite for speed must write the same bytes
+PINNED = {torch.bfloat16: 0x515EE98E2327604D, torch.float16: 0x26FBC32B6296384F,
+          torch.float32: 0x033C7E63944C5183, torch.float8_e4m3fn: 0x319F9483FFE612E0,
+          torch.float8_e5m2: 0x5842CF99D7BDE476}
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_written_bytes_are_pinned_for_this_format_version(dtype):
-    assert fmt.FORMAT_VERSION == 1  # a new version writes other bytes: pin them anew
+    assert fmt.FORMAT_VERSION == 2  # a new version writes other bytes: pin them anew
     parts = encode(make(dtype, (300, 257), "special", 7))  # ragged rows and lane groups
     blob = np.concatenate([parts[k].numpy().view(np.uint8).reshape(-1) for k in sorted(parts)])
     assert int(xxh64(blob, 0, blob.size)) == PINNED[dtype]
@@ -152,6 +152,44 @@ def test_encoder_reciprocal_division_is_exact_for_every_frequency():
                           top - f - 1, (top // f) * f - 1], np.uint64)
         xs = np.concatenate([edges, rng.integers(1, top, 200, dtype=np.uint64)])
         assert _reciprocal_errors(xs, f) == 0, f
+
+
+@njit
+def _decode_groups_both(words, p, limit, dec, tb, ngroups, x, rb):
+    """(out, states, p, i) from the vector and from the scalar group decoder on the same input."""
+    n = ngroups * rans.LANES
+    out_v, out_s = np.zeros(n, np.uint16), np.zeros(n, np.uint16)
+    x_v, x_s = x.copy(), x.copy()
+    pv, iv = rans.decode_groups(words, p, limit, dec, tb, out_v, np.uint64(0), ngroups, x_v, rb)
+    ps, i_s = rans.decode_groups_scalar(words, p, limit, dec, tb, out_s, np.uint64(0), ngroups, x_s, rb)
+    return out_v, out_s, x_v, x_s, pv, ps, iv, i_s
+
+
+@pytest.mark.skipif(not simd.AVAILABLE, reason="no AVX2 here: the decoder runs the scalar loop")
+@settings(max_examples=60, deadline=None)
+@given(seed=st.integers(0, 2**32 - 1), rb=st.sampled_from([0, 1, 6, 9]), nph=st.integers(1, 4),
+       ngroups=st.integers(0, 40), short=st.booleans())
+def test_vector_decoder_steps_exactly_as_the_scalar_one(seed, rb, nph, ngroups, short):
+    """Any words, any states, any valid table: the same outputs, states and stream position, and
+    the same early stop when the stream runs past ``limit``."""
+    rng = np.random.default_rng(seed)
+    nsym = int(rng.integers(1, 64))
+    alphabet = np.sort(rng.choice(1 << (16 - max(rb, 6)), nsym, replace=False)).astype(np.int64)
+    freq = np.zeros((nph, nsym), np.uint32)
+    for c in range(nph):
+        rans.normalize_freqs(rng.integers(1, 1000, nsym) ** rng.integers(1, 4), freq[c])
+    dec = np.zeros((nph, rans.PROB_SCALE), np.uint64)
+    assert rans.build_tables(alphabet, freq, rb, np.zeros((4, 0, 0), np.uint64), dec) == -1
+    nwords = ngroups * rans.LANES + 2 * rans.LANES
+    words = rng.integers(0, 2**32, nwords + rans.LANES, dtype=np.uint64).astype(np.uint32)
+    x = rng.integers(rans.STATE_LOW, 2**63, rans.LANES, dtype=np.uint64) * np.uint64(2) | np.uint64(1)
+    limit = np.uint64(nwords // 3 if short else nwords)
+    tb = np.uint64(int(rng.integers(0, nph)) * rans.PROB_SCALE)
+    out_v, out_s, x_v, x_s, pv, ps, iv, i_s = _decode_groups_both(
+        words, np.uint64(0), limit, dec.reshape(-1), tb, np.uint64(ngroups), x, np.uint64(rb))
+    assert (pv, iv) == (ps, i_s)
+    assert np.array_equal(x_v, x_s)
+    assert np.array_equal(out_v[:iv], out_s[:i_s])
 
 
 def test_non_contiguous_input():

@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 from numba import njit
 
-from unweight.lossless import fields, hashing, rans
+from unweight.lossless import fields, hashing, rans, simd
 from unweight.lossless.fields import pack_low, unpack_low
 from unweight.lossless.hashing import xxh64
 
@@ -86,7 +86,7 @@ def _source_stamp() -> int:
     cache only watches the file of the cached function; as a closure variable this stamp makes
     it watch the inlined modules too."""
     h = hashlib.sha256()
-    for mod in (rans, fields, hashing, sys.modules[__name__]):
+    for mod in (rans, simd, fields, hashing, sys.modules[__name__]):
         h.update(Path(mod.__file__).read_bytes())
     return int.from_bytes(h.digest()[:7], "little")
 

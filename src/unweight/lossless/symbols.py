@@ -4,7 +4,7 @@ rANS coder.
 A quantized matrix stores one small integer per weight (a K-means index, an RTN level). Bit-packing
 spends ``ceil(log2 K)`` bits on each; their order-0 entropy is lower whenever the values are not used
 equally often. :func:`encode_symbols` codes a uint8 stream with the coder of ``docs/format.md``
-(interleaved rANS, Duda arXiv:1311.2540, Giesen arXiv:1402.3392: 4 lanes, 12-bit frequencies, 64-bit
+(interleaved rANS, Duda arXiv:1311.2540, Giesen arXiv:1402.3392: 16 lanes, 12-bit frequencies, 64-bit
 states, 32-bit renormalisation) and one order-0 table; :func:`decode_symbols` reverses it bit-exactly.
 
 The stream is a few plain 1-D tensors, returned keyed by suffix (the caller stores each under its own
@@ -20,7 +20,7 @@ prefix):
 | ``tables`` | U8 | only when a chunk is coded: the alphabet and one frequency row, as ``.ul.tables`` |
 
 Symbols are cut into chunks of ``CHUNK_SYMBOLS``; chunks are independent. A **coded** segment is the
-float codec's (four flushed states, then the renormalisation words in decode order) with no raw bits
+float codec's (the flushed states, then the renormalisation words in decode order) with no raw bits
 in the slot (``rb = 0``): the permuted word is the symbol itself. A **raw** segment is the chunk's
 symbols bit-packed at ``width`` bits (the layout of ``unweight.pack``; ``width`` bits hold every
 symbol), so a chunk never takes more than bit-packing would; whole-stream coding is dropped (no table,
@@ -49,12 +49,12 @@ import torch
 from numba import njit
 
 from unweight.errors import UnweightError
-from unweight.lossless import chunks, hashing, model, rans
+from unweight.lossless import chunks, hashing, model, rans, simd
 from unweight.lossless.hashing import xxh64
 
-VERSION = 1  # of this stream layout
+VERSION = 2  # of this stream layout
 MAGIC = 0x59535755  # "UWSY" little-endian
-CHUNK_SYMBOLS = 1 << 16
+CHUNK_SYMBOLS = 1 << 18
 MAX_SYMBOL = 255
 SUFFIXES = ("head", "code", "offsets", "modes", "check", "tables")
 HEAD_FIELDS = ("magic", "version", "numel", "chunk", "lanes", "prob_bits", "width", "nsym", "meta_hash")
@@ -103,7 +103,7 @@ def _source_stamp() -> int:
     the file of the cached function, and a closure variable's value is part of its cache key (as in
     ``chunks._source_stamp``)."""
     h = hashlib.sha256()
-    for mod in (rans, chunks, hashing, sys.modules[__name__]):
+    for mod in (rans, simd, chunks, hashing, sys.modules[__name__]):
         h.update(Path(mod.__file__).read_bytes())
     return int.from_bytes(h.digest()[:7], "little")
 
