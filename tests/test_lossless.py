@@ -324,8 +324,8 @@ def test_missing_or_mistyped_parts(coded):
 
 def _rehash(parts, name):
     head = parts[name + fmt.HEAD].clone()
-    tables = parts.get(name + fmt.TABLES, torch.zeros(0, dtype=torch.uint8)).numpy().tobytes()
-    rows = parts.get(name + fmt.ROWS, torch.zeros(0, dtype=torch.uint8)).numpy().tobytes()
+    tables = parts.get(name + fmt.TABLES, torch.zeros(0, dtype=torch.uint8)).numpy()
+    rows = parts.get(name + fmt.ROWS, torch.zeros(0, dtype=torch.uint8)).numpy()
     head.numpy()[fmt._F["meta_hash"]] = fmt._meta_hash(head.numpy(), tables, rows)
     return {**parts, name + fmt.HEAD: head}
 

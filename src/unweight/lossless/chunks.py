@@ -48,6 +48,18 @@ def close_gaps(buf, starts, dests, lengths):
 
 
 @njit(cache=True, nogil=True)
+def offsets_ok(off, stream, pad):
+    """Whether chunk offsets start at 0, never decrease, and leave ``pad`` bytes of a ``stream``
+    of that many bytes after the last segment."""
+    if off.size == 0 or off[0] != 0:
+        return False
+    for c in range(off.size - 1):
+        if off[c + 1] < off[c]:
+            return False
+    return off[off.size - 1] + pad <= stream
+
+
+@njit(cache=True, nogil=True)
 def _store_raw_hi(vals, hi_shift, hbytes, c0, n, dst):
     """The hi words of ``vals[c0:c0 + n]``, little-endian, into the byte array ``dst``."""
     src = vals[c0:c0 + n]

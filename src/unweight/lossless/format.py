@@ -18,7 +18,7 @@ from unweight.errors import UnweightError
 from unweight.lossless import chunks, model, rans
 from unweight.lossless.fields import (BY_CODE, LOW_BLOCK, FloatLayout, as_words, kernel_array,
                                      layout_of)
-from unweight.lossless.hashing import xxh64
+from unweight.lossless.hashing import meta_hash
 
 FORMAT_VERSION = 2
 MAGIC = 0x4C4C5755  # "UWLL" little-endian
@@ -93,6 +93,11 @@ def _scratch(key: str, n: int, dtype) -> np.ndarray:
         buf = np.empty(nbytes, np.uint8)
         setattr(_LOCAL, key, buf)
     return buf[:nbytes].view(dtype)[:n]
+
+
+def _bytes_array(b: bytes) -> np.ndarray:
+    """``b`` as a writeable uint8 array (the one array type the kernels are compiled for)."""
+    return np.frombuffer(bytearray(b), np.uint8)
 
 
 def _close_gaps(buf: np.ndarray, ranges, region: int, sizes: np.ndarray) -> np.ndarray:
@@ -191,7 +196,7 @@ def encode_tensor(t: torch.Tensor, threads: int | None = None) -> dict[str, torc
     head[_F["rows_codec"]] = rows_codec
     head[_F["ndim"]] = len(shape)
     head[len(HEAD_FIELDS):] = shape
-    head[_F["meta_hash"]] = _meta_hash(head, tables, rows)
+    head[_F["meta_hash"]] = _meta_hash(head, _bytes_array(tables), _bytes_array(rows))
 
     parts = {
         HEAD: torch.from_numpy(head),
@@ -212,12 +217,8 @@ def encode_tensor(t: torch.Tensor, threads: int | None = None) -> dict[str, torc
     return parts
 
 
-def _meta_hash(head: np.ndarray, tables: bytes, rows: bytes) -> int:
-    h = head.copy()
-    h[_F["meta_hash"]] = 0
-    meta = np.concatenate([h.view(np.uint8), np.frombuffer(tables, np.uint8),
-                           np.frombuffer(rows, np.uint8)])
-    return int(np.uint64(xxh64(meta, 0, meta.size)).view(np.int64))
+def _meta_hash(head: np.ndarray, tables: np.ndarray, rows: np.ndarray) -> int:
+    return int(meta_hash(head, _F["meta_hash"], tables, rows))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -247,7 +248,7 @@ def _check_offsets(name: str, off: np.ndarray, nchunks: int, stream: int, pad: i
         c = min(off.size, nchunks + 1) - 1
         raise _fail(name, f"chunk {max(c, 0)}: {what} offsets hold {off.size} entries, expected "
                           f"{nchunks + 1} (offsets table truncated or corrupt)")
-    if nchunks == 0:
+    if nchunks == 0 or chunks.offsets_ok(off, stream, pad):
         return
     if off[0] != 0:
         raise _fail(name, f"chunk 0: {what} offsets do not start at 0")
@@ -272,7 +273,7 @@ def decode_tensor(parts, name: str, threads: int | None = None) -> torch.Tensor:
         raise _fail(name, f"format version {h['version']} (this unweight reads {FORMAT_VERSION})")
     tables = _part(parts, name, TABLES, torch.uint8, required=False)
     rows = _part(parts, name, ROWS, torch.uint8, required=False)
-    if _meta_hash(head, tables.tobytes(), rows.tobytes()) != h["meta_hash"]:
+    if _meta_hash(head, tables, rows) != h["meta_hash"]:
         raise _fail(name, "header or code tables corrupt (metadata checksum mismatch)")
     lay = BY_CODE.get(h["dtype"])
     ndim = h["ndim"]
@@ -352,9 +353,8 @@ def decode_tensor(parts, name: str, threads: int | None = None) -> torch.Tensor:
                      out_u8, words, scratch_low, status)
 
     _run(task, nchunks, threads)
-    failed = np.flatnonzero(status)
-    if failed.size:
-        c = int(failed[0])
+    if status.any():
+        c = int(np.flatnonzero(status)[0])
         raise _fail(name, f"chunk {c} of {nchunks}: {_ERRORS.get(int(status[c]), 'corrupt')}")
     view = {8: torch.uint8, 16: torch.int16, 32: torch.int32}[lay.bits]
     signed = {8: np.uint8, 16: np.int16, 32: np.int32}[lay.bits]

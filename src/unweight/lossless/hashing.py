@@ -81,3 +81,17 @@ def xxh64(data, start, length):
     h = h * _P3
     h = h ^ (h >> np.uint64(32))
     return h
+
+
+@njit(cache=True, nogil=True)
+def meta_hash(head, field, tables, rows):
+    """The metadata checksum of a stream: XXH64, as int64, of the int64 ``head`` with
+    ``head[field]`` (where the checksum is stored) read as 0, then the bytes of ``tables`` and
+    ``rows`` (uint8)."""
+    hb = head.size * 8
+    buf = np.empty(hb + tables.size + rows.size, np.uint8)
+    buf[:hb] = head.view(np.uint8)
+    buf[field * 8:field * 8 + 8] = 0
+    buf[hb:hb + tables.size] = tables
+    buf[hb + tables.size:] = rows
+    return np.int64(xxh64(buf, 0, buf.size))

@@ -50,7 +50,7 @@ from numba import njit
 
 from unweight.errors import UnweightError
 from unweight.lossless import chunks, hashing, model, rans, simd
-from unweight.lossless.hashing import xxh64
+from unweight.lossless.hashing import meta_hash, xxh64
 
 VERSION = 2  # of this stream layout
 MAGIC = 0x59535755  # "UWSY" little-endian
@@ -220,11 +220,8 @@ def _table(counts: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return alphabet.astype(np.int64), freq
 
 
-def _meta_hash(head: np.ndarray, tables: bytes) -> int:
-    h = head.copy()
-    h[_F["meta_hash"]] = 0
-    meta = np.concatenate([h.view(np.uint8), np.frombuffer(tables, np.uint8)])
-    return int(np.uint64(xxh64(meta, 0, meta.size)).view(np.int64))
+def _meta_hash(head: np.ndarray, tables: np.ndarray) -> int:
+    return int(meta_hash(head, _F["meta_hash"], tables, tables[:0]))
 
 
 def _encode(sym: np.ndarray, width: int, alphabet: np.ndarray | None, freq: np.ndarray | None):
@@ -288,7 +285,7 @@ def encode_symbols(u8: torch.Tensor, width: int = 8) -> dict[str, torch.Tensor]:
     head[_F["prob_bits"]] = rans.PROB_BITS
     head[_F["width"]] = width
     head[_F["nsym"]] = alphabet.size if tables else 0
-    head[_F["meta_hash"]] = _meta_hash(head, tables)
+    head[_F["meta_hash"]] = _meta_hash(head, np.frombuffer(bytearray(tables), np.uint8))
     parts = {"head": torch.from_numpy(head), "code": torch.from_numpy(code),
              "offsets": torch.from_numpy(offsets), "modes": torch.from_numpy(modes),
              "check": torch.from_numpy(check.view(np.int64))}
@@ -322,7 +319,7 @@ def decode_symbols(parts: Mapping[str, torch.Tensor], n: int, name: str) -> torc
     if h["version"] != VERSION:
         raise fail(f"version {h['version']} (this unweight reads {VERSION})")
     tables = _part(parts, name, "tables", torch.uint8, required=False)
-    if _meta_hash(head, tables.tobytes()) != h["meta_hash"]:
+    if _meta_hash(head, tables) != h["meta_hash"]:
         raise fail("header or code table corrupt (metadata checksum mismatch)")
     numel, chunk_w, width, nsym = h["numel"], h["chunk"], h["width"], h["nsym"]
     if (numel != n or chunk_w <= 0 or not 1 <= width <= 8 or h["lanes"] != rans.LANES
