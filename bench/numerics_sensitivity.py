@@ -36,7 +36,7 @@ def main() -> None:
     torch.set_num_threads(1)
     if args.mode == "ref":
         import unweight.quant.sweep as sweep
-        sweep._on_cpu = lambda *tensors: False  # every sweep takes the torch reference loop
+        sweep.COMPILED = False  # every sweep takes the torch reference loop
     method, settings = ast.literal_eval(args.config)
     model, tok = load_causal_lm(str(hf_folder(args.model)))
     calib = calibration_windows(tok, args.n_samples, 512, seed=0)

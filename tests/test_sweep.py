@@ -64,3 +64,28 @@ def test_quant_sweep_matches_the_reference(scheme, extras):
     assert agree.sum() > 0
     torch.testing.assert_close(fw[agree], rw[agree], rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(fe[agree], re[agree], rtol=1e-5, atol=1e-6)
+
+
+def test_compiled_switch_off_runs_the_reference_loops(monkeypatch):
+    """``sweep.COMPILED = False`` (bench/numerics_sensitivity.py) never calls a compiled kernel and
+    gives exactly the reference loops' results."""
+    import unweight.quant.sweep as sweep
+
+    def refuse(*args):
+        raise AssertionError("a compiled kernel ran with COMPILED off")
+    monkeypatch.setattr(sweep, "COMPILED", False)
+    monkeypatch.setattr(sweep, "_prune_sweep", refuse)
+    monkeypatch.setattr(sweep, "_quant_sweep", refuse)
+    w, hinv = block()
+    keep = torch.rand(w.shape, generator=torch.Generator().manual_seed(1)) > 0.5
+    pruned = [run_prune(f, w, hinv, keep, (2, 4)) for f in (prune_sweep, prune_sweep_reference)]
+    assert all(torch.equal(a, b) for a, b in zip(*pruned))
+    s, z = rtn_qparams(w, 3, 16, "sym")
+    S1 = s.repeat_interleave(16, dim=1).contiguous()
+    Z1 = z.to(torch.float32).repeat_interleave(16, dim=1).contiguous()
+    quantized = []
+    for f in (quant_sweep, quant_sweep_reference):
+        W1, Q1, err = w.clone(), torch.zeros_like(w), torch.zeros_like(w)
+        f(W1, hinv, 0, 64, S1, Z1, 7, False, None, None, None, Q1, err)
+        quantized.append((W1, Q1, err))
+    assert all(torch.equal(a, b) for a, b in zip(*quantized))

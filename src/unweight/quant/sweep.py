@@ -20,6 +20,8 @@ import numpy as np
 import torch
 from numba import njit
 
+COMPILED = True  # False: every sweep runs its torch reference loop (bench/numerics_sensitivity.py)
+
 
 @njit(inline="always")
 def _axpy_tail(w, h, i, err):
@@ -161,7 +163,8 @@ def quant_sweep(W1: torch.Tensor, Hinv1: torch.Tensor, a: int, b: int, S1: torch
 
 
 def _on_cpu(*tensors: torch.Tensor) -> bool:
-    """True when the compiled kernels can work on these tensors (the first one of which, the
-    inverse Hessian's block, may be a strided view; the others are written in place)."""
-    return all(t.device.type == "cpu" and t.dtype in (torch.float32, torch.bool) for t in tensors) \
+    """True when the compiled kernels are on (:data:`COMPILED`) and can work on these tensors (the
+    first one of which, the inverse Hessian's block, may be a strided view; the others are written
+    in place)."""
+    return COMPILED and all(t.device.type == "cpu" and t.dtype in (torch.float32, torch.bool) for t in tensors) \
         and all(t.is_contiguous() for t in tensors[1:])
