@@ -39,7 +39,8 @@ Setup (pinned):
     in one respect**: llm-compressor 0.14 computes every group's scale and zero once from the
     *original* weights (its observer, before the GPTQ loop); unweight, as the GPTQ reference code,
     computes a group's parameters from the weights *as updated so far* when the group's first
-    column comes up;
+    column comes up; ``evaluate --gptq gptq4-static`` compares with unweight's ``--static-groups``
+    run instead (``prune_quant.py --methods gptq4-static``), which takes llm-compressor's grid;
   - ``sparsegpt50`` / ``sparsegpt24``: ``SparseGPTModifier`` (``llmcompressor.modifiers.pruning``),
     ``sparsity=0.5``, ``mask_structure="0:0"`` / ``"2:4"``, ``dampening_frac=0.01``,
     ``block_size=128``. Unstructured: llm-compressor prunes every weight at or under the 50%
@@ -330,10 +331,12 @@ def _checks(folder: Path, method: str, original: dict) -> dict:
     return out
 
 
+GPTQ_GRID = ("gptq4: llm-compressor 0.14 takes every group's scale/zero from the original weights (observer "
+             "memoryless_minmax, before the GPTQ loop); unweight from the weights as updated so far when the group "
+             "starts (the GPTQ reference code's behaviour)")
+STATIC_GROUPS = ("gptq4 is compared with unweight's gptq4-static (--static-groups): every group's scale/zero from "
+                 "the original weights, as llm-compressor's observer takes them")
 DEVIATIONS = [
-    "gptq4: llm-compressor 0.14 takes every group's scale/zero from the original weights (observer "
-    "memoryless_minmax, before the GPTQ loop); unweight from the weights as updated so far when the group starts "
-    "(the GPTQ reference code's behaviour)",
     "gptq4: llm-compressor's group strategy refuses 576 % 128 != 0; its block strategy [1, 128] is run instead, "
     "the same grouping as unweight's g128 (4 x 128 + a remainder group of 64 per 576-column row)",
     "sparsegpt50: llm-compressor prunes everything at or under each 128-column block's 50% threshold "
@@ -374,6 +377,8 @@ def evaluate_all(args) -> int:
         folder = WORK / lc_name
         run = json.loads((folder / "lc_run.json").read_text())
         row = {"method": lc_name, "unweight_method": PAIRS.get(lc_name.split("-")[0])}
+        if row["unweight_method"] == "gptq4":
+            row["unweight_method"] = args.gptq
         if "error" in run:
             row |= {"llmcompressor": {"error": run["error"]}, "lc_run": run}
             rows.append(row)
@@ -423,7 +428,8 @@ def evaluate_all(args) -> int:
         "unweight_run": {"file": args.unweight_json, "machine": uw["machine"] if uw else None},
         "versions": {"unweight_venv": _versions(("torch", "transformers", "safetensors")),
                      "lcvenv_freeze": freeze.read_text().split() if freeze.exists() else None},
-        "deviations": DEVIATIONS + ([TRUE_SEQUENTIAL] if true_sequential else []),
+        "deviations": ([STATIC_GROUPS] if args.gptq == "gptq4-static" else [GPTQ_GRID]) + DEVIATIONS
+                      + ([TRUE_SEQUENTIAL] if true_sequential else []),
         "evaluate_machine": machine() | {"load_avg_start": load_start},
         "rows": rows,
     }
@@ -476,6 +482,8 @@ def main() -> int:
     e.add_argument("--threads", type=int, default=1)
     e.add_argument("--unweight-times", default="", help="time's JSON: unweight's seconds from the alternate timing run")
     e.add_argument("--result", default=str(RESULT), help="where the comparison's JSON goes")
+    e.add_argument("--gptq", default="gptq4", choices=["gptq4", "gptq4-static"],
+                   help="the unweight row llm-compressor's gptq4 is compared with (gptq4-static: its group grid)")
     e.add_argument("--reuse-scores", action="store_true",
                    help="take llm-compressor's perplexity/KL from the last result instead of evaluating again")
     t = sub.add_parser("time", help="time unweight's compress_layerwise per method, no evaluation (unweight's venv)")

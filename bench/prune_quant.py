@@ -62,6 +62,7 @@ SETTINGS = {  # in the order they run: the cheap ones first
     "sparsegpt-50": ("sparsegpt", {"sparsity": 0.5}),
     "sparsegpt-2:4": ("sparsegpt", {"pattern": "2:4"}),
     "gptq4": ("gptq", {"bits": 4, "group_size": 128}),
+    "gptq4-static": ("gptq", {"bits": 4, "group_size": 128, "static_groups": True}),
     "gptq3": ("gptq", {"bits": 3, "group_size": 128}),
     "awq4": ("awq", {"bits": 4, "group_size": 128}),
 }

@@ -25,9 +25,21 @@ def layer(rows=64, cols=576, n=4096, seed=0):
 def test_gptq_output_error_is_below_rtn(bits, scheme):
     w, h = layer()
     rtn = output_error(rtn_fake_quantize(w, bits, 128, scheme) - w, h)
-    for act_order in (False, True):
-        gptq = output_error(gptq_fake_quantize(w, h, bits, 128, scheme, act_order=act_order) - w, h)
-        assert gptq < rtn, (bits, scheme, act_order, gptq.item(), rtn.item())
+    for kw in ({}, {"act_order": True}, {"static_groups": True}):
+        gptq = output_error(gptq_fake_quantize(w, h, bits, 128, scheme, **kw) - w, h)
+        assert gptq < rtn, (bits, scheme, kw, gptq.item(), rtn.item())
+
+
+@pytest.mark.parametrize("scheme", SCHEMES)
+def test_static_groups_take_every_groups_grid_from_the_original_weights(scheme):
+    """With ``static_groups`` the scales and zeros are RTN's of ``w`` itself (the sweep moves the
+    weights, not the grid); without, later groups' grids follow the compensated weights."""
+    w, h = layer(rows=16)
+    rtn = rtn_quantize(w, 3, 128, scheme)
+    _, scale, zero = gptq_quantize(w, h, 3, 128, scheme, static_groups=True)
+    assert torch.equal(scale, rtn[1]) and torch.equal(zero, rtn[2])
+    _, scale, _ = gptq_quantize(w, h, 3, 128, scheme)
+    assert torch.equal(scale[:, 0], rtn[1][:, 0]) and not torch.equal(scale[:, 1:], rtn[1][:, 1:])
 
 
 def test_gptq_output_shapes_and_remainder_group():

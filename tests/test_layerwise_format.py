@@ -53,6 +53,7 @@ CASES = {  # name: (config, bits per weight without the header, exactly)
     "rtn 4-bit g64 sym": (LayerwiseConfig(quant="rtn", bits=4, group_size=64, scheme="sym"), None),
     "rtn 4-bit g64 asym_float": (LayerwiseConfig(quant="rtn", bits=4, group_size=64, scheme="asym_float"), None),
     "gptq 4-bit g64 act-order": (LayerwiseConfig(quant="gptq", bits=4, group_size=64, act_order=True), None),
+    "gptq 4-bit g64 static groups": (LayerwiseConfig(quant="gptq", bits=4, group_size=64, static_groups=True), None),
     "gptq 2-bit per-channel": (LayerwiseConfig(quant="gptq", bits=2, group_size=-1), None),
     "awq 4-bit g64": (LayerwiseConfig(quant="awq", bits=4, group_size=64), None),
     "sparsegpt 2:4 + gptq 4-bit": (LayerwiseConfig(prune="sparsegpt", pattern="2:4", quant="gptq", bits=4,
@@ -334,6 +335,7 @@ def test_a_truncated_part_in_a_folder_names_file_and_tensor(tiny_llama, tmp_path
     (["--method", "wanda", "--pattern", "4:2"], "0 < N < M"),
     (["--method", "wanda", "--quant", "gptq", "--act-order", "--bits", "9"], "--bits must be in 1..8"),
     (["--method", "awq", "--act-order"], "--act-order goes with GPTQ"),
+    (["--method", "rtn", "--static-groups"], "--static-groups goes with GPTQ"),
     (["--method", "magnitude", "--quant", "rtn", "--true-sequential"], "--true-sequential goes with a calibrated"),
 ])
 def test_bad_requests_are_one_clear_line(tiny_llama, tmp_path, argv, message, capsys):

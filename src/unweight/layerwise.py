@@ -52,6 +52,7 @@ class LayerwiseConfig:
     group_size: int = 128
     scheme: str = DEFAULT_SCHEME  # asym_int (integer zero point) | sym | asym_float
     act_order: bool = False  # GPTQ
+    static_groups: bool = False  # GPTQ: group scales from the original weights (implied by act_order)
     damp: float = DEFAULT_DAMP  # GPTQ / SparseGPT
     block_size: int = DEFAULT_BLOCK  # GPTQ / SparseGPT lazy batch
     n_samples: int = DEFAULT_SAMPLES
@@ -110,7 +111,8 @@ class LayerwiseConfig:
             parts.append(f"{self.prune} {self.pattern or f'{self.sparsity:.0%}'}")
         if self.quant:
             g = f"g{self.group_size}" if self.group_size > 0 else "per-channel"
-            parts.append(f"{self.quant} {self.bits}-bit {g}" + (" act-order" if self.act_order else ""))
+            parts.append(f"{self.quant} {self.bits}-bit {g}" + (" act-order" if self.act_order else "")
+                         + (" static groups" if self.static_groups and not self.act_order else ""))
         if self.outliers is not None:
             parts.append(f"outliers {self.outliers}")
         return " + ".join(parts) + (", true-sequential" if self.true_sequential and self.calibrated else "")
@@ -163,7 +165,8 @@ def compress_linear(linear: nn.Linear, config: LayerwiseConfig, stats: LinearSta
     elif config.quant == "gptq":
         out.q, out.scale, out.zero = gptq_quantize(dense, stats.hessian, config.bits, config.group_size,
                                                    config.scheme, config.act_order, config.damp,
-                                                   config.block_size, mask=out.mask, exact=exact)
+                                                   config.block_size, mask=out.mask, exact=exact,
+                                                   static_groups=config.static_groups)
     elif config.quant == "awq":
         result = awq_quantize(dense if exact is None else zeroed, stats.hessian, stats.abs_mean, config.bits,
                               config.group_size, config.scheme)

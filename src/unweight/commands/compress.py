@@ -196,6 +196,13 @@ def _entropy_coded(config: dict, encode):
 LAYERWISE = ("magnitude", "wanda", "sparsegpt", "gptq", "awq")
 
 
+def _check_gptq_flags(args, quant: str | None) -> None:
+    """GPTQ's own flags are refused with any other quantizer (``quant``) rather than ignored."""
+    for flag, on in (("--act-order", args.act_order), ("--static-groups", args.static_groups)):
+        if on and quant != "gptq":
+            raise UnweightError(f"{flag} goes with GPTQ (--method gptq, or a pruning method with --quant gptq)")
+
+
 def _layerwise(args):
     """Prune and/or quantize every decoder Linear in memory, block by block on calibration windows
     (unweight.layerwise), then store exactly that (unweight-layerwise, unweight.layerwise_format)."""
@@ -215,6 +222,7 @@ def _layerwise(args):
     if not 1 <= args.bits <= 8:
         raise UnweightError(f"--bits must be in 1..8, got {args.bits}")
     settings = {"n_samples": args.calib_samples, "seq_len": args.calib_seq_len, "act_order": args.act_order,
+                "static_groups": args.static_groups,
                 "outliers": parse_outliers(args.outliers),
                 "true_sequential": args.true_sequential}
     if pruning:
@@ -222,8 +230,7 @@ def _layerwise(args):
     if not pruning or args.quant:
         settings.update(bits=args.bits, group_size=args.group_size, scheme=args.scheme)
     config = LayerwiseConfig.from_method(args.method, **settings)
-    if args.act_order and config.quant != "gptq":
-        raise UnweightError("--act-order goes with GPTQ (--method gptq, or a pruning method with --quant gptq)")
+    _check_gptq_flags(args, config.quant)
     if args.true_sequential and not config.calibrated:
         raise UnweightError(f"--true-sequential goes with a calibrated method (wanda, sparsegpt, gptq, awq): "
                             f"{config.describe()} uses no calibration data")
@@ -294,6 +301,9 @@ def add_arguments(p):
     g.add_argument("--pattern", metavar="N:M", help="pruning: keep N of every M consecutive inputs, e.g. 2:4")
     g.add_argument("--quant", choices=["gptq", "rtn"], help="pruning: also quantize the kept weights")
     g.add_argument("--act-order", action="store_true", help="gptq: quantize columns in decreasing Hessian order")
+    g.add_argument("--static-groups", action="store_true",
+                   help="gptq: every group's scale and zero from the original weights, before the sweep "
+                        "(as llm-compressor; implied by --act-order)")
     g.add_argument("--true-sequential", action="store_true",
                    help="calibrate each Linear on the outputs of the block's already-compressed Linears before it, "
                         "in the block's one forward (GPTQ's true-sequential; 0.7-0.8x the time: one forward per "
@@ -341,6 +351,8 @@ def run(args) -> int:
     if (args.finetune_steps or args.affine) and args.method != "kmeans":
         raise UnweightError(f"--finetune-steps and --affine refine K-means codebooks; method {args.method!r} "
                             f"has none")
+    if args.method not in LAYERWISE:
+        _check_gptq_flags(args, None)
     if args.entropy and args.method not in ("kmeans", "rtn"):
         raise UnweightError(f"--entropy codes K-means indices or RTN levels (--method kmeans or rtn); method "
                             f"{args.method!r} stores neither")

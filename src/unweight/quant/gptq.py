@@ -20,8 +20,10 @@ group 128: four groups of 128 and one of 64), schemes ``asym_int`` (integer zero
 *as updated so far* when its first column comes up. With act-order the groups would then no longer
 be contiguous (GPTQ's ``g_idx``); to keep GPTQ's output storable exactly like RTN's, act-order uses
 **static groups** (the reference code's ``--static-groups``): every group's parameters are computed
-from the original weights first. The result is ``(q, scale, zero)``, and ``rtn_dequantize`` rebuilds
-exactly the weights GPTQ compensated for.
+from the original weights first. ``static_groups=True`` asks for them without act-order (what
+llm-compressor's observer does: scales and zeros from the original weights, before the sweep).
+The result is ``(q, scale, zero)``, and ``rtn_dequantize`` rebuilds exactly the weights GPTQ
+compensated for.
 
 ``mask`` (keep-mask, e.g. from SparseGPT) quantizes pruned weights to exactly zero, the level ``z``
 (an integer zero point is required), and compensates their error like any other: sparsity and
@@ -80,7 +82,8 @@ def inverse_hessian_cholesky(hessian: torch.Tensor, damp: float = DEFAULT_DAMP
 def gptq_quantize(w: torch.Tensor, hessian: torch.Tensor, bits: int = 4, group_size: int = 128,
                   scheme: str = DEFAULT_SCHEME, act_order: bool = False, damp: float = DEFAULT_DAMP,
                   block_size: int = DEFAULT_BLOCK, mask: torch.Tensor | None = None,
-                  exact: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                  exact: torch.Tensor | None = None,
+                  static_groups: bool = False) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """GPTQ-quantize ``w`` (``[rows, cols]``) given ``hessian`` (``[cols, cols]``, mean of x x^T).
 
     Returns ``(q, scale, zero)`` exactly as :func:`unweight.quant.rtn.rtn_quantize` does
@@ -103,7 +106,8 @@ def gptq_quantize(w: torch.Tensor, hessian: torch.Tensor, bits: int = 4, group_s
     excluded = [t for t in (pruned_mask, fixed) if t is not None]
     keep = ~(excluded[0] if len(excluded) == 1 else excluded[0] | excluded[1]) if excluded else None
 
-    static = rtn_qparams(W if fixed is None else W * ~fixed, bits, g, scheme) if act_order else None
+    static_groups = static_groups or act_order
+    static = rtn_qparams(W if fixed is None else W * ~fixed, bits, g, scheme) if static_groups else None
     static_zero = static[1].to(torch.float32) if static else None
     perm = torch.argsort(torch.diag(h), descending=True, stable=True) if act_order else None
     if perm is not None:
@@ -156,6 +160,7 @@ def gptq_quantize(w: torch.Tensor, hessian: torch.Tensor, bits: int = 4, group_s
 
     if perm is not None:
         Q = Q[:, torch.argsort(perm)]
+    if static is not None:
         scale, zero = static
     return Q, scale, zero
 
