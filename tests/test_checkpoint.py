@@ -83,6 +83,15 @@ def test_get_returns_a_private_copy(tmp_path):
     assert torch.equal(ck.get("w"), torch.ones(4))
 
 
+def test_a_file_cut_short_after_opening_names_file_and_tensor(tmp_path):
+    p = tmp_path / "x.safetensors"
+    save_file({"a": torch.ones(10), "w": torch.ones(1000)}, p)
+    ck = open_checkpoint(p)
+    p.write_bytes(p.read_bytes()[:-100])
+    with pytest.raises(UnweightError, match=r"x\.safetensors.*'w'.*cut short"):
+        ck.get("w")
+
+
 def test_missing_path_and_unknown_tensor(tmp_path):
     with pytest.raises(UnweightError, match="no such file"):
         open_checkpoint(tmp_path / "nope")

@@ -120,15 +120,23 @@ class SafetensorsFile:
                     f"(offsets {begin}..{end}, data is {data_len} bytes): truncated or corrupt"
                 )
             self.entries[name] = (dtype, shape, begin, end)
-        self._mmap = None
 
     def get(self, name: str) -> torch.Tensor:
         dtype, shape, begin, end = self.entries[name]
         if begin == end:
             return torch.empty(shape, dtype=ST_DTYPES[dtype])
-        if self._mmap is None:
-            self._mmap = np.memmap(self.path, dtype=np.uint8, mode="r")
-        raw = np.array(self._mmap[self.data_start + begin:self.data_start + end])  # a private copy
+        # read, not memory-mapped: the pages of a mapping count in the process's RSS for as long as it
+        # lives, so streaming a whole file through a map held every tensor read so far (+536 MB of
+        # peak RSS compressing gemma3-270m)
+        raw = np.empty(end - begin, np.uint8)
+        try:
+            with open(self.path, "rb") as f:
+                f.seek(self.data_start + begin)
+                got = f.readinto(memoryview(raw))
+        except OSError as exc:
+            raise UnweightError(f"{self.path}: cannot read tensor {name!r}: {exc.strerror or exc}") from None
+        if got != raw.size:
+            raise UnweightError(f"{self.path}: tensor {name!r} is cut short (file truncated while reading)")
         return torch.from_numpy(raw).view(ST_DTYPES[dtype]).reshape(shape)
 
 
