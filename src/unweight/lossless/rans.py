@@ -262,6 +262,7 @@ def _unrolled_encoder():
         pos -= need""" for j in lanes)
     src = f"""
 def encode_words(words, n, enc, scratch, rb):
+    # four flat arrays rather than one of 4-wide rows: each load is then base + index * 8
     e0, e1 = enc[0].reshape(-1), enc[1].reshape(-1)
     e2, e3 = enc[2].reshape(-1), enc[3].reshape(-1)
     x = np.full(LANES, _L, np.uint64)
