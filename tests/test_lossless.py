@@ -14,7 +14,8 @@ from unweight.lossless import (decode_tensor, encode_tensor, encoded_names, is_s
                                merge_fields, order0_bits, split_fields)
 from unweight.lossless import format as fmt
 from unweight.lossless import rans, simd
-from unweight.lossless.fields import LOW_BLOCK
+from unweight.lossless import model
+from unweight.lossless.fields import LOW_BLOCK, as_words, layout_of
 from unweight.lossless.hashing import xxh64
 
 DTYPES = [torch.bfloat16, torch.float16, torch.float32, torch.float8_e4m3fn, torch.float8_e5m2]
@@ -115,8 +116,9 @@ def test_many_default_chunks_threads_give_identical_output(dtype):
 
 
 # XXH64 of every part (sorted by suffix) of ``make(dtype, (300, 257), "special", 7)`` as the
-# version 2 coder (16 lanes, chunks of 2^18) wrote them: a rewrite for speed must write the same bytes
-PINNED = {torch.bfloat16: 0x515EE98E2327604D, torch.float16: 0x26FBC32B6296384F,
+# version 2 coder (16 lanes, chunks of 2^18, BF16 k in {2, 3, 4}) wrote them: a rewrite for speed must
+# write the same bytes
+PINNED = {torch.bfloat16: 0xA5A814D5E3324B09, torch.float16: 0x26FBC32B6296384F,
           torch.float32: 0x033C7E63944C5183, torch.float8_e4m3fn: 0x319F9483FFE612E0,
           torch.float8_e5m2: 0x5842CF99D7BDE476}
 
@@ -390,3 +392,26 @@ def test_xxh64_matches_reference_values():
 def test_order0_bits_of_uniform_bits_is_full_width():
     t = make(torch.bfloat16, (1 << 20,), "bits", 12)  # enough samples for 2^16 cells
     assert 15.9 < order0_bits(t) <= 16.0
+
+
+def test_bf16_from_4bit_blocks_codes_more_mantissa_bits_and_real_weights_do_not():
+    """Weights dequantized from 4-bit blocks (16 levels times a per-block scale) have far from uniform
+    low mantissas: the planner tries k = 3 and 4 there, and it pays; Gaussian weights keep k = 2."""
+    g = torch.Generator().manual_seed(0)
+    rows, cols = 512, 256
+    scale = torch.rand(rows, cols // 32, 1, generator=g) * 0.01 + 0.001
+    levels = torch.randint(-8, 8, (rows, cols // 32, 32), generator=g).float()
+    blocky = (levels * scale).reshape(rows, cols).to(torch.bfloat16)
+    gauss = (torch.randn(rows, cols, generator=g) * 0.02).to(torch.bfloat16)
+    lay = layout_of(torch.bfloat16)
+    plans = {name: model.plan(as_words(t), lay, tuple(t.shape), 1) for name, t in
+             (("blocky", blocky), ("gauss", gauss))}
+    assert plans["gauss"].k == 2 and plans["blocky"].k > 2
+    saved = model.K_CHOICES["bf16"]
+    model.K_CHOICES["bf16"] = (2,)
+    try:
+        k2 = model.plan(as_words(blocky), lay, tuple(blocky.shape), 1)
+    finally:
+        model.K_CHOICES["bf16"] = saved
+    assert plans["blocky"].est_bytes < k2.est_bytes
+    assert same(decode_tensor(encode(blocky), "w"), blocky)

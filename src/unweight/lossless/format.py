@@ -114,7 +114,8 @@ def _close_gaps(buf: np.ndarray, ranges, region: int, sizes: np.ndarray) -> np.n
 
 
 def _default_raw_bits(lay: FloatLayout) -> int:
-    return lay.hi_man_bits + 1 - max(model.K_CHOICES[lay.name])
+    """The kernel layout of a tensor stored raw (any would do): the first k, which most tensors use."""
+    return lay.hi_man_bits + 1 - model.K_CHOICES[lay.name][0]
 
 
 # ---------------------------------------------------------------------------------------------
