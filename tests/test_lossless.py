@@ -13,8 +13,7 @@ from unweight.errors import UnweightError
 from unweight.lossless import (decode_tensor, encode_tensor, encoded_names, is_supported,
                                merge_fields, order0_bits, split_fields)
 from unweight.lossless import format as fmt
-from unweight.lossless import rans, simd
-from unweight.lossless import model
+from unweight.lossless import model, rans, simd
 from unweight.lossless.fields import LOW_BLOCK, as_words, layout_of
 from unweight.lossless.hashing import xxh64
 
