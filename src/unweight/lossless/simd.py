@@ -16,13 +16,16 @@ has AVX2, and ``rans`` falls back to the scalar loop where it does not.
 """
 
 import llvmlite.binding as llvm
+import numba
 from llvmlite import ir
 from numba import types
 from numba.core import cgutils
 from numba.extending import intrinsic
 
 
-AVAILABLE = bool(llvm.get_host_cpu_features().get("avx2", False))
+# numba compiles for this machine unless NUMBA_CPU_NAME / NUMBA_CPU_FEATURES name another target
+AVAILABLE = (numba.config.CPU_NAME in (None, "host") and numba.config.CPU_FEATURES is None
+             and bool(llvm.get_host_cpu_features().get("avx2", False)))
 
 _I16, _I32, _I64 = ir.IntType(16), ir.IntType(32), ir.IntType(64)
 _V4I64, _V4I32, _V4I16 = ir.VectorType(_I64, 4), ir.VectorType(_I32, 4), ir.VectorType(_I16, 4)
