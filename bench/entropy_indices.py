@@ -1,7 +1,7 @@
 """Bit-packed versus rANS-coded K-means indices and RTN levels (``compress --entropy``), measured.
 
 Claim tested (issue 4, item 3): entropy-coding the per-weight values of ``unweight-codebook`` with the
-lossless rANS coder (``unweight.lossless.symbols``: one order-0 table per matrix, 64K-symbol chunks
+lossless rANS coder (``unweight.lossless.symbols``: one order-0 table per matrix, 256K-symbol chunks
 with offsets and XXH64) stores the same weights in fewer bits than ``ceil(log2 K)``-bit packing.
 
 For each setting, ``unweight compress MODEL OUT ... --threads 1`` runs twice, without and with
