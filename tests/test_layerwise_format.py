@@ -336,6 +336,8 @@ def test_a_truncated_part_in_a_folder_names_file_and_tensor(tiny_llama, tmp_path
     (["--method", "wanda", "--quant", "gptq", "--act-order", "--bits", "9"], "--bits must be in 1..8"),
     (["--method", "awq", "--act-order"], "--act-order goes with GPTQ"),
     (["--method", "rtn", "--static-groups"], "--static-groups goes with GPTQ"),
+    (["--method", "kmeans", "--true-sequential"], "--true-sequential goes with a calibrated"),
+    (["--method", "kmeans", "--pattern", "2:4"], "go with a pruning method"),
     (["--method", "magnitude", "--quant", "rtn", "--true-sequential"], "--true-sequential goes with a calibrated"),
 ])
 def test_bad_requests_are_one_clear_line(tiny_llama, tmp_path, argv, message, capsys):

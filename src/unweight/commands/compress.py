@@ -196,11 +196,25 @@ def _entropy_coded(config: dict, encode):
 LAYERWISE = ("magnitude", "wanda", "sparsegpt", "gptq", "awq")
 
 
-def _check_gptq_flags(args, quant: str | None) -> None:
-    """GPTQ's own flags are refused with any other quantizer (``quant``) rather than ignored."""
+def _check_pruning_flags(args) -> None:
+    """--sparsity, --pattern and --quant are refused with any method that does not prune."""
+    from unweight.layerwise import PRUNERS
+
+    if args.method not in PRUNERS and (args.sparsity is not None or args.pattern or args.quant):
+        raise UnweightError(f"--sparsity, --pattern and --quant go with a pruning method ({', '.join(PRUNERS)}), "
+                            f"not {args.method}")
+
+
+def _check_layerwise_flags(args, config) -> None:
+    """GPTQ's flags and --true-sequential are refused wherever they would be ignored: ``config`` is
+    the layer-by-layer config, None for a method that is not layer by layer."""
     for flag, on in (("--act-order", args.act_order), ("--static-groups", args.static_groups)):
-        if on and quant != "gptq":
+        if on and (config is None or config.quant != "gptq"):
             raise UnweightError(f"{flag} goes with GPTQ (--method gptq, or a pruning method with --quant gptq)")
+    if args.true_sequential and (config is None or not config.calibrated):
+        what = config.describe() if config is not None else f"--method {args.method}"
+        raise UnweightError(f"--true-sequential goes with a calibrated method (wanda, sparsegpt, gptq, awq): "
+                            f"{what} uses no calibration data")
 
 
 def _layerwise(args):
@@ -212,9 +226,7 @@ def _layerwise(args):
     from unweight.layerwise_format import FORMAT, layerwise_encoder, quantization_entries
 
     pruning = args.method in PRUNERS
-    if not pruning and (args.sparsity is not None or args.pattern or args.quant):
-        raise UnweightError(f"--sparsity, --pattern and --quant go with a pruning method ({', '.join(PRUNERS)}), "
-                            f"not {args.method}")
+    _check_pruning_flags(args)
     if args.sparsity is not None and args.pattern:
         raise UnweightError("give --sparsity (unstructured) or --pattern (N:M), not both")
     if args.sparsity is not None and not 0 < args.sparsity < 1:
@@ -230,10 +242,7 @@ def _layerwise(args):
     if not pruning or args.quant:
         settings.update(bits=args.bits, group_size=args.group_size, scheme=args.scheme)
     config = LayerwiseConfig.from_method(args.method, **settings)
-    _check_gptq_flags(args, config.quant)
-    if args.true_sequential and not config.calibrated:
-        raise UnweightError(f"--true-sequential goes with a calibrated method (wanda, sparsegpt, gptq, awq): "
-                            f"{config.describe()} uses no calibration data")
+    _check_layerwise_flags(args, config)
     if Path(args.out).exists() and not args.force:  # found now, not after the calibration
         raise UnweightError(f"{args.out}: already exists (pass --force to replace it)")
     config_for, entries = None, {}
@@ -351,8 +360,9 @@ def run(args) -> int:
     if (args.finetune_steps or args.affine) and args.method != "kmeans":
         raise UnweightError(f"--finetune-steps and --affine refine K-means codebooks; method {args.method!r} "
                             f"has none")
-    if args.method not in LAYERWISE:
-        _check_gptq_flags(args, None)
+    if args.method not in LAYERWISE:  # the layer-by-layer methods' flags would be ignored
+        _check_pruning_flags(args)
+        _check_layerwise_flags(args, None)
     if args.entropy and args.method not in ("kmeans", "rtn"):
         raise UnweightError(f"--entropy codes K-means indices or RTN levels (--method kmeans or rtn); method "
                             f"{args.method!r} stores neither")
