@@ -96,11 +96,6 @@ def _scratch(key: str, n: int, dtype) -> np.ndarray:
     return buf[:nbytes].view(dtype)[:n]
 
 
-def _bytes_array(b: bytes) -> np.ndarray:
-    """``b`` as a writeable uint8 array (the one array type the kernels are compiled for)."""
-    return np.frombuffer(bytearray(b), np.uint8)
-
-
 def _close_gaps(buf: np.ndarray, ranges, region: int, sizes: np.ndarray) -> np.ndarray:
     """Offsets of the chunks once each range's output (written from ``lo * region``) is moved
     down behind the previous one."""
@@ -198,7 +193,7 @@ def encode_tensor(t: torch.Tensor, threads: int | None = None) -> dict[str, torc
     head[_F["rows_codec"]] = rows_codec
     head[_F["ndim"]] = len(shape)
     head[len(HEAD_FIELDS):] = shape
-    head[_F["meta_hash"]] = _meta_hash(head, _bytes_array(tables), _bytes_array(rows))
+    head[_F["meta_hash"]] = _meta_hash(head, tables, rows)
 
     parts = {
         HEAD: torch.from_numpy(head),
@@ -219,8 +214,8 @@ def encode_tensor(t: torch.Tensor, threads: int | None = None) -> dict[str, torc
     return parts
 
 
-def _meta_hash(head: np.ndarray, tables: np.ndarray, rows: np.ndarray) -> int:
-    return int(meta_hash(head, _F["meta_hash"], tables, rows))
+def _meta_hash(head: np.ndarray, tables, rows) -> int:
+    return meta_hash(head, _F["meta_hash"], tables, rows)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -83,11 +83,16 @@ def xxh64(data, start, length):
     return h
 
 
-@njit(cache=True, nogil=True)
-def meta_hash(head, field, tables, rows):
+def meta_hash(head: np.ndarray, field: int, tables, rows=b"") -> int:
     """The metadata checksum of a stream: XXH64, as int64, of the int64 ``head`` with
     ``head[field]`` (where the checksum is stored) read as 0, then the bytes of ``tables`` and
-    ``rows`` (uint8)."""
+    ``rows`` (``bytes`` or uint8 arrays)."""
+    tables, rows = (np.frombuffer(bytearray(p), np.uint8) if isinstance(p, bytes) else p for p in (tables, rows))
+    return int(_meta_hash(head, field, tables, rows))
+
+
+@njit(cache=True, nogil=True)
+def _meta_hash(head, field, tables, rows):
     hb = head.size * 8
     buf = np.empty(hb + tables.size + rows.size, np.uint8)
     buf[:hb] = head.view(np.uint8)

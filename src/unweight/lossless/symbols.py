@@ -220,8 +220,8 @@ def _table(counts: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return alphabet.astype(np.int64), freq
 
 
-def _meta_hash(head: np.ndarray, tables: np.ndarray) -> int:
-    return int(meta_hash(head, _F["meta_hash"], tables, tables[:0]))
+def _meta_hash(head: np.ndarray, tables) -> int:
+    return meta_hash(head, _F["meta_hash"], tables)
 
 
 def _encode(sym: np.ndarray, width: int, alphabet: np.ndarray | None, freq: np.ndarray | None):
@@ -285,7 +285,7 @@ def encode_symbols(u8: torch.Tensor, width: int = 8) -> dict[str, torch.Tensor]:
     head[_F["prob_bits"]] = rans.PROB_BITS
     head[_F["width"]] = width
     head[_F["nsym"]] = alphabet.size if tables else 0
-    head[_F["meta_hash"]] = _meta_hash(head, np.frombuffer(bytearray(tables), np.uint8))
+    head[_F["meta_hash"]] = _meta_hash(head, tables)
     parts = {"head": torch.from_numpy(head), "code": torch.from_numpy(code),
              "offsets": torch.from_numpy(offsets), "modes": torch.from_numpy(modes),
              "check": torch.from_numpy(check.view(np.int64))}
