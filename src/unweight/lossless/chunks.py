@@ -47,6 +47,24 @@ def close_gaps(buf, starts, dests, lengths):
                 buf[d + j] = buf[s + j]
 
 
+def offsets_problem(off: np.ndarray, nchunks: int, stream: int, pad: int, what: str) -> str | None:
+    """What is wrong with the chunk offsets ``off`` (``nchunks + 1`` entries from 0, non-decreasing,
+    leaving ``pad`` bytes of the ``stream`` of that many bytes after the last segment), naming the first
+    chunk at fault, or None. Shared by tensors and symbol streams; ``what`` names the stream."""
+    if off.size != nchunks + 1:
+        c = max(min(off.size, nchunks + 1) - 1, 0)
+        return (f"chunk {c}: {what} offsets hold {off.size} entries, expected {nchunks + 1} "
+                f"(offsets table truncated or corrupt)")
+    if nchunks == 0 or offsets_ok(off, stream, pad):
+        return None
+    if off[0] != 0:
+        return f"chunk 0: {what} offsets do not start at 0"
+    if (off[1:] < off[:-1]).any():
+        return f"chunk {int(np.flatnonzero(off[1:] < off[:-1])[0])}: {what} offsets decrease (corrupt offsets)"
+    short = int(np.flatnonzero(off[1:] + pad > stream)[0])
+    return f"chunk {short}: {what} stream is truncated ({stream} bytes, chunk needs {off[short + 1] + pad})"
+
+
 @njit(cache=True, nogil=True)
 def offsets_ok(off, stream, pad):
     """Whether chunk offsets start at 0, never decrease, and leave ``pad`` bytes of a ``stream``

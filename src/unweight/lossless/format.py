@@ -240,24 +240,6 @@ def _fail(name: str, what: str) -> UnweightError:
     return UnweightError(f"tensor {name!r}: {what}")
 
 
-def _check_offsets(name: str, off: np.ndarray, nchunks: int, stream: int, pad: int, what: str):
-    if off.size != nchunks + 1:
-        c = min(off.size, nchunks + 1) - 1
-        raise _fail(name, f"chunk {max(c, 0)}: {what} offsets hold {off.size} entries, expected "
-                          f"{nchunks + 1} (offsets table truncated or corrupt)")
-    if nchunks == 0 or chunks.offsets_ok(off, stream, pad):
-        return
-    if off[0] != 0:
-        raise _fail(name, f"chunk 0: {what} offsets do not start at 0")
-    if (off[1:] < off[:-1]).any():
-        bad = int(np.flatnonzero(off[1:] < off[:-1])[0])
-        raise _fail(name, f"chunk {bad}: {what} offsets decrease (corrupt offsets)")
-    if off.max() + pad > stream:
-        short = int(np.flatnonzero(off[1:] + pad > stream)[0])
-        raise _fail(name, f"chunk {short}: {what} stream is truncated "
-                          f"({stream} bytes, chunk needs {off[short + 1] + pad})")
-
-
 def decode_tensor(parts, name: str, threads: int | None = None) -> torch.Tensor:
     """Rebuild tensor ``name`` from ``parts`` (any mapping holding its ``name + suffix`` keys),
     bit-exact, checking every chunk's checksum. Raises UnweightError on corrupt input."""
@@ -297,12 +279,14 @@ def decode_tensor(parts, name: str, threads: int | None = None) -> torch.Tensor:
     if modes.size != nchunks or check.size != nchunks:
         raise _fail(name, f"chunk tables hold {modes.size} modes and {check.size} checksums, "
                           f"expected {nchunks}")
-    _check_offsets(name, offsets, nchunks, code.size, rans.STREAM_PAD, "code")
+    if problem := chunks.offsets_problem(offsets, nchunks, code.size, rans.STREAM_PAD, "code"):
+        raise _fail(name, problem)
     is32 = lay.low_bits > 0
     low = _part(parts, name, LOW, torch.uint8, required=is32)
     low_offsets = _part(parts, name, LOW_OFFSETS, torch.int64, required=is32)
     if is32:
-        _check_offsets(name, low_offsets, nchunks, low.size, 0, "low-mantissa")
+        if problem := chunks.offsets_problem(low_offsets, nchunks, low.size, 0, "low-mantissa"):
+            raise _fail(name, problem)
     else:
         low_offsets = np.zeros(nchunks + 1, np.int64)
 

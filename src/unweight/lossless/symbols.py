@@ -333,16 +333,8 @@ def decode_symbols(parts: Mapping[str, torch.Tensor], n: int, name: str) -> torc
     check = _part(parts, name, "check", torch.int64).view(np.uint64)
     if modes.size != nchunks or check.size != nchunks:
         raise fail(f"chunk tables hold {modes.size} modes and {check.size} checksums, expected {nchunks}")
-    if offsets.size != nchunks + 1:
-        raise fail(f"offsets hold {offsets.size} entries, expected {nchunks + 1} (truncated or corrupt)")
-    if nchunks:
-        if offsets[0] != 0 or (offsets[1:] < offsets[:-1]).any():
-            bad = 0 if offsets[0] != 0 else int(np.flatnonzero(offsets[1:] < offsets[:-1])[0])
-            raise fail(f"chunk {bad}: offsets do not start at 0 or decrease (corrupt offsets)")
-        if offsets[-1] + rans.STREAM_PAD > code.size:
-            short = int(np.flatnonzero(offsets[1:] + rans.STREAM_PAD > code.size)[0])
-            raise fail(f"chunk {short}: code stream is truncated ({code.size} bytes, chunk needs "
-                       f"{offsets[short + 1] + rans.STREAM_PAD})")
+    if problem := chunks.offsets_problem(offsets, nchunks, code.size, rans.STREAM_PAD, "code"):
+        raise fail(problem)
     dec = np.zeros((0, rans.PROB_SCALE), np.uint64)
     if nsym:
         alphabet = np.zeros(nsym, np.int64)
