@@ -64,6 +64,7 @@ SETTINGS = {  # in the order they run: the cheap ones first
     "gptq4": ("gptq", {"bits": 4, "group_size": 128}),
     "gptq4-static": ("gptq", {"bits": 4, "group_size": 128, "static_groups": True}),
     "gptq3": ("gptq", {"bits": 3, "group_size": 128}),
+    "gptq3-static": ("gptq", {"bits": 3, "group_size": 128, "static_groups": True}),
     "awq4": ("awq", {"bits": 4, "group_size": 128}),
 }
 
