@@ -106,7 +106,9 @@ def test_specials_survive_in_every_dtype(dtype):
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32, torch.float16])
 def test_many_default_chunks_threads_give_identical_output(dtype):
-    t = make(dtype, (1100, 512), "weights", 1)  # 563200 values: three default chunks
+    # 2100 x 512 values: five default chunks, and planned on several threads (>= PARALLEL_VALUES)
+    t = make(dtype, (2100, 512), "weights", 1)
+    assert t.numel() >= model.PARALLEL_VALUES
     one = encode(t, threads=1)
     two = encode(t, threads=2)
     assert one.keys() == two.keys() and all(torch.equal(one[k], two[k]) for k in one)

@@ -5,8 +5,8 @@ XXH64 of its original bytes, rANS-codes its hi words (or stores them raw when co
 shrink them), and for FP32 packs the low halves. The decoder does the reverse and checks the hash.
 Chunks are independent, so a thread pool hands each worker a contiguous range of chunks; the output
 does not depend on how the ranges are cut. A range writes its chunks one after another from the
-start of its own region of the output (a chunk never takes more than its raw size);
-:func:`close_gaps` then moves the ranges together.
+start of its own region of the output (a chunk never takes more than its raw size), and the
+caller then moves the ranges together (``format._close_gaps``).
 """
 
 import hashlib
@@ -34,17 +34,6 @@ SEGMENT_ERRORS = {
     rans.ERR_STATE: "coded segment is corrupt (the decoder did not end in its initial state)",
     ERR_RAW_SIZE: "raw segment has the wrong length",
 }
-
-
-@njit(cache=True, nogil=True)
-def close_gaps(buf, starts, dests, lengths):
-    """Move ``buf[starts[i]:][:lengths[i]]`` down to ``dests[i]`` in order (``dests[i] <=
-    starts[i]``, so a forward copy never overwrites bytes still to be moved)."""
-    for i in range(starts.size):
-        s, d = starts[i], dests[i]
-        if s != d:
-            for j in range(lengths[i]):
-                buf[d + j] = buf[s + j]
 
 
 def offsets_problem(off: np.ndarray, nchunks: int, stream: int, pad: int, what: str) -> str | None:

@@ -24,7 +24,7 @@ import numpy as np
 import zstandard
 from numba import njit
 
-from unweight.lossless import rans
+from unweight.lossless import pool, rans
 from unweight.lossless.fields import FloatLayout
 
 MIN_VALUES = 256  # smaller tensors are stored raw: a code table would cost more than it saves
@@ -43,6 +43,7 @@ MAX_SYMBOLS = 256
 MIN_VALUES_MORE_K = 1 << 16
 MIN_GAIN_BITS = 0.02  # and only where they look worth it at order 0 (_ks_worth_trying),
 SAMPLE_STEP = 16  # judged on every 16th value
+PARALLEL_VALUES = 1 << 20  # tensors this large are planned on several threads
 K_CHOICES = {"bf16": (2, 3, 4), "fp32": (2,), "fp16": (2,), "fp8_e4m3": (3,), "fp8_e5m2": (2,)}
 
 ROWS_NONE = 0
@@ -277,8 +278,22 @@ def _ks_worth_trying(total: np.ndarray, ks: tuple[int, ...], kmax: int) -> tuple
                             if (k - ks[0]) - (_entropy_at(total, kmax - k) - h0) >= MIN_GAIN_BITS)
 
 
-def plan(vals: np.ndarray, lay: FloatLayout, shape: tuple[int, ...], nchunks: int) -> Plan | None:
-    """The cheapest coding of these words, or None when storing them raw is as small."""
+def _summed(threads: int, shape, fill, n: int) -> np.ndarray:
+    """The sum of ``fill(lo, hi, out)`` over contiguous ranges of ``range(n)``, one ``out`` (int64
+    zeros of ``shape``) per range, on up to ``threads`` threads."""
+    parts = {}
+
+    def task(lo, hi):
+        parts[lo] = np.zeros(shape, np.int64)
+        fill(lo, hi, parts[lo])
+    pool.run_ranges(task, n, threads, per_thread=1)
+    return sum(parts.values()) if parts else np.zeros(shape, np.int64)
+
+
+def plan(vals: np.ndarray, lay: FloatLayout, shape: tuple[int, ...], nchunks: int, threads: int = 1) -> Plan | None:
+    """The cheapest coding of these words, or None when storing them raw is as small. The passes
+    over the data run on up to ``threads`` threads for tensors of at least ``PARALLEL_VALUES``
+    values (partial histograms, summed: the plan does not depend on the number of threads)."""
     numel = vals.size
     if numel < MIN_VALUES:
         return None
@@ -292,9 +307,14 @@ def plan(vals: np.ndarray, lay: FloatLayout, shape: tuple[int, ...], nchunks: in
     # rows are grouped by their scale in steps of 1/FINEST binade; every candidate context is a
     # merge of these groups, so one pass over the data costs them all
     finest = max(PHASES)
+    threads = threads if numel >= PARALLEL_VALUES else 1
     if rows_ok:
         means = np.zeros(nrows)
-        _row_mean_exponents(vals, hi_shift, man, (1 << ebits) - 1, nrows, row_len, means)
+
+        def row_means(r0, r1):
+            _row_mean_exponents(vals[r0 * row_len:r1 * row_len], hi_shift, man, (1 << ebits) - 1, r1 - r0,
+                                row_len, means[r0:r1])
+        pool.run_ranges(row_means, nrows, threads, per_thread=1)
         qf = np.clip(np.floor(finest * (means - np.median(means))), -128, 127).astype(np.int64)
         groups, gid = np.unique(qf, return_inverse=True)
         order = np.argsort(gid, kind="stable").astype(np.int64)
@@ -303,13 +323,14 @@ def plan(vals: np.ndarray, lay: FloatLayout, shape: tuple[int, ...], nchunks: in
         groups, gid = np.zeros(1, np.int64), np.zeros(nrows, np.int64)
         order, starts = np.zeros(1, np.int64), np.array([0, 1], np.int64)
     if len(ks) > 1:  # drop the k whose extra mantissa bits look near uniform on a sample of values
-        sample = np.zeros(nsym, np.int64)
-        _sample_histogram(vals, hi_shift, hbits, man - kmax, SAMPLE_STEP, sample)
+        sample = _summed(threads, nsym, lambda lo, hi, out: _sample_histogram(
+            vals[lo * SAMPLE_STEP:hi * SAMPLE_STEP], hi_shift, hbits, man - kmax, SAMPLE_STEP, out),
+            -(-numel // SAMPLE_STEP))
         ks = _ks_worth_trying(sample, ks, kmax)
         kmax = max(ks)
         nsym = 1 << (ebits + kmax)
-    hist = np.zeros((groups.size, nsym), np.int64)
-    _grouped_histogram(vals, hi_shift, hbits, man - kmax, row_len, order, starts, hist)
+    hist = _summed(threads, (groups.size, nsym), lambda lo, hi, out: _grouped_histogram(
+        vals, hi_shift, hbits, man - kmax, row_len, order, np.clip(starts, lo, hi), out), order.size)
 
     candidates = [(1, False)] + ([(nph, True) for nph in PHASES] if rows_ok else [])
     raw_bytes = numel * hbits / 8

@@ -1,0 +1,37 @@
+"""One thread pool for the codec: contiguous ranges of work items on up to ``threads`` threads.
+
+The compiled kernels release the GIL (``nogil=True``), so Python threads run them in parallel. The
+output never depends on the number of threads: callers give each range its own output (a region of
+a buffer, or a partial histogram that they sum).
+"""
+
+from __future__ import annotations
+
+import os
+from concurrent.futures import ThreadPoolExecutor
+
+_POOL: ThreadPoolExecutor | None = None
+
+
+def resolve(threads: int | None) -> int:
+    """``threads``, or every core when None."""
+    return max(1, threads if threads is not None else (os.cpu_count() or 1))
+
+
+def run_ranges(task, n: int, threads: int, per_thread: int = 4) -> list[tuple[int, int]]:
+    """Call ``task(lo, hi)`` over contiguous ranges covering ``range(n)``: one range on one thread,
+    else up to ``per_thread`` ranges per thread (so an uneven range does not leave a thread idle).
+    Returns the ranges, in order."""
+    global _POOL
+    nranges = min(n, threads * per_thread) if threads > 1 else min(n, 1)
+    bounds = [n * i // nranges for i in range(nranges + 1)] if nranges else [0]
+    ranges = [(a, b) for a, b in zip(bounds[:-1], bounds[1:]) if b > a]
+    if len(ranges) <= 1:
+        for a, b in ranges:
+            task(a, b)
+        return ranges
+    if _POOL is None or _POOL._max_workers < threads:
+        _POOL = ThreadPoolExecutor(max_workers=max(threads, os.cpu_count() or 1))
+    for f in [_POOL.submit(task, a, b) for a, b in ranges]:
+        f.result()
+    return ranges
