@@ -99,6 +99,18 @@ its own files::
     .venv/bin/python bench/llmcompressor_side.py evaluate --reuse-scores --unweight-json /tmp/lc/prune_quant_ts.json \
         --unweight-times /tmp/lc/unweight-times-ts.json --result bench/results/llmcompressor-ts-smollm2-135m.json
 
+Another calibration draw (is a difference between the two sides, or between unweight's modes, more
+than the draw of windows?): ``--work DIR --seed N`` before the subcommand puts the windows
+(``calibration_windows(..., seed=N)``) and llm-compressor's folders in ``DIR``; unweight's side takes
+``prune_quant.py --calib-seed N``::
+
+    .venv/bin/python bench/llmcompressor_side.py --work /tmp/lc/s1 --seed 1 prepare
+    OMP_NUM_THREADS=1 /work/lcvenv/bin/python bench/llmcompressor_side.py --work /tmp/lc/s1 compress --method wanda50
+    OMP_NUM_THREADS=1 .venv/bin/python bench/prune_quant.py --methods wanda-50 --threads 1 --calib-seed 1 \
+        --out /tmp/lc/s1/prune_quant.json
+    .venv/bin/python bench/llmcompressor_side.py --work /tmp/lc/s1 --seed 1 evaluate --methods wanda50 \
+        --unweight-json /tmp/lc/s1/prune_quant.json --result bench/results/llmcompressor-seed1-smollm2-135m.json
+
 The llm-compressor venv: ``python3 -m venv /work/lcvenv``; ``pip install torch==2.13.0`` (CPU wheel);
 ``pip install -c constraints.txt llmcompressor==0.14.0.1`` with ``torch==2.13.0+cpu`` in the
 constraints file (no CUDA packages are pulled). Nothing here imports unweight in that venv, nor
@@ -122,7 +134,6 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 WORK = Path("/tmp/lc")
-CALIB = WORK / "calib.safetensors"
 MODEL_DIR = Path.home() / ".cache/unweight/models/smollm2-135m-bf16"  # = unweight.models.hf_folder("smollm2-135m")
 RESULT = Path(__file__).parent / "results" / "llmcompressor-smollm2-135m.json"
 N_SAMPLES, SEQ_LEN, SEED = 32, 512, 0  # prune_quant.py's defaults
@@ -142,6 +153,11 @@ def machine() -> dict:
 
 # ----------------------------------------------------------------------------- prepare (unweight's venv)
 
+def _work(args) -> tuple[Path, Path]:
+    """The work folder and its calibration windows file."""
+    return Path(args.work), Path(args.work) / "calib.safetensors"
+
+
 def prepare(args) -> int:
     from unweight.calibrate import calibration_windows
     from unweight.models import hf_folder, load_causal_lm
@@ -151,13 +167,14 @@ def prepare(args) -> int:
         sys.exit(f"hf_folder('smollm2-135m') is {folder}, not {MODEL_DIR}: update MODEL_DIR")
     base_tok = load_causal_lm("smollm2-135m")[1]  # prune_quant.py calibrates with the base's tokenizer
     _, tok = load_causal_lm(str(folder))  # the folder's: checked to give the same ids
-    calib = calibration_windows(base_tok, N_SAMPLES, SEQ_LEN, seed=SEED)
-    same = torch.equal(calib, calibration_windows(tok, N_SAMPLES, SEQ_LEN, seed=SEED))
-    WORK.mkdir(parents=True, exist_ok=True)
-    save_file({"input_ids": calib.to(torch.int64).contiguous()}, str(CALIB),
-              metadata={"source": f"calibration_windows(tok, {N_SAMPLES}, {SEQ_LEN}, seed={SEED})",
+    calib = calibration_windows(base_tok, N_SAMPLES, SEQ_LEN, seed=args.seed)
+    same = torch.equal(calib, calibration_windows(tok, N_SAMPLES, SEQ_LEN, seed=args.seed))
+    work, calib_file = _work(args)
+    work.mkdir(parents=True, exist_ok=True)
+    save_file({"input_ids": calib.to(torch.int64).contiguous()}, str(calib_file),
+              metadata={"source": f"calibration_windows(tok, {N_SAMPLES}, {SEQ_LEN}, seed={args.seed})",
                         "model": str(folder), "folder_tokenizer_gives_same_ids": str(same)})
-    print(f"wrote {CALIB}: {tuple(calib.shape)} int64, folder tokenizer gives the same ids: {same}")
+    print(f"wrote {calib_file}: {tuple(calib.shape)} int64, folder tokenizer gives the same ids: {same}")
     return 0
 
 
@@ -210,7 +227,8 @@ def compress(args) -> int:
     from transformers import AutoModelForCausalLM
 
     model_dir = Path(args.model)
-    ids = load_file(str(args.calib))["input_ids"]
+    work, calib_file = _work(args)
+    ids = load_file(str(calib_file))["input_ids"]
     n, seq = ids.shape
     if args.quick:
         ids = ids[:4, :128]
@@ -220,14 +238,14 @@ def compress(args) -> int:
     model.eval()
     modifier, settings = _recipe(args.method, args.layout)
     name = args.method + ("" if args.layout == "block" or args.method != "gptq4" else f"-{args.layout}")
-    out = Path(args.out_dir) / (name + ("-quick" if args.quick else ""))
+    out = work / (name + ("-quick" if args.quick else ""))
     record = {"method": name, "llmcompressor_settings": settings, "model": str(model_dir),
-              "calibration": {"file": str(args.calib), "n_samples": n, "seq_len": seq, "batch_size": CALIB_BATCH,
+              "calibration": {"file": str(calib_file), "n_samples": n, "seq_len": seq, "batch_size": CALIB_BATCH,
                               "shuffle": False},
               "versions": {p: version(p) for p in ("llmcompressor", "compressed-tensors", "transformers", "torch",
                                                    "datasets", "accelerate", "auto-round")},
               "machine_before": machine()}
-    os.chdir(WORK)  # llm-compressor may write logs next to the working directory
+    os.chdir(work)  # llm-compressor may write logs next to the working directory
     start = time.perf_counter()
     try:
         oneshot(model=model, tokenizer=str(model_dir), dataset=ds, recipe=[modifier], num_calibration_samples=n,
@@ -284,7 +302,7 @@ def time_unweight(args) -> int:
 
     model, tok = load_causal_lm(str(hf_folder("smollm2-135m")))
     pristine = {k: v.clone() for k, v in model.state_dict().items()}
-    calib = load_file(str(CALIB))["input_ids"]
+    calib = load_file(str(_work(args)[1]))["input_ids"]
     out = Path(args.out)
     times = json.loads(out.read_text()) if out.exists() else {}
     for name in args.methods.split(","):
@@ -363,7 +381,8 @@ def evaluate_all(args) -> int:
     ev = token_windows(tok, corpus("austen", "eval"), EVAL_SEQ_LEN, max_tokens=EVAL_TOKENS)
     original = load_file(str(hf_folder("smollm2-135m") / "model.safetensors"))
     calib_meta = {}
-    with safe_open(str(CALIB), "pt") as f:
+    work, calib_file = _work(args)
+    with safe_open(str(calib_file), "pt") as f:
         calib_meta = f.metadata()
     uw = json.loads(Path(args.unweight_json).read_text()) if Path(args.unweight_json).exists() else None
     uw_rows = {r["method"]: r for r in uw["rows"]} if uw else {}
@@ -374,7 +393,7 @@ def evaluate_all(args) -> int:
     rows = []
     freeze = Path(args.freeze)
     for lc_name in args.methods.split(","):
-        folder = WORK / lc_name
+        folder = work / lc_name
         run = json.loads((folder / "lc_run.json").read_text())
         row = {"method": lc_name, "unweight_method": PAIRS.get(lc_name.split("-")[0])}
         if row["unweight_method"] == "gptq4":
@@ -420,7 +439,8 @@ def evaluate_all(args) -> int:
         "claim": "issue 7: unweight's GPTQ/SparseGPT/Wanda within 1% of llm-compressor's perplexity in <= 0.5x its "
                  "wall time, smollm2-135m, same calibration windows and evaluation windows",
         "model": "smollm2-135m (hf_folder: bf16 folder of the bundled Q4_1 GGUF, loaded in float32; 4-bit-derived)",
-        "calibration": {"windows": f"calibration_windows(tok, {N_SAMPLES}, {SEQ_LEN}, seed={SEED})", "file": str(CALIB),
+        "calibration": {"windows": f"calibration_windows(tok, {N_SAMPLES}, {SEQ_LEN}, seed={args.seed})",
+                        "file": str(calib_file),
                         "file_metadata": calib_meta, "batch": CALIB_BATCH},
         "evaluation": {"corpus": "austen/eval", "seq_len": EVAL_SEQ_LEN, "windows": len(ev),
                        "tokens_scored": len(ev) * (EVAL_SEQ_LEN - 1), "kl_base": "load_causal_lm('smollm2-135m') (GGUF)"},
@@ -462,6 +482,9 @@ def _versions(names) -> dict:
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--work", default=str(WORK),
+                    help="folder of the calibration windows (calib.safetensors) and llm-compressor's outputs")
+    ap.add_argument("--seed", type=int, default=SEED, help="calibration windows' seed (prepare; recorded by evaluate)")
     sub = ap.add_subparsers(dest="cmd", required=True)
     sub.add_parser("prepare", help="dump the calibration windows (unweight's venv)")
     c = sub.add_parser("compress", help="run llm-compressor's oneshot (llm-compressor's venv)")
@@ -470,8 +493,6 @@ def main() -> int:
                    help="gptq4 groups: block [1,128] (= unweight's g128 with remainder), group 128 (refused), "
                         "group 128 with bypass_divisibility_checks, group 64")
     c.add_argument("--model", default=str(MODEL_DIR))
-    c.add_argument("--calib", default=str(CALIB))
-    c.add_argument("--out-dir", default=str(WORK))
     c.add_argument("--pipeline", default="sequential")
     c.add_argument("--threads", type=int, default=1)
     c.add_argument("--quick", action="store_true", help="smoke run: 4 x 128 calibration tokens, -quick folder")

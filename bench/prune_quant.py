@@ -11,7 +11,7 @@ Setup (pinned):
   -- **4-bit-derived weights**: a 4-bit quantizer with groups aligned to GGUF's 32-weight blocks would
   rebuild them almost exactly, hence group size 128, which does not align with the 576-column rows
   (4 groups of 128 + a remainder group of 64 per row);
-- calibration: ``calibration_windows(tok, 32, 512, seed=0)`` from the calibration split (Sense and
+- calibration: ``calibration_windows(tok, 32, 512, seed=0)`` (``--calib-seed``) from the calibration split (Sense and
   Sensibility), disjoint from evaluation;
 - evaluation: ``token_windows(tok, corpus("austen", "eval"), 1024, max_tokens=8192)``; KL and top-1
   agreement against ``load_causal_lm(--model)`` (the GGUF, dequantized by transformers);
@@ -110,6 +110,7 @@ def main() -> int:
     ap.add_argument("--methods", default=",".join(SETTINGS), help=f"comma-separated: {', '.join(SETTINGS)}")
     ap.add_argument("--n-samples", type=int, default=32)
     ap.add_argument("--seq-len", type=int, default=512)
+    ap.add_argument("--calib-seed", type=int, default=0, help="seed of the calibration windows")
     ap.add_argument("--eval-tokens", type=int, default=8192)
     ap.add_argument("--eval-seq-len", type=int, default=1024)
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
@@ -134,7 +135,7 @@ def main() -> int:
     model, _ = load_causal_lm(str(hf_folder(args.model)))
     pristine = {k: v.clone() for k, v in model.state_dict().items()}
     ev = token_windows(tok, corpus("austen", "eval"), args.eval_seq_len, max_tokens=args.eval_tokens)
-    calib = calibration_windows(tok, args.n_samples, args.seq_len, seed=0)
+    calib = calibration_windows(tok, args.n_samples, args.seq_len, seed=args.calib_seed)
     ref = None if args.no_kl else base
 
     def score(m, desc):
@@ -145,7 +146,7 @@ def main() -> int:
     n_tokens = n_windows * (args.eval_seq_len - 1)  # predicted tokens scored
     settings = {"model": args.model,
                 "calibration": {"corpus": "austen/calib", "n_samples": args.n_samples, "seq_len": args.seq_len,
-                                "seed": 0, "true_sequential": args.true_sequential},
+                                "seed": args.calib_seed, "true_sequential": args.true_sequential},
                 "evaluation": {"corpus": "austen/eval", "seq_len": args.eval_seq_len, "tokens": n_tokens,
                                "windows": n_windows}}
 
