@@ -55,7 +55,7 @@ RB = 6  # BF16 with k = 2: sign and five low mantissa bits
 K = 2
 
 _I8, _I16, _I32, _I64 = ir.IntType(8), ir.IntType(16), ir.IntType(32), ir.IntType(64)
-_V8I32, _V8I16, _V8I8 = ir.VectorType(_I32, 8), ir.VectorType(_I16, 8), ir.VectorType(_I8, 8)
+_V8I32, _V8I16 = ir.VectorType(_I32, 8), ir.VectorType(_I16, 8)
 
 
 # ---------------------------------------------------------------------------------------------
