@@ -116,6 +116,17 @@ def test_many_default_chunks_threads_give_identical_output(dtype):
     assert same(decode_tensor(one, "w", threads=1), t)
 
 
+def test_the_codec_follows_torchs_thread_count_unless_told():
+    from unweight.lossless import pool
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        assert pool.resolve(None) == 1 and pool.resolve(3) == 3
+    finally:
+        torch.set_num_threads(before)
+    assert pool.resolve(None) == before
+
+
 # XXH64 of every part (sorted by suffix) of ``make(dtype, (300, 257), "special", 7)`` as the
 # version 2 coder (16 lanes, chunks of 2^18, BF16 k in {2, 3, 4}) wrote them: a rewrite for speed must
 # write the same bytes

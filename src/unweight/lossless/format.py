@@ -100,7 +100,7 @@ def encode_tensor(t: torch.Tensor, threads: int | None = None) -> dict[str, torc
     """Encode a float tensor (BF16, FP16, FP32, FP8) into plain 1-D U8/I64 tensors.
 
     Returns ``{suffix: tensor}``; store them as ``{name + suffix: tensor}`` and read back with
-    ``decode_tensor(that_mapping, name)``. ``threads`` (default: all cores) only changes speed,
+    ``decode_tensor(that_mapping, name)``. ``threads`` (default: ``torch.get_num_threads()``) only changes speed,
     never the output. The input is never modified. Raises UnweightError for other dtypes.
     """
     lay = layout_of(t.dtype)

@@ -10,12 +10,15 @@ from __future__ import annotations
 import os
 from concurrent.futures import ThreadPoolExecutor
 
+import torch
+
 _POOL: ThreadPoolExecutor | None = None
 
 
 def resolve(threads: int | None) -> int:
-    """``threads``, or every core when None."""
-    return max(1, threads if threads is not None else (os.cpu_count() or 1))
+    """``threads``, or torch's intra-op thread count when None (every physical core unless set, e.g. by
+    ``torch.set_num_threads`` or the CLI's ``--threads``), so one setting governs both."""
+    return max(1, threads if threads is not None else torch.get_num_threads())
 
 
 def run_ranges(task, n: int, threads: int, per_thread: int = 4) -> list[tuple[int, int]]:
