@@ -130,16 +130,13 @@ def decode32_scalar(words, n, dec, base, lanes, out):
         v = x[j]
         e = dec[v & np.uint32(M - 1)]
         out[i] = np.uint16(((e >> np.uint32(24)) + np.uint32(base)) << np.uint32(RB))
-        v = ((e & np.uint32(0xFFF)) + np.uint32(1)) * (v >> np.uint32(PROB_BITS)) + ((e >> np.uint32(12)) & np.uint32(0xFFF))
+        f, bias = (e & np.uint32(0xFFF)) + np.uint32(1), (e >> np.uint32(12)) & np.uint32(0xFFF)
+        v = f * (v >> np.uint32(PROB_BITS)) + bias
         if v < np.uint32(L32):
             v = (v << np.uint32(16)) | np.uint32(words[p])
             p += 1
         x[j] = v
     return p
-
-
-def _ranks8():
-    return [[bin(m & ((1 << j) - 1)).count("1") for j in range(8)] for m in range(256)]
 
 
 def make_decode32(lanes: int):
@@ -155,7 +152,7 @@ def make_decode32(lanes: int):
         def codegen(context, builder, signature, args):
             words_a, x_a, ng, dec_a, base_v, out_a = args
             ty = signature.args
-            data = lambda t, v: context.make_array(t)(context, builder, v).data  # noqa: E731
+            data = lambda t, v: simd.array_data(context, builder, t, v)  # noqa: E731
             wbase, xbase, dbase = data(ty[0], words_a), data(ty[1], x_a), data(ty[3], dec_a)
             obase = data(ty[5], out_a)
             b = builder
@@ -168,7 +165,7 @@ def make_decode32(lanes: int):
             ctpop = cgutils.get_or_insert_function(mod, ir.FunctionType(_I32, [_I32]), "llvm.ctpop.i32")
             lut_ty = ir.ArrayType(_V8I32, 256)
             lut = cgutils.add_global_variable(mod, lut_ty, "proto_rans32_ranks")
-            lut.initializer = ir.Constant(lut_ty, [ir.Constant(_V8I32, r) for r in _ranks8()])
+            lut.initializer = ir.Constant(lut_ty, [ir.Constant(_V8I32, r) for r in simd.word_ranks(8)])
             lut.global_constant = True
             lut.linkage = "internal"
             splat = lambda v: ir.Constant(_V8I32, [v] * 8)  # noqa: E731

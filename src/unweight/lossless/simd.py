@@ -32,17 +32,17 @@ _V4I64, _V4I32, _V4I16 = ir.VectorType(_I64, 4), ir.VectorType(_I32, 4), ir.Vect
 _V4F = ir.VectorType(ir.FloatType(), 4)
 
 
-def _ranks() -> list[list[int]]:
-    """For each 4-bit mask of lanes that need a word: lane j takes the word at
+def word_ranks(width: int = 4) -> list[list[int]]:
+    """For each ``width``-bit mask of lanes that need a word: lane j takes the word at
     ``p + popcount(mask & ((1 << j) - 1))`` (lanes that need none take any)."""
-    return [[bin(m & ((1 << j) - 1)).count("1") for j in range(4)] for m in range(16)]
+    return [[bin(m & ((1 << j) - 1)).count("1") for j in range(width)] for m in range(1 << width)]
 
 
 def _splat(v: int, vt=_V4I64):
     return ir.Constant(vt, [ir.Constant(vt.element, v)] * vt.count)
 
 
-def _data(context, builder, ty, val):
+def array_data(context, builder, ty, val):
     """The data pointer of a numba array argument."""
     return context.make_array(ty)(context, builder, val).data
 
@@ -60,13 +60,14 @@ def make_decode_groups(lanes: int, prob_bits: int):
         def codegen(context, builder, signature, args):
             words_a, p0, limit_v, dec_a, tb_v, out_a, i0, ngroups_v, x_a, rb_v = args
             ty = signature.args
-            xbase = _data(context, builder, ty[8], x_a)
+            xbase = array_data(context, builder, ty[8], x_a)
             xptrs = [builder.bitcast(builder.gep(xbase, [ir.Constant(_I64, 4 * v)]), _V4I64.as_pointer())
                      for v in range(nvec)]
             rbv = builder.insert_element(ir.Constant(_V4I64, ir.Undefined), rb_v, ir.Constant(_I32, 0))
             rbv = builder.shuffle_vector(rbv, rbv, ir.Constant(_V4I32, [0, 0, 0, 0]))
-            step = _Step(builder, _data(context, builder, ty[3], dec_a), _data(context, builder, ty[0], words_a),
-                         _data(context, builder, ty[5], out_a), tb_v, rbv, prob_bits)
+            step = _Step(builder, array_data(context, builder, ty[3], dec_a),
+                         array_data(context, builder, ty[0], words_a),
+                         array_data(context, builder, ty[5], out_a), tb_v, rbv, prob_bits)
 
             # for g in range(ngroups) while p <= limit: each vector steps its four lanes in turn
             entry = builder.block
@@ -116,7 +117,7 @@ class _Step:
         self.ctpop = cgutils.get_or_insert_function(mod, ir.FunctionType(_I32, [_I32]), "llvm.ctpop.i32")
         lut_ty = ir.ArrayType(_V4I32, 16)
         self.ranks = cgutils.add_global_variable(mod, lut_ty, "unweight_rans_word_ranks")
-        self.ranks.initializer = ir.Constant(lut_ty, [ir.Constant(_V4I32, r) for r in _ranks()])
+        self.ranks.initializer = ir.Constant(lut_ty, [ir.Constant(_V4I32, r) for r in word_ranks()])
         self.ranks.global_constant = True
         self.ranks.linkage = "internal"
 
