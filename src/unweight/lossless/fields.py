@@ -47,6 +47,11 @@ class FloatLayout:
         return np.dtype({8: np.uint8, 16: np.uint16, 32: np.uint32}[self.bits])
 
     @property
+    def int_dtype(self) -> torch.dtype:
+        """The torch integer dtype of the same width (the one a float tensor's bits are viewed as)."""
+        return {8: torch.uint8, 16: torch.int16, 32: torch.int32}[self.bits]
+
+    @property
     def itemsize(self) -> int:
         return self.bits // 8
 
@@ -75,20 +80,18 @@ def as_words(t: torch.Tensor) -> np.ndarray:
     """
     lay = BY_DTYPE[t.dtype]
     flat = t.detach().reshape(-1)
+    if not flat.is_cpu:
+        flat = flat.cpu()
     if not flat.is_contiguous():
         flat = flat.contiguous()
-    if flat.device.type != "cpu":
-        flat = flat.cpu()
-    view = {8: torch.uint8, 16: torch.int16, 32: torch.int32}[lay.bits]
-    return kernel_array(flat.view(view).numpy().view(lay.word_dtype))
+    return kernel_array(flat.view(lay.int_dtype).numpy().view(lay.word_dtype))
 
 
 def kernel_array(a: np.ndarray) -> np.ndarray:
     """``a`` itself when it is contiguous, aligned and writeable, else a copy that is: the compiled
     kernels then see one array type per dtype (a read-only or unaligned array would make numba
     compile, and cache, another specialisation). Kernels never write to their inputs."""
-    f = a.flags
-    if f.c_contiguous and f.aligned and f.writeable:
+    if a.flags.carray:  # C-contiguous, aligned and writeable
         return a
     return np.require(a, requirements=["C", "A", "W"])
 

@@ -77,6 +77,8 @@ def _close_gaps(buf: np.ndarray, ranges, region: int, sizes: np.ndarray) -> np.n
     for gemma3-270m's embedding at two threads, as long as the two threads' whole encode)."""
     offsets = np.zeros(sizes.size + 1, np.int64)
     np.cumsum(sizes, out=offsets[1:])
+    if len(ranges) == 1:  # one range, written from 0: nothing moves
+        return offsets
     base = buf.ctypes.data
     for lo, hi in ranges:
         s, d, n = lo * region, int(offsets[lo]), int(offsets[hi] - offsets[lo])
@@ -150,7 +152,7 @@ def encode_tensor(t: torch.Tensor, threads: int | None = None) -> dict[str, torc
     offsets = _close_gaps(code, ranges, region, code_sizes)
     code[offsets[-1]:offsets[-1] + rans.STREAM_PAD] = 0
     code.resize(offsets[-1] + rans.STREAM_PAD, refcheck=False)
-    coded = plan is not None and bool((modes == chunks.MODE_CODED).any())
+    coded = plan is not None and np.count_nonzero(modes == chunks.MODE_CODED) > 0
 
     tables = model.serialize_tables(plan.alphabet, plan.freq) if coded else b""
     rows_codec, rows = (model.serialize_rows(plan.q) if coded and plan.shifted
@@ -210,7 +212,7 @@ def _part(parts, name: str, suffix: str, dtype: torch.dtype, required: bool = Tr
         return np.zeros(0, np.uint8 if dtype == torch.uint8 else np.int64)
     if not isinstance(t, torch.Tensor) or t.dtype != dtype or t.dim() != 1:
         raise UnweightError(f"tensor {name!r}: part {key!r} must be a 1-D {dtype} tensor")
-    if t.device.type != "cpu" or t.requires_grad or not t.is_contiguous():
+    if not t.is_cpu or t.requires_grad or not t.is_contiguous():
         t = t.detach().cpu().contiguous()
     return kernel_array(t.numpy())
 
@@ -313,9 +315,7 @@ def decode_tensor(parts, name: str, threads: int | None = None) -> torch.Tensor:
                      out_u8, words, scratch_low, status)
 
     pool.run_ranges(task, nchunks, threads)
-    if status.any():
+    if np.count_nonzero(status):
         c = int(np.flatnonzero(status)[0])
         raise _fail(name, f"chunk {c} of {nchunks}: {_ERRORS.get(int(status[c]), 'corrupt')}")
-    view = {8: torch.uint8, 16: torch.int16, 32: torch.int32}[lay.bits]
-    signed = {8: np.uint8, 16: np.int16, 32: np.int32}[lay.bits]
-    return torch.from_numpy(out.view(signed)).view(view).view(lay.dtype).reshape(shape)
+    return torch.from_numpy(out_u8[:nbytes]).view(lay.dtype).reshape(shape)

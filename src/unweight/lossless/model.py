@@ -79,8 +79,9 @@ def _row_mean_exponents(vals, hi_shift, man, emask, nrows, row_len, out):
 
 
 @njit(cache=True, nogil=True)
-def _grouped_histogram(vals, hi_shift, hbits, shift, row_len, order, starts, hist):
-    """hist[g, sym] over the rows ``order[starts[g]:starts[g + 1]]`` of each group ``g``;
+def _grouped_histogram(vals, hi_shift, hbits, shift, row_len, order, starts, lo, hi, hist):
+    """hist[g, sym] over the rows ``order[starts[g]:starts[g + 1]]`` of each group ``g`` that are
+    among ``order[lo:hi]``;
     ``sym`` = the top ``hbits - 1 - shift`` bits below the sign (exponent and top mantissa bits,
     unshifted). One pass over the data; four interleaved counters per symbol so that runs of one
     symbol do not serialise on one memory location."""
@@ -88,7 +89,7 @@ def _grouped_histogram(vals, hi_shift, hbits, shift, row_len, order, starts, his
     sub4 = np.zeros((4, nsym), np.int64)
     bodymask = (1 << (hbits - 1)) - 1
     for g in range(hist.shape[0]):
-        for k in range(starts[g], starts[g + 1]):
+        for k in range(max(starts[g], lo), min(starts[g + 1], hi)):
             r = order[k]
             row = vals[r * row_len:(r + 1) * row_len]
             m = row_len - row_len % 4
@@ -232,10 +233,54 @@ def parse_rows(codec: int, data: bytes, nrows: int) -> np.ndarray | None:
     return np.frombuffer(data, np.int8).copy()
 
 
-def _entropy_bytes(q: np.ndarray) -> float:
-    c = np.bincount(q.astype(np.int64) + 128).astype(np.float64)
-    c = c[c > 0]
-    return float(-(c * np.log2(c / c.sum())).sum() / 8) + 64
+@njit(cache=True, nogil=True)
+def _row_groups(means, finest):
+    """Rows grouped by their scale step ``floor(finest * (mean - median))`` (clipped to int8):
+    (the steps present, ascending; each row's group; the rows in group order, stably; each group's
+    first position in that order, and the end). A counting sort: the steps are 256 at most."""
+    count = np.zeros(256, np.int64)
+    step = np.empty(means.size, np.int64)
+    med = np.median(means)
+    for r in range(means.size):
+        step[r] = min(max(np.floor(finest * (means[r] - med)), -128), 127) + 128
+        count[step[r]] += 1
+    index = np.zeros(256, np.int64)
+    ng = 0
+    for v in range(256):
+        index[v] = ng
+        ng += count[v] > 0
+    groups = np.empty(ng, np.int64)
+    starts = np.zeros(ng + 1, np.int64)
+    for v in range(256):
+        if count[v]:
+            groups[index[v]] = v - 128
+            starts[index[v] + 1] = count[v]
+    for g in range(ng):
+        starts[g + 1] += starts[g]
+    gid = np.empty(means.size, np.int64)
+    order = np.empty(means.size, np.int64)
+    fill = starts[:-1].copy()
+    for r in range(means.size):
+        g = index[step[r]]
+        gid[r] = g
+        order[fill[g]] = r
+        fill[g] += 1
+    return groups, gid, order, starts
+
+
+@njit(cache=True, nogil=True)
+def _entropy_bytes(qg, starts):
+    """Bytes the row contexts ``q`` would take zstd-coded, estimated by their order-0 entropy plus a
+    frame: group ``g`` (``starts[g + 1] - starts[g]`` rows) has ``q = qg[g]``."""
+    c = np.zeros(256, np.float64)
+    for g in range(qg.size):
+        c[qg[g] + 128] += starts[g + 1] - starts[g]
+    n = c.sum()
+    bits = 0.0
+    for v in range(256):
+        if c[v] > 0:
+            bits -= c[v] * np.log2(c[v] / n)
+    return bits / 8 + 64
 
 
 @njit(cache=True, nogil=True)
@@ -281,6 +326,10 @@ def _ks_worth_trying(total: np.ndarray, ks: tuple[int, ...], kmax: int) -> tuple
 def _summed(threads: int, shape, fill, n: int) -> np.ndarray:
     """The sum of ``fill(lo, hi, out)`` over contiguous ranges of ``range(n)``, one ``out`` (int64
     zeros of ``shape``) per range, on up to ``threads`` threads."""
+    if threads <= 1 or n <= 1:
+        out = np.zeros(shape, np.int64)
+        fill(0, n, out)
+        return out
     parts = {}
 
     def task(lo, hi):
@@ -315,10 +364,7 @@ def plan(vals: np.ndarray, lay: FloatLayout, shape: tuple[int, ...], nchunks: in
             _row_mean_exponents(vals[r0 * row_len:r1 * row_len], hi_shift, man, (1 << ebits) - 1, r1 - r0,
                                 row_len, means[r0:r1])
         pool.run_ranges(row_means, nrows, threads, per_thread=1)
-        qf = np.clip(np.floor(finest * (means - np.median(means))), -128, 127).astype(np.int64)
-        groups, gid = np.unique(qf, return_inverse=True)
-        order = np.argsort(gid, kind="stable").astype(np.int64)
-        starts = np.searchsorted(gid[order], np.arange(groups.size + 1)).astype(np.int64)
+        groups, gid, order, starts = _row_groups(means, finest)
     else:  # one group of one row: skip the sorting (small tensors are many, and all overhead)
         groups, gid = np.zeros(1, np.int64), np.zeros(nrows, np.int64)
         order, starts = np.zeros(1, np.int64), np.array([0, 1], np.int64)
@@ -330,7 +376,7 @@ def plan(vals: np.ndarray, lay: FloatLayout, shape: tuple[int, ...], nchunks: in
         kmax = max(ks)
         nsym = 1 << (ebits + kmax)
     hist = _summed(threads, (groups.size, nsym), lambda lo, hi, out: _grouped_histogram(
-        vals, hi_shift, hbits, man - kmax, row_len, order, np.clip(starts, lo, hi), out), order.size)
+        vals, hi_shift, hbits, man - kmax, row_len, order, starts, lo, hi, out), order.size)
 
     candidates = [(1, False)] + ([(nph, True) for nph in PHASES] if rows_ok else [])
     raw_bytes = numel * hbits / 8
@@ -339,7 +385,7 @@ def plan(vals: np.ndarray, lay: FloatLayout, shape: tuple[int, ...], nchunks: in
         qg = groups // (finest // nph) if shifted else np.zeros_like(groups)
         counts = np.zeros((nph, nsym), np.int64)
         _merge_groups(hist, qg, nph, kmax, counts)
-        rows_bytes = _entropy_bytes(qg[gid]) if shifted else 0
+        rows_bytes = _entropy_bytes(qg, starts) if shifted else 0
         for k in ks:
             alphabet = np.zeros(MAX_SYMBOLS, np.int64)
             freq = np.zeros((nph, MAX_SYMBOLS), np.uint32)

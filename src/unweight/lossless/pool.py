@@ -26,13 +26,13 @@ def run_ranges(task, n: int, threads: int, per_thread: int = 4) -> list[tuple[in
     else up to ``per_thread`` ranges per thread (so an uneven range does not leave a thread idle).
     Returns the ranges, in order."""
     global _POOL
-    nranges = min(n, threads * per_thread) if threads > 1 else min(n, 1)
-    bounds = [n * i // nranges for i in range(nranges + 1)] if nranges else [0]
-    ranges = [(a, b) for a, b in zip(bounds[:-1], bounds[1:]) if b > a]
-    if len(ranges) <= 1:
-        for a, b in ranges:
-            task(a, b)
-        return ranges
+    if threads <= 1 or n <= 1:  # no pool, no lists: small tensors are many, and this is all overhead
+        if n > 0:
+            task(0, n)
+        return [(0, n)] if n > 0 else []
+    nranges = min(n, threads * per_thread)  # >= 2, and every range non-empty
+    bounds = [n * i // nranges for i in range(nranges + 1)]
+    ranges = list(zip(bounds[:-1], bounds[1:]))
     if _POOL is None or _POOL._max_workers < threads:
         _POOL = ThreadPoolExecutor(max_workers=max(threads, os.cpu_count() or 1))
     for f in [_POOL.submit(task, a, b) for a, b in ranges]:
