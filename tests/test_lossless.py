@@ -5,7 +5,7 @@ or truncation reported as an UnweightError that names the tensor (and the chunk 
 import numpy as np
 import pytest
 import torch
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 from numba import njit
 
@@ -84,6 +84,8 @@ shapes = st.one_of(
 @settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(dtype=st.sampled_from(DTYPES), shape=shapes, kind=st.sampled_from(["weights", "special",
        "bits"]), seed=st.integers(0, 2**31), chunk=st.sampled_from([64, 300, 4096, 1 << 16]))
+@example(dtype=torch.bfloat16, shape=(0,), kind="weights", seed=0, chunk=64)  # empty: every run
+@example(dtype=torch.float32, shape=(3, 0), kind="weights", seed=0, chunk=64)
 def test_round_trip_is_bit_exact_and_input_untouched(dtype, shape, kind, seed, chunk):
     t = make(dtype, shape, kind, seed)
     before = bits(t).clone()

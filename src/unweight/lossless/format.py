@@ -318,4 +318,6 @@ def decode_tensor(parts, name: str, threads: int | None = None) -> torch.Tensor:
     if np.count_nonzero(status):
         c = int(np.flatnonzero(status)[0])
         raise _fail(name, f"chunk {c} of {nchunks}: {_ERRORS.get(int(status[c]), 'corrupt')}")
+    if not nbytes:  # an empty array's stride is 0, which a dtype view refuses
+        return torch.empty(shape, dtype=lay.dtype)
     return torch.from_numpy(out_u8[:nbytes]).view(lay.dtype).reshape(shape)

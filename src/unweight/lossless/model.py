@@ -78,30 +78,44 @@ def _row_mean_exponents(vals, hi_shift, man, emask, nrows, row_len, out):
         out[r] = s / row_len
 
 
+_FLUSH = 1 << 30  # values counted into int32 counters between two additions into the int64 ones
+
+
 @njit(cache=True, nogil=True)
-def _grouped_histogram(vals, hi_shift, hbits, shift, row_len, order, starts, lo, hi, hist):
-    """hist[g, sym] over the rows ``order[starts[g]:starts[g + 1]]`` of each group ``g`` that are
-    among ``order[lo:hi]``;
-    ``sym`` = the top ``hbits - 1 - shift`` bits below the sign (exponent and top mantissa bits,
-    unshifted). One pass over the data; four interleaved counters per symbol so that runs of one
-    symbol do not serialise on one memory location."""
-    nsym = hist.shape[1]
-    sub4 = np.zeros((4, nsym), np.int64)
+def _grouped_histogram(vals, hi_shift, hbits, shift, row_len, gid, r0, r1, hist):
+    """hist[g, sym] += the counts of rows ``r0 <= r < r1`` whose group ``gid[r]`` is ``g``; ``sym`` =
+    the top ``hbits - 1 - shift`` bits below the sign (exponent and top mantissa bits, unshifted).
+    One pass over the data in storage order (a pass in group order jumps between rows, which the
+    hardware prefetcher does not follow: 1.2 against 0.65 ns per value on minilm-l6's embedding);
+    two int32 counters per group and symbol so that runs of one symbol do not serialise on one
+    memory location, added into ``hist`` before they could overflow."""
+    ng, nsym = hist.shape
+    sub = np.zeros((ng, 2, nsym), np.int32)
     bodymask = (1 << (hbits - 1)) - 1
+    counted = 0
+    for r in range(r0, r1):
+        s = sub[gid[r]]
+        for p in range(r * row_len, (r + 1) * row_len, _FLUSH):
+            piece = vals[p:min(p + _FLUSH, (r + 1) * row_len)]
+            m = piece.size - piece.size % 2
+            for i in range(0, m, 2):
+                s[0, ((np.uint32(piece[i]) >> hi_shift) & bodymask) >> shift] += 1
+                s[1, ((np.uint32(piece[i + 1]) >> hi_shift) & bodymask) >> shift] += 1
+            for i in range(m, piece.size):
+                s[0, ((np.uint32(piece[i]) >> hi_shift) & bodymask) >> shift] += 1
+            counted += piece.size
+            if counted >= _FLUSH:
+                _add_counts(sub, hist)
+                counted = 0
+    _add_counts(sub, hist)
+
+
+@njit(cache=True, nogil=True)
+def _add_counts(sub, hist):
     for g in range(hist.shape[0]):
-        for k in range(max(starts[g], lo), min(starts[g + 1], hi)):
-            r = order[k]
-            row = vals[r * row_len:(r + 1) * row_len]
-            m = row_len - row_len % 4
-            for i in range(0, m, 4):
-                for j in range(4):
-                    sub4[j, ((np.int64(row[i + j]) >> hi_shift) & bodymask) >> shift] += 1
-            for i in range(m, row_len):
-                sub4[0, ((np.int64(row[i]) >> hi_shift) & bodymask) >> shift] += 1
-        for j in range(4):
-            for sym in range(nsym):
-                hist[g, sym] += sub4[j, sym]
-                sub4[j, sym] = 0
+        for sym in range(hist.shape[1]):
+            hist[g, sym] += np.int64(sub[g, 0, sym]) + np.int64(sub[g, 1, sym])
+    sub[:] = 0
 
 
 @njit(cache=True, nogil=True)
@@ -236,8 +250,7 @@ def parse_rows(codec: int, data: bytes, nrows: int) -> np.ndarray | None:
 @njit(cache=True, nogil=True)
 def _row_groups(means, finest):
     """Rows grouped by their scale step ``floor(finest * (mean - median))`` (clipped to int8):
-    (the steps present, ascending; each row's group; the rows in group order, stably; each group's
-    first position in that order, and the end). A counting sort: the steps are 256 at most."""
+    (the steps present, ascending; each row's group; each group's number of rows)."""
     count = np.zeros(256, np.int64)
     step = np.empty(means.size, np.int64)
     med = np.median(means)
@@ -250,31 +263,24 @@ def _row_groups(means, finest):
         index[v] = ng
         ng += count[v] > 0
     groups = np.empty(ng, np.int64)
-    starts = np.zeros(ng + 1, np.int64)
+    sizes = np.empty(ng, np.int64)
     for v in range(256):
         if count[v]:
             groups[index[v]] = v - 128
-            starts[index[v] + 1] = count[v]
-    for g in range(ng):
-        starts[g + 1] += starts[g]
+            sizes[index[v]] = count[v]
     gid = np.empty(means.size, np.int64)
-    order = np.empty(means.size, np.int64)
-    fill = starts[:-1].copy()
     for r in range(means.size):
-        g = index[step[r]]
-        gid[r] = g
-        order[fill[g]] = r
-        fill[g] += 1
-    return groups, gid, order, starts
+        gid[r] = index[step[r]]
+    return groups, gid, sizes
 
 
 @njit(cache=True, nogil=True)
-def _entropy_bytes(qg, starts):
+def _entropy_bytes(qg, sizes):
     """Bytes the row contexts ``q`` would take zstd-coded, estimated by their order-0 entropy plus a
-    frame: group ``g`` (``starts[g + 1] - starts[g]`` rows) has ``q = qg[g]``."""
+    frame: the ``sizes[g]`` rows of group ``g`` have ``q = qg[g]``."""
     c = np.zeros(256, np.float64)
     for g in range(qg.size):
-        c[qg[g] + 128] += starts[g + 1] - starts[g]
+        c[qg[g] + 128] += sizes[g]
     n = c.sum()
     bits = 0.0
     for v in range(256):
@@ -364,10 +370,9 @@ def plan(vals: np.ndarray, lay: FloatLayout, shape: tuple[int, ...], nchunks: in
             _row_mean_exponents(vals[r0 * row_len:r1 * row_len], hi_shift, man, (1 << ebits) - 1, r1 - r0,
                                 row_len, means[r0:r1])
         pool.run_ranges(row_means, nrows, threads, per_thread=1)
-        groups, gid, order, starts = _row_groups(means, finest)
-    else:  # one group of one row: skip the sorting (small tensors are many, and all overhead)
-        groups, gid = np.zeros(1, np.int64), np.zeros(nrows, np.int64)
-        order, starts = np.zeros(1, np.int64), np.array([0, 1], np.int64)
+        groups, gid, sizes = _row_groups(means, finest)
+    else:  # one group of one row
+        groups, gid, sizes = np.zeros(1, np.int64), np.zeros(nrows, np.int64), np.ones(1, np.int64)
     if len(ks) > 1:  # drop the k whose extra mantissa bits look near uniform on a sample of values
         sample = _summed(threads, nsym, lambda lo, hi, out: _sample_histogram(
             vals[lo * SAMPLE_STEP:hi * SAMPLE_STEP], hi_shift, hbits, man - kmax, SAMPLE_STEP, out),
@@ -376,7 +381,7 @@ def plan(vals: np.ndarray, lay: FloatLayout, shape: tuple[int, ...], nchunks: in
         kmax = max(ks)
         nsym = 1 << (ebits + kmax)
     hist = _summed(threads, (groups.size, nsym), lambda lo, hi, out: _grouped_histogram(
-        vals, hi_shift, hbits, man - kmax, row_len, order, starts, lo, hi, out), order.size)
+        vals, hi_shift, hbits, man - kmax, row_len, gid, lo, hi, out), nrows)
 
     candidates = [(1, False)] + ([(nph, True) for nph in PHASES] if rows_ok else [])
     raw_bytes = numel * hbits / 8
@@ -385,7 +390,7 @@ def plan(vals: np.ndarray, lay: FloatLayout, shape: tuple[int, ...], nchunks: in
         qg = groups // (finest // nph) if shifted else np.zeros_like(groups)
         counts = np.zeros((nph, nsym), np.int64)
         _merge_groups(hist, qg, nph, kmax, counts)
-        rows_bytes = _entropy_bytes(qg, starts) if shifted else 0
+        rows_bytes = _entropy_bytes(qg, sizes) if shifted else 0
         for k in ks:
             alphabet = np.zeros(MAX_SYMBOLS, np.int64)
             freq = np.zeros((nph, MAX_SYMBOLS), np.uint32)
