@@ -68,14 +68,23 @@ class Plan:
 
 
 @njit(cache=True, nogil=True)
-def _row_mean_exponents(vals, hi_shift, man, emask, nrows, row_len, out):
+def _row_pass(vals, hi_shift, hbits, man, row_len, r0, r1, means, shift, step, sample):
+    """``means[r]`` = the mean exponent of row ``r``, for ``r0 <= r < r1``; with ``step > 0`` also
+    ``sample[sym] += 1`` for each of these rows' values whose index is a multiple of ``step`` (as
+    :func:`_sample_histogram` over the whole tensor), counted while the row is in cache."""
     sh = hi_shift + man
-    for r in range(nrows):
-        row = vals[r * row_len:(r + 1) * row_len]
+    emask = (1 << (hbits - 1 - man)) - 1
+    bodymask = (1 << (hbits - 1)) - 1
+    for r in range(r0, r1):
+        base = r * row_len
+        row = vals[base:base + row_len]
         s = 0
         for i in range(row_len):
             s += (np.int64(row[i]) >> sh) & emask
-        out[r] = s / row_len
+        means[r] = s / row_len
+        if step > 0:
+            for i in range((step - base % step) % step, row_len, step):
+                sample[((np.int64(row[i]) >> hi_shift) & bodymask) >> shift] += 1
 
 
 _FLUSH = 1 << 30  # values counted into int32 counters between two additions into the int64 ones
@@ -363,20 +372,18 @@ def plan(vals: np.ndarray, lay: FloatLayout, shape: tuple[int, ...], nchunks: in
     # merge of these groups, so one pass over the data costs them all
     finest = max(PHASES)
     threads = threads if numel >= PARALLEL_VALUES else 1
+    step = SAMPLE_STEP if len(ks) > 1 else 0  # a sample of values decides which k to try
     if rows_ok:
         means = np.zeros(nrows)
-
-        def row_means(r0, r1):
-            _row_mean_exponents(vals[r0 * row_len:r1 * row_len], hi_shift, man, (1 << ebits) - 1, r1 - r0,
-                                row_len, means[r0:r1])
-        pool.run_ranges(row_means, nrows, threads, per_thread=1)
+        sample = _summed(threads, nsym, lambda lo, hi, out: _row_pass(
+            vals, hi_shift, hbits, man, row_len, lo, hi, means, man - kmax, step, out), nrows)
         groups, gid, sizes = _row_groups(means, finest)
     else:  # one group of one row
         groups, gid, sizes = np.zeros(1, np.int64), np.zeros(nrows, np.int64), np.ones(1, np.int64)
-    if len(ks) > 1:  # drop the k whose extra mantissa bits look near uniform on a sample of values
-        sample = _summed(threads, nsym, lambda lo, hi, out: _sample_histogram(
-            vals[lo * SAMPLE_STEP:hi * SAMPLE_STEP], hi_shift, hbits, man - kmax, SAMPLE_STEP, out),
-            -(-numel // SAMPLE_STEP))
+        if step:
+            sample = _summed(threads, nsym, lambda lo, hi, out: _sample_histogram(
+                vals[lo * step:hi * step], hi_shift, hbits, man - kmax, step, out), -(-numel // step))
+    if step:  # drop the k whose extra mantissa bits look near uniform on the sample
         ks = _ks_worth_trying(sample, ks, kmax)
         kmax = max(ks)
         nsym = 1 << (ebits + kmax)
