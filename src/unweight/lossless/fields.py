@@ -19,6 +19,8 @@ import numpy as np
 import torch
 from numba import njit
 
+from unweight.errors import UnweightError
+
 
 @dataclass(frozen=True)
 class FloatLayout:
@@ -85,6 +87,22 @@ def as_words(t: torch.Tensor) -> np.ndarray:
     if not flat.is_contiguous():
         flat = flat.contiguous()
     return kernel_array(flat.view(lay.int_dtype).numpy().view(lay.word_dtype))
+
+
+def part_array(parts, key: str, dtype: torch.dtype, what: str, required: bool = True) -> np.ndarray:
+    """The stored part ``parts[key]``, a 1-D ``dtype`` tensor, as an array the kernels take
+    (:func:`kernel_array`); an empty one when it is absent and not ``required``. ``what`` names the part
+    in errors (``"tensor 'w': part 'w.ul.code'"``). Shared by float tensors and symbol streams."""
+    t = parts.get(key)
+    if t is None:
+        if required:
+            raise UnweightError(f"{what} is missing")
+        return np.zeros(0, np.uint8 if dtype == torch.uint8 else np.int64)
+    if not isinstance(t, torch.Tensor) or t.dtype != dtype or t.dim() != 1:
+        raise UnweightError(f"{what} must be a 1-D {dtype} tensor")
+    if not t.is_cpu or t.requires_grad or not t.is_contiguous():
+        t = t.detach().cpu().contiguous()
+    return kernel_array(t.numpy())
 
 
 def kernel_array(a: np.ndarray) -> np.ndarray:

@@ -15,8 +15,7 @@ import torch
 
 from unweight.errors import UnweightError
 from unweight.lossless import chunks, model, pool, rans
-from unweight.lossless.fields import (BY_CODE, LOW_BLOCK, FloatLayout, as_words, kernel_array,
-                                     layout_of)
+from unweight.lossless.fields import BY_CODE, LOW_BLOCK, FloatLayout, as_words, layout_of, part_array
 from unweight.lossless.hashing import meta_hash
 
 FORMAT_VERSION = 2
@@ -204,17 +203,7 @@ def _meta_hash(head: np.ndarray, tables, rows) -> int:
 
 
 def _part(parts, name: str, suffix: str, dtype: torch.dtype, required: bool = True) -> np.ndarray:
-    key = name + suffix
-    t = parts.get(key)
-    if t is None:
-        if required:
-            raise UnweightError(f"tensor {name!r}: part {key!r} is missing")
-        return np.zeros(0, np.uint8 if dtype == torch.uint8 else np.int64)
-    if not isinstance(t, torch.Tensor) or t.dtype != dtype or t.dim() != 1:
-        raise UnweightError(f"tensor {name!r}: part {key!r} must be a 1-D {dtype} tensor")
-    if not t.is_cpu or t.requires_grad or not t.is_contiguous():
-        t = t.detach().cpu().contiguous()
-    return kernel_array(t.numpy())
+    return part_array(parts, name + suffix, dtype, f"tensor {name!r}: part {name + suffix!r}", required)
 
 
 def _fail(name: str, what: str) -> UnweightError:

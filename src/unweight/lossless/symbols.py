@@ -50,6 +50,7 @@ from numba import njit
 
 from unweight.errors import UnweightError
 from unweight.lossless import chunks, hashing, model, rans, simd
+from unweight.lossless.fields import part_array
 from unweight.lossless.hashing import meta_hash, xxh64
 
 VERSION = 2  # of this stream layout
@@ -296,14 +297,7 @@ def encode_symbols(u8: torch.Tensor, width: int = 8) -> dict[str, torch.Tensor]:
 
 def _part(parts: Mapping[str, torch.Tensor], name: str, suffix: str, dtype: torch.dtype,
           required: bool = True) -> np.ndarray:
-    t = parts.get(suffix)
-    if t is None:
-        if required:
-            raise UnweightError(f"tensor {name!r}: symbol stream part {suffix!r} is missing")
-        return np.zeros(0, np.uint8)
-    if not isinstance(t, torch.Tensor) or t.dtype != dtype or t.dim() != 1:
-        raise UnweightError(f"tensor {name!r}: symbol stream part {suffix!r} must be a 1-D {dtype} tensor")
-    return np.require(t.detach().cpu().numpy(), requirements=["C", "A", "W"])
+    return part_array(parts, suffix, dtype, f"tensor {name!r}: symbol stream part {suffix!r}", required)
 
 
 def decode_symbols(parts: Mapping[str, torch.Tensor], n: int, name: str) -> torch.Tensor:
