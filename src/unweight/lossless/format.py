@@ -271,7 +271,7 @@ def decode_tensor(parts, name: str, threads: int | None = None) -> torch.Tensor:
         space = 1 << (lay.exp_bits + k)
         if not model.parse_tables(tables, nsym, nph, alphabet, freq) or alphabet[-1] >= space:
             raise _fail(name, "code tables are malformed")
-        dec = np.zeros((nph, rans.PROB_SCALE), np.uint64)
+        dec = np.empty((nph, rans.PROB_SCALE), np.uint64)  # build_tables fills every slot or fails
         bad = rans.build_tables(alphabet, freq, rb, np.zeros((4, 0, 0), np.uint64), dec)
         if bad != -1:
             raise _fail(name, f"code table of phase {bad} is invalid")
