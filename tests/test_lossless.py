@@ -429,3 +429,43 @@ def test_bf16_from_4bit_blocks_codes_more_mantissa_bits_and_real_weights_do_not(
         model.K_CHOICES["bf16"] = saved
     assert plans["blocky"].est_bytes < k2.est_bytes
     assert same(decode_tensor(encode(blocky), "w"), blocky)
+
+
+def test_grouped_histogram_counts_every_row_into_its_group_across_flushes():
+    """Rows counted in storage order into their group's histogram; the int32 counters are added into
+    the int64 ones every ``flush`` values (2^30 in use; 7 here, so that rows are cut into pieces),
+    and two row ranges summed give the whole."""
+    rng = np.random.default_rng(0)
+    rows, row_len, shift = 40, 33, 4
+    vals = rng.integers(0, 1 << 16, rows * row_len, dtype=np.uint16)
+    gid = rng.integers(0, 3, rows).astype(np.int64)
+    sym = (vals.astype(np.int64) & 0x7FFF) >> shift
+    want = np.zeros((3, 1 << 11), np.int64)
+    np.add.at(want, (np.repeat(gid, row_len), sym), 1)
+    for flush in (7, model._FLUSH):
+        got = np.zeros_like(want)
+        model._grouped_histogram(vals, 0, 16, shift, row_len, gid, 0, 25, got, flush)
+        model._grouped_histogram(vals, 0, 16, shift, row_len, gid, 25, rows, got, flush)
+        assert (got == want).all(), flush
+
+
+def test_row_pass_takes_the_strided_sample_and_the_row_means():
+    """The k-choosing sample counted inside the row-means pass is every 16th value of the tensor, as
+    a strided pass over it takes, for any cut of the rows into ranges; row groups match numpy's unique."""
+    rng = np.random.default_rng(1)
+    rows, row_len = 50, 21  # rows not a multiple of the step, so the sample's offset moves row to row
+    t = (torch.from_numpy(rng.standard_normal((rows, row_len))) * torch.logspace(-3, 0, rows)[:, None]).bfloat16()
+    vals = as_words(t)
+    strided = np.zeros(1 << 12, np.int64)
+    model._sample_histogram(vals, 0, 16, 3, 16, strided)
+    means = np.zeros(rows)
+    sample = np.zeros(1 << 12, np.int64)
+    for r0, r1 in ((0, 17), (17, rows)):
+        model._row_pass(vals, 0, 16, 7, row_len, r0, r1, means, 3, 16, sample)
+    assert (sample == strided).all()
+    exps = ((vals.astype(np.int64) >> 7) & 0xFF).reshape(rows, row_len)
+    assert np.allclose(means, exps.mean(1))
+    groups, gid, sizes = model._row_groups(means, 4)
+    steps = np.clip(np.floor(4 * (means - np.median(means))), -128, 127).astype(np.int64)
+    ref_groups, ref_gid, ref_sizes = np.unique(steps, return_inverse=True, return_counts=True)
+    assert (groups == ref_groups).all() and (gid == ref_gid).all() and (sizes == ref_sizes).all()

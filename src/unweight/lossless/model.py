@@ -91,21 +91,21 @@ _FLUSH = 1 << 30  # values counted into int32 counters between two additions int
 
 
 @njit(cache=True, nogil=True)
-def _grouped_histogram(vals, hi_shift, hbits, shift, row_len, gid, r0, r1, hist):
+def _grouped_histogram(vals, hi_shift, hbits, shift, row_len, gid, r0, r1, hist, flush=_FLUSH):
     """hist[g, sym] += the counts of rows ``r0 <= r < r1`` whose group ``gid[r]`` is ``g``; ``sym`` =
     the top ``hbits - 1 - shift`` bits below the sign (exponent and top mantissa bits, unshifted).
     One pass over the data in storage order (a pass in group order jumps between rows, which the
     hardware prefetcher does not follow: 1.2 against 0.65 ns per value on minilm-l6's embedding);
     two int32 counters per group and symbol so that runs of one symbol do not serialise on one
-    memory location, added into ``hist`` before they could overflow."""
+    memory location, added into ``hist`` every ``flush`` values, before they could overflow."""
     ng, nsym = hist.shape
     sub = np.zeros((ng, 2, nsym), np.int32)
     bodymask = (1 << (hbits - 1)) - 1
     counted = 0
     for r in range(r0, r1):
         s = sub[gid[r]]
-        for p in range(r * row_len, (r + 1) * row_len, _FLUSH):
-            piece = vals[p:min(p + _FLUSH, (r + 1) * row_len)]
+        for p in range(r * row_len, (r + 1) * row_len, flush):
+            piece = vals[p:min(p + flush, (r + 1) * row_len)]
             m = piece.size - piece.size % 2
             for i in range(0, m, 2):
                 s[0, ((np.uint32(piece[i]) >> hi_shift) & bodymask) >> shift] += 1
@@ -113,7 +113,7 @@ def _grouped_histogram(vals, hi_shift, hbits, shift, row_len, gid, r0, r1, hist)
             for i in range(m, piece.size):
                 s[0, ((np.uint32(piece[i]) >> hi_shift) & bodymask) >> shift] += 1
             counted += piece.size
-            if counted >= _FLUSH:
+            if counted >= flush:
                 _add_counts(sub, hist)
                 counted = 0
     _add_counts(sub, hist)
