@@ -14,6 +14,7 @@ view (an exponent stream and sign+mantissa streams) used for byte-split baseline
 """
 
 from dataclasses import dataclass
+from functools import cached_property
 
 import numpy as np
 import torch
@@ -35,25 +36,25 @@ class FloatLayout:
     man_bits: int
     hi_bits: int
 
-    @property
+    @cached_property
     def hi_man_bits(self) -> int:
         """Mantissa bits inside the hi word."""
         return self.hi_bits - 1 - self.exp_bits
 
-    @property
+    @cached_property
     def low_bits(self) -> int:
         return self.bits - self.hi_bits
 
-    @property
+    @cached_property
     def word_dtype(self) -> np.dtype:
         return np.dtype({8: np.uint8, 16: np.uint16, 32: np.uint32}[self.bits])
 
-    @property
+    @cached_property
     def int_dtype(self) -> torch.dtype:
         """The torch integer dtype of the same width (the one a float tensor's bits are viewed as)."""
         return {8: torch.uint8, 16: torch.int16, 32: torch.int32}[self.bits]
 
-    @property
+    @cached_property
     def itemsize(self) -> int:
         return self.bits // 8
 
