@@ -33,9 +33,10 @@ and use a vectorised checksum to get near 1.5x ZipNN's 1.9 ns per value. Measure
 lanes (latency-bound, 1.37 ns), 64 lanes (0.97), a second gather for the symbol's word from a 256-entry
 table (+0.4 ns per value: the entry's top byte holds the symbol's offset from the alphabet's first
 instead, which needs an alphabet span under 256 values: one minilm chunk of 68 is wider).
-Encode, three runs (2026-11-27): version 2's loop 2.36-3.44 ns per value, the vector encoder 1.20-1.50
-(2.0-2.3x), with the raw-bit planes packed by a scalar loop 1.38-1.71 (1.7-2.0x); decode in the same
-runs 1.35-1.7x with the merge. A lane-group loop left to numba's auto-vectoriser stays scalar (6.6-7.5
+Encode, five runs (2026-11-27): version 2's loop 2.36-3.44 ns per value, the vector encoder 1.20-1.50
+(1.9-2.3x); with the raw-bit planes packed on slices (vectorised, as the merge) 1.32-1.58 (1.9-2.0x,
+two runs; 1.7-2.0x while the packing was a scalar loop); decode in the same runs 1.35-1.7x with the
+merge. A lane-group loop left to numba's auto-vectoriser stays scalar (6.6-7.5
 ns per value), and gathering three tables plus a float64 reciprocal per value instead of one entry and
 a division ran at 3.2 ns per value (AVX2 gathers are slow on this Zen 3).
 """
@@ -119,11 +120,13 @@ def pack_raw6(raw, out):
     half), then ``n/4`` bytes of the top two bits (byte i: values i + k n/4 at bits 2k)."""
     n = raw.size
     h, q = n // 2, n // 4
-    for i in range(h):
-        out[i] = (raw[i] & 15) | ((raw[i + h] & 15) << 4)
+    lo, hi, nib, top = raw[:h], raw[h:n], out[:h], out[h:h + q]
+    for i in range(h):  # on slices, uint8 arithmetic: vectorised (as merge_raw6)
+        nib[i] = (lo[i] & np.uint8(15)) | ((hi[i] & np.uint8(15)) << np.uint8(4))
+    r0, r1, r2, r3 = raw[:q], raw[q:2 * q], raw[2 * q:3 * q], raw[3 * q:n]
     for i in range(q):
-        out[h + i] = ((raw[i] >> 4) | ((raw[i + q] >> 4) << 2) | ((raw[i + 2 * q] >> 4) << 4)
-                      | ((raw[i + 3 * q] >> 4) << 6))
+        top[i] = ((r0[i] >> np.uint8(4)) | ((r1[i] >> np.uint8(4)) << np.uint8(2))
+                  | ((r2[i] >> np.uint8(4)) << np.uint8(4)) | ((r3[i] >> np.uint8(4)) << np.uint8(6)))
 
 
 # ---------------------------------------------------------------------------------------------
