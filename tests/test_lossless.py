@@ -465,7 +465,7 @@ def test_row_pass_takes_the_strided_sample_and_the_row_means():
     assert (sample == strided).all()
     exps = ((vals.astype(np.int64) >> 7) & 0xFF).reshape(rows, row_len)
     assert np.allclose(means, exps.mean(1))
-    groups, gid, sizes = model._row_groups(means, 4)
+    groups, gid, sizes = model._row_groups(means, float(np.median(means)), 4)
     steps = np.clip(np.floor(4 * (means - np.median(means))), -128, 127).astype(np.int64)
     ref_groups, ref_gid, ref_sizes = np.unique(steps, return_inverse=True, return_counts=True)
     assert (groups == ref_groups).all() and (gid == ref_gid).all() and (sizes == ref_sizes).all()

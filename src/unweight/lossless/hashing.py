@@ -86,17 +86,11 @@ def xxh64(data, start, length):
 def meta_hash(head: np.ndarray, field: int, tables, rows=b"") -> int:
     """The metadata checksum of a stream: XXH64, as int64, of the int64 ``head`` with
     ``head[field]`` (where the checksum is stored) read as 0, then the bytes of ``tables`` and
-    ``rows`` (``bytes`` or uint8 arrays)."""
-    tables, rows = (np.frombuffer(bytearray(p), np.uint8) if isinstance(p, bytes) else p for p in (tables, rows))
-    return int(_meta_hash(head, field, tables, rows))
-
-
-@njit(cache=True, nogil=True)
-def _meta_hash(head, field, tables, rows):
-    hb = head.size * 8
-    buf = np.empty(hb + tables.size + rows.size, np.uint8)
-    buf[:hb] = head.view(np.uint8)
-    buf[field * 8:field * 8 + 8] = 0
-    buf[hb:hb + tables.size] = tables
-    buf[hb + tables.size:] = rows
-    return np.int64(xxh64(buf, 0, buf.size))
+    ``rows`` (``bytes`` or uint8 arrays). Joined by numpy: a compiled join took 4 s to compile, for
+    a few hundred bytes."""
+    h = np.array(head, np.int64)
+    h[field] = 0
+    parts = [h.view(np.uint8)] + [np.frombuffer(p, np.uint8) if isinstance(p, (bytes, bytearray)) else
+                                  np.asarray(p, np.uint8).reshape(-1) for p in (tables, rows)]
+    buf = np.concatenate(parts)
+    return int(np.array([xxh64(buf, 0, buf.size)], np.uint64).view(np.int64)[0])
