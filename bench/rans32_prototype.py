@@ -277,18 +277,17 @@ def make_decode32(lanes: int, slot_words: bool = False, wide: bool = False, zero
                     ws = b.shuffle_vector(halves[0], halves[1], ir.Constant(_V8I32, [1, 3, 5, 7, 9, 11, 13, 15]))
                 else:
                     e = b.call(gather, [ir.Constant(_V8I32, ir.Undefined), dptr, slot, allones, ir.Constant(_I8, 4)])
+                    if slot_words:  # 4-byte reads at a 2-byte stride: the slot's word in the low half
+                        ws = b.call(gather, [ir.Constant(_V8I32, ir.Undefined), wtab, slot, allones,
+                                             ir.Constant(_I8, 2)])
+                    elif zero_codes:  # a compare and a select more
+                        c = b.lshr(e, splat(24))
+                        off = b.select(b.icmp_unsigned("<", c, splat(1 << K)), splat(0),
+                                       b.sub(base, splat(1 << K)))
+                        ws = b.shl(b.add(c, off), splat(RB))
+                    else:  # the entry's top byte is the symbol's offset from the alphabet's first symbol
+                        ws = b.shl(b.add(b.lshr(e, splat(24)), base), splat(RB))
                 i = b.add(b.mul(g, ir.Constant(_I64, lanes)), ir.Constant(_I64, 8 * v))
-                if wide:
-                    pass
-                elif slot_words:  # 4-byte reads at a 2-byte stride: the slot's word in the low half
-                    ws = b.call(gather, [ir.Constant(_V8I32, ir.Undefined), wtab, slot, allones,
-                                         ir.Constant(_I8, 2)])
-                elif zero_codes:  # a compare and a select more
-                    c = b.lshr(e, splat(24))
-                    off = b.select(b.icmp_unsigned("<", c, splat(1 << K)), splat(0), b.sub(base, splat(1 << K)))
-                    ws = b.shl(b.add(c, off), splat(RB))
-                else:  # the entry's top byte is the symbol's offset from the alphabet's first symbol
-                    ws = b.shl(b.add(b.lshr(e, splat(24)), base), splat(RB))
                 b.store(b.trunc(ws, _V8I16), b.bitcast(b.gep(obase, [i]), _V8I16.as_pointer()), align=2)
                 f = b.add(b.and_(e, splat(0xFFF)), splat(1))
                 bias = b.and_(b.lshr(e, splat(12)), splat(0xFFF))
