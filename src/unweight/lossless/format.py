@@ -116,7 +116,7 @@ def encode_tensor(t: torch.Tensor, threads: int | None = None) -> dict[str, torc
     plan = model.plan(vals, lay, shape, nchunks, threads) if numel else None
     hbits, hbytes = lay.hi_bits, lay.hi_bits // 8
     rb = plan.raw_bits if plan else _default_raw_bits(lay)
-    encode_range = chunks.range_kernels(hbits, rb)[0]
+    encode_range = chunks.range_kernels(hbits)[0]
 
     if plan is not None:
         space = 1 << (lay.exp_bits + plan.k)
@@ -144,7 +144,7 @@ def encode_tensor(t: torch.Tensor, threads: int | None = None) -> dict[str, torc
         words = _scratch("enc_words", cw, np.uint32)
         scratch = _scratch("enc_code", cw + 2 * rans.LANES + 2, np.uint32)
         encode_range(vals, vals_u8, lay.itemsize, lo, hi, chunk_w, numel, row_len, q, nph,
-                     lay.exp_bits, lay.low_bits, plan is not None, enc, code, lo * region,
+                     lay.exp_bits, lay.low_bits, plan is not None, rb, enc, code, lo * region,
                      code_sizes, modes, low, lo * low_region, low_sizes, check, words, scratch)
 
     ranges = pool.run_ranges(task, nchunks, threads)
@@ -294,13 +294,13 @@ def decode_tensor(parts, name: str, threads: int | None = None) -> torch.Tensor:
     out_u8 = np.empty(-(-nbytes // 8) * 8, np.uint8)
     out = out_u8[:nbytes].view(lay.word_dtype)
     status = np.zeros(nchunks, np.int32)
-    decode_range = chunks.range_kernels(hbits, rb)[1]
+    decode_range = chunks.range_kernels(hbits)[1]
 
     def task(lo: int, hi: int) -> None:
         words = _scratch("dec_words", min(chunk_w, numel), np.uint16)
         scratch_low = _scratch("dec_low", min(chunk_w, numel) if is32 else 0, np.uint16)
         decode_range(code, offsets, low, low_offsets, modes, check, lo, hi, chunk_w, numel,
-                     lay.itemsize, row_len, q, nph, lay.exp_bits, is32, dec, out,
+                     lay.itemsize, row_len, q, nph, lay.exp_bits, is32, rb, dec, out,
                      out_u8, words, scratch_low, status)
 
     pool.run_ranges(task, nchunks, threads)

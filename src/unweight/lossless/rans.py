@@ -10,8 +10,8 @@ slot ``(cum + rank) << rb | raw``. One table lookup then yields the whole word a
 ``u = x + delta[t]`` (mod 2^16), ``x' = f[t] * (x >> (PROB_BITS + rb)) + rank[t]``.
 States are 64 bits in ``[2^32, 2^64)``, renormalised by whole 32-bit words (at most one per step,
 branchless), ``LANES`` of them interleaved round-robin over one word stream; every lane starts and
-ends at ``2^32``, which the decoder checks. The chunk kernels are inlined into per-layout drivers
-(``chunks.range_kernels``) that pass ``hbits`` and ``rb`` as constants.
+ends at ``2^32``, which the decoder checks. The chunk kernels are inlined into per-word-width
+drivers (``chunks.range_kernels``) that pass ``hbits`` as a constant and ``rb`` at run time.
 
 Speed (one thread, measured on minilm-l6 in BF16): the encoder divides by ``f`` with a
 precomputed reciprocal and one 64x64->128-bit multiply (:func:`mulhi`, as rans64.h does), exact
@@ -201,8 +201,9 @@ def unpermute(u, hbits, rb):
 
 # ---------------------------------------------------------------------------------------------
 # chunk kernels. They take the word width ``hbits`` and raw-bit count ``rb`` as arguments and are
-# inlined into callers that pass constants (``chunks.range_kernels``), so every shift and mask
-# below compiles to an immediate. Both directions work in two passes: the words of a chunk are
+# inlined into callers (``chunks.range_kernels``) that pass ``hbits`` as a constant; ``rb`` is a
+# run-time value except in the decoder's scatter, which is inlined once per raw-bit count in use.
+# Both directions work in two passes: the words of a chunk are
 # first put in coding order (phase by phase, exponents lowered), so that the rANS loop itself is
 # one tight, branch-free run over a flat array.
 
