@@ -193,33 +193,6 @@ def _rank_table(mod, name: str, rows: list[list[int]]):
     return lut
 
 
-def _begin_loop(b, xptrs, g0, p0):
-    """Open a group loop over the state vectors at ``xptrs``: (head, body, done, g, p, xs), the builder
-    left in ``head`` with the phis of the group counter (from ``g0``), the stream position (from ``p0``)
-    and the states."""
-    entry = b.block
-    head, body, done = (b.append_basic_block(name) for name in ("head", "body", "done"))
-    x0 = [b.load(xp, align=4) for xp in xptrs]
-    b.branch(head)
-    b.position_at_end(head)
-    g, p = b.phi(_I64), b.phi(_I64)
-    xs = [b.phi(_V8I32) for _ in xptrs]
-    for phi, start in [(g, g0), (p, p0), *zip(xs, x0)]:
-        phi.add_incoming(start, entry)
-    return head, body, done, g, p, xs
-
-
-def _end_loop(b, head, done, updates, xs, xptrs):
-    """Close a group loop: each phi gets its next value from the body, and after the loop the states
-    go back to memory."""
-    for phi, nxt in updates:
-        phi.add_incoming(nxt, b.block)
-    b.branch(head)
-    b.position_at_end(done)
-    for xv, xp in zip(xs, xptrs):
-        b.store(xv, xp, align=4)
-
-
 def make_decode32(lanes: int, slot_words: bool = False, wide: bool = False, zero_codes: bool = False):
     """``decode(words, n, dec, base, out) -> p``: ``n`` (a multiple of ``lanes``) values into ``out``
     (uint16): each value's symbol ``base`` + the entry's top byte, shifted above the raw bits. (A
@@ -260,7 +233,8 @@ def make_decode32(lanes: int, slot_words: bool = False, wide: bool = False, zero
                                                          ir.Constant(_I32, 0)),
                                         ir.Constant(_V8I32, ir.Undefined), ir.Constant(_V8I32, [0] * 8))
 
-            head, body, done, g, p, xs = _begin_loop(b, xptrs, ir.Constant(_I64, 0), ir.Constant(_I64, 2 * lanes))
+            starts = [ir.Constant(_I64, 0), ir.Constant(_I64, 2 * lanes)]
+            head, body, done, (g, p), xs = simd.begin_loop(b, xptrs, starts)
             b.cbranch(b.icmp_signed("<", g, ng), body, done)
             b.position_at_end(body)
             nexts, pn = [], p
@@ -300,7 +274,7 @@ def make_decode32(lanes: int, slot_words: bool = False, wide: bool = False, zero
                 xn = b.select(need, b.or_(b.shl(xn, splat(16)), w), xn)
                 nexts.append(xn)
                 pn = b.add(pn, b.zext(b.call(ctpop, [mask]), _I64))
-            _end_loop(b, head, done, [(g, b.add(g, ir.Constant(_I64, 1))), (p, pn), *zip(xs, nexts)], xs, xptrs)
+            simd.end_loop(b, head, done, [(g, b.add(g, ir.Constant(_I64, 1))), (p, pn), *zip(xs, nexts)], xs, xptrs)
             return p
 
         return sig, codegen
@@ -351,7 +325,7 @@ def make_encode32(lanes: int):
             lut = _rank_table(b.module, "proto_rans32_high_ranks", high_ranks())
             splat = lambda v: ir.Constant(_V8I32, [v] * 8)  # noqa: E731
             xptrs = [b.bitcast(b.gep(xbase, [ir.Constant(_I64, 8 * v)]), _V8I32.as_pointer()) for v in range(nvec)]
-            head, body, done, g, p, xs = _begin_loop(b, xptrs, ng, pos_v)
+            head, body, done, (g, p), xs = simd.begin_loop(b, xptrs, [ng, pos_v])
             b.cbranch(b.icmp_signed(">", g, ir.Constant(_I64, 0)), body, done)
             b.position_at_end(body)
             gm = b.sub(g, ir.Constant(_I64, 1))
@@ -374,7 +348,7 @@ def make_encode32(lanes: int):
                 b.store(words, b.bitcast(b.gep(obase, [b.sub(pn, ir.Constant(_I64, 8))]), _V8I16.as_pointer()),
                         align=2)
                 pn = b.sub(pn, b.zext(b.call(ctpop, [mask]), _I64))
-            _end_loop(b, head, done, [(g, gm), (p, pn), *zip(xs, nexts)], xs, xptrs)
+            simd.end_loop(b, head, done, [(g, gm), (p, pn), *zip(xs, nexts)], xs, xptrs)
             return p
 
         return sig, codegen
@@ -473,7 +447,7 @@ def main():
             packed = np.zeros(CHUNK * 3 // 4, np.uint8)
             pack_raw6(raw, packed)
             # version 2: the same table (one phase), 64-bit states, raw bits in the slot
-            enc = np.zeros((4, 1, 1 << (8 + K)), np.uint64)
+            enc = np.zeros((rans.ENC_ROWS, 1, 1 << (8 + K)), np.uint64)
             dec64 = np.zeros((1, rans.PROB_SCALE), np.uint64)
             f2 = freq[None, :].astype(np.uint32)
             assert rans.build_tables(alphabet.astype(np.int64), f2, RB, enc, dec64) == -1
@@ -560,7 +534,7 @@ def main():
                          "v3 prototype + raw-bit merge": run_v3(True),
                          "v3 prototype, word gathered by slot + merge": run_v3_slot_words,
                          "v3 prototype, 8-byte entries (vpgatherdq) + merge": run_v3_wide},
-              "encode": {"v2 encode loop (64-bit, 16 scalar lanes)": run_v2_encode,
+              "encode": {"v2 encode loop (64-bit, 16 lanes, four per vector)": run_v2_encode,
                          f"v3 prototype vector encode ({args.lanes} x 32-bit lanes)": run_v3_encode(False),
                          "v3 prototype vector encode + raw-bit planes": run_v3_encode(True)}}
     best = {k: float("inf") for g in groups.values() for k in g}

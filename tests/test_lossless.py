@@ -195,7 +195,7 @@ def test_vector_decoder_steps_exactly_as_the_scalar_one(seed, rb, nph, ngroups, 
     for c in range(nph):
         rans.normalize_freqs(rng.integers(1, 1000, nsym) ** rng.integers(1, 4), freq[c])
     dec = np.zeros((nph, rans.PROB_SCALE), np.uint64)
-    assert rans.build_tables(alphabet, freq, rb, np.zeros((4, 0, 0), np.uint64), dec) == -1
+    assert rans.build_tables(alphabet, freq, rb, np.zeros((rans.ENC_ROWS, 0, 0), np.uint64), dec) == -1
     nwords = ngroups * rans.LANES + 2 * rans.LANES
     words = rng.integers(0, 2**32, nwords + rans.LANES, dtype=np.uint64).astype(np.uint32)
     x = rng.integers(rans.STATE_LOW, 2**63, rans.LANES, dtype=np.uint64) * np.uint64(2) | np.uint64(1)
@@ -206,6 +206,39 @@ def test_vector_decoder_steps_exactly_as_the_scalar_one(seed, rb, nph, ngroups, 
     assert (pv, iv) == (ps, i_s)
     assert np.array_equal(x_v, x_s)
     assert np.array_equal(out_v[:iv], out_s[:i_s])
+
+
+@njit
+def _encode_words_both(words, enc, rb):
+    """(segment) from the vector and from the scalar encoder on the same words and tables."""
+    n = words.size
+    sv, ss = np.zeros(n + 2 * rans.LANES + 2, np.uint32), np.zeros(n + 2 * rans.LANES + 2, np.uint32)
+    pv = rans.encode_words(words, n, enc, sv, rb)
+    ps = rans.encode_words_scalar(words, n, enc, ss, rb)
+    return sv[pv:], ss[ps:]
+
+
+@pytest.mark.skipif(not simd.AVAILABLE, reason="no AVX2 here: the encoder runs the scalar loop")
+@settings(max_examples=60, deadline=None)
+@given(seed=st.integers(0, 2**32 - 1), rb=st.sampled_from([1, 4, 6, 9]), nph=st.integers(1, 4),
+       n=st.integers(0, 700), skew=st.integers(1, 4), nsym=st.integers(1, 64))
+def test_vector_encoder_writes_exactly_the_scalar_segment(seed, rb, nph, n, skew, nsym):
+    """Any symbols, any valid tables (down to frequency 1 and a single symbol of frequency 4096, where
+    the states and the division reach their extremes), any raw bits: the same segment, word for word."""
+    rng = np.random.default_rng(seed)
+    space = 1 << (16 - rb)
+    alphabet = np.sort(rng.choice(space, nsym, replace=False)).astype(np.int64)
+    freq = np.zeros((nph, nsym), np.uint32)
+    for c in range(nph):
+        rans.normalize_freqs(rng.integers(1, 1000, nsym) ** skew, freq[c])
+    enc = np.zeros((rans.ENC_ROWS, nph, space), np.uint64)
+    assert rans.build_tables(alphabet, freq, rb, enc, np.zeros((0, 0), np.uint64)) == -1
+    phase = rng.integers(0, nph, n)
+    sym = np.array([rng.choice(alphabet[freq[p] > 0]) for p in phase], np.int64).reshape(-1)
+    raw = rng.integers(0, 1 << rb, n)
+    words = ((phase * space + sym) << rb | raw).astype(np.uint32)
+    seg_v, seg_s = _encode_words_both(words, enc, np.int64(rb))
+    assert np.array_equal(seg_v, seg_s)
 
 
 def test_non_contiguous_input():

@@ -120,12 +120,12 @@ def encode_tensor(t: torch.Tensor, threads: int | None = None) -> dict[str, torc
 
     if plan is not None:
         space = 1 << (lay.exp_bits + plan.k)
-        enc = np.zeros((4, plan.nph, space), np.uint64)
+        enc = np.zeros((rans.ENC_ROWS, plan.nph, space), np.uint64)
         if rans.build_tables(plan.alphabet, plan.freq, rb, enc, np.zeros((0, 0), np.uint64)) != -1:
             raise AssertionError("model produced an invalid frequency table")
         q, row_len, nph = plan.q, plan.row_len, plan.nph
     else:
-        enc = np.zeros((4, 1, 1), np.uint64)
+        enc = np.zeros((rans.ENC_ROWS, 1, 1), np.uint64)
         q, row_len, nph = np.zeros(1, np.int8), max(numel, 1), 1
 
     cw = min(chunk_w, numel)  # the longest chunk
@@ -272,7 +272,7 @@ def decode_tensor(parts, name: str, threads: int | None = None) -> torch.Tensor:
         if not model.parse_tables(tables, nsym, nph, alphabet, freq) or alphabet[-1] >= space:
             raise _fail(name, "code tables are malformed")
         dec = np.empty((nph, rans.PROB_SCALE), np.uint64)  # build_tables fills every slot or fails
-        bad = rans.build_tables(alphabet, freq, rb, np.zeros((4, 0, 0), np.uint64), dec)
+        bad = rans.build_tables(alphabet, freq, rb, np.zeros((rans.ENC_ROWS, 0, 0), np.uint64), dec)
         if bad != -1:
             raise _fail(name, f"code table of phase {bad} is invalid")
         if nrows:

@@ -43,6 +43,7 @@ from unweight.lossless import simd
 
 PROB_BITS = 12
 PROB_SCALE = 1 << PROB_BITS
+ENC_ROWS = 5  # rows of the encoder table (build_tables)
 LANES = 16
 STATE_LOW = 1 << 32
 STATE_BYTES = 8 * LANES  # the flushed states that open every coded segment
@@ -112,12 +113,14 @@ def coded_bits(counts, freqs):
 def build_tables(alphabet, freq, rb, enc, dec):
     """Coding tables from the ascending ``alphabet`` (symbol values) and ``freq[ctx, symbol index]``.
 
-    ``enc[:, ctx, sym] = (rcp, x_max, bias, shift | (PROB_SCALE - f) << 32)`` for the encoder
-    (:func:`_enc_entry`; ``x_max = f << (64 - PROB_BITS - rb)``, the renormalisation threshold);
+    ``enc[:, ctx, sym] = (rcp, x_max, bias, shift | (PROB_SCALE - f) << 32, a | f << 32 | cum << 45)`` for
+    the encoder (:func:`_enc_entry`; ``x_max = f << (64 - PROB_BITS - rb)``, the renormalisation
+    threshold; the last row is the vector encoder's, ``a = (2^32 - 1) // f``, see
+    ``simd.make_encode_groups``; ``ENC_ROWS`` rows);
     ``dec[ctx, t] = rank | ((sym - t) << rb mod 2^16) << 16 | f << 32`` for the decoder (one
     lookup gives the whole permuted word and the next state; measured faster than a 4-byte entry
     with a second lookup for the word). Either table may come with no contexts (``enc`` of shape
-    ``(4, 0, 0)``, ``dec`` of ``(0, 0)``) to build only the other. Returns the first context whose
+    ``(ENC_ROWS, 0, 0)``, ``dec`` of ``(0, 0)``) to build only the other. Returns the first context whose
     frequencies are not a valid table, or -1.
     """
     nctx, nsym = freq.shape
@@ -134,6 +137,8 @@ def build_tables(alphabet, freq, rb, enc, dec):
                 enc[1, c, sym] = np.uint64(f) << np.uint64(64 - PROB_BITS - rb)
                 enc[2, c, sym] = np.uint64(bias)
                 enc[3, c, sym] = np.uint64(shift) | (np.uint64(PROB_SCALE - f) << _SH32)
+                enc[4, c, sym] = (np.uint64(0xFFFFFFFF // f) | (np.uint64(f) << _SH32)
+                                  | (np.uint64(acc) << np.uint64(45)))
             for t in range(acc, acc + f if dec.shape[0] > 0 else acc):
                 delta = ((sym - t) << rb) & 0xFFFF
                 dec[c, t] = np.uint64(t - acc) | (np.uint64(delta) << _SH16) | (np.uint64(f) << _SH32)
@@ -250,10 +255,11 @@ def _estep(x, wd, e0, e1, e2, e3, rb):
     return x, w, np.uint64(need)
 
 
-def _unrolled_encoder():
+def _unrolled_encoder(vector: bool):
     """:func:`encode_words`, generated with one local per lane and the step over the lanes written
     out: with the states in a local array LLVM keeps them in memory and the loop runs 3x slower
-    (measured on minilm-l6 in BF16: 7.0 against 2.3 ns per value)."""
+    (measured on minilm-l6 in BF16: 7.0 against 2.3 ns per value). With ``vector``, the whole
+    groups of ``LANES`` values go to :func:`simd.make_encode_groups` (the same words, bit for bit)."""
     lanes = range(LANES - 1, -1, -1)
     locs = ", ".join(f"x{j}" for j in range(LANES))
     elems = ", ".join(f"x[{j}]" for j in range(LANES))
@@ -261,6 +267,13 @@ def _unrolled_encoder():
         x{j}, w, need = _estep(x{j}, words[i + np.uint64({j})], e0, e1, e2, e3, rb)
         scratch[pos - one] = w
         pos -= need""" for j in lanes)
+    groups = ("""
+    pos = np.uint64(encode_groups(words, x, np.int64(n // LANES), enc[4].reshape(-1), scratch, np.int64(pos),
+                                  np.int64(rb)))""" if vector else f"""
+    {locs} = {elems}
+    for _ in range(n // LANES):
+        i -= np.uint64(LANES){steps}
+    {elems} = {locs}""")
     src = f"""
 def encode_words(words, n, enc, scratch, rb):
     # four flat arrays rather than one of 4-wide rows: each load is then base + index * 8
@@ -275,19 +288,16 @@ def encode_words(words, n, enc, scratch, rb):
         lane = i & np.uint64(LANES - 1)
         x[lane], w, need = _estep(x[lane], words[i], e0, e1, e2, e3, rb)
         scratch[pos - one] = w
-        pos -= need
-    {locs} = {elems}
-    for _ in range(n // LANES):
-        i -= np.uint64(LANES){steps}
-    {elems} = {locs}
+        pos -= need{groups}
     for j in range(LANES - 1, -1, -1):  # the final states open the segment, lane 0 first
         scratch[pos - one] = np.uint32(x[j] >> _SH32)
         scratch[pos - np.uint64(2)] = np.uint32(x[j] & _LO32)
         pos -= np.uint64(2)
     return np.int64(pos)
 """
-    scope = {"np": np, "LANES": LANES, "_L": _L, "_SH32": _SH32, "_LO32": _LO32, "_estep": _estep}
-    exec(compile(src, f"<rans.encode_words, {LANES} lanes>", "exec"), scope)
+    scope = {"np": np, "LANES": LANES, "_L": _L, "_SH32": _SH32, "_LO32": _LO32, "_estep": _estep,
+             "encode_groups": simd.make_encode_groups(LANES, PROB_BITS) if vector else None}
+    exec(compile(src, f"<rans.encode_words, {LANES} lanes{', vector' if vector else ''}>", "exec"), scope)
     fn = scope["encode_words"]
     fn.__doc__ = """rANS-encode ``words[:n]`` (from :func:`gather_chunk`) into the tail of ``scratch``
     (uint32); value ``i`` uses lane ``i % LANES``, and the words a group of lanes needs are laid
@@ -295,7 +305,8 @@ def encode_words(words, n, enc, scratch, rb):
     return njit(inline="always")(fn)
 
 
-encode_words = _unrolled_encoder()
+encode_words_scalar = _unrolled_encoder(vector=False)
+encode_words = _unrolled_encoder(vector=True) if simd.AVAILABLE else encode_words_scalar
 
 
 @njit(inline="always")

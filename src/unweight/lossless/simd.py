@@ -1,4 +1,4 @@
-"""The rANS decoder's lanes stepped four at a time in 256-bit vectors (AVX2), as LLVM vector IR.
+"""The rANS coder's lanes stepped four at a time in 256-bit vectors (AVX2), as LLVM vector IR.
 
 The scalar decoder (:func:`rans.decode_groups_scalar`) spends about 22 instructions per value. The
 interleaved lanes do the same arithmetic on independent states, so four of them fit one
@@ -11,8 +11,12 @@ mask of needy lanes hands each its word, and the stream advances by the mask's p
 vector is one long chain of dependent steps; ``LANES / 4`` vectors per group run side by side.
 The result is exactly the scalar decoder's (tested on random streams and tables).
 
+The encoder's lanes go the same way (:func:`make_encode_groups`), with the division by the
+frequency done in float64 (exact, see there): 1.5x the scalar encoder's loop on minilm-l6 and
+smollm2-135m in BF16, the same words.
+
 Needs AVX (the word permutation is ``vpermilps``); :data:`AVAILABLE` says whether this machine
-has AVX2, and ``rans`` falls back to the scalar loop where it does not.
+has AVX2, and ``rans`` falls back to the scalar loops where it does not.
 """
 
 import llvmlite.binding as llvm
@@ -47,6 +51,34 @@ def array_data(context, builder, ty, val):
     return context.make_array(ty)(context, builder, val).data
 
 
+def begin_loop(b, xptrs, starts):
+    """Open a loop over state vectors kept in memory at ``xptrs``: returns (head, body, done, phis,
+    xs) with the builder left in ``head``: ``phis`` carry the scalars from ``starts``, ``xs`` the
+    states loaded from ``xptrs``. The caller branches from ``head`` to ``body`` or ``done``, emits the
+    body, and closes with :func:`end_loop`."""
+    entry = b.block
+    head, body, done = (b.append_basic_block(name) for name in ("loop.head", "loop.body", "loop.done"))
+    x0 = [b.load(xp, align=4) for xp in xptrs]
+    b.branch(head)
+    b.position_at_end(head)
+    phis = [b.phi(v.type) for v in starts]
+    xs = [b.phi(x.type) for x in x0]
+    for phi, start in [*zip(phis, starts), *zip(xs, x0)]:
+        phi.add_incoming(start, entry)
+    return head, body, done, phis, xs
+
+
+def end_loop(b, head, done, updates, xs, xptrs):
+    """Close a loop of :func:`begin_loop`: each phi of ``updates`` (pairs) gets its next value from
+    the body, and after the loop the states go back to memory."""
+    for phi, nxt in updates:
+        phi.add_incoming(nxt, b.block)
+    b.branch(head)
+    b.position_at_end(done)
+    for xv, xp in zip(xs, xptrs):
+        b.store(xv, xp, align=4)
+
+
 def make_decode_groups(lanes: int, prob_bits: int):
     """The vector form of :func:`rans.decode_groups_scalar` for ``lanes`` states (a multiple of
     four) and ``prob_bits`` of probability precision: the same arguments and results."""
@@ -70,33 +102,17 @@ def make_decode_groups(lanes: int, prob_bits: int):
                          array_data(context, builder, ty[5], out_a), tb_v, rbv, prob_bits)
 
             # for g in range(ngroups) while p <= limit: each vector steps its four lanes in turn
-            entry = builder.block
-            head = builder.append_basic_block("groups.head")
-            body = builder.append_basic_block("groups.body")
-            done = builder.append_basic_block("groups.done")
-            x0 = [builder.load(xp, align=8) for xp in xptrs]
-            builder.branch(head)
-            builder.position_at_end(head)
-            g, p, i = builder.phi(_I64), builder.phi(_I64), builder.phi(_I64)
-            xs = [builder.phi(_V4I64) for _ in range(nvec)]
-            for phi, start in [(g, ir.Constant(_I64, 0)), (p, p0), (i, i0), *zip(xs, x0)]:
-                phi.add_incoming(start, entry)
+            head, body, done, (g, p, i), xs = begin_loop(builder, xptrs, [ir.Constant(_I64, 0), p0, i0])
             more = builder.and_(builder.icmp_unsigned("<", g, ngroups_v), builder.icmp_unsigned("<=", p, limit_v))
             builder.cbranch(more, body, done)
-
             builder.position_at_end(body)
             pn, inn, nexts = p, i, []
             for xv in xs:
                 xn, pn = step(xv, pn, inn)
                 nexts.append(xn)
                 inn = builder.add(inn, ir.Constant(_I64, 4))
-            for phi, nxt in [(g, builder.add(g, ir.Constant(_I64, 1))), (p, pn), (i, inn), *zip(xs, nexts)]:
-                phi.add_incoming(nxt, body)
-            builder.branch(head)
-
-            builder.position_at_end(done)
-            for xv, xp in zip(xs, xptrs):
-                builder.store(xv, xp, align=8)
+            end_loop(builder, head, done, [(g, builder.add(g, ir.Constant(_I64, 1))), (p, pn), (i, inn),
+                                           *zip(xs, nexts)], xs, xptrs)
             return context.make_tuple(builder, signature.return_type, [p, i])
 
         return sig, codegen
@@ -139,3 +155,118 @@ class _Step:
         w = b.zext(b.bitcast(b.call(self.permil, [w4, ranks]), _V4I32), _V4I64)
         x = b.select(need, b.or_(b.shl(x, _splat(32)), w), x)
         return x, b.add(p, b.zext(b.call(self.ctpop, [mask]), _I64))
+
+
+def high_ranks() -> list[list[int]]:
+    """For each 4-bit mask of lanes that emit a word: the permutation that puts those lanes' words,
+    in lane order, at the top of a 4-word vector (the encoder stores the four words ending at its
+    write position and steps back by the mask's popcount; the words below are overwritten later)."""
+    out = []
+    for m in range(16):
+        lanes = [j for j in range(4) if m >> j & 1]
+        out.append([0] * (4 - len(lanes)) + lanes)
+    return out
+
+
+_V4D = ir.VectorType(ir.DoubleType(), 4)
+_TWO52 = 0x4330000000000000  # the bits of 2.0^52: (2^52 + n) has n in its low mantissa bits, n < 2^52
+
+
+def make_encode_groups(lanes: int, prob_bits: int):
+    """The vector form of the encoder's group loop (:func:`rans.encode_words`' ``lanes`` unrolled
+    steps): ``encode_groups(words, x, ngroups, ent, scratch, pos, rb) -> pos`` steps the states
+    ``x`` (uint64[lanes], updated in place) over groups ``ngroups - 1`` down to 0 of ``words``,
+    writing the renormalisation words backwards below ``scratch[pos]`` exactly as the scalar loop
+    does. ``ent[t] = a | f << 32 | cum << 45`` with ``a = (2^32 - 1) // f`` (``build_tables``' last
+    row, flat), loaded per lane.
+
+    The division ``x // f`` of a 64-bit state has no AVX2 instruction and no exact float64 form. With
+    ``2^32 = a * f + b`` (``1 <= b <= f``), ``x = xh * 2^32 + xl = (xh * a) * f + z`` where
+    ``z = xh * b + xl < 2^44`` (``xh < 2^31`` once renormalised), so ``x // f = xh * a + z // f`` and
+    ``x % f = z % f``: one float64 division of an exact ``z``, whose rounding error (< 2^-9) is
+    smaller than the distance of a non-integer quotient from the next integer (>= 1 / f >= 2^-12),
+    so truncation gives the integer quotient, and the remainder comes exactly from one fused
+    multiply-add. Integers move in and out of float64 through the ``2^52`` bias (AVX2 has no 64-bit
+    conversions). The steps of one vector form a dependent chain; the ``lanes / 4`` vectors of a
+    group run side by side."""
+    nvec = lanes // 4
+
+    @intrinsic
+    def encode_groups(typingctx, words, x, ngroups, ent, scratch, pos, rb):
+        sig = types.int64(words, x, types.int64, ent, scratch, types.int64, types.int64)
+
+        def codegen(context, b, signature, args):
+            words_a, x_a, ng, ent_a, scr_a, pos0, rb_v = args
+            ty = signature.args
+            wbase, xbase = array_data(context, b, ty[0], words_a), array_data(context, b, ty[1], x_a)
+            ebase, sbase = array_data(context, b, ty[3], ent_a), array_data(context, b, ty[4], scr_a)
+            mod = b.module
+            permil = cgutils.get_or_insert_function(
+                mod, ir.FunctionType(_V4F, [_V4F, _V4I32]), "llvm.x86.avx.vpermilvar.ps")
+            ctpop = cgutils.get_or_insert_function(mod, ir.FunctionType(_I32, [_I32]), "llvm.ctpop.i32")
+            trunc = cgutils.get_or_insert_function(mod, ir.FunctionType(_V4D, [_V4D]), "llvm.trunc.v4f64")
+            fma = cgutils.get_or_insert_function(mod, ir.FunctionType(_V4D, [_V4D] * 3), "llvm.fma.v4f64")
+            lut_ty = ir.ArrayType(_V4I32, 16)
+            lut = cgutils.add_global_variable(mod, lut_ty, "unweight_rans_high_ranks")
+            lut.initializer = ir.Constant(lut_ty, [ir.Constant(_V4I32, r) for r in high_ranks()])
+            lut.global_constant = True
+            lut.linkage = "internal"
+            rbv = b.insert_element(ir.Constant(_V4I64, ir.Undefined), rb_v, ir.Constant(_I32, 0))
+            rbv = b.shuffle_vector(rbv, rbv, ir.Constant(_V4I32, [0, 0, 0, 0]))
+            thr_shift = b.sub(_splat(64 - prob_bits), rbv)
+            raw_mask = b.sub(b.shl(_splat(1), rbv), _splat(1))
+            two52 = ir.Constant(_V4D, [2.0 ** 52] * 4)
+            lo32 = _splat(0xFFFFFFFF)
+            xptrs = [b.bitcast(b.gep(xbase, [ir.Constant(_I64, 4 * v)]), _V4I64.as_pointer()) for v in range(nvec)]
+
+            def to_double(v):  # 0 <= v < 2^52 (v4i64) -> v4f64, exactly
+                return b.fsub(b.bitcast(b.or_(v, _splat(_TWO52)), _V4D), two52)
+
+            def from_double(d):  # an integer 0 <= d < 2^52 (v4f64) -> v4i64
+                return b.and_(b.bitcast(b.fadd(d, two52), _V4I64), _splat((1 << 52) - 1))
+
+            def step(xv, wd, pn):
+                t = b.lshr(wd, rbv)
+                e = ir.Constant(_V4I64, ir.Undefined)
+                for j in range(4):  # table lookups: four scalar loads, as the decoder's
+                    k = b.extract_element(t, ir.Constant(_I32, j))
+                    e = b.insert_element(e, b.load(b.gep(ebase, [k])), ir.Constant(_I32, j))
+                a = b.and_(e, lo32)
+                f = b.and_(b.lshr(e, _splat(32)), _splat(0x1FFF))
+                cum = b.lshr(e, _splat(45))
+                bf = b.and_(b.sub(_splat(1 << 32), b.mul(a, f)), _splat(0x1FFF))  # 2^32 - a * f, in [1, f]
+                fd = to_double(f)
+                need = b.icmp_unsigned(">=", xv, b.shl(f, thr_shift))
+                word = b.trunc(xv, _V4I32)
+                xr = b.select(need, b.lshr(xv, _splat(32)), xv)
+                xh = b.lshr(xr, _splat(32))
+                z = b.add(b.mul(xh, bf), b.and_(xr, lo32))
+                zd = to_double(z)
+                qd = b.call(trunc, [b.fdiv(zd, fd)])
+                rd = b.call(fma, [b.fneg(qd), fd, zd])  # exact: z - q * f, an integer below f
+                q = b.add(b.mul(xh, a), from_double(qd))
+                slot = b.add(b.add(b.shl(q, _splat(prob_bits)), cum), from_double(rd))
+                xn = b.or_(b.shl(slot, rbv), b.and_(wd, raw_mask))
+                mask = b.zext(b.bitcast(need, ir.IntType(4)), _I32)
+                perm = b.load(b.gep(lut, [ir.Constant(_I32, 0), mask]), align=16)
+                packed = b.call(permil, [b.bitcast(word, _V4F), perm])
+                dst = b.gep(sbase, [b.sub(pn, ir.Constant(_I64, 4))])
+                b.store(packed, b.bitcast(dst, _V4F.as_pointer()), align=4)
+                return xn, b.sub(pn, b.zext(b.call(ctpop, [mask]), _I64))
+
+            # for g in range(ngroups - 1, -1, -1): vectors from the last lanes down, as the scalar steps
+            head, body, done, (g, p), xs = begin_loop(b, xptrs, [ng, pos0])
+            b.cbranch(b.icmp_signed(">", g, ir.Constant(_I64, 0)), body, done)
+            b.position_at_end(body)
+            gm = b.sub(g, ir.Constant(_I64, 1))
+            pn, nexts = p, [None] * nvec
+            for v in range(nvec - 1, -1, -1):
+                i = b.add(b.mul(gm, ir.Constant(_I64, lanes)), ir.Constant(_I64, 4 * v))
+                wv = b.load(b.bitcast(b.gep(wbase, [i]), _V4I32.as_pointer()), align=4)
+                nexts[v], pn = step(xs[v], b.zext(wv, _V4I64), pn)
+            end_loop(b, head, done, [(g, gm), (p, pn), *zip(xs, nexts)], xs, xptrs)
+            return p
+
+        return sig, codegen
+
+    return encode_groups
