@@ -72,6 +72,18 @@ def subset(tensors: dict[str, torch.Tensor], max_mb: float | None) -> dict[str, 
     return out
 
 
+def cpu() -> dict:
+    """The processor's name and vector extensions (the speeds depend on them; sessions may land on
+    different machines)."""
+    try:
+        info = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return {"cpu_model": platform.processor()}
+    model = next((ln.split(":", 1)[1].strip() for ln in info.splitlines() if ln.startswith("model name")), "")
+    flags = next((ln.split(":", 1)[1].split() for ln in info.splitlines() if ln.startswith("flags")), [])
+    return {"cpu_model": model, "vector_extensions": [f for f in ("avx2", "fma", "avx512f") if f in flags]}
+
+
 def same_bytes(a: torch.Tensor, b: torch.Tensor) -> bool:
     """Bit-exact comparison (numpy's, single-threaded like the other methods' byte compares)."""
     return a.shape == b.shape and np.array_equal(a.reshape(-1).view(torch.uint8).numpy(),
@@ -312,7 +324,7 @@ def main():
     ap.add_argument("--methods", default=None,
                     help="comma-separated methods to run (default: all; e.g. unweight,zipnn-0.5.4)")
     args = ap.parse_args()
-    report = {"machine": {"cpus": THREADS, "platform": platform.platform(),
+    report = {"machine": {"cpus": THREADS, "platform": platform.platform(), **cpu(),
                           "loadavg_start": os.getloadavg()},
               "versions": {p: importlib.metadata.version(p) for p in
                            ("torch", "numba", "zstandard", "zipnn", "lmzip")
