@@ -183,16 +183,6 @@ def _avx2(mod):
     return gather, permd, ctpop
 
 
-def _rank_table(mod, name: str, rows: list[list[int]]):
-    """A constant table of 256 ``<8 x i32>`` permutations, indexed by an 8-bit lane mask."""
-    lut_ty = ir.ArrayType(_V8I32, 256)
-    lut = cgutils.add_global_variable(mod, lut_ty, name)
-    lut.initializer = ir.Constant(lut_ty, [ir.Constant(_V8I32, r) for r in rows])
-    lut.global_constant = True
-    lut.linkage = "internal"
-    return lut
-
-
 def make_decode32(lanes: int, slot_words: bool = False, wide: bool = False, zero_codes: bool = False):
     """``decode(words, n, dec, base, out) -> p``: ``n`` (a multiple of ``lanes``) values into ``out``
     (uint16): each value's symbol ``base`` + the entry's top byte, shifted above the raw bits. (A
@@ -221,7 +211,7 @@ def make_decode32(lanes: int, slot_words: bool = False, wide: bool = False, zero
                 b.module, ir.FunctionType(_V4I64, [_V4I64, ir.IntType(8).as_pointer(), _V4I32, _V4I64, _I8]),
                 "llvm.x86.avx2.gather.d.q.256")
             _ones4q = ir.Constant(_V4I64, [-1] * 4)
-            lut = _rank_table(b.module, "proto_rans32_ranks", simd.word_ranks(8))
+            lut = simd.constant_table(b.module, "proto_rans32_ranks", simd.word_ranks(8))
             splat = lambda v: ir.Constant(_V8I32, [v] * 8)  # noqa: E731
             xptrs = [b.bitcast(b.gep(xbase, [ir.Constant(_I64, 8 * v)]), _V8I32.as_pointer()) for v in range(nvec)]
             dptr = b.bitcast(dbase, ir.IntType(8).as_pointer())
@@ -289,24 +279,13 @@ def make_decode32(lanes: int, slot_words: bool = False, wide: bool = False, zero
     return decode
 
 
-def high_ranks() -> list[list[int]]:
-    """For each 8-bit mask of lanes that emit a word: the permutation that puts those lanes' words, in
-    lane order, at the top of the vector (the encoder stores eight words ending at its write position
-    and steps back by the mask's popcount, so the words below are overwritten later)."""
-    out = []
-    for m in range(256):
-        lanes = [j for j in range(8) if m >> j & 1]
-        out.append([0] * (8 - len(lanes)) + lanes)
-    return out
-
-
 def make_encode32(lanes: int):
     """``encode(sym, entries, out) -> p``: :func:`encode32` with ``lanes`` (a multiple of 8) states
     stepped eight per ``<8 x i32>``, ``sym.size`` a multiple of ``lanes``; ``entries[s] = freq - 1 |
     cum << 12``, one ``vpgatherdd`` per eight values. The division by the frequency is a float64
     division (``vdivpd``), exact for states below 2^32 (the quotient's rounding error is below 2^-20,
     the distance from a non-integer quotient to the next integer at least 2^-12); the renormalisation
-    words of the needy lanes are packed by ``vpermd`` (:func:`high_ranks`) and written backwards."""
+    words of the needy lanes are packed by ``vpermd`` (:func:`simd.high_ranks`) and written backwards."""
     nvec = lanes // 8
     v8d = ir.VectorType(ir.DoubleType(), 8)
 
@@ -322,7 +301,7 @@ def make_encode32(lanes: int):
             b = builder
             eptr = b.bitcast(data(ty[3], ent_a), ir.IntType(8).as_pointer())
             gather, permd, ctpop = _avx2(b.module)
-            lut = _rank_table(b.module, "proto_rans32_high_ranks", high_ranks())
+            lut = simd.constant_table(b.module, "proto_rans32_high_ranks", simd.high_ranks(8))
             splat = lambda v: ir.Constant(_V8I32, [v] * 8)  # noqa: E731
             xptrs = [b.bitcast(b.gep(xbase, [ir.Constant(_I64, 8 * v)]), _V8I32.as_pointer()) for v in range(nvec)]
             head, body, done, (g, p), xs = simd.begin_loop(b, xptrs, [ng, pos_v])

@@ -208,9 +208,9 @@ def unpermute(u, hbits, rb):
 # chunk kernels. They take the word width ``hbits`` and raw-bit count ``rb`` as arguments and are
 # inlined into callers (``chunks.range_kernels``) that pass ``hbits`` as a constant; ``rb`` is a
 # run-time value except in the decoder's scatter, which is inlined once per raw-bit count in use.
-# Both directions work in two passes: the words of a chunk are
-# first put in coding order (phase by phase, exponents lowered), so that the rANS loop itself is
-# one tight, branch-free run over a flat array.
+# Both directions work in two passes: the words of a chunk are first put in coding order (phase by
+# phase, exponents lowered), so that the rANS loop itself is one tight, branch-free run over a flat
+# array.
 
 
 @njit(inline="always")

@@ -51,6 +51,17 @@ def array_data(context, builder, ty, val):
     return context.make_array(ty)(context, builder, val).data
 
 
+def constant_table(mod, name: str, rows: list[list[int]]):
+    """A constant global of ``<n x i32>`` rows (lane permutations), indexed by a lane mask."""
+    vty = ir.VectorType(_I32, len(rows[0]))
+    lut_ty = ir.ArrayType(vty, len(rows))
+    lut = cgutils.add_global_variable(mod, lut_ty, name)
+    lut.initializer = ir.Constant(lut_ty, [ir.Constant(vty, r) for r in rows])
+    lut.global_constant = True
+    lut.linkage = "internal"
+    return lut
+
+
 def begin_loop(b, xptrs, starts):
     """Open a loop over state vectors kept in memory at ``xptrs``: returns (head, body, done, phis,
     xs) with the builder left in ``head``: ``phis`` carry the scalars from ``starts``, ``xs`` the
@@ -131,11 +142,7 @@ class _Step:
         self.permil = cgutils.get_or_insert_function(
             mod, ir.FunctionType(_V4F, [_V4F, _V4I32]), "llvm.x86.avx.vpermilvar.ps")
         self.ctpop = cgutils.get_or_insert_function(mod, ir.FunctionType(_I32, [_I32]), "llvm.ctpop.i32")
-        lut_ty = ir.ArrayType(_V4I32, 16)
-        self.ranks = cgutils.add_global_variable(mod, lut_ty, "unweight_rans_word_ranks")
-        self.ranks.initializer = ir.Constant(lut_ty, [ir.Constant(_V4I32, r) for r in word_ranks()])
-        self.ranks.global_constant = True
-        self.ranks.linkage = "internal"
+        self.ranks = constant_table(mod, "unweight_rans_word_ranks", word_ranks())
 
     def __call__(self, x, p, i):
         """Write the four lanes' words at ``out[i:i + 4]``; return the next states and ``p``."""
@@ -157,14 +164,15 @@ class _Step:
         return x, b.add(p, b.zext(b.call(self.ctpop, [mask]), _I64))
 
 
-def high_ranks() -> list[list[int]]:
-    """For each 4-bit mask of lanes that emit a word: the permutation that puts those lanes' words,
-    in lane order, at the top of a 4-word vector (the encoder stores the four words ending at its
-    write position and steps back by the mask's popcount; the words below are overwritten later)."""
+def high_ranks(width: int = 4) -> list[list[int]]:
+    """For each ``width``-bit mask of lanes that emit a word: the permutation that puts those lanes'
+    words, in lane order, at the top of a ``width``-word vector (the encoder stores the vector ending
+    at its write position and steps back by the mask's popcount; the words below are overwritten
+    later)."""
     out = []
-    for m in range(16):
-        lanes = [j for j in range(4) if m >> j & 1]
-        out.append([0] * (4 - len(lanes)) + lanes)
+    for m in range(1 << width):
+        lanes = [j for j in range(width) if m >> j & 1]
+        out.append([0] * (width - len(lanes)) + lanes)
     return out
 
 
@@ -182,13 +190,13 @@ def make_encode_groups(lanes: int, prob_bits: int):
 
     The division ``x // f`` of a 64-bit state has no AVX2 instruction and no exact float64 form. With
     ``2^32 = a * f + b`` (``1 <= b <= f``), ``x = xh * 2^32 + xl = (xh * a) * f + z`` where
-    ``z = xh * b + xl < 2^44`` (``xh < 2^31`` once renormalised), so ``x // f = xh * a + z // f`` and
-    ``x % f = z % f``: one float64 division of an exact ``z``, whose rounding error (< 2^-9) is
-    smaller than the distance of a non-integer quotient from the next integer (>= 1 / f >= 2^-12),
-    so truncation gives the integer quotient, and the remainder comes exactly from one fused
-    multiply-add. Integers move in and out of float64 through the ``2^52`` bias (AVX2 has no 64-bit
-    conversions). The steps of one vector form a dependent chain; the ``lanes / 4`` vectors of a
-    group run side by side."""
+    ``z = xh * b + xl < 2^44`` (``xh < 2^31`` once renormalised, with ``rb >= 1``), so ``x // f = xh * a + z // f`` and
+    ``x % f = z % f``: one float64 division of an exact ``z``, whose rounding error (the quotient is
+    below 2^44 / f, so the error is below 2^-9 / f) is smaller than the distance of a non-integer
+    quotient from the next integer (at least 1 / f), so truncation gives the integer quotient, and
+    the remainder comes exactly from one fused multiply-add. Integers move in and out of float64
+    through the ``2^52`` bias (AVX2 has no 64-bit conversions). The steps of one vector form a
+    dependent chain; the ``lanes / 4`` vectors of a group run side by side."""
     nvec = lanes // 4
 
     @intrinsic
@@ -206,11 +214,7 @@ def make_encode_groups(lanes: int, prob_bits: int):
             ctpop = cgutils.get_or_insert_function(mod, ir.FunctionType(_I32, [_I32]), "llvm.ctpop.i32")
             trunc = cgutils.get_or_insert_function(mod, ir.FunctionType(_V4D, [_V4D]), "llvm.trunc.v4f64")
             fma = cgutils.get_or_insert_function(mod, ir.FunctionType(_V4D, [_V4D] * 3), "llvm.fma.v4f64")
-            lut_ty = ir.ArrayType(_V4I32, 16)
-            lut = cgutils.add_global_variable(mod, lut_ty, "unweight_rans_high_ranks")
-            lut.initializer = ir.Constant(lut_ty, [ir.Constant(_V4I32, r) for r in high_ranks()])
-            lut.global_constant = True
-            lut.linkage = "internal"
+            lut = constant_table(mod, "unweight_rans_high_ranks", high_ranks())
             rbv = b.insert_element(ir.Constant(_V4I64, ir.Undefined), rb_v, ir.Constant(_I32, 0))
             rbv = b.shuffle_vector(rbv, rbv, ir.Constant(_V4I32, [0, 0, 0, 0]))
             thr_shift = b.sub(_splat(64 - prob_bits), rbv)
