@@ -190,13 +190,14 @@ def make_encode_groups(lanes: int, prob_bits: int):
 
     The division ``x // f`` of a 64-bit state has no AVX2 instruction and no exact float64 form. With
     ``2^32 = a * f + b`` (``1 <= b <= f``), ``x = xh * 2^32 + xl = (xh * a) * f + z`` where
-    ``z = xh * b + xl < 2^44`` (``xh < 2^31`` once renormalised, with ``rb >= 1``), so ``x // f = xh * a + z // f`` and
-    ``x % f = z % f``: one float64 division of an exact ``z``, whose rounding error (the quotient is
-    below 2^44 / f, so the error is below 2^-9 / f) is smaller than the distance of a non-integer
-    quotient from the next integer (at least 1 / f), so truncation gives the integer quotient, and
-    the remainder comes exactly from one fused multiply-add. Integers move in and out of float64
-    through the ``2^52`` bias (AVX2 has no 64-bit conversions). The steps of one vector form a
-    dependent chain; the ``lanes / 4`` vectors of a group run side by side."""
+    ``z = xh * b + xl < 2^44`` (``xh < 2^31`` once renormalised, with ``rb >= 1``), so
+    ``x // f = xh * a + z // f`` and ``x % f = z % f``: one float64 division of an exact ``z``,
+    whose rounding error (the quotient is below 2^44 / f, so the error is below 2^-9 / f) is smaller
+    than the distance of a non-integer quotient from the next integer (at least 1 / f), so
+    truncation gives the integer quotient, and the remainder comes exactly from one fused
+    multiply-add. Integers move in and out of float64 through the ``2^52`` bias (AVX2 has no 64-bit
+    conversions). The steps of one vector form a dependent chain; the ``lanes / 4`` vectors of a
+    group run side by side."""
     nvec = lanes // 4
 
     @intrinsic
