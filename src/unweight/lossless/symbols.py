@@ -335,7 +335,7 @@ def decode_symbols(parts: Mapping[str, torch.Tensor], n: int, name: str) -> torc
         freq = np.zeros((1, nsym), np.uint32)
         if not model.parse_tables(tables, nsym, 1, alphabet, freq) or alphabet[-1] > MAX_SYMBOL:
             raise fail("code table is malformed")
-        dec = np.zeros((1, rans.PROB_SCALE), np.uint64)
+        dec = np.empty((1, rans.PROB_SCALE), np.uint64)  # build_tables fills every slot or fails
         if rans.build_tables(alphabet, freq, 0, np.zeros((rans.ENC_ROWS, 0, 0), np.uint64), dec) != -1:
             raise fail("code table is invalid (frequencies do not sum to the precision)")
     out = np.empty(numel, np.uint8)
