@@ -208,6 +208,15 @@ def test_vector_decoder_steps_exactly_as_the_scalar_one(seed, rb, nph, ngroups, 
     assert np.array_equal(out_v[:iv], out_s[:i_s])
 
 
+def test_encoder_table_of_the_wrong_height_is_refused():
+    """A table without the vector encoder's row would be written past its end (compiled code does not
+    check bounds), so build_tables refuses it."""
+    freq = np.array([[rans.PROB_SCALE]], np.uint32)
+    with pytest.raises(ValueError, match="ENC_ROWS"):
+        rans.build_tables(np.array([3], np.int64), freq, 6, np.zeros((4, 1, 8), np.uint64),
+                          np.zeros((0, 0), np.uint64))
+
+
 @njit
 def _encode_words_both(words, enc, rb):
     """(segment) from the vector and from the scalar encoder on the same words and tables."""

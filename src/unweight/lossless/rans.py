@@ -124,6 +124,8 @@ def build_tables(alphabet, freq, rb, enc, dec):
     frequencies are not a valid table, or -1.
     """
     nctx, nsym = freq.shape
+    if enc.shape[1] > 0 and enc.shape[0] != ENC_ROWS:
+        raise ValueError("build_tables: the encoder table needs ENC_ROWS rows")
     for c in range(nctx):
         acc = 0
         for d in range(nsym):
