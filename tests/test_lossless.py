@@ -250,22 +250,6 @@ def test_vector_encoder_writes_exactly_the_scalar_segment(seed, rb, nph, n, skew
     assert np.array_equal(seg_v, seg_s)
 
 
-def test_decoded_tensors_carved_from_one_arena_are_independent():
-    """Small decoded tensors share arenas (format._output_buffer): they never overlap, writing one
-    leaves the others alone, and each stays valid after the arena it came from has been replaced."""
-    ts = [make(torch.bfloat16, (64, 100 + i), "weights", i) for i in range(4)]
-    parts = [encode(t) for t in ts]
-    outs = [decode_tensor(p, "w") for p in parts]
-    spans = sorted((o.data_ptr(), o.data_ptr() + o.numel() * o.element_size()) for o in outs)
-    assert all(end <= start for (_, end), (start, _) in zip(spans, spans[1:]))
-    outs[1].fill_(1.0)
-    assert same(outs[0], ts[0]) and same(outs[2], ts[2]) and same(outs[3], ts[3])
-    big = make(torch.bfloat16, (512, 1024), "weights", 9)  # 1 MiB: one arena holds 32 of them
-    for _ in range(3 * fmt.ARENA_BYTES // (big.numel() * 2)):
-        decode_tensor(encode(big), "w")
-    assert same(outs[0], ts[0]) and same(outs[3], ts[3])
-
-
 def test_non_contiguous_input():
     base = make(torch.bfloat16, (96, 130), "weights", 2)
     t = base.t()

@@ -70,29 +70,6 @@ def _scratch(key: str, n: int, dtype) -> np.ndarray:
     return buf[:nbytes].view(dtype)[:n]
 
 
-ARENA_BYTES = 1 << 25  # decoded tensors under an eighth of this share 32 MiB arenas
-_ARENA_LOCK = threading.Lock()
-_ARENA = {"buf": np.empty(0, np.uint8), "used": 0}
-
-
-def _output_buffer(nbytes: int) -> np.ndarray:
-    """A new buffer of ``nbytes`` (a multiple of 8) for a decoded tensor. Every decoded tensor is
-    memory the process has not touched, and the first touch of each page is a fault in which the
-    kernel zeroes it: 0.51-0.56 ns per byte in 4 KiB pages on this machine, 0.11 in 2 MiB pages,
-    which numpy requests only for arrays of 4 MB or more. Smaller tensors are therefore carved
-    from a shared arena of ``ARENA_BYTES`` (so 2 MiB pages), each a view that keeps its arena alive:
-    an arena's memory goes back once every tensor carved from it is gone."""
-    if nbytes >= ARENA_BYTES // 8:
-        return np.empty(nbytes, np.uint8)
-    with _ARENA_LOCK:
-        buf, used = _ARENA["buf"], _ARENA["used"]
-        if used + nbytes > buf.size:
-            buf, used = np.empty(ARENA_BYTES, np.uint8), 0
-            _ARENA["buf"] = buf
-        _ARENA["used"] = used + nbytes
-    return buf[used:used + nbytes]
-
-
 def _close_gaps(buf: np.ndarray, ranges, region: int, sizes: np.ndarray) -> np.ndarray:
     """Offsets of the chunks once each range's output (written from ``lo * region``) is moved
     down behind the previous one, which this does with ``memmove`` (a compiled byte loop took 0.5 s
@@ -314,7 +291,7 @@ def decode_tensor(parts, name: str, threads: int | None = None) -> torch.Tensor:
                               "table (corrupt modes)")
 
     nbytes = numel * lay.itemsize
-    out_u8 = _output_buffer(-(-nbytes // 8) * 8)
+    out_u8 = np.empty(-(-nbytes // 8) * 8, np.uint8)
     out = out_u8[:nbytes].view(lay.word_dtype)
     status = np.zeros(nchunks, np.int32)
     decode_range = chunks.range_kernels(hbits)[1]
