@@ -2,6 +2,8 @@
 input left untouched, output no larger than the input plus a small header, and every corruption
 or truncation reported as an UnweightError that names the tensor (and the chunk at fault)."""
 
+import gc
+
 import numpy as np
 import pytest
 import torch
@@ -116,6 +118,19 @@ def test_many_default_chunks_threads_give_identical_output(dtype):
     assert one.keys() == two.keys() and all(torch.equal(one[k], two[k]) for k in one)
     assert same(decode_tensor(one, "w", threads=2), t)
     assert same(decode_tensor(one, "w", threads=1), t)
+
+
+def test_decoded_tensors_own_writable_memory_that_outlives_the_parts():
+    t = make(torch.bfloat16, (600, 512), "weights", 3)
+    assert t.numel() * 2 >= fmt.POPULATE_BYTES  # its output is a mapping of its own
+    parts = encode(t)
+    a, b = decode_tensor(parts, "w"), decode_tensor(parts, "w")
+    del parts
+    gc.collect()
+    a.view(torch.int16).add_(1)  # writable, and not the memory b holds
+    assert same(b, t) and not same(a, t)
+    a.view(torch.int16).sub_(1)
+    assert same(a, t)
 
 
 def test_the_codec_follows_torchs_thread_count_unless_told():
