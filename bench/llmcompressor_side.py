@@ -111,6 +111,20 @@ than the draw of windows?): ``--work DIR --seed N`` before the subcommand puts t
     .venv/bin/python bench/llmcompressor_side.py --work /tmp/lc/s1 --seed 1 evaluate --methods wanda50 \
         --unweight-json /tmp/lc/s1/prune_quant.json --result bench/results/llmcompressor-seed1-smollm2-135m.json
 
+gemma3-270m (``--model-name gemma3-270m`` before the subcommand; 4,092 evaluation tokens, as
+prune_quant's gemma3 runs): every Linear's input width there (640, 1,024, 2,048) is a multiple of 128,
+so llm-compressor's own ``group`` strategy runs (``compress --method gptq4 --layout group``), and it is
+compared with unweight's ``gptq4-static`` (both take the group grid from the original weights)::
+
+    W="--model-name gemma3-270m --work /tmp/lc/gemma3"
+    .venv/bin/python bench/llmcompressor_side.py $W prepare
+    OMP_NUM_THREADS=1 /work/lcvenv/bin/python bench/llmcompressor_side.py $W compress --method gptq4 --layout group
+    ...   # sparsegpt50, sparsegpt24, wanda50 as above
+    OMP_NUM_THREADS=1 .venv/bin/python bench/prune_quant.py --model gemma3-270m --eval-tokens 4096 --threads 1 \
+        --methods gptq4,gptq4-static,sparsegpt-50,sparsegpt-2:4,wanda-50 --out /tmp/lc/gemma3/prune_quant.json
+    OMP_NUM_THREADS=1 .venv/bin/python bench/llmcompressor_side.py $W evaluate --gptq gptq4-static \
+        --methods gptq4-group,sparsegpt50,sparsegpt24,wanda50 --unweight-json /tmp/lc/gemma3/prune_quant.json
+
 The llm-compressor venv: ``python3 -m venv /work/lcvenv``; ``pip install torch==2.13.0`` (CPU wheel);
 ``pip install -c constraints.txt llmcompressor==0.14.0.1`` with ``torch==2.13.0+cpu`` in the
 constraints file (no CUDA packages are pulled). Nothing here imports unweight in that venv, nor
@@ -134,10 +148,11 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 WORK = Path("/tmp/lc")
-MODEL_DIR = Path.home() / ".cache/unweight/models/smollm2-135m-bf16"  # = unweight.models.hf_folder("smollm2-135m")
-RESULT = Path(__file__).parent / "results" / "llmcompressor-smollm2-135m.json"
+MODELS = ("smollm2-135m", "gemma3-270m")  # --model-name
+RESULTS = Path(__file__).parent / "results"
 N_SAMPLES, SEQ_LEN, SEED = 32, 512, 0  # prune_quant.py's defaults
-EVAL_SEQ_LEN, EVAL_TOKENS = 1024, 8192
+EVAL_SEQ_LEN = 1024
+EVAL_TOKENS = {"smollm2-135m": 8192, "gemma3-270m": 4096}  # prune_quant.py --eval-tokens in the recorded runs
 CALIB_BATCH = 8  # unweight.calibrate.DEFAULT_BATCH: windows per block forward
 # llm-compressor method -> unweight's prune_quant.py row
 PAIRS = {"gptq4": "gptq4", "sparsegpt50": "sparsegpt-50", "sparsegpt24": "sparsegpt-2:4", "wanda50": "wanda-50"}
@@ -153,6 +168,12 @@ def machine() -> dict:
 
 # ----------------------------------------------------------------------------- prepare (unweight's venv)
 
+def model_dir(name: str) -> Path:
+    """The bf16 folder of a bundled model, = ``unweight.models.hf_folder(name)`` (checked by ``prepare``;
+    llm-compressor's venv cannot import unweight)."""
+    return Path.home() / ".cache/unweight/models" / f"{name}-bf16"
+
+
 def _work(args) -> tuple[Path, Path]:
     """The work folder and its calibration windows file."""
     return Path(args.work), Path(args.work) / "calib.safetensors"
@@ -162,10 +183,10 @@ def prepare(args) -> int:
     from unweight.calibrate import calibration_windows
     from unweight.models import hf_folder, load_causal_lm
 
-    folder = hf_folder("smollm2-135m")
-    if folder.resolve() != MODEL_DIR.resolve():
-        sys.exit(f"hf_folder('smollm2-135m') is {folder}, not {MODEL_DIR}: update MODEL_DIR")
-    base_tok = load_causal_lm("smollm2-135m")[1]  # prune_quant.py calibrates with the base's tokenizer
+    folder = hf_folder(args.model_name)
+    if folder.resolve() != model_dir(args.model_name).resolve():
+        sys.exit(f"hf_folder({args.model_name!r}) is {folder}, not {model_dir(args.model_name)}: update model_dir")
+    base_tok = load_causal_lm(args.model_name)[1]  # prune_quant.py calibrates with the base's tokenizer
     _, tok = load_causal_lm(str(folder))  # the folder's: checked to give the same ids
     calib = calibration_windows(base_tok, N_SAMPLES, SEQ_LEN, seed=args.seed)
     same = torch.equal(calib, calibration_windows(tok, N_SAMPLES, SEQ_LEN, seed=args.seed))
@@ -226,7 +247,7 @@ def compress(args) -> int:
     from llmcompressor import oneshot
     from transformers import AutoModelForCausalLM
 
-    model_dir = Path(args.model)
+    folder = Path(args.model) if args.model else model_dir(args.model_name)
     work, calib_file = _work(args)
     ids = load_file(str(calib_file))["input_ids"]
     n, seq = ids.shape
@@ -234,12 +255,12 @@ def compress(args) -> int:
         ids = ids[:4, :128]
         n, seq = ids.shape
     ds = Dataset.from_dict({"input_ids": ids.tolist(), "attention_mask": torch.ones_like(ids).tolist()})
-    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)
     model.eval()
     modifier, settings = _recipe(args.method, args.layout)
     name = args.method + ("" if args.layout == "block" or args.method != "gptq4" else f"-{args.layout}")
     out = work / (name + ("-quick" if args.quick else ""))
-    record = {"method": name, "llmcompressor_settings": settings, "model": str(model_dir),
+    record = {"method": name, "llmcompressor_settings": settings, "model": str(folder),
               "calibration": {"file": str(calib_file), "n_samples": n, "seq_len": seq, "batch_size": CALIB_BATCH,
                               "shuffle": False},
               "versions": {p: version(p) for p in ("llmcompressor", "compressed-tensors", "transformers", "torch",
@@ -248,7 +269,7 @@ def compress(args) -> int:
     os.chdir(work)  # llm-compressor may write logs next to the working directory
     start = time.perf_counter()
     try:
-        oneshot(model=model, tokenizer=str(model_dir), dataset=ds, recipe=[modifier], num_calibration_samples=n,
+        oneshot(model=model, tokenizer=str(folder), dataset=ds, recipe=[modifier], num_calibration_samples=n,
                 max_seq_length=seq, shuffle_calibration_samples=False, batch_size=CALIB_BATCH,
                 pipeline=args.pipeline)
     except Exception as exc:  # recorded, not hidden
@@ -265,7 +286,7 @@ def compress(args) -> int:
                                       for k, v in modifier.resolve_quantization_config().config_groups.items()}
 
     # dense save: exactly the tensors of the original folder, from the model as llm-compressor left it
-    with safe_open(str(model_dir / "model.safetensors"), "pt") as f:
+    with safe_open(str(folder / "model.safetensors"), "pt") as f:
         keys = list(f.keys())
     state = model.state_dict()
     tensors = {k: state[k].detach().to(torch.float32).contiguous().clone() for k in keys}
@@ -274,11 +295,11 @@ def compress(args) -> int:
         shutil.rmtree(out)
     out.mkdir(parents=True)
     save_file(tensors, str(out / "model.safetensors"), metadata={"format": "pt"})
-    config = json.loads((model_dir / "config.json").read_text())
+    config = json.loads((folder / "config.json").read_text())
     config.pop("quantization_config", None)
     config["dtype"] = "float32"
     (out / "config.json").write_text(json.dumps(config, indent=1))
-    for p in model_dir.iterdir():
+    for p in folder.iterdir():
         if p.name.startswith("tokenizer") or p.name.endswith(".jinja"):
             shutil.copy(p, out / p.name)
     record["dropped_state_keys"] = extra[:20] + (["..."] if len(extra) > 20 else [])
@@ -300,7 +321,7 @@ def time_unweight(args) -> int:
     from unweight.layerwise import LayerwiseConfig, compress_layerwise
     from unweight.models import hf_folder, load_causal_lm
 
-    model, tok = load_causal_lm(str(hf_folder("smollm2-135m")))
+    model, tok = load_causal_lm(str(hf_folder(args.model_name)))
     pristine = {k: v.clone() for k, v in model.state_dict().items()}
     calib = load_file(str(_work(args)[1]))["input_ids"]
     out = Path(args.out)
@@ -354,9 +375,14 @@ GPTQ_GRID = ("gptq4: llm-compressor 0.14 takes every group's scale/zero from the
              "starts (the GPTQ reference code's behaviour)")
 STATIC_GROUPS = ("gptq4 is compared with unweight's gptq4-static (--static-groups): every group's scale/zero from "
                  "the original weights, as llm-compressor's observer takes them")
+GROUPING = {
+    "smollm2-135m": "gptq4: llm-compressor's group strategy refuses 576 % 128 != 0; its block strategy [1, 128] is "
+                    "run instead, the same grouping as unweight's g128 (4 x 128 + a remainder group of 64 per "
+                    "576-column row)",
+    "gemma3-270m": "gptq4: llm-compressor's group strategy, group size 128 (every input width of gemma3-270m, 640, "
+                   "1024 and 2048, is a multiple of 128), the same grouping as unweight's g128",
+}
 DEVIATIONS = [
-    "gptq4: llm-compressor's group strategy refuses 576 % 128 != 0; its block strategy [1, 128] is run instead, "
-    "the same grouping as unweight's g128 (4 x 128 + a remainder group of 64 per 576-column row)",
     "sparsegpt50: llm-compressor prunes everything at or under each 128-column block's 50% threshold "
     "(0.50001 of the weights); unweight exactly 50% per matrix",
     "same rules otherwise: dampening 0.01 x mean(diag H) in both, lazy block 128, 2:4 by the same saliency, "
@@ -377,9 +403,10 @@ def evaluate_all(args) -> int:
     from unweight.models import hf_folder, load_causal_lm
 
     load_start = os.getloadavg()
-    base, tok = load_causal_lm("smollm2-135m")
-    ev = token_windows(tok, corpus("austen", "eval"), EVAL_SEQ_LEN, max_tokens=EVAL_TOKENS)
-    original = load_file(str(hf_folder("smollm2-135m") / "model.safetensors"))
+    name = args.model_name
+    base, tok = load_causal_lm(name)
+    ev = token_windows(tok, corpus("austen", "eval"), EVAL_SEQ_LEN, max_tokens=EVAL_TOKENS[name])
+    original = load_file(str(hf_folder(name) / "model.safetensors"))
     calib_meta = {}
     work, calib_file = _work(args)
     with safe_open(str(calib_file), "pt") as f:
@@ -387,7 +414,7 @@ def evaluate_all(args) -> int:
     uw = json.loads(Path(args.unweight_json).read_text()) if Path(args.unweight_json).exists() else None
     uw_rows = {r["method"]: r for r in uw["rows"]} if uw else {}
     uw_times = json.loads(Path(args.unweight_times).read_text()) if args.unweight_times else {}
-    result_path = Path(args.result)
+    result_path = Path(args.result) if args.result else RESULTS / f"llmcompressor-{name}.json"
     previous = ({r["method"]: r for r in json.loads(result_path.read_text())["rows"]}
                 if args.reuse_scores and result_path.exists() else {})
     rows = []
@@ -437,18 +464,18 @@ def evaluate_all(args) -> int:
     true_sequential = bool(uw and uw["calibration"].get("true_sequential"))
     result = {
         "claim": "issue 7: unweight's GPTQ/SparseGPT/Wanda within 1% of llm-compressor's perplexity in <= 0.5x its "
-                 "wall time, smollm2-135m, same calibration windows and evaluation windows",
-        "model": "smollm2-135m (hf_folder: bf16 folder of the bundled Q4_1 GGUF, loaded in float32; 4-bit-derived)",
+                 f"wall time, {name}, same calibration windows and evaluation windows",
+        "model": f"{name} (hf_folder: bf16 folder of the bundled GGUF, loaded in float32; 4-bit-derived)",
         "calibration": {"windows": f"calibration_windows(tok, {N_SAMPLES}, {SEQ_LEN}, seed={args.seed})",
                         "file": str(calib_file),
                         "file_metadata": calib_meta, "batch": CALIB_BATCH},
         "evaluation": {"corpus": "austen/eval", "seq_len": EVAL_SEQ_LEN, "windows": len(ev),
-                       "tokens_scored": len(ev) * (EVAL_SEQ_LEN - 1), "kl_base": "load_causal_lm('smollm2-135m') (GGUF)"},
+                       "tokens_scored": len(ev) * (EVAL_SEQ_LEN - 1), "kl_base": f"load_causal_lm({name!r}) (GGUF)"},
         "base_perplexity": base_row["perplexity"] if base_row else None,
         "unweight_run": {"file": args.unweight_json, "machine": uw["machine"] if uw else None},
         "versions": {"unweight_venv": _versions(("torch", "transformers", "safetensors")),
                      "lcvenv_freeze": freeze.read_text().split() if freeze.exists() else None},
-        "deviations": ([STATIC_GROUPS] if args.gptq == "gptq4-static" else [GPTQ_GRID]) + DEVIATIONS
+        "deviations": ([STATIC_GROUPS] if args.gptq == "gptq4-static" else [GPTQ_GRID]) + [GROUPING[name]] + DEVIATIONS
                       + ([TRUE_SEQUENTIAL] if true_sequential else []),
         "evaluate_machine": machine() | {"load_avg_start": load_start},
         "rows": rows,
@@ -456,7 +483,7 @@ def evaluate_all(args) -> int:
     result_path.parent.mkdir(parents=True, exist_ok=True)
     result_path.write_text(json.dumps(result, indent=1, default=str))
 
-    print(f"\nsmollm2-135m, eval austen/eval {len(ev)} x {EVAL_SEQ_LEN}; calib {N_SAMPLES} x {SEQ_LEN}; one thread; "
+    print(f"\n{name}, eval austen/eval {len(ev)} x {EVAL_SEQ_LEN}; calib {N_SAMPLES} x {SEQ_LEN}; one thread; "
           f"ratios = unweight / llm-compressor")
     print(f"{'method':16s} {'uw ppl':>8s} {'lc ppl':>8s} {'ppl ratio':>9s} {'uw KL':>7s} {'lc KL':>7s} "
           f"{'uw s':>7s} {'lc s':>7s} {'time ratio':>10s}")
@@ -484,6 +511,7 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--work", default=str(WORK),
                     help="folder of the calibration windows (calib.safetensors) and llm-compressor's outputs")
+    ap.add_argument("--model-name", default=MODELS[0], choices=MODELS, help="the bundled model both sides run")
     ap.add_argument("--seed", type=int, default=SEED, help="calibration windows' seed (prepare; recorded by evaluate)")
     sub = ap.add_subparsers(dest="cmd", required=True)
     sub.add_parser("prepare", help="dump the calibration windows (unweight's venv)")
@@ -492,7 +520,7 @@ def main() -> int:
     c.add_argument("--layout", default="block", choices=["block", "group", "group-bypass", "group64"],
                    help="gptq4 groups: block [1,128] (= unweight's g128 with remainder), group 128 (refused), "
                         "group 128 with bypass_divisibility_checks, group 64")
-    c.add_argument("--model", default=str(MODEL_DIR))
+    c.add_argument("--model", default="", help="the model folder (default: --model-name's bf16 folder)")
     c.add_argument("--pipeline", default="sequential")
     c.add_argument("--threads", type=int, default=1)
     c.add_argument("--quick", action="store_true", help="smoke run: 4 x 128 calibration tokens, -quick folder")
@@ -502,7 +530,8 @@ def main() -> int:
     e.add_argument("--freeze", default=str(WORK / "lcvenv-freeze.txt"), help="pip freeze of /work/lcvenv")
     e.add_argument("--threads", type=int, default=1)
     e.add_argument("--unweight-times", default="", help="time's JSON: unweight's seconds from the alternate timing run")
-    e.add_argument("--result", default=str(RESULT), help="where the comparison's JSON goes")
+    e.add_argument("--result", default="", help="where the comparison's JSON goes (default: "
+                   "bench/results/llmcompressor-MODEL.json)")
     e.add_argument("--gptq", default="gptq4", choices=["gptq4", "gptq4-static"],
                    help="the unweight row llm-compressor's gptq4 is compared with (gptq4-static: its group grid)")
     e.add_argument("--reuse-scores", action="store_true",
