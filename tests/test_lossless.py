@@ -2,7 +2,9 @@
 input left untouched, output no larger than the input plus a small header, and every corruption
 or truncation reported as an UnweightError that names the tensor (and the chunk at fault)."""
 
+import ctypes
 import gc
+import mmap
 
 import numpy as np
 import pytest
@@ -122,7 +124,7 @@ def test_many_default_chunks_threads_give_identical_output(dtype):
 
 def test_decoded_tensors_own_writable_memory_that_outlives_the_parts():
     t = make(torch.bfloat16, (600, 512), "weights", 3)
-    assert t.numel() * 2 >= fmt.POPULATE_BYTES  # its output is a mapping of its own
+    assert t.numel() * 2 >= fmt.POPULATE_BYTES  # its pages may be mapped up front
     parts = encode(t)
     a, b = decode_tensor(parts, "w"), decode_tensor(parts, "w")
     del parts
@@ -131,6 +133,27 @@ def test_decoded_tensors_own_writable_memory_that_outlives_the_parts():
     assert same(b, t) and not same(a, t)
     a.view(torch.int16).sub_(1)
     assert same(a, t)
+
+
+def _resident_pages(buf: np.ndarray) -> int:
+    start = -(-buf.ctypes.data // fmt._PAGE) * fmt._PAGE
+    n = (buf.ctypes.data + buf.nbytes - start) // fmt._PAGE
+    vec = ctypes.create_string_buffer(n)
+    assert fmt._LIBC.mincore(start, n * fmt._PAGE, vec) == 0
+    return sum(b & 1 for b in vec.raw)
+
+
+@pytest.mark.skipif(fmt._LIBC is None, reason="pages are mapped up front on Linux only")
+def test_a_new_output_buffer_has_every_page_mapped_before_it_is_written():
+    nbytes = 40 << 20  # over glibc's largest mmap threshold (32 MiB): always fresh pages
+    probe = mmap.mmap(-1, fmt._PAGE)
+    addr = ctypes.addressof(ctypes.c_char.from_buffer(probe))
+    if fmt._LIBC.madvise(addr, fmt._PAGE, fmt._MADV_POPULATE_WRITE) != 0:
+        pytest.skip("this kernel has no MADV_POPULATE_WRITE (Linux < 5.14): the kernels fault as before")
+    plain = np.empty(nbytes, np.uint8)
+    assert _resident_pages(plain) < nbytes // fmt._PAGE // 2  # new memory, not yet mapped
+    buf = fmt._output_buffer(nbytes)
+    assert _resident_pages(buf) >= nbytes // fmt._PAGE - 1
 
 
 def test_the_codec_follows_torchs_thread_count_unless_told():

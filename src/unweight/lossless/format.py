@@ -76,7 +76,7 @@ def _output_buffer(nbytes: int) -> np.ndarray:
     4 MiB cost 0.25-2.2 ns per byte from one process to the next. Mapped in one call, in 4 KiB pages,
     new memory costs 0.37-0.41 ns per byte, steadily. Memory the allocator recycles (its first and
     last pages resident) needs no faults and is left alone. docs/format.md, "Fresh memory": a whole
-    smollm2-135m decoded once in a fresh process 1.45x faster; decoded again and again in one process
+    smollm2-135m decoded once in a fresh process 1.17-1.45x faster; decoded again and again in one process
     (its 56 MB embedding mapped anew each time, where recycled huge pages come cheap) 0.86-0.93x.
     Where ``madvise`` refuses (or off Linux), the kernels fault as before."""
     buf = np.empty(nbytes, np.uint8)
