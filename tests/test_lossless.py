@@ -144,16 +144,16 @@ def _resident_pages(buf: np.ndarray) -> int:
 
 
 @pytest.mark.skipif(fmt._LIBC is None, reason="pages are mapped up front on Linux only")
-def test_a_new_output_buffer_has_every_page_mapped_before_it_is_written():
-    nbytes = 40 << 20  # over glibc's largest mmap threshold (32 MiB): always fresh pages
+def test_fresh_output_memory_has_every_page_mapped_before_it_is_written():
+    npages = 1024
     probe = mmap.mmap(-1, fmt._PAGE)
-    addr = ctypes.addressof(ctypes.c_char.from_buffer(probe))
-    if fmt._LIBC.madvise(addr, fmt._PAGE, fmt._MADV_POPULATE_WRITE) != 0:
+    if fmt._LIBC.madvise(ctypes.addressof(ctypes.c_char.from_buffer(probe)), fmt._PAGE,
+                         fmt._MADV_POPULATE_WRITE) != 0:
         pytest.skip("this kernel has no MADV_POPULATE_WRITE (Linux < 5.14): the kernels fault as before")
-    plain = np.empty(nbytes, np.uint8)
-    assert _resident_pages(plain) < nbytes // fmt._PAGE // 2  # new memory, not yet mapped
-    buf = fmt._output_buffer(nbytes)
-    assert _resident_pages(buf) >= nbytes // fmt._PAGE - 1
+    buf = np.frombuffer(mmap.mmap(-1, npages * fmt._PAGE), np.uint8)  # a new mapping: nothing resident
+    assert _resident_pages(buf) == 0
+    fmt._map_if_fresh(buf)
+    assert _resident_pages(buf) == npages
 
 
 def test_the_codec_follows_torchs_thread_count_unless_told():

@@ -80,17 +80,26 @@ def _output_buffer(nbytes: int) -> np.ndarray:
     (its 56 MB embedding mapped anew each time, where recycled huge pages come cheap) 0.86-0.93x.
     Where ``madvise`` refuses (or off Linux), the kernels fault as before."""
     buf = np.empty(nbytes, np.uint8)
-    if nbytes >= POPULATE_BYTES and _LIBC is not None:
-        start = -(-buf.ctypes.data // _PAGE) * _PAGE
-        end = (buf.ctypes.data + nbytes) // _PAGE * _PAGE
-        resident = ctypes.create_string_buffer(1)
-        fresh = False
-        for page in (start, end - _PAGE):
-            fresh |= _LIBC.mincore(page, _PAGE, resident) != 0 or not resident.raw[0] & 1
-        if fresh:
-            _LIBC.madvise(start, end - start, _MADV_NOHUGEPAGE)
-            _LIBC.madvise(start, end - start, _MADV_POPULATE_WRITE)
+    if nbytes >= POPULATE_BYTES:
+        _map_if_fresh(buf)
     return buf
+
+
+def _map_if_fresh(buf: np.ndarray) -> None:
+    """Map the whole pages of ``buf`` in 4 KiB pages now, unless its first and last are resident."""
+    if _LIBC is None:
+        return
+    start = -(-buf.ctypes.data // _PAGE) * _PAGE
+    end = (buf.ctypes.data + buf.nbytes) // _PAGE * _PAGE
+    if end <= start:
+        return
+    resident = ctypes.create_string_buffer(1)
+    fresh = False
+    for page in (start, end - _PAGE):
+        fresh |= _LIBC.mincore(page, _PAGE, resident) != 0 or not resident.raw[0] & 1
+    if fresh:
+        _LIBC.madvise(start, end - start, _MADV_NOHUGEPAGE)
+        _LIBC.madvise(start, end - start, _MADV_POPULATE_WRITE)
 
 
 def _scratch(key: str, n: int, dtype) -> np.ndarray:
