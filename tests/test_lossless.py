@@ -136,8 +136,8 @@ def test_decoded_tensors_own_writable_memory_that_outlives_the_parts():
 
 
 def _resident_pages(buf: np.ndarray) -> int:
-    start = -(-buf.ctypes.data // fmt._PAGE) * fmt._PAGE
-    n = (buf.ctypes.data + buf.nbytes - start) // fmt._PAGE
+    start, end = fmt._whole_pages(buf)
+    n = (end - start) // fmt._PAGE
     vec = ctypes.create_string_buffer(n)
     assert fmt._LIBC.mincore(start, n * fmt._PAGE, vec) == 0
     return sum(b & 1 for b in vec.raw)

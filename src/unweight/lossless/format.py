@@ -76,8 +76,9 @@ def _output_buffer(nbytes: int) -> np.ndarray:
     4 MiB cost 0.25-2.2 ns per byte from one process to the next. Mapped in one call, in 4 KiB pages,
     new memory costs 0.37-0.41 ns per byte, steadily. Memory the allocator recycles (its first and
     last pages resident) needs no faults and is left alone. docs/format.md, "Fresh memory": a whole
-    smollm2-135m decoded once in a fresh process 1.17-1.45x faster; decoded again and again in one process
-    (its 56 MB embedding mapped anew each time, where recycled huge pages come cheap) 0.86-0.93x.
+    smollm2-135m decoded once in a fresh process 1.17-1.45x faster; decoded again and again in one
+    process (its 56 MB embedding mapped anew each time, where recycled huge pages come cheap)
+    0.86-0.93x.
     Where ``madvise`` refuses (or off Linux), the kernels fault as before."""
     buf = np.empty(nbytes, np.uint8)
     if nbytes >= POPULATE_BYTES:
@@ -85,12 +86,16 @@ def _output_buffer(nbytes: int) -> np.ndarray:
     return buf
 
 
+def _whole_pages(buf: np.ndarray) -> tuple[int, int]:
+    """The addresses ``[start, end)`` of the pages that lie wholly inside ``buf``."""
+    return -(-buf.ctypes.data // _PAGE) * _PAGE, (buf.ctypes.data + buf.nbytes) // _PAGE * _PAGE
+
+
 def _map_if_fresh(buf: np.ndarray) -> None:
     """Map the whole pages of ``buf`` in 4 KiB pages now, unless its first and last are resident."""
     if _LIBC is None:
         return
-    start = -(-buf.ctypes.data // _PAGE) * _PAGE
-    end = (buf.ctypes.data + buf.nbytes) // _PAGE * _PAGE
+    start, end = _whole_pages(buf)
     if end <= start:
         return
     resident = ctypes.create_string_buffer(1)
