@@ -125,6 +125,18 @@ compared with unweight's ``gptq4-static`` (both take the group grid from the ori
     OMP_NUM_THREADS=1 .venv/bin/python bench/llmcompressor_side.py $W evaluate --gptq gptq4-static \
         --methods gptq4-group,sparsegpt50,sparsegpt24,wanda50 --unweight-json /tmp/lc/gemma3/prune_quant.json
 
+Both sides in bf16 (``--dtype bfloat16`` before the subcommand: llm-compressor loads the model with
+``dtype=torch.bfloat16``, as its examples' ``torch_dtype="auto"`` does for these bf16 folders, and
+unweight's ``prune_quant.py --dtype bfloat16`` holds and runs the model in bf16, its statistics and
+methods still in float32); the dense outputs are saved and scored in float32 as above::
+
+    W="--work /tmp/lc/bf16 --dtype bfloat16"     # a work folder of its own, with calib.safetensors
+    OMP_NUM_THREADS=1 /work/lcvenv/bin/python bench/llmcompressor_side.py $W compress --method wanda50   # ...
+    OMP_NUM_THREADS=1 .venv/bin/python bench/prune_quant.py --dtype bfloat16 --threads 1 \
+        --methods gptq4-static,sparsegpt-50,sparsegpt-2:4,wanda-50 --out /tmp/lc/bf16/prune_quant.json
+    OMP_NUM_THREADS=1 .venv/bin/python bench/llmcompressor_side.py $W evaluate --gptq gptq4-static \
+        --unweight-json /tmp/lc/bf16/prune_quant.json --result bench/results/llmcompressor-bf16-smollm2-135m.json
+
 The llm-compressor venv: ``python3 -m venv /work/lcvenv``; ``pip install torch==2.13.0`` (CPU wheel);
 ``pip install -c constraints.txt llmcompressor==0.14.0.1`` with ``torch==2.13.0+cpu`` in the
 constraints file (no CUDA packages are pulled). Nothing here imports unweight in that venv, nor
@@ -255,12 +267,12 @@ def compress(args) -> int:
         ids = ids[:4, :128]
         n, seq = ids.shape
     ds = Dataset.from_dict({"input_ids": ids.tolist(), "attention_mask": torch.ones_like(ids).tolist()})
-    model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)
+    model = AutoModelForCausalLM.from_pretrained(folder, dtype=getattr(torch, args.dtype))
     model.eval()
     modifier, settings = _recipe(args.method, args.layout)
     name = args.method + ("" if args.layout == "block" or args.method != "gptq4" else f"-{args.layout}")
     out = work / (name + ("-quick" if args.quick else ""))
-    record = {"method": name, "llmcompressor_settings": settings, "model": str(folder),
+    record = {"method": name, "llmcompressor_settings": settings, "model": str(folder), "dtype": args.dtype,
               "calibration": {"file": str(calib_file), "n_samples": n, "seq_len": seq, "batch_size": CALIB_BATCH,
                               "shuffle": False},
               "versions": {p: version(p) for p in ("llmcompressor", "compressed-tensors", "transformers", "torch",
@@ -321,7 +333,7 @@ def time_unweight(args) -> int:
     from unweight.layerwise import LayerwiseConfig, compress_layerwise
     from unweight.models import hf_folder, load_causal_lm
 
-    model, tok = load_causal_lm(str(hf_folder(args.model_name)))
+    model, tok = load_causal_lm(str(hf_folder(args.model_name)), dtype=getattr(torch, args.dtype))
     pristine = {k: v.clone() for k, v in model.state_dict().items()}
     calib = load_file(str(_work(args)[1]))["input_ids"]
     out = Path(args.out)
@@ -336,6 +348,7 @@ def time_unweight(args) -> int:
         compress_layerwise(model, tok, config, windows=calib, progress=False)
         seconds = time.perf_counter() - start
         times.setdefault(name, []).append({"seconds": seconds, "true_sequential": args.true_sequential,
+                                           "dtype": args.dtype,
                                            "machine_before": before, "machine_after": machine()})
         out.write_text(json.dumps(times, indent=1))
         print(f"{name}: compress_layerwise {seconds:.1f} s (load {before['load_avg'][0]:.2f})", flush=True)
@@ -465,7 +478,11 @@ def evaluate_all(args) -> int:
     result = {
         "claim": "issue 7: unweight's GPTQ/SparseGPT/Wanda within 1% of llm-compressor's perplexity in <= 0.5x its "
                  f"wall time, {name}, same calibration windows and evaluation windows",
-        "model": f"{name} (hf_folder: bf16 folder of the bundled GGUF, loaded in float32; 4-bit-derived)",
+        "model": f"{name} (hf_folder: bf16 folder of the bundled GGUF, loaded in {args.dtype} for calibration, "
+                 "scored in float32; 4-bit-derived)",
+        "calibration_dtype": {"llmcompressor": sorted({r["lc_run"].get("dtype", "float32") for r in rows
+                                                       if "lc_run" in r}),
+                              "unweight": uw["calibration"].get("dtype", "float32") if uw else None},
         "calibration": {"windows": f"calibration_windows(tok, {N_SAMPLES}, {SEQ_LEN}, seed={args.seed})",
                         "file": str(calib_file),
                         "file_metadata": calib_meta, "batch": CALIB_BATCH},
@@ -513,6 +530,8 @@ def main() -> int:
                     help="folder of the calibration windows (calib.safetensors) and llm-compressor's outputs")
     ap.add_argument("--model-name", default=MODELS[0], choices=MODELS, help="the bundled model both sides run")
     ap.add_argument("--seed", type=int, default=SEED, help="calibration windows' seed (prepare; recorded by evaluate)")
+    ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"],
+                    help="what both sides load the model in and calibrate in (compress, time; recorded by evaluate)")
     sub = ap.add_subparsers(dest="cmd", required=True)
     sub.add_parser("prepare", help="dump the calibration windows (unweight's venv)")
     c = sub.add_parser("compress", help="run llm-compressor's oneshot (llm-compressor's venv)")

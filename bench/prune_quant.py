@@ -22,7 +22,10 @@ Setup (pinned):
   M plus the kept values; unquantized values count 16 bits (bf16). Measured on-disk sizes come with
   the lead's formats.
 - time: wall seconds of ``compress_layerwise`` (capture, statistics, method, propagation), in the
-  same run as every other row.
+  same run as every other row;
+- ``--dtype bfloat16``: the model is held and its calibration forwards run in bf16 (``compress
+  --compute-dtype bfloat16``; statistics and methods in float32), each result copied into the float32
+  model for scoring, so only the calibration differs.
 
     .venv/bin/python bench/prune_quant.py [--methods gptq4,awq4] [--threads N] [--quick]
 
@@ -119,6 +122,9 @@ def main() -> int:
     ap.add_argument("--out", default="bench/results/prune_quant.json")
     ap.add_argument("--true-sequential", action="store_true",
                     help="calibrated methods: each Linear calibrated after the ones before it, one forward per block")
+    ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"],
+                    help="what the calibration forwards compute in (bfloat16: the model held and run in bf16, "
+                         "statistics and methods still in float32; scoring always in float32)")
     ap.add_argument("--resume", action="store_true",
                     help="keep the rows already in --out (same settings) and run only the missing methods")
     args = ap.parse_args()
@@ -132,8 +138,10 @@ def main() -> int:
 
     load_start = os.getloadavg()
     base, tok = load_causal_lm(args.model)
-    model, _ = load_causal_lm(str(hf_folder(args.model)))
-    pristine = {k: v.clone() for k, v in model.state_dict().items()}
+    model, _ = load_causal_lm(str(hf_folder(args.model)))  # scored in float32
+    # compressed in place: the same model, or a bf16 copy whose results are copied into it for scoring
+    work = model if args.dtype == "float32" else load_causal_lm(str(hf_folder(args.model)), dtype=torch.bfloat16)[0]
+    pristine = {k: v.clone() for k, v in work.state_dict().items()}
     ev = token_windows(tok, corpus("austen", "eval"), args.eval_seq_len, max_tokens=args.eval_tokens)
     calib = calibration_windows(tok, args.n_samples, args.seq_len, seed=args.calib_seed)
     ref = None if args.no_kl else base
@@ -146,7 +154,8 @@ def main() -> int:
     n_tokens = n_windows * (args.eval_seq_len - 1)  # predicted tokens scored
     settings = {"model": args.model,
                 "calibration": {"corpus": "austen/calib", "n_samples": args.n_samples, "seq_len": args.seq_len,
-                                "seed": args.calib_seed, "true_sequential": args.true_sequential},
+                                "seed": args.calib_seed, "true_sequential": args.true_sequential,
+                                "dtype": args.dtype},
                 "evaluation": {"corpus": "austen/eval", "seq_len": args.eval_seq_len, "tokens": n_tokens,
                                "windows": n_windows}}
 
@@ -182,13 +191,15 @@ def main() -> int:
         save(rows)
     for name in names:
         method, setting = SETTINGS[name]
-        model.load_state_dict(pristine)
+        work.load_state_dict(pristine)
         config = LayerwiseConfig.from_method(method, n_samples=args.n_samples, seq_len=args.seq_len,
                                              true_sequential=args.true_sequential, **setting)
         load = os.getloadavg()[0]
         start = time.perf_counter()
-        compress_layerwise(model, tok, config, windows=calib, progress=False)
+        compress_layerwise(work, tok, config, windows=calib, progress=False)
         seconds = time.perf_counter() - start
+        if work is not model:
+            model.load_state_dict({k: v.to(torch.float32) for k, v in work.state_dict().items()})
         bpw, zeros = nominal_bits(model, config)
         r = score(model, name)
         rows.append({"method": name, "setting": config.describe(), "config": vars(config) | {"exclude": []},

@@ -17,7 +17,7 @@ from unweight.calibrate import LinearStats
 from unweight.cli import main
 from unweight.errors import UnweightError
 from unweight.formats import decode_tensors, same_bits
-from unweight.layerwise import LayerwiseConfig, compress_linear
+from unweight.layerwise import COMPUTE_DTYPES, LayerwiseConfig, compress_layerwise, compress_linear
 from unweight.layerwise_format import (decode, encode_linear, nm_mask_from_positions, nm_positions)
 from unweight.pack import packed_nbytes
 from unweight.prune.nm import nm_mask
@@ -196,7 +196,8 @@ def _in_memory(folder, config: LayerwiseConfig):
     from unweight.layerwise import compress_layerwise
     from unweight.models import load_causal_lm
 
-    model, tok = load_causal_lm(str(folder))
+    held = None if config.compute_dtype == "float32" else COMPUTE_DTYPES[config.compute_dtype]
+    model, tok = load_causal_lm(str(folder), dtype=held)  # bf16 forwards: held and run in bf16, as the CLI
     compress_layerwise(model, tok, config, weight_dtype=torch.bfloat16, progress=False)
     return model
 
@@ -214,6 +215,8 @@ def _param_bits(numel_rows_cols, config: LayerwiseConfig) -> int:
     (["--method", "gptq", "--bits", "4", "--group-size", "16"], LayerwiseConfig(quant="gptq", bits=4, group_size=16)),
     (["--method", "gptq", "--bits", "4", "--group-size", "16", "--true-sequential"],
      LayerwiseConfig(quant="gptq", bits=4, group_size=16, true_sequential=True)),
+    (["--method", "sparsegpt", "--sparsity", "0.5", "--compute-dtype", "bfloat16"],
+     LayerwiseConfig(prune="sparsegpt", compute_dtype="bfloat16")),
 ])
 def test_cli_output_loads_as_the_model_compressed_in_memory(tiny_llama, tmp_path, argv, config):
     from transformers import AutoModelForCausalLM
@@ -228,12 +231,13 @@ def test_cli_output_loads_as_the_model_compressed_in_memory(tiny_llama, tmp_path
     assert qc["quant_method"] == "unweight-layerwise" and qc["layerwise"]["pattern"] == config.pattern
     assert qc["layerwise"]["bits"] == config.bits and qc["calibration"]["samples"] == 4
     assert qc["layerwise"]["true_sequential"] == config.true_sequential
+    assert qc["layerwise"]["compute_dtype"] == config.compute_dtype
 
     expected = _in_memory(tiny_llama, config)
     loaded = AutoModelForCausalLM.from_pretrained(str(out), dtype=torch.float32)
     got = dict(loaded.named_parameters())
     for name, p in expected.named_parameters():
-        assert torch.equal(got[name], p), name
+        assert torch.equal(got[name], p.float()), name
     assert decode_tensors(out)["model.layers.1.mlp.down_proj.weight"].dtype == torch.bfloat16
 
     # bits per weight: exactly the format's accounting plus the headers
@@ -339,6 +343,7 @@ def test_a_truncated_part_in_a_folder_names_file_and_tensor(tiny_llama, tmp_path
     (["--method", "kmeans", "--true-sequential"], "--true-sequential goes with a calibrated"),
     (["--method", "kmeans", "--pattern", "2:4"], "go with a pruning method"),
     (["--method", "magnitude", "--quant", "rtn", "--true-sequential"], "--true-sequential goes with a calibrated"),
+    (["--method", "rtn", "--compute-dtype", "bfloat16"], "--compute-dtype goes with a calibrated"),
 ])
 def test_bad_requests_are_one_clear_line(tiny_llama, tmp_path, argv, message, capsys):
     rc = main(["compress", str(tiny_llama), str(tmp_path / "out"), *argv])
@@ -398,3 +403,48 @@ def test_calibrating_in_float32_gives_each_tensor_its_own_dtype_back(tiny_llama)
                        weight_dtype=torch.bfloat16, progress=False, compute_dtype=torch.float32)
     assert norm.weight.dtype == torch.float32
     assert model.model.layers[0].mlp.down_proj.weight.dtype == torch.bfloat16
+
+
+def test_bf16_forwards_need_a_bf16_checkpoint(tiny_causal_lm, tmp_path, capsys):
+    """A float32 checkpoint is refused (its blocks cast down and back would lose their norms' low
+    bits), and so is a float32 model in memory; nothing is written."""
+    from unweight.models import load_causal_lm
+
+    out = tmp_path / "out"
+    rc = main(["compress", str(tiny_causal_lm), str(out), "--method", "wanda", "--compute-dtype", "bfloat16"])
+    err = capsys.readouterr().err
+    assert rc == 2 and "needs a bfloat16 checkpoint; its matrices are torch.float32" in err and not out.exists()
+    model, tok = load_causal_lm(str(tiny_causal_lm))
+    with pytest.raises(UnweightError, match="the blocks would run in torch.float32"):
+        compress_layerwise(model, tok, LayerwiseConfig(prune="wanda", compute_dtype="bfloat16"), n_samples=2,
+                           seq_len=16, progress=False)
+
+
+def test_bf16_forwards_keep_float32_statistics_and_nearly_the_same_result(tiny_llama):
+    """Forwards in bf16 change the activations by bf16's rounding only: the Hessians agree with the
+    float32 forwards' to a few percent (they are summed in float32 either way), and so do the masks
+    SparseGPT draws from them, while the 50% sparsity is exact."""
+    from unweight.calibrate import calibration_windows, run_layerwise
+    from unweight.models import load_causal_lm
+
+    got = {}
+    for dtype in (torch.float32, torch.bfloat16):
+        model, tok = load_causal_lm(str(tiny_llama), dtype=dtype)
+        windows = calibration_windows(tok, 4, 32, seed=0)
+        hessians = {}
+
+        def keep(index, name, linear, stats, hessians=hessians):
+            hessians[index, name] = stats.hessian
+        run_layerwise(model, windows, keep, stats=("hessian",), progress=False)
+        config = LayerwiseConfig(prune="sparsegpt", n_samples=4, seq_len=32, compute_dtype=str(dtype)[6:])
+        artifacts = {}
+        compress_layerwise(model, tok, config, artifacts=artifacts, progress=False)
+        got[dtype] = hessians, artifacts
+    (h32, a32), (h16, a16) = got[torch.float32], got[torch.bfloat16]
+    assert h32.keys() == h16.keys() and len(h32) == 14
+    for key in h32:
+        assert h16[key].dtype == torch.float32
+        assert (h16[key] - h32[key]).norm() < 0.05 * h32[key].norm(), key
+    for name in a32:
+        assert a16[name].mask.float().mean() == 0.5
+        assert (a16[name].mask == a32[name].mask).float().mean() > 0.9, name

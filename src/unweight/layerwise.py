@@ -38,6 +38,10 @@ from unweight.quant.rtn import DEFAULT_SCHEME, rtn_dequantize, rtn_quantize
 PRUNERS = ("magnitude", "wanda", "sparsegpt")
 QUANTIZERS = ("rtn", "gptq", "awq")
 CALIBRATED = {"wanda", "sparsegpt", "gptq", "awq"}
+# What the calibration forwards may compute in. bfloat16 runs a bf16 model's blocks as they are held:
+# matmuls ~2.3x faster on CPUs with AVX512-BF16 or AMX (and on GPUs), statistics (X^T X, norms) still
+# summed in float32 from the bf16 activations and every method still run in float32 on the weights.
+COMPUTE_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 
 
 @dataclass
@@ -60,6 +64,7 @@ class LayerwiseConfig:
     seed: int = 0
     batch_size: int = DEFAULT_BATCH
     true_sequential: bool = False  # each Linear calibrated after the ones before it: one forward per block
+    compute_dtype: str = "float32"  # the calibration forwards' dtype: float32 | bfloat16 (see COMPUTE_DTYPES)
     exclude: list[str] = field(default_factory=list)  # substrings of Linear names to leave alone
     outliers: int | float | str | None = None  # kept exactly (unweight.outliers); quantizers only
 
@@ -88,6 +93,8 @@ class LayerwiseConfig:
                                 "combine pruning with gptq or rtn")
         if self.prune and self.quant and self.scheme == "asym_float":
             raise UnweightError("pruning + quantization needs an integer zero point (asym_int or sym)")
+        if self.compute_dtype not in COMPUTE_DTYPES:
+            raise UnweightError(f"unknown compute dtype {self.compute_dtype!r}; valid: {', '.join(COMPUTE_DTYPES)}")
         if self.outliers is not None and self.quant is None:
             raise UnweightError("outliers are kept exactly by a quantizer; pruning alone keeps every "
                                 "kept weight exactly already (add --quant gptq|rtn)")
@@ -115,7 +122,9 @@ class LayerwiseConfig:
                          + (" static groups" if self.static_groups and not self.act_order else ""))
         if self.outliers is not None:
             parts.append(f"outliers {self.outliers}")
-        return " + ".join(parts) + (", true-sequential" if self.true_sequential and self.calibrated else "")
+        calibration = ((", true-sequential" if self.true_sequential else "")
+                       + (f", {self.compute_dtype} forwards" if self.compute_dtype != "float32" else ""))
+        return " + ".join(parts) + (calibration if self.calibrated else "")
 
 
 @dataclass
@@ -201,9 +210,16 @@ def compress_layerwise(model: nn.Module, tokenizer, config: LayerwiseConfig, n_s
     must need no statistics that ``config`` does not. ``compute_dtype`` (e.g. float32 for a model held
     in bfloat16): blocks are calibrated and compressed in it one at a time (see
     :func:`unweight.calibrate.run_layerwise`); give ``weight_dtype`` = the held dtype with it.
+    ``config.compute_dtype`` other than float32 is checked, not applied: the model must be held in it
+    (casting a float32 model's blocks down and back would round its norms and biases).
     """
     layers = decoder_layers(model)
     prefix = next(n for n, m in model.named_modules() if m is layers)
+    if config.calibrated and config.compute_dtype != "float32":
+        runs_in = compute_dtype or next(layers.parameters()).dtype
+        if runs_in != COMPUTE_DTYPES[config.compute_dtype]:
+            raise UnweightError(f"compute dtype {config.compute_dtype}: the blocks would run in {runs_in}; hold the "
+                                f"model in {config.compute_dtype} (load it so) and pass no compute_dtype")
 
     def wanted(name: str, _linear: nn.Linear = None) -> bool:
         return not any(x in name for x in config.exclude)

@@ -43,7 +43,7 @@ import torch
 
 from unweight.errors import UnweightError
 from unweight.formats import Format, Parts, quantization_config, register, same_bits
-from unweight.layerwise import LayerwiseConfig, LinearArtifacts
+from unweight.layerwise import COMPUTE_DTYPES, LayerwiseConfig, LinearArtifacts
 from unweight.outliers import restore
 from unweight.pack import bits_needed, pack_bits, packed_nbytes, unpack_bits
 from unweight.prune.nm import parse_pattern
@@ -280,13 +280,18 @@ def layerwise_encoder(src: str | os.PathLike, config: LayerwiseConfig, progress:
     infos = [ckpt.info(n) for n in ckpt.names()]
     matrix_dtypes = {ST_DTYPES[i.dtype] for i in infos if len(i.shape) == 2 and i.dtype in ("F32", "F16", "BF16")}
     weight_dtype = matrix_dtypes.pop() if len(matrix_dtypes) == 1 else None  # else: stored as .to(dtype)
+    compute = COMPUTE_DTYPES[config.compute_dtype]
+    if config.calibrated and compute != torch.float32 and weight_dtype != compute:
+        raise UnweightError(f"{ckpt.path}: --compute-dtype {config.compute_dtype} needs a {config.compute_dtype} "
+                            f"checkpoint; its matrices are {weight_dtype or 'of several dtypes'}")
     # a 16-bit checkpoint is held in its own dtype (half the memory of float32) and each block is
-    # computed in float32 while it is compressed: the same figures as a float32 model, bit for bit
+    # computed in float32 while it is compressed (the same figures as a float32 model, bit for bit),
+    # or in its own dtype with --compute-dtype bfloat16
     hold = weight_dtype if weight_dtype in (torch.bfloat16, torch.float16) else None
     model, tok = load_causal_lm(str(ckpt.path), dtype=hold)
     artifacts: dict[str, LinearArtifacts] = {}
     compress_layerwise(model, tok, config, artifacts=artifacts, weight_dtype=weight_dtype, progress=progress,
-                       config_for=config_for, compute_dtype=None if hold is None else torch.float32)
+                       config_for=config_for, compute_dtype=None if hold in (None, compute) else torch.float32)
     names, params = set(ckpt.names()), dict(model.named_parameters())
     missing = [f"{m}.weight" for m in artifacts if f"{m}.weight" not in names or f"{m}.weight" not in params]
     if missing:

@@ -206,15 +206,17 @@ def _check_pruning_flags(args) -> None:
 
 
 def _check_layerwise_flags(args, config) -> None:
-    """GPTQ's flags and --true-sequential are refused wherever they would be ignored: ``config`` is
-    the layer-by-layer config, None for a method that is not layer by layer."""
+    """GPTQ's flags, --true-sequential and --compute-dtype are refused wherever they would be ignored:
+    ``config`` is the layer-by-layer config, None for a method that is not layer by layer."""
     for flag, on in (("--act-order", args.act_order), ("--static-groups", args.static_groups)):
         if on and (config is None or config.quant != "gptq"):
             raise UnweightError(f"{flag} goes with GPTQ (--method gptq, or a pruning method with --quant gptq)")
-    if args.true_sequential and (config is None or not config.calibrated):
-        what = config.describe() if config is not None else f"--method {args.method}"
-        raise UnweightError(f"--true-sequential goes with a calibrated method (wanda, sparsegpt, gptq, awq): "
-                            f"{what} uses no calibration data")
+    for flag, on in (("--true-sequential", args.true_sequential),
+                     ("--compute-dtype", args.compute_dtype != "float32")):
+        if on and (config is None or not config.calibrated):
+            what = config.describe() if config is not None else f"--method {args.method}"
+            raise UnweightError(f"{flag} goes with a calibrated method (wanda, sparsegpt, gptq, awq): "
+                                f"{what} uses no calibration data")
 
 
 def _layerwise(args):
@@ -236,7 +238,7 @@ def _layerwise(args):
     settings = {"n_samples": args.calib_samples, "seq_len": args.calib_seq_len, "act_order": args.act_order,
                 "static_groups": args.static_groups,
                 "outliers": parse_outliers(args.outliers),
-                "true_sequential": args.true_sequential}
+                "true_sequential": args.true_sequential, "compute_dtype": args.compute_dtype}
     if pruning:
         settings.update(sparsity=0.5 if args.sparsity is None else args.sparsity, pattern=args.pattern, quant=args.quant)
     if not pruning or args.quant:
@@ -317,6 +319,9 @@ def add_arguments(p):
                    help="calibrate each Linear on the outputs of the block's already-compressed Linears before it, "
                         "in the block's one forward (GPTQ's true-sequential; 0.7-0.8x the time: one forward per "
                         "block instead of two; the calibration windows run as one batch)")
+    g.add_argument("--compute-dtype", default="float32", choices=["float32", "bfloat16"],
+                   help="what the calibration forwards compute in (default: float32). bfloat16 (a bf16 checkpoint "
+                        "only): ~0.55x the time on CPUs with AVX512-BF16/AMX; statistics and methods stay float32")
     add_threads(p)
     p.add_argument("--json", action="store_true", help="print the size accounting and the config as JSON")
 
