@@ -83,9 +83,9 @@ class LinearStats:
       ``|W_ij| * ||X_j||``; importance weights for weighted K-means);
     - ``abs_mean``: the mean of |x_j| per input column (AWQ's activation scale).
 
-    Each batch is summed in float32 and the sums are accumulated in float64; the Hessian is kept in
-    float32 (GPTQ's choice; it is a mean of well-scaled terms), only its upper triangle computed. All on
-    the device the inputs arrive on.
+    Column sums are taken in float32 over strips of a batch's rows and accumulated in float64; the
+    Hessian is kept in float32 (GPTQ's choice; it is a mean of well-scaled terms), only its upper
+    triangle computed. All on the device the inputs arrive on.
     """
 
     in_features: int
@@ -99,17 +99,20 @@ class LinearStats:
     def add_batch(self, x: torch.Tensor) -> None:
         """Accumulate the inputs ``x`` (``[..., in_features]``)."""
         x = x.detach().reshape(-1, self.in_features)
-        xf = x.to(torch.float32)
         if "hessian" in self.want:
             if self._xtx is None:
                 self._xtx = torch.zeros(self.in_features, self.in_features, device=x.device)
-            _add_gram_upper(self._xtx, xf)
-        # per-batch sums in float32 (pairwise), accumulated across batches in float64
-        sq = xf.square().sum(0).to(torch.float64)
-        self._sq = sq if self._sq is None else self._sq.add_(sq)
-        if "abs_mean" in self.want:
-            ab = xf.abs().sum(0).to(torch.float64)
-            self._abs = ab if self._abs is None else self._abs.add_(ab)
+            _add_gram_upper(self._xtx, x.to(torch.float32))
+        if self._sq is None:
+            self._sq = torch.zeros(self.in_features, dtype=torch.float64, device=x.device)
+            self._abs = torch.zeros_like(self._sq) if "abs_mean" in self.want else None
+        # sums in float32 over strips of rows whose float32 copy stays in cache (true-sequential's one
+        # batch of 16K tokens: 4-5x faster than one pass over it), accumulated in float64
+        for part in x.split(_STRIP_ROWS):
+            pf = part.to(torch.float32)
+            self._sq.add_(pf.square().sum(0))
+            if self._abs is not None:
+                self._abs.add_(pf.abs().sum(0))
         self.n_tokens += x.shape[0]
 
     @property
@@ -142,6 +145,7 @@ def _add_gram_upper(acc: torch.Tensor, x: torch.Tensor) -> None:
         acc[i:i + strip, i:].addmm_(x[:, i:i + strip].T, x[:, i:])
 
 
+_STRIP_ROWS = 4096  # rows per pass of the column sums in LinearStats.add_batch (a batch of 8 x 512: one)
 Process = Callable[[int, str, nn.Linear, LinearStats], None]
 AfterBlock = Callable[[int, nn.Module, list[torch.Tensor]], None]
 
