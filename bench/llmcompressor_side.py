@@ -342,7 +342,8 @@ def time_unweight(args) -> int:
         method, settings = SETTINGS[name]
         model.load_state_dict(pristine)
         config = LayerwiseConfig.from_method(method, n_samples=N_SAMPLES, seq_len=SEQ_LEN,
-                                             true_sequential=args.true_sequential, **settings)
+                                             true_sequential=args.true_sequential, compute_dtype=args.dtype,
+                                             **settings)
         before = machine()
         start = time.perf_counter()
         compress_layerwise(model, tok, config, windows=calib, progress=False)

@@ -193,7 +193,8 @@ def main() -> int:
         method, setting = SETTINGS[name]
         work.load_state_dict(pristine)
         config = LayerwiseConfig.from_method(method, n_samples=args.n_samples, seq_len=args.seq_len,
-                                             true_sequential=args.true_sequential, **setting)
+                                             true_sequential=args.true_sequential, compute_dtype=args.dtype,
+                                             **setting)
         load = os.getloadavg()[0]
         start = time.perf_counter()
         compress_layerwise(work, tok, config, windows=calib, progress=False)

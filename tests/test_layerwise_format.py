@@ -418,6 +418,9 @@ def test_bf16_forwards_need_a_bf16_checkpoint(tiny_causal_lm, tmp_path, capsys):
     with pytest.raises(UnweightError, match="the blocks would run in torch.float32"):
         compress_layerwise(model, tok, LayerwiseConfig(prune="wanda", compute_dtype="bfloat16"), n_samples=2,
                            seq_len=16, progress=False)
+    held, _ = load_causal_lm(str(tiny_causal_lm), dtype=torch.bfloat16)  # and the config is what runs
+    with pytest.raises(UnweightError, match="compute_dtype is float32 but the blocks would run in torch.bfloat16"):
+        compress_layerwise(held, tok, LayerwiseConfig(prune="wanda"), n_samples=2, seq_len=16, progress=False)
 
 
 def test_bf16_forwards_keep_float32_statistics_and_nearly_the_same_result(tiny_llama):

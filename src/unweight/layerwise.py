@@ -210,16 +210,17 @@ def compress_layerwise(model: nn.Module, tokenizer, config: LayerwiseConfig, n_s
     must need no statistics that ``config`` does not. ``compute_dtype`` (e.g. float32 for a model held
     in bfloat16): blocks are calibrated and compressed in it one at a time (see
     :func:`unweight.calibrate.run_layerwise`); give ``weight_dtype`` = the held dtype with it.
-    ``config.compute_dtype`` other than float32 is checked, not applied: the model must be held in it
-    (casting a float32 model's blocks down and back would round its norms and biases).
+    ``config.compute_dtype`` is checked, not applied: the blocks must run in it, as held or cast to
+    ``compute_dtype`` (bfloat16 is never a cast: a float32 model's blocks cast down and back would lose
+    their norms' and biases' low bits).
     """
     layers = decoder_layers(model)
     prefix = next(n for n, m in model.named_modules() if m is layers)
-    if config.calibrated and config.compute_dtype != "float32":
+    if config.calibrated:
         runs_in = compute_dtype or next(layers.parameters()).dtype
         if runs_in != COMPUTE_DTYPES[config.compute_dtype]:
-            raise UnweightError(f"compute dtype {config.compute_dtype}: the blocks would run in {runs_in}; hold the "
-                                f"model in {config.compute_dtype} (load it so) and pass no compute_dtype")
+            raise UnweightError(f"config.compute_dtype is {config.compute_dtype} but the blocks would run in "
+                                f"{runs_in}: hold the model in {config.compute_dtype}, or pass compute_dtype")
 
     def wanted(name: str, _linear: nn.Linear = None) -> bool:
         return not any(x in name for x in config.exclude)
