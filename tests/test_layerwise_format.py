@@ -193,11 +193,10 @@ def _cli(argv):
 
 def _in_memory(folder, config: LayerwiseConfig):
     """The model compress_layerwise makes in memory from the same folder, windows and config."""
-    from unweight.layerwise import compress_layerwise
     from unweight.models import load_causal_lm
 
-    held = None if config.compute_dtype == "float32" else COMPUTE_DTYPES[config.compute_dtype]
-    model, tok = load_causal_lm(str(folder), dtype=held)  # bf16 forwards: held and run in bf16, as the CLI
+    # held in the dtype the forwards run in (bf16 forwards: held and run in bf16, as the CLI does)
+    model, tok = load_causal_lm(str(folder), dtype=COMPUTE_DTYPES[config.compute_dtype])
     compress_layerwise(model, tok, config, weight_dtype=torch.bfloat16, progress=False)
     return model
 
@@ -288,7 +287,6 @@ def test_a_gptq_recipe_gives_each_linear_its_own_width_and_outliers(tiny_llama, 
 
     import unweight  # noqa: F401
     from unweight.checkpoint import open_checkpoint
-    from unweight.layerwise import compress_layerwise
     from unweight.models import load_causal_lm
     from unweight.recipe import Recipe, dump, setting_bits
 
@@ -369,7 +367,6 @@ def test_a_model_that_is_no_causal_lm_is_refused(tiny_llama, tmp_path, capsys):
 def test_a_bf16_model_calibrated_in_float32_equals_the_float32_model(tiny_llama, config):
     """Holding the model in bfloat16 (half the memory) and computing each block in float32 gives the
     float32 model's result bit for bit, artifacts included."""
-    from unweight.layerwise import compress_layerwise
     from unweight.models import load_causal_lm
 
     results = []
@@ -393,7 +390,6 @@ def test_a_bf16_model_calibrated_in_float32_equals_the_float32_model(tiny_llama,
 def test_calibrating_in_float32_gives_each_tensor_its_own_dtype_back(tiny_llama):
     """A block that mixes dtypes (a norm kept in float32 in a bf16 model) keeps them after
     run_layerwise(compute_dtype=float32) casts it up to compute."""
-    from unweight.layerwise import compress_layerwise
     from unweight.models import load_causal_lm
 
     model, tok = load_causal_lm(str(tiny_llama), dtype=torch.bfloat16)
@@ -431,7 +427,7 @@ def test_bf16_forwards_keep_float32_statistics_and_nearly_the_same_result(tiny_l
     from unweight.models import load_causal_lm
 
     got = {}
-    for dtype in (torch.float32, torch.bfloat16):
+    for compute, dtype in COMPUTE_DTYPES.items():
         model, tok = load_causal_lm(str(tiny_llama), dtype=dtype)
         windows = calibration_windows(tok, 4, 32, seed=0)
         hessians = {}
@@ -439,7 +435,7 @@ def test_bf16_forwards_keep_float32_statistics_and_nearly_the_same_result(tiny_l
         def keep(index, name, linear, stats, hessians=hessians):
             hessians[index, name] = stats.hessian
         run_layerwise(model, windows, keep, stats=("hessian",), progress=False)
-        config = LayerwiseConfig(prune="sparsegpt", n_samples=4, seq_len=32, compute_dtype=str(dtype)[6:])
+        config = LayerwiseConfig(prune="sparsegpt", n_samples=4, seq_len=32, compute_dtype=compute)
         artifacts = {}
         compress_layerwise(model, tok, config, artifacts=artifacts, progress=False)
         got[dtype] = hessians, artifacts
