@@ -6,7 +6,7 @@ import torch
 
 from unweight import UnweightError
 from unweight.quant.awq import output_error
-from unweight.quant.gptq import gptq_fake_quantize, gptq_quantize, inverse_hessian_cholesky
+from unweight.quant.gptq import gptq_fake_quantize, gptq_quantize, inverse_hessian_cholesky, lower_inverse
 from unweight.quant.rtn import SCHEMES, n_groups, rtn_dequantize, rtn_fake_quantize, rtn_quantize
 
 
@@ -81,10 +81,20 @@ def test_dead_inputs_and_indefinite_hessians():
         gptq_quantize(w, torch.eye(32), 4, 32)
 
 
-def test_inverse_hessian_cholesky_is_the_upper_factor_of_the_dampened_inverse():
-    _, h = layer(rows=4, cols=96, n=512)
+@pytest.mark.parametrize("n,leaf", [(1, 128), (7, 2), (129, 128), (300, 16), (513, 64)])
+def test_lower_inverse_by_halves_is_the_triangular_inverse(n, leaf):
+    x = torch.randn(2 * n, n, generator=torch.Generator().manual_seed(n), dtype=torch.float64)
+    lower = torch.linalg.cholesky(x.T @ x / (2 * n) + 0.1 * torch.eye(n, dtype=torch.float64))
+    inv = lower_inverse(lower, leaf)
+    assert torch.equal(inv, torch.tril(inv))
+    torch.testing.assert_close(lower @ inv, torch.eye(n, dtype=torch.float64), rtol=0, atol=1e-9)
+
+
+@pytest.mark.parametrize("cols", [96, 300])  # 300: the inverse is taken by halves
+def test_inverse_hessian_cholesky_is_the_upper_factor_of_the_dampened_inverse(cols):
+    _, h = layer(rows=4, cols=cols, n=512)
     u, dead = inverse_hessian_cholesky(h, 0.01)
     assert not dead.any() and torch.equal(u, torch.triu(u)) and (torch.diag(u) > 0).all()
-    h64 = h.double() + 0.01 * torch.diag(h.double()).mean() * torch.eye(96, dtype=torch.float64)
+    h64 = h.double() + 0.01 * torch.diag(h.double()).mean() * torch.eye(cols, dtype=torch.float64)
     ref = torch.linalg.cholesky(torch.linalg.inv(h64), upper=True)  # the reference code's route
     torch.testing.assert_close(u.double(), ref, rtol=1e-3, atol=1e-6 * ref.abs().max().item())
