@@ -7,7 +7,7 @@ import torch
 from transformers import Gemma3ForCausalLM, Gemma3TextConfig, LlamaConfig, LlamaForCausalLM
 
 from unweight import UnweightError
-from unweight.calibrate import (LinearStats, block_linears, calibration_windows, decoder_layers,
+from unweight.calibrate import (LinearStats, Lockstep, block_linears, calibration_windows, decoder_layers,
                                 run_layerwise)
 from unweight.layerwise import LayerwiseConfig, compress_layerwise
 from unweight.prune import is_nm, magnitude_prune
@@ -94,7 +94,7 @@ def test_statistics_are_those_of_each_linears_inputs():
         if index == 1:
             stats[name] = st
 
-    run_layerwise(model, ids, process, stats=("hessian", "abs_mean"), batch_size=2, progress=False)
+    run_layerwise(model, ids, process, stats=("hessian", "sq_norm", "abs_mean"), batch_size=2, progress=False)
     assert list(stats) == ["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
                            "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj"]
     assert stats["self_attn.q_proj"] is stats["self_attn.v_proj"]  # one accumulator per distinct input
@@ -105,8 +105,9 @@ def test_statistics_are_those_of_each_linears_inputs():
         torch.testing.assert_close(st.hessian.double(), x.T @ x / x.shape[0], rtol=1e-4, atol=1e-5)
         torch.testing.assert_close(st.sq_norm.double(), x.square().sum(0), rtol=1e-5, atol=1e-6)
         torch.testing.assert_close(st.abs_mean.double(), x.abs().mean(0), rtol=1e-5, atol=1e-6)
-    with pytest.raises(UnweightError, match="abs_mean"):
-        LinearStats(4, frozenset({"hessian"})).abs_mean
+    for name in ("abs_mean", "sq_norm"):  # what was not asked for is not computed
+        with pytest.raises(UnweightError, match=name):
+            getattr(LinearStats(4, frozenset({"hessian"})), name)
 
 
 @pytest.mark.parametrize("make,true_sequential", [(tiny_llama, False), (tiny_gemma3, False),
@@ -272,3 +273,66 @@ def test_true_sequential_calibrates_each_linear_on_the_compressed_inputs(true_se
         agree[key] = torch.allclose(h, x.T @ x / x.shape[0], rtol=1e-4, atol=1e-5)
     assert all(agree[(i, n)] for i in range(3) for n in ("self_attn.q_proj", "self_attn.v_proj"))
     assert all(agree.values()) == true_sequential
+
+
+def test_lockstep_runs_one_call_at_a_time_and_meets_at_each_label():
+    events = []
+    lockstep = Lockstep()
+
+    def call(b):
+        def run():
+            for label in ("a", "b"):
+                events.append((b, label))
+                lockstep.meet(label, lambda label=label: events.append(("all", label)))
+            return b * 10
+        return run
+
+    assert lockstep.run([call(b) for b in range(3)]) == [0, 10, 20]
+    assert events == [(0, "a"), (1, "a"), (2, "a"), ("all", "a"), (0, "b"), (1, "b"), (2, "b"), ("all", "b")]
+
+
+def test_lockstep_raises_a_calls_error_and_catches_diverging_calls():
+    lockstep = Lockstep()
+
+    def failing(b):
+        def run():
+            lockstep.meet("a", lambda: None)
+            if b == 1:
+                raise ValueError("call 1 failed")
+            lockstep.meet("b", lambda: None)
+        return run
+
+    with pytest.raises(ValueError, match="call 1 failed"):  # the others end instead of waiting forever
+        lockstep.run([failing(b) for b in range(3)])
+
+    def diverging(b):
+        return lambda: lockstep.meet("a" if b != 1 else "b", lambda: None)
+
+    with pytest.raises(UnweightError, match="different paths"):
+        lockstep.run([diverging(b) for b in range(3)])
+
+
+@pytest.mark.parametrize("make", [tiny_llama, tiny_gemma3])
+def test_true_sequential_in_batches_equals_one_batch(make):
+    """Lockstep batches compress exactly what one batch of every window would (up to float sums)."""
+    ids = windows(n=5)
+    results = []
+    for batch_size in (2, 5):
+        model = make()
+        config = LayerwiseConfig.from_method("sparsegpt", pattern="2:4", bits=4, true_sequential=True,
+                                             batch_size=batch_size)
+        compress_layerwise(model, None, config, windows=ids, progress=False)
+        results.append({n: p.detach().clone() for n, p in model.named_parameters()})
+    for name, p in results[0].items():
+        torch.testing.assert_close(p, results[1][name], rtol=1e-4, atol=1e-5, msg=name)
+
+
+def test_an_error_while_compressing_in_lockstep_is_raised():
+    model, ids = tiny_llama(), windows(n=5)
+
+    def process(index, name, linear, stats):
+        if name == "self_attn.o_proj":
+            raise UnweightError(f"cannot compress {name}")
+
+    with pytest.raises(UnweightError, match="cannot compress self_attn.o_proj"):
+        run_layerwise(model, ids, process, batch_size=2, progress=False, true_sequential=True)

@@ -13,7 +13,7 @@ import pytest
 import torch
 from torch import nn
 
-from unweight.calibrate import LinearStats
+from unweight.calibrate import STATS, LinearStats
 from unweight.cli import main
 from unweight.errors import UnweightError
 from unweight.formats import decode_tensors, same_bits
@@ -34,7 +34,7 @@ def _compressed(config: LayerwiseConfig, dtype=torch.bfloat16, seed=0):
     g = torch.Generator().manual_seed(seed)
     linear = nn.Linear(COLS, ROWS, bias=False)
     linear.weight.data = (torch.randn(ROWS, COLS, generator=g) * 0.05).to(dtype).float()
-    stats = LinearStats(COLS, frozenset({"hessian", "abs_mean"}))
+    stats = LinearStats(COLS, frozenset(STATS))
     x = torch.randn(256, COLS, generator=g)
     x[:, :5] *= 20
     stats.add_batch(x)
@@ -103,7 +103,7 @@ def test_outliers_come_back_exactly_cost_their_bits_and_lower_the_output_error(q
     for r, c in PLANTED:
         w[r, c] = 5.0 if r % 2 else -5.0
     x = torch.randn(512, COLS, generator=g)
-    stats = LinearStats(COLS, frozenset({"hessian", "abs_mean"}))
+    stats = LinearStats(COLS, frozenset(STATS))
     stats.add_batch(x)
     errors = {}
     for outliers in (None, 2):

@@ -106,6 +106,8 @@ class LayerwiseConfig:
             need.add("hessian")
         if self.quant == "awq":
             need.add("abs_mean")
+        if self.prune == "wanda":
+            need.add("sq_norm")
         return tuple(sorted(need))
 
     @property
