@@ -318,7 +318,7 @@ def add_arguments(p):
     g.add_argument("--true-sequential", action="store_true",
                    help="calibrate each Linear on the outputs of the block's already-compressed Linears before it, "
                         "in the block's one forward (GPTQ's true-sequential; 0.7-0.8x the time: one forward per "
-                        "block instead of two; the calibration windows run as one batch)")
+                        "block instead of two, its batches in lockstep)")
     g.add_argument("--compute-dtype", default="float32", choices=["float32", "bfloat16"],
                    help="what the calibration forwards compute in (default: float32). bfloat16 (a bf16 checkpoint "
                         "only): ~0.55x the time on CPUs with AVX512-BF16/AMX; statistics and methods stay float32")
