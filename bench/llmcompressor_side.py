@@ -406,8 +406,8 @@ DEVIATIONS = [
 ]
 TRUE_SEQUENTIAL = ("unweight ran true-sequential (prune_quant --true-sequential): each Linear calibrated on the "
                    "outputs of its block's already-compressed Linears, in one forward per block (its batches of 8 "
-                   "in lockstep, each waiting at every Linear until all have reached it); llm-compressor calibrates a whole block on one forward of the block as it was, then "
-                   "recomputes its outputs")
+                   "in lockstep, each waiting at every Linear until all have reached it); llm-compressor "
+                   "calibrates a whole block on one forward of the block as it was, then recomputes its outputs")
 
 
 def evaluate_all(args) -> int:

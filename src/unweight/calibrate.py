@@ -386,6 +386,7 @@ class Lockstep:
             self._check(label)
             when_all()
         self._hand_on(b)
+        self._wait(b)
 
     def run(self, calls: Sequence[Callable[[], object]]) -> list:
         """The calls' results, in order (each run with gradients off, as the driver runs)."""
@@ -401,7 +402,7 @@ class Lockstep:
                 self._labels[b] = self._END
                 if b == self._n - 1:
                     self._check(self._END)
-                self._hand_on(b, wait=False)
+                self._hand_on(b)
             except _Aborted:
                 pass
             except BaseException as e:  # noqa: BLE001 - handed to run(), which raises it
@@ -426,12 +427,10 @@ class Lockstep:
             names = ["(returned)" if x is self._END else x for x in self._labels]
             raise UnweightError(f"the batches took different paths through the block: {names}")
 
-    def _hand_on(self, b: int, wait: bool = True) -> None:
+    def _hand_on(self, b: int) -> None:
         with self._cond:
             self._turn = (b + 1) % self._n
             self._cond.notify_all()
-        if wait:
-            self._wait(b)
 
     def _wait(self, b: int) -> None:
         with self._cond:
@@ -491,6 +490,7 @@ def _collect(block: nn.Module, hidden: Sequence[torch.Tensor], kwargs: Sequence[
         for b, (h, kw) in enumerate(zip(hidden, kwargs)):
             current[0] = b
             seen.clear()
+            last.clear()  # a finished batch's inputs are not held on to
             try:
                 block(h, **kw)
             except _StopForward:
