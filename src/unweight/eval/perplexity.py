@@ -13,6 +13,7 @@ top-1 agreement are computed on the same windows, one window at a time (never al
 
 from __future__ import annotations
 
+import itertools
 import math
 import resource
 import time
@@ -92,6 +93,12 @@ def window_bytes(tokenizer, windows: torch.Tensor) -> int:
     return sum(len(tokenizer.decode(w[1:].tolist()).encode("utf-8")) for w in windows)
 
 
+def _device(model) -> torch.device:
+    """Where ``model``'s first parameter (or buffer) is; the CPU for a model with neither."""
+    t = next(itertools.chain(model.parameters(), model.buffers()), None)
+    return t.device if t is not None else torch.device("cpu")
+
+
 @torch.no_grad()
 def _logits(model, window: torch.Tensor) -> torch.Tensor:
     return model(input_ids=window[None]).logits[0, :-1].float()
@@ -100,11 +107,14 @@ def _logits(model, window: torch.Tensor) -> torch.Tensor:
 @torch.no_grad()
 def evaluate(model, windows: torch.Tensor, tokenizer=None, base=None, progress: bool = True,
              desc: str = "eval") -> EvalResult:
-    """Score ``model`` on ``windows``; with ``base`` also KL(base || model) and top-1 agreement."""
+    """Score ``model`` on ``windows`` (moved to its device); with ``base`` also KL(base || model) and top-1
+    agreement."""
     nll_sum, kl_sum, agree, tokens = 0.0, 0.0, 0, 0
     model_seconds = 0.0
     start = time.perf_counter()
+    device = _device(model)
     for window in tqdm(windows, desc=desc, unit="window", disable=not progress):
+        window = window.to(device)
         t0 = time.perf_counter()
         logits = _logits(model, window)
         model_seconds += time.perf_counter() - t0
@@ -114,7 +124,7 @@ def evaluate(model, windows: torch.Tensor, tokenizer=None, base=None, progress: 
         nll_sum += -logp.gather(1, targets[:, None]).sum().item()
         tokens += targets.numel()
         if base is not None:
-            base_logp = F.log_softmax(_logits(base, window), dim=-1)
+            base_logp = F.log_softmax(_logits(base, window.to(_device(base))), dim=-1).to(device)
             kl_sum += F.kl_div(logp, base_logp, log_target=True, reduction="sum").item()
             agree += (base_logp.argmax(-1) == logp.argmax(-1)).sum().item()
             del base_logp
