@@ -38,10 +38,10 @@ def test_prune_sweep_matches_the_reference(nm):
         torch.testing.assert_close(a.float(), b.float(), rtol=1e-5, atol=1e-7)
 
 
-@pytest.mark.parametrize("scheme", ["asym_int", "sym", "asym_float"])
-@pytest.mark.parametrize("extras", [False, True])
-def test_quant_sweep_matches_the_reference(scheme, extras):
-    w, hinv = block(seed=2)
+def run_quant(sweeps, scheme, extras, rows=48):
+    """Each sweep's ``(W1, Q1, Err1)`` on the same 3-bit, group-16 block, swept in two segments;
+    and the pruned mask and zero points."""
+    w, hinv = block(rows=rows, seed=2)
     s, z = rtn_qparams(w, 3, 16, scheme)
     S1 = s.repeat_interleave(16, dim=1).contiguous()
     Z1 = z.to(torch.float32).repeat_interleave(16, dim=1).contiguous()
@@ -50,11 +50,18 @@ def test_quant_sweep_matches_the_reference(scheme, extras):
     fixed = torch.rand(w.shape, generator=g) < 0.02 if extras else None
     orig = w.clone() if extras else None
     outs = []
-    for sweep in (quant_sweep, quant_sweep_reference):
+    for sweep in sweeps:
         W1, Q1, err = w.clone(), torch.zeros_like(w), torch.zeros_like(w)
         sweep(W1, hinv, 0, 40, S1, Z1, 7, scheme == "asym_float", pruned, fixed, orig, Q1, err)
         sweep(W1, hinv, 40, 64, S1, Z1, 7, scheme == "asym_float", pruned, fixed, orig, Q1, err)
         outs.append((W1, Q1, err))
+    return outs, pruned, Z1
+
+
+@pytest.mark.parametrize("scheme", ["asym_int", "sym", "asym_float"])
+@pytest.mark.parametrize("extras", [False, True])
+def test_quant_sweep_matches_the_reference(scheme, extras):
+    outs, pruned, Z1 = run_quant((quant_sweep, quant_sweep_reference), scheme, extras)
     (fw, fq, fe), (rw, rq, re) = outs
     assert (fq == rq).float().mean() > 0.995  # a level may flip where float rounding differs
     assert fq.min() >= 0 and fq.max() <= 7 and torch.equal(fq, fq.round())
@@ -89,3 +96,38 @@ def test_compiled_switch_off_runs_the_reference_loops(monkeypatch):
         f(W1, hinv, 0, 64, S1, Z1, 7, False, None, None, None, Q1, err)
         quantized.append((W1, Q1, err))
     assert all(torch.equal(a, b) for a, b in zip(*quantized))
+
+
+@pytest.fixture
+def interpreted():
+    """The Triton sweeps, run on the CPU by Triton's interpreter (conftest sets TRITON_INTERPRET;
+    CUDA runs them compiled)."""
+    sweep_triton = pytest.importorskip("unweight.quant.sweep_triton")
+    if not sweep_triton.triton.knobs.runtime.interpret:
+        pytest.skip("Triton was imported without TRITON_INTERPRET=1: its kernels would need a GPU")
+    return sweep_triton
+
+
+@pytest.mark.parametrize("nm", [None, (2, 4), (4, 8)])
+def test_triton_prune_sweep_matches_the_compiled_one(interpreted, nm):
+    w, hinv = block(rows=37, cols=96)  # rows not a multiple of the programs' 16; a block narrower than its tile
+    keep = torch.rand(w.shape, generator=torch.Generator().manual_seed(1)) > 0.5
+    big = torch.zeros(128, 128, dtype=hinv.dtype).T  # column-major, as inverse_hessian_cholesky's
+    big[16:112, 16:112] = hinv
+    view = big[16:112, 16:112]  # a strided view, as the callers pass a block's
+    tri = run_prune(interpreted.prune_sweep, w, view, keep, nm)
+    fast = run_prune(prune_sweep, w, hinv, keep, nm)
+    assert torch.equal(tri[1], fast[1])  # the same weights pruned
+    assert (tri[0][~tri[1]] == 0).all()
+    for a, b in zip(tri, fast):
+        assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("scheme", ["asym_int", "sym", "asym_float"])
+@pytest.mark.parametrize("extras", [False, True])
+def test_triton_quant_sweep_matches_the_compiled_one(interpreted, scheme, extras):
+    outs, pruned, Z1 = run_quant((interpreted.quant_sweep, quant_sweep), scheme, extras, rows=37)
+    for a, b in zip(*outs):
+        assert torch.equal(a, b)
+    if pruned is not None:
+        assert torch.equal(outs[0][1][pruned], Z1[pruned])

@@ -10,16 +10,20 @@ compiled kernels here run row by row over a contiguous block, which removes the 
 tensor-call overhead that dominated both methods on CPU (about 0.2 ms per column, 34 s of a
 SparseGPT 2:4 run on smollm2-135m with 8 x 512 calibration tokens).
 
-Each kernel has a readable torch reference (``*_reference``, the reference code's column loop),
-used for tensors that are not on the CPU and by the tests, which check that both agree.
+Each kernel has a readable torch reference (``*_reference``, the reference code's column loop), used
+by the tests, which check that both agree, and for tensors that are neither on the CPU nor on a CUDA
+device with Triton (whose kernels, :mod:`unweight.quant.sweep_triton`, run CUDA's sweeps).
 """
 
 from __future__ import annotations
+
+import importlib.util
 
 import numpy as np
 import torch
 from numba import njit
 
+_HAS_TRITON = importlib.util.find_spec("triton") is not None
 COMPILED = True  # False: every sweep runs its torch reference loop (bench/numerics_sensitivity.py)
 
 
@@ -85,6 +89,10 @@ def prune_sweep(W1: torch.Tensor, Hinv1: torch.Tensor, keep1: torch.Tensor,
     compensated, ``Err1`` receives the scaled errors; ``keep1`` (bool) is the block's keep-mask, read
     (unstructured) or written (``nm=(n, m)``: at every m-th column the n of highest saliency
     ``w^2 / U_jj^2`` are kept in each row, ties pruning the lower index first)."""
+    if _on_cuda(W1, Hinv1, keep1, Err1):
+        from unweight.quant import sweep_triton
+
+        return sweep_triton.prune_sweep(W1, Hinv1, keep1, nm, Err1)
     if not _on_cpu(Hinv1, W1, keep1, Err1):
         return prune_sweep_reference(W1, Hinv1, keep1, nm, Err1)
     n, m = nm if nm is not None else (0, 0)
@@ -152,6 +160,10 @@ def quant_sweep(W1: torch.Tensor, Hinv1: torch.Tensor, a: int, b: int, S1: torch
     ``z + s * q`` with ``asym_float``), pruned ones (``pruned1``) go to the level ``z`` and 0, exact
     ones (``fixed1``) keep ``orig1``; ``Q1`` gets the levels (as floats), ``Err1`` the scaled errors,
     and ``W1``'s columns ``i..B-1`` the compensation. The arithmetic is RTN's, in float32."""
+    if _on_cuda(W1, Hinv1, S1, Z1, Q1, Err1):
+        from unweight.quant import sweep_triton
+
+        return sweep_triton.quant_sweep(W1, Hinv1, a, b, S1, Z1, qmax, asym_float, pruned1, fixed1, orig1, Q1, Err1)
     if not _on_cpu(Hinv1, W1, S1, Z1, Q1, Err1):
         return quant_sweep_reference(W1, Hinv1, a, b, S1, Z1, qmax, asym_float, pruned1, fixed1,
                                      orig1, Q1, Err1)
@@ -160,6 +172,13 @@ def quant_sweep(W1: torch.Tensor, Hinv1: torch.Tensor, a: int, b: int, S1: torch
                  asym_float, none_b if pruned1 is None else pruned1.contiguous().numpy(),
                  none_b if fixed1 is None else fixed1.contiguous().numpy(),
                  none_f if orig1 is None else orig1.contiguous().numpy(), Q1.numpy(), Err1.numpy())
+
+
+def _on_cuda(W1: torch.Tensor, Hinv1: torch.Tensor, *written: torch.Tensor) -> bool:
+    """True when the Triton kernels can run this block: compiled kernels on, CUDA tensors, Triton
+    importable, float32 at most 256 columns wide, the written tensors contiguous."""
+    return COMPILED and W1.is_cuda and W1.dtype == torch.float32 and W1.shape[1] <= 256 \
+        and all(t.is_contiguous() for t in (W1, *written)) and _HAS_TRITON
 
 
 def _on_cpu(*tensors: torch.Tensor) -> bool:
