@@ -342,6 +342,11 @@ def test_a_truncated_part_in_a_folder_names_file_and_tensor(tiny_llama, tmp_path
     (["--method", "kmeans", "--pattern", "2:4"], "go with a pruning method"),
     (["--method", "magnitude", "--quant", "rtn", "--true-sequential"], "--true-sequential goes with a calibrated"),
     (["--method", "rtn", "--compute-dtype", "bfloat16"], "--compute-dtype goes with a calibrated"),
+    (["--method", "kmeans", "--device", "cuda"], "--device goes with a calibrated"),
+    (["--method", "wanda", "--device", "tpu9"], "--device 'tpu9': not a device name"),
+    (["--method", "wanda", "--device", "mps"], "--device mps: only cpu and cuda are supported"),
+    pytest.param(["--method", "gptq", "--device", "cuda"], "sees no CUDA device",
+                 marks=pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has CUDA")),
 ])
 def test_bad_requests_are_one_clear_line(tiny_llama, tmp_path, argv, message, capsys):
     rc = main(["compress", str(tiny_llama), str(tmp_path / "out"), *argv])

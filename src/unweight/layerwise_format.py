@@ -260,12 +260,13 @@ FORMAT = register(Format(quant_method="unweight-layerwise", tag=TAG, version=FOR
 # ----------------------------------------------------------------------------- a whole model
 
 def layerwise_encoder(src: str | os.PathLike, config: LayerwiseConfig, progress: bool = True,
-                      config_for: Callable[[str], LayerwiseConfig] | None = None):
+                      config_for: Callable[[str], LayerwiseConfig] | None = None, device: str | None = None):
     """Compress the causal LM in the HF folder ``src`` with ``config`` (calibrated on ``config.n_samples``
     windows of ``config.seq_len``); returns ``(encode, model)``: ``encode(name, tensor)`` for
     :func:`unweight.formats.compress_checkpoint` (parts for every compressed Linear weight, None for the
     rest), and the compressed model, whose weights are exactly what the written folder loads as.
-    ``config_for``: each Linear's own config (see :func:`unweight.layerwise.compress_layerwise`)."""
+    ``config_for``: each Linear's own config; ``device``: where each block is calibrated and compressed,
+    the model staying on the CPU (both as :func:`unweight.layerwise.compress_layerwise` takes them)."""
     from unweight.checkpoint import ST_DTYPES, open_checkpoint
     from unweight.layerwise import compress_layerwise
     from unweight.models import load_causal_lm
@@ -291,7 +292,8 @@ def layerwise_encoder(src: str | os.PathLike, config: LayerwiseConfig, progress:
     model, tok = load_causal_lm(str(ckpt.path), dtype=hold)
     artifacts: dict[str, LinearArtifacts] = {}
     compress_layerwise(model, tok, config, artifacts=artifacts, weight_dtype=weight_dtype, progress=progress,
-                       config_for=config_for, compute_dtype=None if hold in (None, compute) else torch.float32)
+                       config_for=config_for, compute_dtype=None if hold in (None, compute) else torch.float32,
+                       device=device)
     names, params = set(ckpt.names()), dict(model.named_parameters())
     missing = [f"{m}.weight" for m in artifacts if f"{m}.weight" not in names or f"{m}.weight" not in params]
     if missing:

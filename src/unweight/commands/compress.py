@@ -206,17 +206,31 @@ def _check_pruning_flags(args) -> None:
 
 
 def _check_layerwise_flags(args, config) -> None:
-    """GPTQ's flags, --true-sequential and --compute-dtype are refused wherever they would be ignored:
+    """GPTQ's flags, --true-sequential, --compute-dtype and --device are refused wherever they would be ignored:
     ``config`` is the layer-by-layer config, None for a method that is not layer by layer."""
     for flag, on in (("--act-order", args.act_order), ("--static-groups", args.static_groups)):
         if on and (config is None or config.quant != "gptq"):
             raise UnweightError(f"{flag} goes with GPTQ (--method gptq, or a pruning method with --quant gptq)")
     for flag, on in (("--true-sequential", args.true_sequential),
-                     ("--compute-dtype", args.compute_dtype != "float32")):
+                     ("--compute-dtype", args.compute_dtype != "float32"), ("--device", args.device != "cpu")):
         if on and (config is None or not config.calibrated):
             what = config.describe() if config is not None else f"--method {args.method}"
             raise UnweightError(f"{flag} goes with a calibrated method (wanda, sparsegpt, gptq, awq): "
                                 f"{what} uses no calibration data")
+
+
+def _check_device(device: str) -> None:
+    """``--device`` names a device this torch can run on."""
+    import torch
+
+    try:
+        where = torch.device(device)
+    except RuntimeError:
+        raise UnweightError(f"--device {device!r}: not a device name (cpu, cuda, cuda:1 ...)") from None
+    if where.type == "cuda" and not torch.cuda.is_available():
+        raise UnweightError(f"--device {device}: this torch ({torch.__version__}) sees no CUDA device")
+    if where.type not in ("cpu", "cuda"):
+        raise UnweightError(f"--device {device}: only cpu and cuda are supported")
 
 
 def _layerwise(args):
@@ -245,6 +259,7 @@ def _layerwise(args):
         settings.update(bits=args.bits, group_size=args.group_size, scheme=args.scheme)
     config = LayerwiseConfig.from_method(args.method, **settings)
     _check_layerwise_flags(args, config)
+    _check_device(args.device)
     if Path(args.out).exists() and not args.force:  # found now, not after the calibration
         raise UnweightError(f"{args.out}: already exists (pass --force to replace it)")
     config_for, entries = None, {}
@@ -258,7 +273,7 @@ def _layerwise(args):
                 cache[module] = replace(config, bits=s["bits"], group_size=s["group_size"], scheme=s["scheme"],
                                         outliers=s["outliers"])
             return cache[module]
-    encode, _ = layerwise_encoder(args.src, config, config_for=config_for)
+    encode, _ = layerwise_encoder(args.src, config, config_for=config_for, device=args.device)
     return FORMAT, encode, {**quantization_entries(config, args.method), **entries}
 
 
@@ -322,6 +337,10 @@ def add_arguments(p):
     g.add_argument("--compute-dtype", default="float32", choices=["float32", "bfloat16"],
                    help="what the calibration forwards compute in (default: float32). bfloat16 (a bf16 checkpoint "
                         "only): ~0.55x the time on CPUs with AVX512-BF16/AMX; statistics and methods stay float32")
+    g.add_argument("--device", default="cpu",
+                   help="where each block is calibrated and compressed, the model staying on the CPU (default: cpu; "
+                        "cuda runs GPTQ's and SparseGPT's sweeps as Triton kernels: on an H200 smollm2-135m's GPTQ "
+                        "takes 1.9 s)")
     add_threads(p)
     p.add_argument("--json", action="store_true", help="print the size accounting and the config as JSON")
 
