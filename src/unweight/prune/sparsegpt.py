@@ -39,7 +39,7 @@ def sparsegpt_prune(w: torch.Tensor, hessian: torch.Tensor, sparsity: float = 0.
             raise UnweightError(f"N:M {n}:{m} needs in_features ({cols}) and the block size "
                                 f"({block_size}) divisible by {m}")
     W = w.detach().to(torch.float32).clone()
-    h = hessian.detach().to(W.device, torch.float64)
+    h = hessian.detach().to(W.device)
     W[:, torch.diag(h) == 0] = 0.0
     hinv, _ = inverse_hessian_cholesky(h, damp)
     keep = torch.ones(rows, cols, dtype=torch.bool, device=W.device)

@@ -59,16 +59,17 @@ def inverse_hessian_cholesky(hessian: torch.Tensor, damp: float = DEFAULT_DAMP
     """
     dead = torch.diag(hessian) == 0
     for dtype in (torch.float32, torch.float64):
-        h = hessian.detach().to(dtype).clone()
-        h[dead, dead] = 1.0
-        eye = torch.eye(h.shape[0], dtype=dtype, device=h.device)
-        mean_diag = torch.diag(h).mean()
-        flipped = h.flip(0, 1)  # J H J, J the reversal
+        flipped = hessian.detach().flip(0, 1).to(dtype)  # J H J, J the reversal: the one copy of H
+        diagonal = flipped.diagonal()  # a view; diag(J H J) is diag(H) reversed
+        diagonal[dead.flip(0)] = 1.0
+        mean_diag = diagonal.flip(0).mean()  # summed in H's order
+        held = diagonal.clone()
         for attempt in range(MAX_DAMP_RETRIES):
             # J H J = L L^T gives H = R R^T with R = J L J upper, so H^-1 = U^T U with U = R^-1 =
             # J L^-1 J: one Cholesky and one triangular inverse (the reference code's second
             # Cholesky of the explicit inverse, and torch.cholesky_inverse, cost 2-10x more on CPU)
-            factor, info = torch.linalg.cholesky_ex(flipped + damp * (10 ** attempt) * mean_diag * eye)
+            diagonal.copy_(held + damp * (10 ** attempt) * mean_diag)
+            factor, info = torch.linalg.cholesky_ex(flipped)
             if info != 0:
                 continue
             upper = lower_inverse(factor).flip(0, 1)
@@ -114,7 +115,7 @@ def gptq_quantize(w: torch.Tensor, hessian: torch.Tensor, bits: int = 4, group_s
     g = cols if group_size <= 0 or group_size >= cols else group_size
     qmax = (1 << bits) - 1
     W = w.detach().to(torch.float32).clone()
-    h = hessian.detach().to(W.device, torch.float64)
+    h = hessian.detach().to(W.device)
     W[:, torch.diag(h) == 0] = 0.0  # inputs that never fire: their weights do not matter
     pruned_mask = None if mask is None else ~mask.to(W.device, torch.bool)
     fixed = None if exact is None or not bool(exact.any()) else exact.to(W.device, torch.bool)
