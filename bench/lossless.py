@@ -10,9 +10,13 @@ smollm2-135m and gemma3-270m are the bundled GGUFs (Q4_1 / Q4_K_M) converted to 
 are 4-bit-derived, so their ratios are flattering, and only ``--dtypes bf16`` is their own dtype
 (the others would be casts).
 
-ratio = compressed bytes / original bytes; MB/s counts original bytes (10^6) per second of wall
-time, best of ``--reps`` runs, methods interleaved so that machine load hits all of them alike;
-at one thread also per CPU second of the process (steadier when other jobs share the machine).
+ratio = compressed bytes / original bytes (unweight: its parts' tensor bytes). ``file`` (unweight and
+lmzip, whose archives hold their names and headers): the compressed file against the same tensors
+saved as one safetensors file, JSON headers included on both sides; unweight writes up to seven named
+parts per tensor, and each costs a JSON entry that the payload ratio leaves out. MB/s counts original
+bytes (10^6) per second of wall time, best of ``--reps`` runs, methods interleaved so that machine load
+hits all of them alike; at one thread also per CPU second of the process (steadier when other jobs
+share the machine).
 Decode times stop when the method has returned its output; comparing it with the input comes
 after the clock (it used to be inside it, which charged each method its own comparison's speed).
 Every method's output is decoded and compared with the input; one that does not round-trip is
@@ -33,6 +37,8 @@ from pathlib import Path
 import numpy as np
 import torch
 import zstandard
+
+from safetensors.torch import save
 
 from unweight.lossless import decode_tensor, encode_tensor, order0_bits, split_fields
 
@@ -117,7 +123,10 @@ def m_unweight(tensors, threads):
 
     def size(payload):
         return sum(v.numel() * v.element_size() for p in payload.values() for v in p.values())
-    return enc, dec, check, size
+
+    def file_size(payload):  # the parts as one safetensors file, its JSON header (a name per part) included
+        return len(save({k + s: v for k, p in payload.items() for s, v in p.items()}))
+    return enc, dec, check, size, file_size
 
 
 def m_zstd(tensors, threads):
@@ -178,7 +187,7 @@ def m_lmzip(tensors, threads, tmp: Path):
     def check(path):
         return path.read_bytes() == raw
     return enc, dec, check, lambda size: size * sum(t.numel() * t.element_size()
-                                                    for t in tensors.values()) / len(raw)
+                                                    for t in tensors.values()) / len(raw), lambda size: size
 
 
 # ---------------------------------------------------------------------------------------------
@@ -186,6 +195,7 @@ def m_lmzip(tensors, threads, tmp: Path):
 
 def bench_dtype(tensors, dtype_name, reps, tmp, threads_list=None, only=None):
     raw_bytes = sum(t.numel() * t.element_size() for t in tensors.values())
+    st_bytes = len(save({k: t.contiguous() for k, t in tensors.items()}))  # the same tensors as a safetensors file
     bound = sum(order0_bits(t) * t.numel() for t in tensors.values()) / 8 / raw_bytes
     makers = {
         "unweight": lambda th: m_unweight(tensors, th),
@@ -210,7 +220,7 @@ def bench_dtype(tensors, dtype_name, reps, tmp, threads_list=None, only=None):
         best = {k: [np.inf] * 4 for k in methods}
         result = {}
         for _ in range(reps):
-            for name, (enc, dec, check, size) in methods.items():
+            for name, (enc, dec, check, size, *file_size) in methods.items():
                 t0, c0 = time.perf_counter(), time.process_time()
                 payload = enc()
                 t1, c1 = time.perf_counter(), time.process_time()
@@ -220,9 +230,9 @@ def bench_dtype(tensors, dtype_name, reps, tmp, threads_list=None, only=None):
                 del out
                 for i, v in enumerate((t1 - t0, t2 - t1, c1 - c0, c2 - c1)):
                     best[name][i] = min(best[name][i], v)
-                result[name] = (size(payload), ok)
-        for name, (size, ok) in result.items():
-            row = rows.setdefault(name, {"method": name, "ratio": size / raw_bytes,
+                result[name] = (size(payload), ok, file_size[0](payload) / st_bytes if file_size else None)
+        for name, (size, ok, file_ratio) in result.items():
+            row = rows.setdefault(name, {"method": name, "ratio": size / raw_bytes, "ratio_file": file_ratio,
                                          "roundtrip": bool(ok)})
             row[f"enc_MBps_{threads}t"] = raw_bytes / 1e6 / best[name][0]
             row[f"dec_MBps_{threads}t"] = raw_bytes / 1e6 / best[name][1]
@@ -303,10 +313,11 @@ def print_table(res):
     print(f"\n{res['model']} {res['dtype']}: {res['raw_bytes'] / 1e6:.1f} MB, order-0 bound "
           f"{res['order0_bound']:.4f}   target: {TARGETS.get(res['dtype'], '')}")
     heads = ["enc 1t", "dec 1t", "enc 1t cpu", "dec 1t cpu", f"enc {THREADS}t", f"dec {THREADS}t"]
-    print(f"  {'method':18s} {'ratio':>7s}  " + "  ".join(f"{h:>10s}" for h in heads)
+    print(f"  {'method':18s} {'ratio':>7s} {'file':>7s}  " + "  ".join(f"{h:>10s}" for h in heads)
           + "  round trip   (MB/s)")
     for r in res["methods"]:
-        print(f"  {r['method']:18s} {r['ratio']:7.4f}  "
+        file = f"{r['ratio_file']:7.4f}" if r.get("ratio_file") is not None else f"{'-':>7s}"
+        print(f"  {r['method']:18s} {r['ratio']:7.4f} {file}  "
               + "  ".join(f"{r.get(c, float('nan')):10.0f}" for c in cols)
               + f"  {'yes' if r['roundtrip'] else 'NO'}")
 
