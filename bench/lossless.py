@@ -12,8 +12,9 @@ are 4-bit-derived, so their ratios are flattering, and only ``--dtypes bf16`` is
 
 ratio = compressed bytes / original bytes (unweight: its parts' tensor bytes). ``file`` (unweight and
 lmzip, whose archives hold their names and headers): the compressed file against the same tensors
-saved as one safetensors file, JSON headers included on both sides; unweight writes up to seven named
-parts per tensor, and each costs a JSON entry that the payload ratio leaves out. MB/s counts original
+saved as one safetensors file, JSON headers included on both sides; unweight's folder stores two or
+three named parts per tensor (the small streams packed into one), and each costs a JSON entry that the
+payload ratio leaves out. MB/s counts original
 bytes (10^6) per second of wall time, best of ``--reps`` runs, methods interleaved so that machine load
 hits all of them alike; at one thread also per CPU second of the process (steadier when other jobs
 share the machine).
@@ -41,6 +42,7 @@ import zstandard
 from safetensors.torch import save
 
 from unweight.lossless import decode_tensor, encode_tensor, order0_bits, split_fields
+from unweight.lossless.register import stored
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16,
           "fp8_e4m3": torch.float8_e4m3fn}
@@ -124,8 +126,9 @@ def m_unweight(tensors, threads):
     def size(payload):
         return sum(v.numel() * v.element_size() for p in payload.values() for v in p.values())
 
-    def file_size(payload):  # the parts as one safetensors file, its JSON header (a name per part) included
-        return len(save({k + s: v for k, p in payload.items() for s, v in p.items()}))
+    def file_size(payload):  # as a folder stores the parts, one safetensors file, its JSON header included
+        return len(save({f"{k}.ul.{s}": v for k, p in payload.items()
+                         for s, v in stored({f.removeprefix(".ul."): x for f, x in p.items()}).items()}))
     return enc, dec, check, size, file_size
 
 

@@ -549,3 +549,73 @@ def test_row_pass_takes_the_strided_sample_and_the_row_means():
     steps = np.clip(np.floor(4 * (means - np.median(means))), -128, 127).astype(np.int64)
     ref_groups, ref_gid, ref_sizes = np.unique(steps, return_inverse=True, return_counts=True)
     assert (groups == ref_groups).all() and (gid == ref_gid).all() and (sizes == ref_sizes).all()
+
+
+# ---------------------------------------------------------------------------------------------
+# the folder layout (unweight.lossless.register): the small streams packed into one part
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32, torch.float16])
+def test_a_tensor_is_stored_as_its_coded_streams_and_one_meta_part(dtype):
+    from unweight.lossless.register import decode, encode_parts
+
+    t = torch.randn(64, 300, generator=torch.Generator().manual_seed(0)).to(dtype)
+    parts = encode_parts("w", t)
+    assert set(parts) == ({"code", "meta", "low"} if dtype == torch.float32 else {"code", "meta"})
+    assert torch.equal(decode(parts, "w").view(torch.uint8), t.view(torch.uint8))
+    # the same streams as encode_tensor's, stored apart (a version 2 folder), decode alike
+    apart = {k.removeprefix(".ul."): v for k, v in encode_tensor(t).items()}
+    assert torch.equal(decode(apart, "w").view(torch.uint8), t.view(torch.uint8))
+    assert encoded_names(["w.ul.meta", "w.ul.code", "v.ul.head", "x"]) == ["v", "w"]
+
+
+def test_a_meta_part_holds_exactly_the_streams_packed():
+    from unweight.lossless.register import pack_meta, unpack_meta
+
+    small = {"head": torch.tensor([1, -2, 3 << 40]), "modes": torch.tensor([0, 1], dtype=torch.uint8),
+             "check": torch.empty(0, dtype=torch.int64)}
+    out = unpack_meta(pack_meta(small), "w")
+    assert list(out) == list(small) and all(torch.equal(out[k], small[k]) and out[k].dtype == small[k].dtype
+                                            for k in small)
+
+
+def _meta_of(t):
+    from unweight.lossless.register import encode_parts
+
+    return encode_parts("w", t)
+
+
+@pytest.mark.parametrize("damage, message", [
+    (lambda b: b[:3], "no UWMP magic"),
+    (lambda b: b[:7], "truncated directory"),
+    (lambda b: b[:-1], "runs past the end"),
+    (lambda b: b + b"\0", "bytes after the streams"),
+    (lambda b: b[:6] + b"x" + b[7:], "unknown or repeated stream"),
+    (lambda b: b[:5] + b"\xff" + b[6:], "unknown or repeated stream"),
+    (lambda b: b[:4] + b"\x09" + b[5:], "truncated directory|unknown or repeated"),
+])
+def test_a_corrupt_meta_directory_is_refused_naming_the_tensor(damage, message):
+    from unweight.lossless.register import decode
+
+    parts = _meta_of(torch.randn(32, 64).to(torch.bfloat16))
+    raw = damage(parts["meta"].numpy().tobytes())
+    parts["meta"] = torch.frombuffer(bytearray(raw), dtype=torch.uint8) if raw else torch.empty(0, dtype=torch.uint8)
+    with pytest.raises(UnweightError, match=rf"tensor 'w': part 'w\.ul\.meta' is corrupt \(.*{message}"):
+        decode(parts, "w")
+
+
+def test_a_flipped_byte_in_a_packed_stream_is_caught_by_the_decoders_checks():
+    from unweight.lossless.register import decode
+
+    t = torch.randn(32, 64).to(torch.bfloat16)
+    parts = _meta_of(t)
+    meta = parts["meta"].clone()
+    for pos in range(60, meta.numel()):  # past the directory: the streams' own bytes
+        bad = meta.clone()
+        bad[pos] ^= 0x5A
+        try:
+            out = decode(parts | {"meta": bad}, "w")
+        except UnweightError as exc:
+            assert "'w'" in str(exc)
+        else:  # a byte that the streams do not use (e.g. a check of a raw chunk) may be harmless
+            assert torch.equal(out.view(torch.uint8), t.view(torch.uint8))

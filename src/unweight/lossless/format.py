@@ -53,8 +53,9 @@ def is_supported(dtype: torch.dtype) -> bool:
 
 
 def encoded_names(keys) -> list[str]:
-    """Names of the encoded tensors among state-dict ``keys`` (those with a ``.ul.head``)."""
-    return sorted(k[: -len(HEAD)] for k in keys if k.endswith(HEAD))
+    """Names of the encoded tensors among state-dict ``keys``: those with a ``.ul.head``, or in a
+    folder, a ``.ul.meta`` (the small streams packed, ``unweight.lossless.register``)."""
+    return sorted(k.rsplit(".ul.", 1)[0] for k in keys if k.endswith(HEAD) or k.endswith(".ul.meta"))
 
 
 _LOCAL = threading.local()
