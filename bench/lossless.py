@@ -42,7 +42,7 @@ import zstandard
 from safetensors.torch import save
 
 from unweight.lossless import decode_tensor, encode_tensor, order0_bits, split_fields
-from unweight.lossless.register import stored
+from unweight.lossless.register import folder_parts
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16,
           "fp8_e4m3": torch.float8_e4m3fn}
@@ -128,7 +128,7 @@ def m_unweight(tensors, threads):
 
     def file_size(payload):  # as a folder stores the parts, one safetensors file, its JSON header included
         return len(save({f"{k}.ul.{s}": v for k, p in payload.items()
-                         for s, v in stored({f.removeprefix(".ul."): x for f, x in p.items()}).items()}))
+                         for s, v in folder_parts({f.removeprefix(".ul."): x for f, x in p.items()}).items()}))
     return enc, dec, check, size, file_size
 
 
