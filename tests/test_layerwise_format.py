@@ -252,6 +252,10 @@ def test_cli_output_loads_as_the_model_compressed_in_memory(tiny_llama, tmp_path
     assert summary["bits_per_weight"] == pytest.approx((param_bits + header_bits) / weights, rel=1e-12)
     if config.quant is None:  # 2:4 of bf16: 1 bit of positions + 8 of values per weight, and the headers
         assert summary["bits_per_weight"] == pytest.approx(9 + header_bits / weights, rel=1e-12)
+    # as files: the tensor bytes plus each file's 8-byte length and JSON header
+    written = sum(f.stat().st_size for f in out.glob("*.safetensors"))
+    assert summary["file_bytes"] == written > summary["stored_bytes"]
+    assert summary["file_ratio"] == pytest.approx(written / summary["original_file_bytes"], rel=1e-12)
 
 
 def test_cli_outliers_with_gptq_load_as_compressed_in_memory(tiny_llama, tmp_path):

@@ -406,14 +406,22 @@ def run(args) -> int:
         from unweight.recipe import dump
 
         dump(args.loaded_recipe, Path(args.out) / "recipe.yaml")
+    files = _safetensors_bytes(args.src), _safetensors_bytes(args.out)
     summary = {"out": args.out, "method": args.method, "tensors": stats.tensors, "encoded": stats.encoded,
                "original_bytes": stats.original_bytes, "stored_bytes": stats.stored_bytes,
                "ratio": stats.ratio, "bits_per_weight": stats.bits_per_weight,
+               "original_file_bytes": files[0], "file_bytes": files[1], "file_ratio": files[1] / files[0],
                "quantization_config": {"quant_method": fmt.quant_method, "format_version": fmt.version, **config}}
     if args.json:
         print(json.dumps({**summary, "per_tensor": stats.per_tensor}, indent=2))
     else:
         print(f"{args.out}: {stats.encoded}/{stats.tensors} tensors encoded, {stats.original_bytes:,} -> "
               f"{stats.stored_bytes:,} bytes (ratio {stats.ratio:.4f}), "
-              f"{stats.bits_per_weight:.3f} bits per encoded weight")
+              f"{stats.bits_per_weight:.3f} bits per encoded weight; as safetensors files (their JSON headers "
+              f"included) {files[0]:,} -> {files[1]:,} bytes (ratio {files[1] / files[0]:.4f})")
     return 0
+
+
+def _safetensors_bytes(folder) -> int:
+    """The bytes of a folder's safetensors files (tensor data and each file's JSON header)."""
+    return sum(p.stat().st_size for p in Path(folder).glob("*.safetensors"))
