@@ -72,13 +72,14 @@ def smoke_folder(folder: Path, out: Path) -> Path:
     """A random two-block model of ``folder``'s architecture, with its tokenizer, in ``out``."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
+    from unweight.convert import copy_side_files
+
     config = AutoConfig.from_pretrained(folder)
     config.num_hidden_layers = 2
     torch.manual_seed(0)
+    out.mkdir(parents=True, exist_ok=True)
+    copy_side_files(folder, out)  # tokenizer files; the config is the two-block one saved next
     AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16).save_pretrained(out)
-    for p in folder.iterdir():
-        if p.name.startswith("tokenizer") or p.name.endswith(".jinja"):
-            (out / p.name).write_bytes(p.read_bytes())
     return out
 
 
@@ -173,18 +174,18 @@ def main() -> int:
               "platform": platform.platform(), "cpus": os.cpu_count(),
               "versions": {p: version(p) for p in ("torch", "transformers", "llmcompressor", "compressed-tensors")},
               "base_perplexity": evaluate(scorer, ev, tok, progress=False).perplexity, "rows": []}
-    sides = [("unweight", False)] + ([("unweight", True)] if args.true_sequential else [])
+    modes = [False] + ([True] if args.true_sequential else [])  # unweight's: true-sequential or not
     methods = args.methods.split(",")
     warm = calib[:4, :128]  # CUDA context, kernels compiled (Triton's on both sides), tracing
     for method in methods:
         run_llmcompressor(folder, method, warm)
-        for _, ts in sides:
+        for ts in modes:
             run_unweight(folder, UNWEIGHT_NAME[method], warm, ts, args.device)
     for method in methods:
         row = {"method": method, "unweight_method": UNWEIGHT_NAME[method]}
         seconds, state = run_llmcompressor(folder, method, calib)
         row["llmcompressor"] = {"seconds": seconds, "perplexity": score(state), **checks(state, method)}
-        for side, ts in sides:
+        for ts in modes:
             seconds, state = run_unweight(folder, UNWEIGHT_NAME[method], calib, ts, args.device)
             key = "unweight_true_sequential" if ts else "unweight"
             row[key] = {"seconds": seconds, "perplexity": score(state), **checks(state, method)}

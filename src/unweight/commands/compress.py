@@ -418,7 +418,7 @@ def run(args) -> int:
         print(f"{args.out}: {stats.encoded}/{stats.tensors} tensors encoded, {stats.original_bytes:,} -> "
               f"{stats.stored_bytes:,} bytes (ratio {stats.ratio:.4f}), "
               f"{stats.bits_per_weight:.3f} bits per encoded weight; as safetensors files (their JSON headers "
-              f"included) {files[0]:,} -> {files[1]:,} bytes (ratio {files[1] / files[0]:.4f})")
+              f"included) {files[0]:,} -> {files[1]:,} bytes (ratio {summary['file_ratio']:.4f})")
     return 0
 
 

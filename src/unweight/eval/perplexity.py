@@ -113,6 +113,7 @@ def evaluate(model, windows: torch.Tensor, tokenizer=None, base=None, progress: 
     model_seconds = 0.0
     start = time.perf_counter()
     device = _device(model)
+    base_device = None if base is None else _device(base)
     for window in tqdm(windows, desc=desc, unit="window", disable=not progress):
         window = window.to(device)
         t0 = time.perf_counter()
@@ -124,7 +125,7 @@ def evaluate(model, windows: torch.Tensor, tokenizer=None, base=None, progress: 
         nll_sum += -logp.gather(1, targets[:, None]).sum().item()
         tokens += targets.numel()
         if base is not None:
-            base_logp = F.log_softmax(_logits(base, window.to(_device(base))), dim=-1).to(device)
+            base_logp = F.log_softmax(_logits(base, window.to(base_device)), dim=-1).to(device)
             kl_sum += F.kl_div(logp, base_logp, log_target=True, reduction="sum").item()
             agree += (base_logp.argmax(-1) == logp.argmax(-1)).sum().item()
             del base_logp

@@ -33,6 +33,7 @@ TABLES = ".ul.tables"
 ROWS = ".ul.rows"
 LOW = ".ul.low"
 LOW_OFFSETS = ".ul.low_offsets"
+META = ".ul.meta"  # in a folder: the small streams, packed (unweight.lossless.register)
 
 # header: these int64 fields, then the shape
 HEAD_FIELDS = ("magic", "version", "dtype", "numel", "chunk", "lanes", "prob_bits", "k",
@@ -55,7 +56,7 @@ def is_supported(dtype: torch.dtype) -> bool:
 def encoded_names(keys) -> list[str]:
     """Names of the encoded tensors among state-dict ``keys``: those with a ``.ul.head``, or in a
     folder, a ``.ul.meta`` (the small streams packed, ``unweight.lossless.register``)."""
-    return sorted(k.rsplit(".ul.", 1)[0] for k in keys if k.endswith(HEAD) or k.endswith(".ul.meta"))
+    return sorted(k.rsplit(".ul.", 1)[0] for k in keys if k.endswith(HEAD) or k.endswith(META))
 
 
 _LOCAL = threading.local()

@@ -24,6 +24,7 @@ STREAMS = ("code", "low")  # stored as parts of their own
 SMALL = ("head", "offsets", "modes", "check", "tables", "rows", "low_offsets")  # packed into `meta`
 META_MAGIC = b"UWMP"
 _DTYPES = {0: torch.uint8, 1: torch.int64}  # the dtype byte
+_CODES = {dtype: code for code, dtype in _DTYPES.items()}
 _STORED = {torch.uint8: np.dtype(np.uint8), torch.int64: np.dtype("<i8")}  # as the bytes hold them
 
 
@@ -31,10 +32,9 @@ def pack_meta(small: Parts) -> torch.Tensor:
     """One U8 tensor holding ``small`` (1-D U8/I64 tensors keyed by names in :data:`SMALL`): magic
     ``UWMP``, a count byte, per stream its name (a length byte and ASCII), a dtype byte (0 U8, 1 I64)
     and its element count (8 bytes), then the streams' little-endian bytes in the same order."""
-    codes = {v: k for k, v in _DTYPES.items()}
     directory, data = bytearray(META_MAGIC) + bytes([len(small)]), []
     for key, t in small.items():
-        directory += bytes([len(key)]) + key.encode("ascii") + bytes([codes[t.dtype]])
+        directory += bytes([len(key)]) + key.encode("ascii") + bytes([_CODES[t.dtype]])
         directory += t.numel().to_bytes(8, "little")
         data.append(t.contiguous().numpy().astype(_STORED[t.dtype], copy=False).tobytes())
     return torch.frombuffer(bytearray(directory + b"".join(data)), dtype=torch.uint8)
