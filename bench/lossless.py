@@ -126,7 +126,7 @@ def m_unweight(tensors, threads):
 
     def file_size(payload):  # as a folder stores the parts, one safetensors file, its JSON header included
         return len(save({f"{k}.ul.{s}": v for k, p in payload.items()
-                         for s, v in folder_parts({f.removeprefix(".ul."): x for f, x in p.items()}).items()}))
+                         for s, v in folder_parts({f.removeprefix(".ul."): x.numpy() for f, x in p.items()}).items()}))
     return enc, dec, check, size, file_size
 
 

@@ -20,7 +20,7 @@ from unweight.lossless import format as fmt
 from unweight.lossless import model, rans, simd
 from unweight.lossless.fields import LOW_BLOCK, as_words, layout_of
 from unweight.lossless.hashing import xxh64
-from unweight.lossless.register import decode, encode_parts, pack_meta, unpack_meta
+from unweight.lossless.register import decode, encode_parts, pack_streams, unpack_streams
 
 DTYPES = [torch.bfloat16, torch.float16, torch.float32, torch.float8_e4m3fn, torch.float8_e5m2]
 INT_VIEW = {1: torch.uint8, 2: torch.int16, 4: torch.int32}
@@ -553,27 +553,72 @@ def test_row_pass_takes_the_strided_sample_and_the_row_means():
 
 
 # ---------------------------------------------------------------------------------------------
-# the folder layout (unweight.lossless.register): the small streams packed into one part
+# the folder layout (unweight.lossless.register): all of a tensor's streams packed into one part
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32, torch.float16])
-def test_a_tensor_is_stored_as_its_coded_streams_and_one_meta_part(dtype):
+def test_a_tensor_is_stored_as_one_pack_part_and_older_folder_layouts_still_decode(dtype):
     t = torch.randn(64, 300, generator=torch.Generator().manual_seed(0)).to(dtype)
     parts = encode_parts("w", t)
-    assert set(parts) == ({"code", "meta", "low"} if dtype == torch.float32 else {"code", "meta"})
+    assert set(parts) == {"pack"}
     assert torch.equal(decode(parts, "w").view(torch.uint8), t.view(torch.uint8))
-    # the same streams as encode_tensor's, stored apart (a version 2 folder), decode alike
-    apart = {k.removeprefix(".ul."): v for k, v in encode_tensor(t).items()}
-    assert torch.equal(decode(apart, "w").view(torch.uint8), t.view(torch.uint8))
-    assert encoded_names(["w.ul.meta", "w.ul.code", "v.ul.head", "x"]) == ["v", "w"]
+    streams = {k.removeprefix(".ul."): v for k, v in encode_tensor(t).items()}
+    apart = {k: v for k, v in streams.items() if k in ("code", "low")}
+    small = {k: v for k, v in streams.items() if k not in apart}
+    # folder version 2: every stream a part of its own; version 3: the small ones packed into `meta`
+    for layout in (streams, apart | {"meta": version3_meta(small)}):
+        assert torch.equal(decode(layout, "w").view(torch.uint8), t.view(torch.uint8))
+    with pytest.raises(UnweightError, match=r"tensor 'w': streams \['code'\] both packed and stored apart"):
+        decode(parts | {"code": streams["code"]}, "w")
+    with pytest.raises(UnweightError, match="tensor 'w': both a pack and a meta part"):
+        decode(parts | {"meta": version3_meta(small)}, "w")
+    assert encoded_names(["w.ul.meta", "w.ul.code", "v.ul.head", "u.ul.pack", "x"]) == ["u", "v", "w"]
 
 
-def test_a_meta_part_holds_exactly_the_streams_packed():
-    small = {"head": torch.tensor([1, -2, 3 << 40]), "modes": torch.tensor([0, 1], dtype=torch.uint8),
-             "check": torch.empty(0, dtype=torch.int64)}
-    out = unpack_meta(pack_meta(small), "w")
-    assert list(out) == list(small) and all(torch.equal(out[k], small[k]) and out[k].dtype == small[k].dtype
-                                            for k in small)
+def version3_meta(small):
+    """Folder version 3's ``meta`` part: magic, count byte, directory, then the streams."""
+    directory, data = bytearray(b"UWMP") + bytes([len(small)]), b""
+    for key, t in small.items():
+        directory += bytes([len(key)]) + key.encode() + bytes([t.dtype == torch.int64])
+        directory += t.numel().to_bytes(8, "little")
+        data += t.numpy().tobytes()
+    return torch.frombuffer(bytearray(directory + data), dtype=torch.uint8)
+
+
+def test_a_pack_holds_exactly_the_streams_and_packs_into_the_code_streams_buffer():
+    def streams(code):
+        return {"code": code, "head": np.array([1, -2, 3 << 40]), "modes": np.array([0, 1], np.uint8),
+                "check": np.empty(0, np.int64)}
+    ref = streams(np.arange(300_000, dtype=np.uint8))
+    buffer = np.zeros(400_000, np.uint8)
+    buffer[:300_000] = ref["code"]
+    short = np.zeros(300_010, np.uint8)
+    short[:300_000] = ref["code"]
+    for code, into in ((buffer[:300_000], buffer), (ref["code"].copy(), None), (short[:300_000], None)):
+        packed = pack_streams(streams(code))
+        assert packed is into if into is not None else not np.shares_memory(packed, code)
+        out = unpack_streams(torch.from_numpy(packed), "w")
+        assert list(out) == list(ref) and all(
+            (out[k].numpy() == ref[k]).all() and out[k].numpy().dtype == ref[k].dtype for k in ref)
+
+
+@pytest.mark.parametrize("damage, message", [
+    (lambda b: b[:-1], "no UWMP magic"),
+    (lambda b: b[-9:], "truncated directory"),
+    (lambda b: b[:-8] + (10 ** 6).to_bytes(4, "little") + b"UWMP", "truncated directory"),
+    (lambda b: b[1:], "runs past the end"),
+    (lambda b: b"\0" + b, "bytes after the streams"),
+    (lambda b: (lambda d: b[:d + 2] + b"x" + b[d + 3:])(len(b) - 8 - int.from_bytes(b[-8:-4], "little")),
+     "unknown or repeated stream"),
+    (lambda b: b[:-8] + (int.from_bytes(b[-8:-4], "little") - 1).to_bytes(4, "little") + b"UWMP",
+     "truncated directory|unknown or repeated|after the directory"),
+])
+def test_a_corrupt_pack_directory_is_refused_naming_the_tensor(damage, message):
+    parts = encode_parts("w", torch.randn(32, 64).to(torch.bfloat16))
+    raw = damage(parts["pack"].numpy().tobytes())
+    parts["pack"] = torch.frombuffer(bytearray(raw), dtype=torch.uint8) if raw else torch.empty(0, dtype=torch.uint8)
+    with pytest.raises(UnweightError, match=rf"tensor 'w': part 'w\.ul\.pack' is corrupt \(.*(?:{message})"):
+        decode(parts, "w")
 
 
 @pytest.mark.parametrize("damage, message", [
@@ -581,14 +626,12 @@ def test_a_meta_part_holds_exactly_the_streams_packed():
     (lambda b: b[:7], "truncated directory"),
     (lambda b: b[:-1], "runs past the end"),
     (lambda b: b + b"\0", "bytes after the streams"),
-    (lambda b: b[:6] + b"x" + b[7:], "unknown or repeated stream"),
-    (lambda b: b[:5] + b"\xff" + b[6:], "unknown or repeated stream"),
-    (lambda b: b[:4] + b"\x09" + b[5:], "truncated directory|unknown or repeated"),
 ])
-def test_a_corrupt_meta_directory_is_refused_naming_the_tensor(damage, message):
-    parts = encode_parts("w", torch.randn(32, 64).to(torch.bfloat16))
-    raw = damage(parts["meta"].numpy().tobytes())
-    parts["meta"] = torch.frombuffer(bytearray(raw), dtype=torch.uint8) if raw else torch.empty(0, dtype=torch.uint8)
+def test_a_corrupt_version3_meta_part_is_refused_naming_the_tensor(damage, message):
+    t = torch.randn(32, 64).to(torch.bfloat16)
+    streams = {k.removeprefix(".ul."): v for k, v in encode_tensor(t).items()}
+    raw = damage(version3_meta({k: v for k, v in streams.items() if k != "code"}).numpy().tobytes())
+    parts = {"code": streams["code"], "meta": torch.frombuffer(bytearray(raw), dtype=torch.uint8)}
     with pytest.raises(UnweightError, match=rf"tensor 'w': part 'w\.ul\.meta' is corrupt \(.*(?:{message})"):
         decode(parts, "w")
 
@@ -596,13 +639,13 @@ def test_a_corrupt_meta_directory_is_refused_naming_the_tensor(damage, message):
 def test_a_flipped_byte_in_a_packed_stream_is_caught_by_the_decoders_checks():
     t = torch.randn(32, 64).to(torch.bfloat16)
     parts = encode_parts("w", t)
-    meta = parts["meta"].clone()
-    streams = sum(v.numel() * v.element_size() for v in unpack_meta(meta, "w").values())
-    for pos in range(meta.numel() - streams, meta.numel()):  # past the directory: the streams' own bytes
-        bad = meta.clone()
+    pack = parts["pack"].clone()
+    streams = sum(v.numel() * v.element_size() for v in unpack_streams(pack, "w").values())
+    for pos in range(streams):  # the streams' own bytes, before the directory
+        bad = pack.clone()
         bad[pos] ^= 0x5A
         try:
-            out = decode(parts | {"meta": bad}, "w")
+            out = decode({"pack": bad}, "w")
         except UnweightError as exc:
             assert "'w'" in str(exc)
         else:  # a byte that the streams do not use (e.g. a check of a raw chunk) may be harmless

@@ -56,7 +56,7 @@ def test_a_flipped_byte_is_refused_naming_the_tensor(folders, tmp_path):
     shutil.copytree(out, bad)
     shard = next(bad.glob("*.safetensors"))
     ck = open_checkpoint(shard)
-    name = next(n for n in ck.names() if n.endswith(".ul.code") and "layers.3." in n)
+    name = next(n for n in ck.names() if n.endswith(".ul.pack") and "layers.3." in n)
     st = ck.files[shard.name]
     _, _, begin, end = st.entries[name]
     raw = bytearray(shard.read_bytes())

@@ -33,7 +33,8 @@ TABLES = ".ul.tables"
 ROWS = ".ul.rows"
 LOW = ".ul.low"
 LOW_OFFSETS = ".ul.low_offsets"
-META = ".ul.meta"  # in a folder: the small streams, packed (unweight.lossless.register)
+PACK = ".ul.pack"  # in a folder: all the streams, packed (unweight.lossless.register; folder version 4)
+META = ".ul.meta"  # the small streams packed, beside .ul.code (folder version 3)
 
 # header: these int64 fields, then the shape
 HEAD_FIELDS = ("magic", "version", "dtype", "numel", "chunk", "lanes", "prob_bits", "k",
@@ -55,8 +56,8 @@ def is_supported(dtype: torch.dtype) -> bool:
 
 def encoded_names(keys) -> list[str]:
     """Names of the encoded tensors among state-dict ``keys``: those with a ``.ul.head``, or in a
-    folder, a ``.ul.meta`` (the small streams packed, ``unweight.lossless.register``)."""
-    return sorted(k.rsplit(".ul.", 1)[0] for k in keys if k.endswith(HEAD) or k.endswith(META))
+    folder, a ``.ul.pack`` or ``.ul.meta`` (their streams packed, ``unweight.lossless.register``)."""
+    return sorted(k.rsplit(".ul.", 1)[0] for k in keys if k.endswith((HEAD, PACK, META)))
 
 
 _LOCAL = threading.local()
@@ -155,6 +156,14 @@ def encode_tensor(t: torch.Tensor, threads: int | None = None) -> dict[str, torc
     ``decode_tensor(that_mapping, name)``. ``threads`` (default: ``torch.get_num_threads()``) only changes speed,
     never the output. The input is never modified. Raises UnweightError for other dtypes.
     """
+    return {k: torch.from_numpy(v) for k, v in encode_streams(t, threads).items()}
+
+
+def encode_streams(t: torch.Tensor, threads: int | None = None, shrink: bool = True) -> dict[str, np.ndarray]:
+    """:func:`encode_tensor`'s streams as numpy arrays. With ``shrink=False`` the code stream is a
+    view of the start of its work buffer (one raw tensor's size, its untouched pages never resident),
+    into which a folder's writer packs the other streams after it without copying the code
+    (``unweight.lossless.register.pack_streams``)."""
     lay = layout_of(t.dtype)
     if lay is None:
         raise UnweightError(f"dtype {t.dtype} is not encoded by unweight-lossless; copy it as it is")
@@ -201,7 +210,10 @@ def encode_tensor(t: torch.Tensor, threads: int | None = None) -> dict[str, torc
     ranges = pool.run_ranges(task, nchunks, threads)
     offsets = _close_gaps(code, ranges, region, code_sizes)
     code[offsets[-1]:offsets[-1] + rans.STREAM_PAD] = 0
-    code.resize(offsets[-1] + rans.STREAM_PAD, refcheck=False)
+    if shrink:
+        code.resize(offsets[-1] + rans.STREAM_PAD, refcheck=False)
+    else:
+        code = code[:offsets[-1] + rans.STREAM_PAD]
     coded = plan is not None and np.count_nonzero(modes == chunks.MODE_CODED) > 0
 
     tables = model.serialize_tables(plan.alphabet, plan.freq) if coded else b""
@@ -226,22 +238,16 @@ def encode_tensor(t: torch.Tensor, threads: int | None = None) -> dict[str, torc
     head[len(HEAD_FIELDS):] = shape
     head[_F["meta_hash"]] = _meta_hash(head, tables, rows)
 
-    parts = {
-        HEAD: torch.from_numpy(head),
-        CODE: torch.from_numpy(code),
-        OFFSETS: torch.from_numpy(offsets),
-        MODES: torch.from_numpy(modes),
-        CHECK: torch.from_numpy(check.view(np.int64)),
-    }
+    parts = {HEAD: head, CODE: code, OFFSETS: offsets, MODES: modes, CHECK: check.view(np.int64)}
     if coded:
-        parts[TABLES] = torch.frombuffer(bytearray(tables), dtype=torch.uint8)
+        parts[TABLES] = np.frombuffer(bytearray(tables), np.uint8)
         if rows:
-            parts[ROWS] = torch.frombuffer(bytearray(rows), dtype=torch.uint8)
+            parts[ROWS] = np.frombuffer(bytearray(rows), np.uint8)
     if is32:
         low_offsets = _close_gaps(low, ranges, low_region, low_sizes)
         low.resize(low_offsets[-1], refcheck=False)
-        parts[LOW] = torch.from_numpy(low)
-        parts[LOW_OFFSETS] = torch.from_numpy(low_offsets)
+        parts[LOW] = low
+        parts[LOW_OFFSETS] = low_offsets
     return parts
 
 
