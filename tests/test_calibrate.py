@@ -7,9 +7,9 @@ import torch
 from transformers import Gemma3ForCausalLM, Gemma3TextConfig, LlamaConfig, LlamaForCausalLM
 
 from unweight import UnweightError
-from unweight.calibrate import (LinearStats, Lockstep, block_linears, calibration_windows, decoder_layers,
-                                run_layerwise)
-from unweight.layerwise import LayerwiseConfig, compress_layerwise
+from unweight.calibrate import (DEFAULT_BATCH, LinearStats, Lockstep, block_linears, calibration_windows,
+                                decoder_layers, run_layerwise)
+from unweight.layerwise import LayerwiseConfig, calibration_batch, compress_layerwise
 from unweight.prune import is_nm, magnitude_prune
 
 VOCAB = 96
@@ -325,6 +325,12 @@ def test_true_sequential_in_batches_equals_one_batch(make):
         results.append({n: p.detach().clone() for n, p in model.named_parameters()})
     for name, p in results[0].items():
         torch.testing.assert_close(p, results[1][name], rtol=1e-4, atol=1e-5, msg=name)
+
+
+def test_the_default_batch_is_eight_windows_on_the_cpu_and_all_of_them_on_a_gpu():
+    assert calibration_batch(None, 32, torch.device("cpu")) == DEFAULT_BATCH == 8
+    assert calibration_batch(None, 32, torch.device("cuda", 0)) == 32
+    assert calibration_batch(3, 32, torch.device("cuda")) == calibration_batch(3, 32, torch.device("cpu")) == 3
 
 
 def test_an_error_while_compressing_in_lockstep_is_raised():
