@@ -129,3 +129,34 @@ def test_lowest_mask_is_a_stable_sort_with_ties():
                     else:
                         ref.scatter_(dim, torch.argsort(scores, dim=dim, stable=True).narrow(dim, 0, k), False)
                     assert torch.equal(lowest_mask(scores, k, dim), ref), (shape, dim, k)
+
+
+@pytest.mark.parametrize("values", ["normal", "ties", "specials", "bf16"])
+def test_the_compiled_selection_prunes_what_a_stable_sort_ranks_lowest(values):
+    """Rows longer than 32 take the radix select; -0.0 ties with +0.0, NaN ranks above +inf, the
+    torch reference (other devices) agrees."""
+    from unweight.prune.nm import lowest_mask, lowest_mask_reference
+    g = torch.Generator().manual_seed(1)
+    for shape, dim in [((5, 33), 1), ((3, 1000), 1), ((40, 6), 0), ((64, 130), None)]:
+        s = torch.randn(shape, generator=g)
+        if values == "ties":
+            s = torch.randint(0, 5, shape, generator=g).float() - 2.0
+        elif values == "specials":
+            s[s > 1.2] = float("nan")
+            s[s < -1.3] = -float("inf")
+            s[(s > 0.9) & (s <= 1.2)] = float("inf")
+            s[s.abs() < 0.2] = 0.0
+            s[s.abs() < 0.1] = -0.0
+        elif values == "bf16":
+            s = s.to(torch.bfloat16)
+        n = s.numel() if dim is None else s.shape[dim]
+        for k in (1, n // 3, n // 2, n - 1, n):
+            order = torch.argsort(torch.nan_to_num((s if dim is not None else s.reshape(-1)).float() + 0.0,
+                                                   nan=float("inf"), posinf=3e38),
+                                  dim=-1 if dim is None else dim, stable=True)
+            ref = torch.ones(n if dim is None else shape, dtype=torch.bool)
+            ref.scatter_(-1 if dim is None else dim, order.narrow(-1 if dim is None else dim, 0, k), False)
+            ref = ref.view(shape)
+            assert torch.equal(lowest_mask(s, k, dim), ref), (shape, dim, k)
+            flat = s.reshape(1, -1) if dim is None else s
+            assert torch.equal(lowest_mask_reference(flat, k, 1 if dim is None else dim).view(shape), ref)
