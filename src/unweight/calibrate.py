@@ -90,19 +90,22 @@ class LinearStats:
 
     Column sums are taken in float32 over strips of a batch's rows and accumulated in float64; the
     Hessian is kept in float32 (GPTQ's choice; it is a mean of well-scaled terms), only its upper
-    triangle computed. All on the device the inputs arrive on.
+    triangle computed, and made whole once for the Linears that share it (q/k/v, gate/up): callers
+    must not change it in place. All on the device the inputs arrive on.
     """
 
     in_features: int
     want: frozenset[str]
     n_tokens: int = 0
     _xtx: torch.Tensor | None = None
+    _whole: torch.Tensor | None = None  # the symmetric mean, once asked for (dropped by add_batch)
     _sq: torch.Tensor | None = None
     _abs: torch.Tensor | None = None
 
     def add_batch(self, x: torch.Tensor) -> None:
         """Accumulate the inputs ``x`` (``[..., in_features]``)."""
         x = x.detach().reshape(-1, self.in_features)
+        self._whole = None
         if "hessian" in self.want:
             if self._xtx is None:
                 self._xtx = torch.zeros(self.in_features, self.in_features, device=x.device)
@@ -126,8 +129,9 @@ class LinearStats:
     def hessian(self) -> torch.Tensor:
         if self._xtx is None:
             raise UnweightError("this method needs the Hessian X^T X: collect stats with 'hessian'")
-        upper = torch.triu(self._xtx)
-        return (upper + torch.triu(self._xtx, 1).T) / max(self.n_tokens, 1)
+        if self._whole is None:
+            self._whole = torch.triu(self._xtx).add_(torch.triu(self._xtx, 1).mT).div_(max(self.n_tokens, 1))
+        return self._whole
 
     @property
     def sq_norm(self) -> torch.Tensor:
