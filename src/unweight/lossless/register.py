@@ -26,7 +26,7 @@ PACKED = ("pack", "meta")  # the part holding a tensor's packed streams: version
 PACK_MAGIC = b"UWMP"
 _DTYPES = {0: np.dtype(np.uint8), 1: np.dtype("<i8")}  # the dtype byte, and the bytes it says are held
 _CODES = {np.dtype(np.uint8): 0, np.dtype(np.int64): 1}
-_MAX_DIRECTORY = 5 + 255 * (2 + 255 + 8)
+_MAX_DIRECTORY = 5 + 255 * (2 + 255 + 8)  # a version 3 meta part's longest head: magic, count, 255 entries
 
 
 def pack_streams(streams: dict[str, np.ndarray]) -> np.ndarray:
@@ -37,8 +37,9 @@ def pack_streams(streams: dict[str, np.ndarray]) -> np.ndarray:
 
     When the first stream is a U8 view of the start of a longer buffer that it does not share
     (``encode_streams(..., shrink=False)``'s code), the others are written into that buffer after it,
-    which is then cut to length and returned: the code, a tensor's largest stream, is not copied (a
-    copy of gemma3-270m's embedding code was 0.14 GB more peak memory for the whole compress)."""
+    which is then cut to length and returned (the view is not to be used after): the code, a tensor's
+    largest stream, is not copied (a copy of gemma3-270m's embedding code was 0.14 GB more peak memory
+    for the whole compress)."""
     directory = bytearray([len(streams)])
     for key, a in streams.items():
         directory += bytes([len(key)]) + key.encode("ascii") + bytes([_CODES[a.dtype]]) + a.size.to_bytes(8, "little")
