@@ -626,6 +626,9 @@ def test_a_corrupt_pack_directory_is_refused_naming_the_tensor(damage, message):
     (lambda b: b[:7], "truncated directory"),
     (lambda b: b[:-1], "runs past the end"),
     (lambda b: b + b"\0", "bytes after the streams"),
+    (lambda b: b[:6] + b"x" + b[7:], "unknown or repeated stream"),
+    (lambda b: b[:5] + b"\xff" + b[6:], "unknown or repeated stream"),
+    (lambda b: b[:4] + b"\x09" + b[5:], "truncated directory|unknown or repeated"),
 ])
 def test_a_corrupt_version3_meta_part_is_refused_naming_the_tensor(damage, message):
     t = torch.randn(32, 64).to(torch.bfloat16)
