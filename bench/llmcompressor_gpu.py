@@ -12,7 +12,7 @@ alternately, method by method, in one process:
   moved to the GPU while it runs, like llm-compressor's onloading), block by block (llm-compressor's
   mode) and, with ``--true-sequential``, in one forward per block; GPTQ is ``gptq4-static``
   (llm-compressor's observer grid, see ``llmcompressor_side.STATIC_GROUPS``); the 32 windows in one
-  batch (``layerwise.calibration_batch``'s default on a GPU; the H200 runs of 2026-11-27 used batches
+  batch (``calibrate.calibration_batch``'s default on a GPU; the H200 runs of 2026-11-27 used batches
   of 8, true-sequential in lockstep threads);
 - time: wall seconds of the call, the model already loaded, after ``torch.cuda.synchronize()``; each
   side first runs every method once untimed on 4 x 128 tokens (CUDA context, Triton's compilations);

@@ -12,11 +12,11 @@ are 4-bit-derived, so their ratios are flattering, and only ``--dtypes bf16`` is
 
 ratio = compressed bytes / original bytes (unweight: its parts' tensor bytes). ``file`` (unweight and
 lmzip, whose archives hold their names and headers): the compressed file against the same tensors
-saved as one safetensors file, JSON headers included on both sides; unweight's folder stores two or
-three named parts per tensor (the small streams packed into one), and each costs a JSON entry that the
-payload ratio leaves out. MB/s counts original bytes (10^6) per second of wall time, best of ``--reps``
-runs, methods interleaved so that machine load hits all of them alike; at one thread also per CPU second
-of the process (steadier when other jobs share the machine).
+saved as one safetensors file, JSON headers included on both sides; unweight's folder stores one named
+part per tensor (all its streams packed), whose JSON entry the payload ratio leaves out. MB/s counts
+original bytes (10^6) per second of wall time, best of ``--reps`` runs, methods interleaved so that
+machine load hits all of them alike; at one thread also per CPU second of the process (steadier when
+other jobs share the machine).
 Decode times stop when the method has returned its output; comparing it with the input comes
 after the clock (it used to be inside it, which charged each method its own comparison's speed).
 Every method's output is decoded and compared with the input; one that does not round-trip is

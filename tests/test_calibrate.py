@@ -7,9 +7,9 @@ import torch
 from transformers import Gemma3ForCausalLM, Gemma3TextConfig, LlamaConfig, LlamaForCausalLM
 
 from unweight import UnweightError
-from unweight.calibrate import (DEFAULT_BATCH, LinearStats, Lockstep, block_linears, calibration_windows,
-                                decoder_layers, run_layerwise)
-from unweight.layerwise import LayerwiseConfig, calibration_batch, compress_layerwise
+from unweight.calibrate import (DEFAULT_BATCH, LinearStats, Lockstep, block_linears, calibration_batch,
+                                calibration_windows, decoder_layers, run_layerwise)
+from unweight.layerwise import LayerwiseConfig, compress_layerwise
 from unweight.prune import is_nm, magnitude_prune
 
 VOCAB = 96

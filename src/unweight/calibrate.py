@@ -294,7 +294,7 @@ def _hidden(output) -> torch.Tensor:
 
 @torch.no_grad()
 def run_layerwise(model: nn.Module, windows: torch.Tensor, process: Process | None,
-                  stats: Iterable[str] = ("hessian",), batch_size: int = DEFAULT_BATCH,
+                  stats: Iterable[str] = ("hessian",), batch_size: int | None = None,
                   device: torch.device | str | None = None,
                   targets: Callable[[str, nn.Linear], bool] | None = None,
                   after_block: AfterBlock | None = None, progress: bool = True,
@@ -305,7 +305,8 @@ def run_layerwise(model: nn.Module, windows: torch.Tensor, process: Process | No
     that ``targets(name, linear)`` accepts), call ``process(block_index, name, linear, stats)`` for
     each in the order the block calls them, then recompute the block's outputs with the processed
     weights and feed them to the next block. ``after_block(block_index, block, outputs)`` sees those
-    outputs. ``process=None`` only propagates (no hooks, one pass per block). ``device``: where each
+    outputs. ``process=None`` only propagates (no hooks, one pass per block). ``batch_size``: windows
+    per forward (default: :func:`calibration_batch`). ``device``: where each
     block runs (default: where its weights are); it is moved back afterwards. ``compute_dtype``: each
     block is cast to it while it runs and each tensor back to its own dtype afterwards, and the hidden
     states are kept in it, so a model can be held in bfloat16 (half the memory) and calibrated in
@@ -318,7 +319,9 @@ def run_layerwise(model: nn.Module, windows: torch.Tensor, process: Process | No
         raise UnweightError(f"unknown statistics {sorted(unknown)}; valid: {', '.join(STATS)}")
     layers = decoder_layers(model)
     one_pass = true_sequential and process is not None
-    inputs = capture_block_inputs(model, windows, batch_size, compute_dtype)
+    runs_on = torch.device(device) if device is not None else next(layers.parameters()).device
+    inputs = capture_block_inputs(model, windows, calibration_batch(batch_size, len(windows), runs_on),
+                                  compute_dtype)
     hidden = inputs.hidden
     for index, block in enumerate(tqdm(layers, desc="blocks", unit="block", disable=not progress)):
         home = next(block.parameters()).device
@@ -343,6 +346,16 @@ def run_layerwise(model: nn.Module, windows: torch.Tensor, process: Process | No
         block.to(home)
         if held is not None:
             _restore_dtypes(block, held)
+
+
+def calibration_batch(batch_size: int | None, n_windows: int, device: torch.device) -> int:
+    """Windows per block forward: ``batch_size`` if set; else :data:`DEFAULT_BATCH` on the CPU (a
+    batch's activations stay in cache) and every window at once on a GPU, where true-sequential then
+    runs one forward per block instead of lockstep threads (which serialise kernel launches: on an
+    H200, with batches of 8, Wanda took 8.8 s true-sequential against 0.78 s block by block)."""
+    if batch_size is not None:
+        return batch_size
+    return DEFAULT_BATCH if device.type == "cpu" else max(n_windows, 1)
 
 
 def _dtypes(module: nn.Module) -> dict[str, torch.dtype]:

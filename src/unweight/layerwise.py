@@ -62,7 +62,7 @@ class LayerwiseConfig:
     n_samples: int = DEFAULT_SAMPLES
     seq_len: int = DEFAULT_SEQ_LEN
     seed: int = 0
-    batch_size: int | None = None  # windows per block forward; None: see calibration_batch
+    batch_size: int | None = None  # windows per block forward; None: see calibrate.calibration_batch
     true_sequential: bool = False  # each Linear calibrated after the ones before it: one forward per block
     compute_dtype: str = "float32"  # the calibration forwards' dtype: float32 | bfloat16 (see COMPUTE_DTYPES)
     exclude: list[str] = field(default_factory=list)  # substrings of Linear names to leave alone
@@ -242,22 +242,10 @@ def compress_layerwise(model: nn.Module, tokenizer, config: LayerwiseConfig, n_s
     if windows is None:
         windows = calibration_windows(tokenizer, n_samples or config.n_samples, seq_len or config.seq_len,
                                       config.seed)
-    runs_on = torch.device(device) if device is not None else next(layers.parameters()).device
-    run_layerwise(model, windows, process, stats=config.stats,
-                  batch_size=calibration_batch(config.batch_size, len(windows), runs_on),
-                  device=device, targets=wanted, progress=progress, compute_dtype=compute_dtype,
+    run_layerwise(model, windows, process, stats=config.stats, batch_size=config.batch_size, device=device,
+                  targets=wanted, progress=progress, compute_dtype=compute_dtype,
                   true_sequential=config.true_sequential)
     return model
-
-
-def calibration_batch(batch_size: int | None, n_windows: int, device: torch.device) -> int:
-    """Windows per block forward: ``batch_size`` if set; else :data:`DEFAULT_BATCH` on the CPU (a
-    batch's activations stay in cache) and every window at once on a GPU, where true-sequential then
-    runs one forward per block instead of lockstep threads (which serialise kernel launches: on an
-    H200, with batches of 8, Wanda took 8.8 s true-sequential against 0.78 s block by block)."""
-    if batch_size is not None:
-        return batch_size
-    return DEFAULT_BATCH if device.type == "cpu" else max(n_windows, 1)
 
 
 def _to_cpu(a: LinearArtifacts) -> LinearArtifacts:

@@ -39,9 +39,8 @@ def sparsegpt_prune(w: torch.Tensor, hessian: torch.Tensor, sparsity: float = 0.
             raise UnweightError(f"N:M {n}:{m} needs in_features ({cols}) and the block size "
                                 f"({block_size}) divisible by {m}")
     W = w.detach().to(torch.float32).clone()
-    h = hessian.detach().to(W.device)
-    W[:, torch.diag(h) == 0] = 0.0
-    hinv, _ = inverse_hessian_cholesky(h, damp)
+    hinv, dead = inverse_hessian_cholesky(hessian.detach().to(W.device), damp)
+    W[:, dead] = 0.0  # inputs that never fire
     keep = torch.ones(rows, cols, dtype=torch.bool, device=W.device)
     pruned_so_far = 0
     for i1 in range(0, cols, block_size):
