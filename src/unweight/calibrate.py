@@ -42,6 +42,7 @@ from torch import nn
 from tqdm import tqdm
 
 from unweight.errors import UnweightError
+from unweight.gram import add_gram_upper
 
 STATS = ("hessian", "sq_norm", "abs_mean")  # what a LinearStats can accumulate
 DEFAULT_SAMPLES = 32
@@ -109,7 +110,7 @@ class LinearStats:
         if "hessian" in self.want:
             if self._xtx is None:
                 self._xtx = torch.zeros(self.in_features, self.in_features, device=x.device)
-            _add_gram_upper(self._xtx, x.to(torch.float32))
+            add_gram_upper(self._xtx, x.to(torch.float32))
         if self._sq is None and "sq_norm" in self.want:
             self._sq = torch.zeros(self.in_features, dtype=torch.float64, device=x.device)
         if self._abs is None and "abs_mean" in self.want:
@@ -146,16 +147,6 @@ class LinearStats:
         if self._abs is None:
             raise UnweightError("this method needs the mean |x|: collect stats with 'abs_mean'")
         return (self._abs / max(self.n_tokens, 1)).to(torch.float32)
-
-
-def _add_gram_upper(acc: torch.Tensor, x: torch.Tensor) -> None:
-    """Add the upper triangle of ``X^T X`` to ``acc`` (its blocks on and right of the diagonal, in
-    strips of rows: about 0.55 of the full product's time on this machine, which is not symmetric-aware;
-    the lower triangle of ``acc`` holds partial sums and must be ignored)."""
-    d = x.shape[1]
-    strip = 128 if d < 1024 else 256
-    for i in range(0, d, strip):
-        acc[i:i + strip, i:].addmm_(x[:, i:i + strip].T, x[:, i:])
 
 
 _STRIP_ROWS = 512  # rows per pass of the column sums in LinearStats.add_batch
