@@ -1,12 +1,14 @@
 """The Gram matrix ``X^T X`` of a layer's inputs, accumulated: the proxy Hessian of GPTQ and SparseGPT
 (E. Frantar, D. Alistarh, "Optimal Brain Compression", arXiv:2208.11580; GPTQ, arXiv:2210.17323).
 
-Only its upper triangle is computed. On the CPU that is BLAS's ``ssyrk`` from the OpenBLAS that
-numpy's wheels bundle (torch has no symmetric rank-k update): 1.25-1.47x the speed of the torch path,
-addmm over strips of columns right of the diagonal, for 4,096 tokens of 640-2,048 columns at one
-thread, and no slower at two (AMD EPYC, AVX-512; ``addmm`` on a bf16 copy is 2x faster but rounds
-its output to bf16, and MKL's bf16-in, float32-out GEMM runs at float32 speed there). Elsewhere (a
-GPU, a numpy built without it), the torch path.
+Only its upper triangle is computed. On the CPU at one thread that is BLAS's ``ssyrk`` from the
+OpenBLAS that numpy's wheels bundle (torch has no symmetric rank-k update): 1.25-1.47x the speed of the
+torch path, addmm over strips of columns right of the diagonal, for 4,096 tokens of 640-2,048 columns
+(AMD EPYC, AVX-512; ``addmm`` on a bf16 copy is 2x faster but rounds its output to bf16, and MKL's
+bf16-in, float32-out GEMM runs at float32 speed there). With more threads the torch path: alone,
+``ssyrk`` on two threads was no slower than it, but OpenBLAS's threads and torch's then take turns on
+the same cores, and a whole smollm2-135m GPTQ at two threads took 74-77 s against 52 s. Elsewhere (a
+GPU, a numpy built without OpenBLAS), the torch path too.
 """
 
 import ctypes
@@ -17,8 +19,8 @@ import torch
 
 @functools.cache
 def _openblas():
-    """numpy's bundled OpenBLAS (found through numpy's own extension, whose dependencies ``dlsym``
-    searches), with its thread count settable, or None."""
+    """numpy's bundled OpenBLAS ``ssyrk``, set to one thread (found through numpy's own extension,
+    whose dependencies ``dlsym`` searches), or None."""
     try:
         from numpy._core import _multiarray_umath
         lib = ctypes.CDLL(_multiarray_umath.__file__)
@@ -30,10 +32,10 @@ def _openblas():
     syrk.restype = None
     set_threads.argtypes = [ctypes.c_int]
     set_threads.restype = None
-    return syrk, set_threads
+    set_threads(1)  # in the calling thread, no pool spinning beside torch's (numpy's BLAS too, as torch)
+    return syrk
 
 
-_threads = [0]  # OpenBLAS's thread count as last set here
 _COL_MAJOR, _LOWER, _NO_TRANS = 102, 122, 111  # CBLAS enums
 
 
@@ -41,15 +43,12 @@ def add_gram_upper(acc: torch.Tensor, x: torch.Tensor) -> None:
     """Add the upper triangle of ``x^T x`` (``x``: ``[n, d]``) to ``acc`` (``[d, d]``, float32). The
     strictly lower triangle of ``acc`` is left holding partial sums or nothing, and must be ignored."""
     d = x.shape[1]
-    lib = _openblas() if acc.device.type == "cpu" and x.dtype == acc.dtype == torch.float32 else None
-    if lib is None or not acc.is_contiguous() or d == 0:
+    one_thread = torch.get_num_threads() == 1 and acc.device.type == "cpu"
+    syrk = _openblas() if one_thread and x.dtype == acc.dtype == torch.float32 else None
+    if syrk is None or not acc.is_contiguous() or d == 0:
         add_gram_upper_reference(acc, x)
         return
-    syrk, set_threads = lib
     x = x.contiguous()
-    if _threads[0] != torch.get_num_threads():
-        _threads[0] = torch.get_num_threads()
-        set_threads(_threads[0])
     # row-major x is the column-major d x n matrix A = x^T; A A^T's lower triangle, column-major, is
     # the upper triangle of acc, row-major
     syrk(_COL_MAJOR, _LOWER, _NO_TRANS, d, x.shape[0], 1.0, x.data_ptr(), d, 1.0, acc.data_ptr(), d)
