@@ -7,8 +7,10 @@ torch path, addmm over strips of columns right of the diagonal, for 4,096 tokens
 (AMD EPYC, AVX-512; ``addmm`` on a bf16 copy is 2x faster but rounds its output to bf16, and MKL's
 bf16-in, float32-out GEMM runs at float32 speed there). With more threads the torch path: alone,
 ``ssyrk`` on two threads was no slower than it, but OpenBLAS's threads and torch's then take turns on
-the same cores, and a whole smollm2-135m GPTQ at two threads took 74-77 s against 52 s. Elsewhere (a
-GPU, a numpy built without OpenBLAS), the torch path too.
+the same cores, and a whole smollm2-135m GPTQ at two threads took 74-77 s against 52 s; ``ssyrk`` on
+one thread each over two halves of the rows, summed, was 1.16x the strips at 2,048 columns, slower at
+640, and the same whole GPTQ took 59-61 s against 58-60. Elsewhere (a GPU, a numpy built without
+OpenBLAS), the torch path too.
 """
 
 import ctypes
