@@ -2,15 +2,17 @@
 (E. Frantar, D. Alistarh, "Optimal Brain Compression", arXiv:2208.11580; GPTQ, arXiv:2210.17323).
 
 Only its upper triangle is computed. On the CPU at one thread that is BLAS's ``ssyrk`` from the
-OpenBLAS that numpy's wheels bundle (torch has no symmetric rank-k update): 1.25-1.47x the speed of the
-torch path, addmm over strips of columns right of the diagonal, for 4,096 tokens of 640-2,048 columns
-(AMD EPYC, AVX-512; ``addmm`` on a bf16 copy is 2x faster but rounds its output to bf16, and MKL's
-bf16-in, float32-out GEMM runs at float32 speed there). With more threads the torch path: alone,
-``ssyrk`` on two threads was no slower than it, but OpenBLAS's threads and torch's then take turns on
-the same cores, and a whole smollm2-135m GPTQ at two threads took 74-77 s against 52 s; ``ssyrk`` on
-one thread each over two halves of the rows, summed, was 1.16x the strips at 2,048 columns, slower at
-640, and the same whole GPTQ took 59-61 s against 58-60. Elsewhere (a GPU, a numpy built without
-OpenBLAS), the torch path too.
+OpenBLAS that numpy's wheels bundle (torch has no symmetric rank-k update). Against the torch path,
+addmm over strips of columns right of the diagonal, for 4,096 tokens of 576-2,048 columns on an AMD EPYC
+with AVX-512: 1.39-1.46x (``bench/gram_speed.py``, docs/results/gram-speed.json), 1.25-1.47x counting
+the float32 copy of the bf16 input that both take. ``addmm`` on a bf16 copy is 2x faster but rounds its
+output to bf16, and MKL's bf16-in, float32-out GEMM runs at float32 speed there.
+
+With more threads, the torch path. Alone, ``ssyrk`` on two threads was no slower than it, but
+OpenBLAS's threads and torch's then take turns on the same cores: a whole smollm2-135m GPTQ at two
+threads took 74-77 s against 52 s. ``ssyrk`` on one thread each over two halves of the rows, summed, was
+1.16x the strips at 2,048 columns and slower at 640, and the same whole GPTQ took 59-61 s against 58-60.
+Elsewhere (a GPU, a numpy built without OpenBLAS), the torch path too.
 """
 
 import ctypes
