@@ -47,9 +47,10 @@ def add_gram_upper(acc: torch.Tensor, x: torch.Tensor) -> None:
     """Add the upper triangle of ``x^T x`` (``x``: ``[n, d]``) to ``acc`` (``[d, d]``, float32). The
     strictly lower triangle of ``acc`` is left holding partial sums or nothing, and must be ignored."""
     d = x.shape[1]
-    one_thread = torch.get_num_threads() == 1 and acc.device.type == "cpu"
-    syrk = _openblas() if one_thread and x.dtype == acc.dtype == torch.float32 else None
-    if syrk is None or not acc.is_contiguous() or d == 0:
+    blas_fits = (torch.get_num_threads() == 1 and acc.device.type == "cpu" and acc.is_contiguous() and d > 0
+                 and x.dtype == acc.dtype == torch.float32)
+    syrk = _openblas() if blas_fits else None
+    if syrk is None:
         add_gram_upper_reference(acc, x)
         return
     x = x.contiguous()

@@ -23,8 +23,8 @@ from typing import Callable
 import torch
 from torch import nn
 
-from unweight.calibrate import (DEFAULT_BATCH, DEFAULT_SAMPLES, DEFAULT_SEQ_LEN, LinearStats,
-                                block_linears, calibration_windows, decoder_layers, run_layerwise)
+from unweight.calibrate import (DEFAULT_SAMPLES, DEFAULT_SEQ_LEN, LinearStats, block_linears,
+                                calibration_windows, decoder_layers, run_layerwise)
 from unweight.errors import UnweightError
 from unweight.outliers import restore, select_outliers, split
 from unweight.prune.magnitude import magnitude_prune
