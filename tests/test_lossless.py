@@ -113,7 +113,7 @@ def test_specials_survive_in_every_dtype(dtype):
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32, torch.float16])
 def test_many_default_chunks_threads_give_identical_output(dtype):
-    # 2100 x 512 values: five default chunks, and planned on several threads (>= PARALLEL_VALUES)
+    # 2100 x 512 values: two default chunks, and planned on several threads (>= PARALLEL_VALUES)
     t = make(dtype, (2100, 512), "weights", 1)
     assert t.numel() >= model.PARALLEL_VALUES
     one = encode(t, threads=1)
@@ -177,8 +177,9 @@ PINNED = {torch.bfloat16: 0xA5A814D5E3324B09, torch.float16: 0x26FBC32B6296384F,
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-def test_written_bytes_are_pinned_for_this_format_version(dtype):
+def test_written_bytes_are_pinned_for_this_format_version(dtype, monkeypatch):
     assert fmt.FORMAT_VERSION == 2  # a new version writes other bytes: pin them anew
+    monkeypatch.setattr(fmt, "CHUNK_WEIGHTS", 1 << 18)  # the head records the chunk size (2^20 since 2026-11-28)
     parts = encode(make(dtype, (300, 257), "special", 7))  # ragged rows and lane groups
     blob = np.concatenate([parts[k].numpy().view(np.uint8).reshape(-1) for k in sorted(parts)])
     assert int(xxh64(blob, 0, blob.size)) == PINNED[dtype]
@@ -560,13 +561,14 @@ def test_row_pass_takes_the_strided_sample_and_the_row_means():
 def test_a_tensor_is_stored_as_one_pack_part_and_older_folder_layouts_still_decode(dtype):
     t = torch.randn(64, 300, generator=torch.Generator().manual_seed(0)).to(dtype)
     parts = encode_parts("w", t)
-    assert set(parts) == {"pack"}
+    assert set(parts) == {"pack"} and parts["pack"].numpy()[-4:].tobytes() == b"UWP5"
     assert torch.equal(decode(parts, "w").view(torch.uint8), t.view(torch.uint8))
     streams = {k.removeprefix(".ul."): v for k, v in encode_tensor(t).items()}
     apart = {k: v for k, v in streams.items() if k in ("code", "low")}
     small = {k: v for k, v in streams.items() if k not in apart}
-    # folder version 2: every stream a part of its own; version 3: the small ones packed into `meta`
-    for layout in (streams, apart | {"meta": version3_meta(small)}):
+    # folder version 2: every stream a part of its own; 3: the small ones packed into `meta`; 4: all in
+    # a `pack` with a plain directory
+    for layout in (streams, apart | {"meta": version3_meta(small)}, {"pack": version4_pack(streams)}):
         assert torch.equal(decode(layout, "w").view(torch.uint8), t.view(torch.uint8))
     with pytest.raises(UnweightError, match=r"tensor 'w': streams \['code'\] both packed and stored apart"):
         decode(parts | {"code": streams["code"]}, "w")
@@ -585,10 +587,24 @@ def version3_meta(small):
     return torch.frombuffer(bytearray(directory + data), dtype=torch.uint8)
 
 
+def version4_pack(streams):
+    """Folder version 4's ``pack`` part: the streams, the directory (count byte; per stream its name's
+    length and ASCII, a dtype byte, its element count in 8 bytes), the directory's length, ``UWMP``."""
+    directory, data = bytearray([len(streams)]), b""
+    for key, t in streams.items():
+        directory += bytes([len(key)]) + key.encode() + bytes([t.dtype == torch.int64])
+        directory += t.numel().to_bytes(8, "little")
+        data += t.numpy().tobytes()
+    return torch.frombuffer(bytearray(data + directory + len(directory).to_bytes(4, "little") + b"UWMP"),
+                            dtype=torch.uint8)
+
+
 def test_a_pack_holds_exactly_the_streams_and_packs_into_the_code_streams_buffer():
     def streams(code):
-        return {"code": code, "head": np.array([1, -2, 3 << 40]), "modes": np.array([0, 1], np.uint8),
-                "check": np.empty(0, np.int64)}
+        return {"code": code, "head": np.array([1, -2, 3 << 40, -(1 << 63), (1 << 63) - 1]),
+                "offsets": np.array([0, 5, 5, 1 << 33]), "modes": np.array([0, 1], np.uint8),
+                "check": np.array([-7, 1 << 62]), "tables": np.zeros(500, np.uint8),
+                "rows": np.arange(7, dtype=np.uint8), "low_offsets": np.zeros(1, np.int64)}
     ref = streams(np.arange(300_000, dtype=np.uint8))
     buffer = np.zeros(400_000, np.uint8)
     buffer[:300_000] = ref["code"]
@@ -597,13 +613,59 @@ def test_a_pack_holds_exactly_the_streams_and_packs_into_the_code_streams_buffer
     for code, into in ((buffer[:300_000], buffer), (ref["code"].copy(), None), (short[:300_000], None)):
         packed = pack_streams(streams(code))
         assert packed is into if into is not None else not np.shares_memory(packed, code)
+        # head as varints, offsets as their differences, the zero tables zstd-coded: the pack is smaller
+        assert packed.size < sum(a.nbytes for a in ref.values()) - 450
         out = unpack_streams(torch.from_numpy(packed), "w")
         assert list(out) == list(ref) and all(
             (out[k].numpy() == ref[k]).all() and out[k].numpy().dtype == ref[k].dtype for k in ref)
+    for key, value in (("tables", np.arange(256, dtype=np.uint8)), ("tables", np.zeros(0, np.uint8)),
+                       ("head", np.zeros(0, np.int64))):  # stored raw where zstd does not pay; empty ones
+        out = unpack_streams(torch.from_numpy(pack_streams({key: value})), "w")
+        assert list(out) == [key] and out[key].numpy().dtype == value.dtype and (out[key].numpy() == value).all()
+
+
+def _directory_start(b: bytes) -> int:
+    return len(b) - 5 - b[-5]
 
 
 @pytest.mark.parametrize("damage, message", [
-    (lambda b: b[:-1], "no UWMP magic"),
+    (lambda b: b[:-1], "no UWP5 or UWMP magic"),
+    (lambda b: b[-6:], "truncated directory"),
+    (lambda b: b[:-5] + b"\0UWP5", "truncated directory"),
+    (lambda b: b[:-5] + bytes([b[-5] - 1]) + b"UWP5", "truncated directory|unknown or repeated|after the directory"),
+    (lambda b: b[1:], "runs past the end"),
+    (lambda b: b"\0" + b, "bytes after the streams"),
+    (lambda b: (lambda d: b[:d + 1] + b"\x0f" + b[d + 2:])(_directory_start(b)), "unknown or repeated stream"),
+    (lambda b: (lambda d: b[:d + 1] + bytes([b[d + 1] | 0x30]) + b[d + 2:])(_directory_start(b)),
+     "an encoding it cannot have"),  # the code (first) as zstd
+    (lambda b: (lambda d: b[:d] + b"\x09" + b[d + 1:])(_directory_start(b)), "truncated directory"),
+])
+def test_a_corrupt_pack_directory_is_refused_naming_the_tensor(damage, message):
+    parts = encode_parts("w", torch.randn(32, 64).to(torch.bfloat16))
+    raw = damage(parts["pack"].numpy().tobytes())
+    parts["pack"] = torch.frombuffer(bytearray(raw), dtype=torch.uint8) if raw else torch.empty(0, dtype=torch.uint8)
+    with pytest.raises(UnweightError, match=rf"tensor 'w': part 'w\.ul\.pack' is corrupt \(.*(?:{message})"):
+        decode(parts, "w")
+
+
+@pytest.mark.parametrize("key, damage, message", [
+    ("head", lambda s: s[:-1] + bytes([s[-1] | 0x80]), "'head' does not decode as varints"),
+    ("offsets", lambda s: s + b"\x01", "runs past the end|after the streams|'offsets' does not decode"),
+    ("tables", lambda s: s[:4] + bytes([s[4] ^ 0xFF]) + s[5:], "'tables' does not decode as zstd"),
+])
+def test_a_stream_that_does_not_decode_as_stored_is_refused(key, damage, message):
+    t = torch.randn(64, 300, generator=torch.Generator().manual_seed(1)).to(torch.bfloat16)
+    streams = {k.removeprefix(".ul."): v.numpy() for k, v in encode_tensor(t).items()}
+    packed = pack_streams({key: streams[key]})  # the stream alone: its stored bytes lead the pack
+    raw = packed.tobytes()
+    start = _directory_start(raw)
+    raw = damage(raw[:start]) + raw[start:]
+    with pytest.raises(UnweightError, match=rf"tensor 'w': part 'w\.ul\.pack' is corrupt \(.*(?:{message})"):
+        unpack_streams(torch.frombuffer(bytearray(raw), dtype=torch.uint8), "w")
+
+
+@pytest.mark.parametrize("damage, message", [
+    (lambda b: b[:-1], "no UWP5 or UWMP magic"),
     (lambda b: b[-9:], "truncated directory"),
     (lambda b: b[:-8] + (10 ** 6).to_bytes(4, "little") + b"UWMP", "truncated directory"),
     (lambda b: b[1:], "runs past the end"),
@@ -613,10 +675,10 @@ def test_a_pack_holds_exactly_the_streams_and_packs_into_the_code_streams_buffer
     (lambda b: b[:-8] + (int.from_bytes(b[-8:-4], "little") - 1).to_bytes(4, "little") + b"UWMP",
      "truncated directory|unknown or repeated|after the directory"),
 ])
-def test_a_corrupt_pack_directory_is_refused_naming_the_tensor(damage, message):
-    parts = encode_parts("w", torch.randn(32, 64).to(torch.bfloat16))
-    raw = damage(parts["pack"].numpy().tobytes())
-    parts["pack"] = torch.frombuffer(bytearray(raw), dtype=torch.uint8) if raw else torch.empty(0, dtype=torch.uint8)
+def test_a_corrupt_version4_pack_directory_is_refused_naming_the_tensor(damage, message):
+    streams = {k.removeprefix(".ul."): v for k, v in encode_tensor(torch.randn(32, 64).to(torch.bfloat16)).items()}
+    raw = damage(version4_pack(streams).numpy().tobytes())
+    parts = {"pack": torch.frombuffer(bytearray(raw), dtype=torch.uint8) if raw else torch.empty(0, dtype=torch.uint8)}
     with pytest.raises(UnweightError, match=rf"tensor 'w': part 'w\.ul\.pack' is corrupt \(.*(?:{message})"):
         decode(parts, "w")
 
@@ -643,8 +705,7 @@ def test_a_flipped_byte_in_a_packed_stream_is_caught_by_the_decoders_checks():
     t = torch.randn(32, 64).to(torch.bfloat16)
     parts = encode_parts("w", t)
     pack = parts["pack"].clone()
-    streams = sum(v.numel() * v.element_size() for v in unpack_streams(pack, "w").values())
-    for pos in range(streams):  # the streams' own bytes, before the directory
+    for pos in range(_directory_start(pack.numpy().tobytes())):  # the streams' stored bytes
         bad = pack.clone()
         bad[pos] ^= 0x5A
         try:

@@ -22,7 +22,7 @@ from unweight.lossless.hashing import meta_hash
 
 FORMAT_VERSION = 2
 MAGIC = 0x4C4C5755  # "UWLL" little-endian
-CHUNK_WEIGHTS = 1 << 18
+CHUNK_WEIGHTS = 1 << 20  # values per chunk (see docs/format.md: each chunk costs 128 bytes of flushed states)
 
 HEAD = ".ul.head"
 CODE = ".ul.code"

@@ -13,27 +13,48 @@ from __future__ import annotations
 
 import numpy as np
 import torch
+import zstandard
 
 from unweight.errors import UnweightError
 from unweight.formats import Format, Parts, register
+from unweight.lossless import varint
 from unweight.lossless.format import decode_tensor, encode_streams, is_supported
 
 TAG = "ul"
 PREFIX = f".{TAG}."
-FOLDER_VERSION = 4  # 2: every stream a part of its own; 3: the small ones packed into `meta`; 4: all into `pack`
+FOLDER_VERSION = 5  # 2: every stream a part; 3: the small ones in `meta`; 4: all in `pack`; 5: `pack`, compact
 STREAMS = ("head", "offsets", "modes", "check", "tables", "rows", "low_offsets", "code", "low")
-PACKED = ("pack", "meta")  # the part holding a tensor's packed streams: version 4's, version 3's
-PACK_MAGIC = b"UWMP"
+WIDE = frozenset({"head", "offsets", "check", "low_offsets"})  # I64 streams; the others are U8
+PACKED = ("pack", "meta")  # the part holding a tensor's packed streams: versions 4 and 5's, version 3's
+PACK_MAGIC = b"UWMP"  # folder versions 3 and 4
+PACK5_MAGIC = b"UWP5"
+RAW, VARINT, DELTA, ZSTD = range(4)  # how version 5 stores a stream: its bytes; zigzag varints; of
+_CODEC_NAMES = ("raw", "varints", "varint differences", "zstd")  # the differences; a zstd frame
+TABLES_ZSTD_LEVEL = 19  # a few hundred bytes per tensor: the strongest level costs nothing measurable
 _DTYPES = {0: np.dtype(np.uint8), 1: np.dtype("<i8")}  # the dtype byte, and the bytes it says are held
-_CODES = {np.dtype(np.uint8): 0, np.dtype(np.int64): 1}
 _MAX_DIRECTORY = 5 + 255 * (2 + 255 + 8)  # a version 3 meta part's longest head: magic, count, 255 entries
 
 
+def _stored(key: str, a: np.ndarray) -> tuple[int, np.ndarray]:
+    """(codec, bytes) of one stream as version 5 stores it: the header as varints, offsets as varint
+    differences (each a chunk's size), code tables zstd-coded where that is shorter, the rest as they are."""
+    if key == "head":
+        return VARINT, np.frombuffer(varint.encode(a), np.uint8)
+    if key in ("offsets", "low_offsets"):
+        return DELTA, np.frombuffer(varint.encode(np.diff(a, prepend=0)), np.uint8)
+    if key == "tables" and a.size:
+        z = zstandard.ZstdCompressor(level=TABLES_ZSTD_LEVEL).compress(a.tobytes())
+        if len(z) < a.size:
+            return ZSTD, np.frombuffer(z, np.uint8)
+    return RAW, np.ascontiguousarray(a).astype(a.dtype.newbyteorder("<"), copy=False).view(np.uint8)
+
+
 def pack_streams(streams: dict[str, np.ndarray]) -> np.ndarray:
-    """One U8 array holding ``streams`` (1-D U8/I64 arrays keyed by names in :data:`STREAMS`): their
-    little-endian bytes back to back, then the directory (a count byte, and per stream its name as a
-    length byte and ASCII, a dtype byte, 0 U8 or 1 I64, and its element count in 8 bytes), the
-    directory's length (4 bytes) and the magic ``UWMP``.
+    """One U8 array holding ``streams`` (1-D arrays keyed by names in :data:`STREAMS`, I64 for those
+    in :data:`WIDE`, else U8), folder version 5's ``pack``: each stream's stored bytes back to back
+    (:func:`_stored`), then the directory (a count byte, then per stream a byte ``index | codec << 4``
+    with ``index`` its place in :data:`STREAMS`, its element count as a varint and, unless stored raw,
+    its stored length as a varint), the directory's length (one byte) and the magic ``UWP5``.
 
     When the first stream is a U8 view of the start of a longer buffer that it does not share
     (``encode_streams(..., shrink=False)``'s code), the others are written into that buffer after it,
@@ -41,20 +62,25 @@ def pack_streams(streams: dict[str, np.ndarray]) -> np.ndarray:
     largest stream, is not copied (a copy of gemma3-270m's embedding code was 0.14 GB more peak memory
     for the whole compress)."""
     directory = bytearray([len(streams)])
+    stored = []
     for key, a in streams.items():
-        directory += bytes([len(key)]) + key.encode("ascii") + bytes([_CODES[a.dtype]]) + a.size.to_bytes(8, "little")
-    tail = np.frombuffer(bytes(directory) + len(directory).to_bytes(4, "little") + PACK_MAGIC, np.uint8)
-    total = sum(a.nbytes for a in streams.values()) + tail.size
-    arrays = list(streams.values())
-    base = arrays[0].base if arrays else None
+        codec, data = _stored(key, a)
+        directory += bytes([STREAMS.index(key) | codec << 4]) + varint.encode([a.size])
+        if codec != RAW:
+            directory += varint.encode([data.size])
+        stored.append(data)
+    tail = np.frombuffer(bytes(directory) + bytes([len(directory)]) + PACK5_MAGIC, np.uint8)
+    total = sum(a.size for a in stored) + tail.size
+    first = next(iter(streams.values()), None)
+    base = first.base if first is not None else None
     if (isinstance(base, np.ndarray) and base.flags.owndata and base.dtype == np.uint8 and base.ndim == 1
-            and arrays[0].dtype == np.uint8 and base.ctypes.data == arrays[0].ctypes.data and base.size >= total):
-        out, pos = base, arrays.pop(0).size
+            and first.dtype == np.uint8 and base.ctypes.data == first.ctypes.data and base.size >= total):
+        out, pos = base, stored.pop(0).size
     else:
         out, pos = np.empty(total, np.uint8), 0
-    for a in arrays:
-        out[pos:pos + a.nbytes] = np.ascontiguousarray(a).astype(a.dtype.newbyteorder("<"), copy=False).view(np.uint8)
-        pos += a.nbytes
+    for a in stored:
+        out[pos:pos + a.size] = a
+        pos += a.size
     out[pos:total] = tail
     if out.size > total:
         out.resize(total, refcheck=False)  # shrinking keeps the data in place
@@ -62,10 +88,11 @@ def pack_streams(streams: dict[str, np.ndarray]) -> np.ndarray:
 
 
 def unpack_streams(packed: torch.Tensor, name: str, part: str = "pack") -> Parts:
-    """The streams packed in ``part`` (``pack``: :func:`pack_streams`'s layout; ``meta``: folder version
-    3's, the directory first, after the magic and a count byte), U8 ones as views of ``packed`` and I64
-    ones copied. A corrupt or truncated directory raises an error naming the tensor and the part (the
-    streams' own contents are checked by the decoder, as when stored apart)."""
+    """The streams packed in ``part`` (``pack``: :func:`pack_streams`'s layout, or folder version 4's,
+    told apart by the magic; ``meta``: folder version 3's, the directory first, after the magic and a
+    count byte), U8 ones as views of ``packed`` where stored raw. A corrupt or truncated directory or
+    stream encoding raises an error naming the tensor and the part (the streams' own contents are
+    checked by the decoder, as when stored apart)."""
     arr = packed.contiguous().numpy()
 
     def corrupt(what: str) -> UnweightError:
@@ -77,9 +104,11 @@ def unpack_streams(packed: torch.Tensor, name: str, part: str = "pack") -> Parts
             raise corrupt("no UWMP magic")
         entries, start = _directory(raw, 5, raw[4], corrupt)
         end = arr.size
+    elif arr.size >= 6 and arr[-4:].tobytes() == PACK5_MAGIC:
+        return _unpack5(arr, corrupt)
     else:
         if arr.size < 9 or arr[-4:].tobytes() != PACK_MAGIC:
-            raise corrupt("no UWMP magic")
+            raise corrupt("no UWP5 or UWMP magic")
         length = int.from_bytes(arr[-8:-4].tobytes(), "little")
         if not 1 <= length <= arr.size - 8:
             raise corrupt("truncated directory")
@@ -101,9 +130,69 @@ def unpack_streams(packed: torch.Tensor, name: str, part: str = "pack") -> Parts
     return out
 
 
+def _unpack5(arr: np.ndarray, corrupt) -> Parts:
+    """Folder version 5's pack (:func:`pack_streams`), its magic already checked."""
+    length = int(arr[-5])
+    if not 1 <= length <= arr.size - 5:
+        raise corrupt("truncated directory")
+    raw = arr[arr.size - 5 - length:-5]
+    count, pos, end = int(raw[0]), 1, arr.size - 5 - length
+    entries = []
+    for _ in range(count):
+        if pos >= raw.size:
+            raise corrupt("truncated directory")
+        index, codec = int(raw[pos] & 15), int(raw[pos] >> 4)
+        key = STREAMS[index] if index < len(STREAMS) else None
+        if key is None or any(key == k for k, _, _, _ in entries) or codec not in (
+                (RAW, VARINT, DELTA) if key in WIDE else (RAW, ZSTD)):
+            raise corrupt(f"unknown or repeated stream {key!r}, or an encoding it cannot have")
+        try:
+            n, pos = varint.read(raw, pos + 1)
+            stored, pos = (n * (8 if key in WIDE else 1), pos) if codec == RAW else varint.read(raw, pos)
+        except ValueError:
+            raise corrupt("truncated directory") from None
+        if n < 0 or stored < 0:
+            raise corrupt(f"stream {key!r} has a negative length")
+        entries.append((key, codec, n, stored))
+    if pos != raw.size:
+        raise corrupt(f"{raw.size - pos} bytes after the directory")
+    start = 0
+    for key, _, _, stored in entries:  # the layout is checked before any stream is decoded
+        if stored > end - start:
+            raise corrupt(f"stream {key!r} runs past the end")
+        start += stored
+    if start != end:
+        raise corrupt(f"{end - start} bytes after the streams")
+    out, start = {}, 0
+    for key, codec, n, stored in entries:
+        try:
+            out[key] = torch.from_numpy(_restored(key, codec, n, arr[start:start + stored]))
+        except (ValueError, zstandard.ZstdError) as exc:
+            raise corrupt(f"stream {key!r} does not decode as {_CODEC_NAMES[codec]}: {exc}") from None
+        start += stored
+    return out
+
+
+def _restored(key: str, codec: int, n: int, data: np.ndarray) -> np.ndarray:
+    """The inverse of :func:`_stored`: stream ``key``'s ``n`` elements from its stored bytes."""
+    if codec == VARINT:
+        return varint.decode(data, n)
+    if codec == DELTA:
+        return np.cumsum(varint.decode(data, n))
+    if codec == ZSTD:  # the frame must say its size: a corrupt one is not to allocate what it claims
+        frame = data.tobytes()
+        if zstandard.frame_content_size(frame) != n:
+            raise ValueError(f"the frame does not say it holds the {n} bytes expected")
+        out = zstandard.ZstdDecompressor().decompress(frame)
+        if len(out) != n:
+            raise ValueError(f"{len(out)} bytes where {n} were expected")
+        return np.frombuffer(bytearray(out), np.uint8)
+    return data.view("<i8").astype(np.int64) if key in WIDE else data
+
+
 def _directory(raw: bytes, pos: int, count: int, corrupt) -> tuple[list, int]:
-    """``count`` directory entries ``(name, dtype, element count)`` read from ``raw[pos:]``, and where
-    they end."""
+    """``count`` directory entries ``(name, dtype, element count)`` of a version 3 or 4 pack, read from
+    ``raw[pos:]``, and where they end."""
     entries = []
     for _ in range(count):
         if pos >= len(raw) or pos + 1 + raw[pos] + 9 > len(raw):
