@@ -135,13 +135,13 @@ def _unpack5(arr: np.ndarray, corrupt) -> Parts:
     length = int(arr[-5])
     if not 1 <= length <= arr.size - 5:
         raise corrupt("truncated directory")
-    raw = arr[arr.size - 5 - length:-5]
-    count, pos, end = int(raw[0]), 1, arr.size - 5 - length
+    raw = arr[arr.size - 5 - length:-5].tobytes()
+    count, pos, end = raw[0], 1, arr.size - 5 - length
     entries = []
     for _ in range(count):
-        if pos >= raw.size:
+        if pos >= len(raw):
             raise corrupt("truncated directory")
-        index, codec = int(raw[pos] & 15), int(raw[pos] >> 4)
+        index, codec = raw[pos] & 15, raw[pos] >> 4
         key = STREAMS[index] if index < len(STREAMS) else None
         if key is None or any(key == k for k, _, _, _ in entries) or codec not in (
                 (RAW, VARINT, DELTA) if key in WIDE else (RAW, ZSTD)):
@@ -154,8 +154,8 @@ def _unpack5(arr: np.ndarray, corrupt) -> Parts:
         if n < 0 or stored < 0:
             raise corrupt(f"stream {key!r} has a negative length")
         entries.append((key, codec, n, stored))
-    if pos != raw.size:
-        raise corrupt(f"{raw.size - pos} bytes after the directory")
+    if pos != len(raw):
+        raise corrupt(f"{len(raw) - pos} bytes after the directory")
     start = 0
     for key, _, _, stored in entries:  # the layout is checked before any stream is decoded
         if stored > end - start:

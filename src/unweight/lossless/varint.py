@@ -11,6 +11,7 @@ from __future__ import annotations
 import numpy as np
 
 MAX_BYTES = 10  # ceil(64 / 7)
+SHORT = 64  # bytes up to which decode loops in Python
 
 
 def encode(values) -> bytes:
@@ -36,6 +37,14 @@ def decode(data, count: int) -> np.ndarray:
     which must hold exactly them. Raises ``ValueError`` otherwise (a value running past the end, more
     or fewer values, one longer than 64 bits)."""
     b = np.frombuffer(data, np.uint8) if isinstance(data, (bytes, bytearray, memoryview)) else np.asarray(data)
+    if b.size <= SHORT:  # a tensor's header and most offset lists: a plain loop beats numpy's call overheads
+        raw, pos, out = b.tobytes(), 0, []
+        for _ in range(count):
+            v, pos = read(raw, pos)
+            out.append(v)
+        if pos != len(raw):
+            raise ValueError(f"{len(raw) - pos} bytes after the {count} values expected")
+        return np.array(out, np.int64)
     if count == 0:
         if b.size:
             raise ValueError(f"{b.size} bytes where no values were expected")
