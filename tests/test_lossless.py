@@ -3,6 +3,7 @@ input left untouched, output no larger than the input plus a small header, and e
 or truncation reported as an UnweightError that names the tensor (and the chunk at fault)."""
 
 import ctypes
+import functools
 import gc
 import mmap
 
@@ -714,3 +715,29 @@ def test_a_flipped_byte_in_a_packed_stream_is_caught_by_the_decoders_checks():
             assert "'w'" in str(exc)
         else:  # a byte that the streams do not use (e.g. a check of a raw chunk) may be harmless
             assert torch.equal(out.view(torch.uint8), t.view(torch.uint8))
+
+
+@functools.cache
+def _tensor_and_pack() -> tuple[torch.Tensor, bytes]:
+    t = torch.randn(40, 300, generator=torch.Generator().manual_seed(5)).to(torch.bfloat16)
+    return t, encode_parts("w", t)["pack"].numpy().tobytes()
+
+
+@settings(max_examples=300, deadline=None)
+@given(data=st.data())
+def test_any_damage_to_a_packs_directory_or_length_raises_or_decodes_exactly(data):
+    t, pack = _tensor_and_pack()
+    pack = bytearray(pack)
+    start = _directory_start(bytes(pack))
+    if data.draw(st.booleans()):  # bytes of the directory, its length or the magic changed
+        for pos in data.draw(st.lists(st.integers(start, len(pack) - 1), min_size=1, max_size=3)):
+            pack[pos] = data.draw(st.integers(0, 255))
+    else:
+        pack = pack[:data.draw(st.integers(0, len(pack) - 1))]
+    try:
+        out = decode({"pack": torch.frombuffer(pack, dtype=torch.uint8) if pack else torch.empty(0, dtype=torch.uint8)},
+                     "w")
+    except UnweightError as exc:
+        assert str(exc).startswith("tensor 'w'")
+    else:
+        assert torch.equal(out.view(torch.uint8), t.view(torch.uint8))
