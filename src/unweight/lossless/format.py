@@ -33,7 +33,7 @@ TABLES = ".ul.tables"
 ROWS = ".ul.rows"
 LOW = ".ul.low"
 LOW_OFFSETS = ".ul.low_offsets"
-PACK = ".ul.pack"  # in a folder: all the streams, packed (unweight.lossless.register; folder version 4)
+PACK = ".ul.pack"  # in a folder: all the streams, packed (unweight.lossless.register; folder versions 4, 5)
 META = ".ul.meta"  # the small streams packed, beside .ul.code (folder version 3)
 
 # header: these int64 fields, then the shape

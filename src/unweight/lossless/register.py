@@ -1,11 +1,13 @@
 """Registers ``unweight-lossless`` with unweight's format registry (and so with transformers).
 
 Every floating-point tensor of the checkpoint is encoded (norms and embeddings too); integer tensors are
-stored as they are. All of a tensor's streams are packed into one U8 part, ``NAME.ul.pack`` (folder
-version 4). Each stored part costs an entry of ~100 bytes in the safetensors JSON header: bf16
-minilm-l6's file came to 0.6596 of the original's with every stream a part of its own (version 2),
-0.6587 with the small streams packed into ``NAME.ul.meta`` beside ``NAME.ul.code`` (version 3), and
-0.6585 with one part per tensor (its tensor bytes: 0.6581). Versions 2 and 3 are still read. See
+stored as they are. All of a tensor's streams are packed into one U8 part, ``NAME.ul.pack``, compactly
+(folder version 5: the header as varints, offsets as varint differences, code tables zstd-coded, a
+directory of a byte and a varint or two per stream). Each stored part costs an entry of ~100 bytes in
+the safetensors JSON header: bf16 minilm-l6's file came to 0.6596 of the original's with every stream
+a part of its own (version 2), 0.6587 with the small streams packed into ``NAME.ul.meta`` beside
+``NAME.ul.code`` (version 3), 0.6585 with one part per tensor (version 4; its tensor bytes: 0.6581), and
+0.65776 with version 5's compact pack and chunks of 2^20 values. Versions 2-4 are still read. See
 ``docs/format.md``.
 """
 
