@@ -180,10 +180,7 @@ PINNED = {torch.bfloat16: 0xA5A814D5E3324B09, torch.float16: 0x26FBC32B6296384F,
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_written_bytes_are_pinned_for_this_format_version(dtype, monkeypatch):
     assert fmt.FORMAT_VERSION == 2  # a new version writes other bytes: pin them anew
-    # pinned with the encoder's settings of then: chunks of 2^18 (2^20 since 2026-11-28; the head records
-    # it) and the row contexts' zstd level 6 (12 since then; any level decodes)
-    monkeypatch.setattr(fmt, "CHUNK_WEIGHTS", 1 << 18)
-    monkeypatch.setattr(model, "ROWS_ZSTD_LEVEL", 6)
+    monkeypatch.setattr(fmt, "CHUNK_WEIGHTS", 1 << 18)  # the head records the chunk size (2^20 since 2026-11-28)
     parts = encode(make(dtype, (300, 257), "special", 7))  # ragged rows and lane groups
     blob = np.concatenate([parts[k].numpy().view(np.uint8).reshape(-1) for k in sorted(parts)])
     assert int(xxh64(blob, 0, blob.size)) == PINNED[dtype]

@@ -7,7 +7,7 @@ directory of a byte and a varint or two per stream). Each stored part costs an e
 the safetensors JSON header: bf16 minilm-l6's file came to 0.6596 of the original's with every stream
 a part of its own (version 2), 0.6587 with the small streams packed into ``NAME.ul.meta`` beside
 ``NAME.ul.code`` (version 3), 0.6585 with one part per tensor (version 4; its tensor bytes: 0.6581), and
-0.65773 with version 5's compact pack and chunks of 2^20 values. Versions 2-4 are still read. See
+0.65776 with version 5's compact pack and chunks of 2^20 values. Versions 2-4 are still read. See
 ``docs/format.md``.
 """
 
