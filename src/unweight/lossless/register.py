@@ -30,9 +30,10 @@ WIDE = frozenset({"head", "offsets", "check", "low_offsets"})  # I64 streams; th
 PACKED = ("pack", "meta")  # the part holding a tensor's packed streams: versions 4 and 5's, version 3's
 PACK_MAGIC = b"UWMP"  # folder versions 3 and 4
 PACK5_MAGIC = b"UWP5"
-RAW, VARINT, DELTA, ZSTD = range(4)  # how version 5 stores a stream: its bytes; zigzag varints; of
-_CODEC_NAMES = ("raw", "varints", "varint differences", "zstd")  # the differences; a zstd frame
-TABLES_ZSTD_LEVEL = 19  # a few hundred bytes per tensor: the strongest level costs nothing measurable
+# how version 5 stores a stream: its bytes; zigzag varints; varints of the differences; one zstd frame
+RAW, VARINT, DELTA, ZSTD = range(4)
+_CODEC_NAMES = ("raw", "varints", "varint differences", "zstd")
+TABLES_ZSTD_LEVEL = 19  # ~0.1 ms per tensor; on smollm2-135m 736 bytes fewer than level 6
 _DTYPES = {0: np.dtype(np.uint8), 1: np.dtype("<i8")}  # the dtype byte, and the bytes it says are held
 _MAX_DIRECTORY = 5 + 255 * (2 + 255 + 8)  # a version 3 meta part's longest head: magic, count, 255 entries
 
