@@ -110,7 +110,7 @@ class LinearStats:
         if "hessian" in self.want:
             if self._xtx is None:
                 self._xtx = torch.zeros(self.in_features, self.in_features, device=x.device)
-            add_gram_upper(self._xtx, x.to(torch.float32))
+            add_gram_upper(self._xtx, x)  # bf16 inputs are summed in float32 without a float32 copy
         if self._sq is None and "sq_norm" in self.want:
             self._sq = torch.zeros(self.in_features, dtype=torch.float64, device=x.device)
         if self._abs is None and "abs_mean" in self.want:

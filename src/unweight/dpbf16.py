@@ -1,0 +1,150 @@
+"""``X^T X`` (upper) of a bf16 ``X``, summed in float32 by AVX512-BF16's ``vdpbf16ps``.
+
+A layer's calibration inputs arrive in bf16 when the model runs in bf16. Their products are exact in
+float32 (8-bit significands), so the Gram matrix only needs float32 sums; torch has no bf16-in,
+float32-out product on the CPU, and BLAS's ``ssyrk`` needs a float32 copy and runs at float32 speed.
+``vdpbf16ps`` adds two bf16 products to each of sixteen float32 sums per instruction, twice float32's
+rate. Two tokens' values of a column are paired into one 32-bit word (``Y = X`` viewed as
+``[tokens/2, 2, d]``, transposed to ``[tokens/2, d, 2]``), so one instruction multiplies a broadcast
+pair ``(x[2p, i], x[2p+1, i])`` by sixteen columns' pairs. A tile of ``R`` rows by 64 columns keeps its
+``4 R`` sums in registers over a block of :data:`PAIRS_PER_BLOCK` pairs, then adds them to the
+accumulator: short chains of sums keep the rounding error at or below ``ssyrk``'s.
+
+Measured (one thread, 4,096 tokens, AMD EPYC Zen 4, the bf16 -> pair copy against ``ssyrk``'s float32
+copy): 576 columns 9.3 against 15.7 ms, 1,536 columns 60.7 against 103.8 ms (147-159 against 87-93
+GFLOP/s); largest error relative to the largest entry against float64, 5.2e-7 and 5.1e-7 (``ssyrk``
+6.4e-7 and 6.2e-7). ``vdpbf16ps`` treats bf16 subnormals (below 1.2e-38) as zero.
+
+The instruction is emitted as inline assembly in the loop's LLVM IR; :func:`kernel` returns None where
+the CPU lacks AVX512-BF16 or numba compiles for another target.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import llvmlite.binding as llvm
+import numba
+import torch
+from llvmlite import ir
+from numba import njit, types
+from numba.extending import intrinsic
+
+PAIRS_PER_BLOCK = 128  # token pairs per register-held block of sums (64: 1.6x, 128: 1.7x, 2,048: 1.2x ssyrk)
+COLS = 64  # columns per tile: four 16-lane vectors
+
+_I32, _I64 = ir.IntType(32), ir.IntType(64)
+_V16I, _V16F = ir.VectorType(_I32, 16), ir.VectorType(ir.FloatType(), 16)
+
+
+@functools.cache
+def available() -> bool:
+    """Whether this machine has AVX512-BF16 and numba compiles for it."""
+    return (numba.config.CPU_NAME in (None, "host") and numba.config.CPU_FEATURES is None
+            and bool(llvm.get_host_cpu_features().get("avx512bf16", False)))
+
+
+def _array_data(context, builder, ty, val):
+    return context.make_array(ty)(context, builder, val).data
+
+
+def _make_tile(rows: int):
+    """The kernel for one tile: ``acc[i0:i0+rows, j0:j0+64] += sum over pairs p0..p1 of the pair
+    products``, ``y`` the ``[pairs, d]`` int32 view of the paired bf16 values."""
+    nvec = COLS // 16
+
+    @intrinsic
+    def tile(typingctx, y, acc, i0, j0, p0, p1, d):
+        i64 = types.int64
+        sig = types.void(y, acc, i64, i64, i64, i64, i64)
+
+        def codegen(context, builder, signature, args):
+            y_a, acc_a, i0v, j0v, p0v, p1v, dv = args
+            b = builder
+            ybase = _array_data(context, b, signature.args[0], y_a)
+            abase = _array_data(context, b, signature.args[1], acc_a)
+            ptrs = []
+            for r in range(rows):
+                row = b.mul(b.add(i0v, ir.Constant(_I64, r)), dv)
+                for c in range(nvec):
+                    off = b.add(row, b.add(j0v, ir.Constant(_I64, 16 * c)))
+                    ptrs.append(b.bitcast(b.gep(abase, [off]), _V16F.as_pointer()))
+            dot = ir.InlineAsm(ir.FunctionType(_V16F, [_V16F, _V16I, _V16I]), "vdpbf16ps $3, $2, $0", "=v,0,v,v")
+            entry = b.block
+            head, body, done = (b.append_basic_block(n) for n in ("pairs.head", "pairs.body", "pairs.done"))
+            b.branch(head)
+            b.position_at_end(head)
+            p = b.phi(_I64)
+            p.add_incoming(p0v, entry)
+            sums = []
+            for _ in ptrs:
+                s = b.phi(_V16F)
+                s.add_incoming(ir.Constant(_V16F, [0.0] * 16), entry)
+                sums.append(s)
+            b.cbranch(b.icmp_signed("<", p, p1v), body, done)
+            b.position_at_end(body)
+            yrow = b.mul(p, dv)
+            cols = [b.load(b.bitcast(b.gep(ybase, [b.add(yrow, b.add(j0v, ir.Constant(_I64, 16 * c)))]),
+                                     _V16I.as_pointer()), align=4) for c in range(nvec)]
+            nxt = []
+            for r in range(rows):
+                pair = b.load(b.gep(ybase, [b.add(yrow, b.add(i0v, ir.Constant(_I64, r)))]))
+                splat = b.shuffle_vector(b.insert_element(ir.Constant(_V16I, ir.Undefined), pair, ir.Constant(_I32, 0)),
+                                         ir.Constant(_V16I, ir.Undefined), ir.Constant(_V16I, [0] * 16))
+                nxt += [b.call(dot, [sums[r * nvec + c], splat, cols[c]]) for c in range(nvec)]
+            p.add_incoming(b.add(p, ir.Constant(_I64, 1)), b.block)
+            for s, n in zip(sums, nxt):
+                s.add_incoming(n, b.block)
+            b.branch(head)
+            b.position_at_end(done)
+            for s, ptr in zip(sums, ptrs):
+                b.store(b.fadd(b.load(ptr, align=4), s), ptr, align=4)
+            return context.get_dummy_value()
+
+        return sig, codegen
+
+    return tile
+
+
+@functools.cache
+def _tiles(rows: int):
+    tile = _make_tile(rows)
+
+    @njit(nogil=True)
+    def tiles(y, acc, npairs, d, block):
+        for p0 in range(0, npairs, block):
+            p1 = min(p0 + block, npairs)
+            for j0 in range(0, d, COLS):
+                for i0 in range(0, min(j0 + COLS, d), rows):
+                    tile(y, acc, i0, j0, p0, p1, d)
+
+    return tiles
+
+
+def rows_for(d: int) -> int | None:
+    """The tile height for ``d`` columns: 6 rows where 6 divides ``d``, else 4; None unless ``d`` is a
+    positive multiple of 64 (the other column counts go to ``ssyrk``)."""
+    if d <= 0 or d % COLS:
+        return None
+    return 6 if d % 6 == 0 else 4
+
+
+@functools.cache
+def _asm_parser() -> None:
+    llvm.initialize_native_asmparser()  # numba's JIT registers no assembly parser for inline asm
+
+
+def add_gram_upper_bf16(acc: torch.Tensor, x: torch.Tensor) -> None:
+    """Add the upper triangle of ``x^T x`` to ``acc`` (``[d, d]`` float32, contiguous, on the CPU;
+    ``x``: ``[n, d]`` bf16, ``d`` a multiple of 64). The strictly lower triangle of ``acc`` is
+    left holding partial sums and must be ignored. Callers check :func:`available` and
+    :func:`rows_for`."""
+    n, d = x.shape
+    rows = rows_for(d)
+    if rows is None or not available():
+        raise ValueError(f"no bf16 Gram kernel for {d} columns on this machine")
+    if n % 2:
+        x = torch.cat([x, x.new_zeros(1, d)])
+    y = x.reshape(-1, 2, d).transpose(1, 2).contiguous().view(torch.int32).view(-1, d).numpy()
+    _asm_parser()
+    _tiles(rows)(y, acc.numpy(), y.shape[0], d, PAIRS_PER_BLOCK)
