@@ -10,13 +10,14 @@ pair ``(x[2p, i], x[2p+1, i])`` by sixteen columns' pairs. A tile of ``R`` rows 
 ``4 R`` sums in registers over a block of :data:`PAIRS_PER_BLOCK` pairs, then adds them to the
 accumulator: short chains of sums keep the rounding error at or below ``ssyrk``'s.
 
-Measured (one thread, 4,096 tokens, AMD EPYC Zen 4, the bf16 -> pair copy against ``ssyrk``'s float32
-copy): 576 columns 9.3 against 15.7 ms, 1,536 columns 60.7 against 103.8 ms (147-159 against 87-93
-GFLOP/s); largest error relative to the largest entry against float64, 5.2e-7 and 5.1e-7 (``ssyrk``
-6.4e-7 and 6.2e-7). ``vdpbf16ps`` treats bf16 subnormals (below 1.2e-38) as zero.
+Measured (``bench/gram_speed.py``, one thread, 4,096 tokens, AMD EPYC Zen 4, against ``ssyrk`` with the
+float32 copy it needs; ``docs/results/gram-speed.json``): 1.51-1.71x at 576-2,048 columns (12.0 against
+18.2 ms at 576, 66.3 against 108.8 at 1,536); largest error against float64, relative to the largest
+entry, 3.4-3.7e-7 (``ssyrk`` 9.1e-7-1.0e-6). ``vdpbf16ps`` treats bf16 subnormals (below 1.2e-38) as
+zero.
 
-The instruction is emitted as inline assembly in the loop's LLVM IR; :func:`kernel` returns None where
-the CPU lacks AVX512-BF16 or numba compiles for another target.
+The instruction is emitted as inline assembly in the loop's LLVM IR; :func:`available` says whether
+this CPU has AVX512-BF16 and numba compiles for it, and :func:`rows_for` whether a tile fits the width.
 """
 
 from __future__ import annotations
@@ -30,7 +31,7 @@ from llvmlite import ir
 from numba import njit, types
 from numba.extending import intrinsic
 
-PAIRS_PER_BLOCK = 128  # token pairs per register-held block of sums (64: 1.6x, 128: 1.7x, 2,048: 1.2x ssyrk)
+PAIRS_PER_BLOCK = 128  # token pairs per block of sums in registers (2,048: 1.2x ssyrk, error 6.9e-6)
 COLS = 64  # columns per tile: four 16-lane vectors
 
 _I32, _I64 = ir.IntType(32), ir.IntType(64)
