@@ -13,7 +13,7 @@ copy included). Errors are against float64, relative to the largest entry.
 
     OMP_NUM_THREADS=1 .venv/bin/python bench/gram_speed.py [--tokens 4096] [--widths 576,640,1024,1536,2048]
 
-Prints best-of-``--reps`` milliseconds per call and the speed-ups; writes JSON (``--out``, default
+Prints the best of ``--reps`` calls' milliseconds and the speed-ups; writes JSON (``--out``, default
 ``bench/results/gram_speed.json``). Run it alone. At more than one torch thread ``add_gram_upper``
 takes the torch path itself (see the module), so the comparison is made at one thread.
 """
@@ -31,13 +31,10 @@ import torch
 from unweight import dpbf16, gram
 
 
-def best_ms(fn, reps: int) -> float:
-    best = float("inf")
-    for _ in range(reps):
-        t0 = time.perf_counter()
-        fn()
-        best = min(best, time.perf_counter() - t0)
-    return best * 1e3
+def ms(fn) -> float:
+    t0 = time.perf_counter()
+    fn()
+    return (time.perf_counter() - t0) * 1e3
 
 
 def main() -> int:
@@ -63,16 +60,17 @@ def main() -> int:
         a, b, c, e = (torch.zeros(d, d) for _ in range(4))
         t = dict.fromkeys(("torch", "ssyrk", "ssyrk_copy", "bf16"), float("inf"))
         for _ in range(args.reps):  # alternating, so machine load hits all alike
-            t["torch"] = min(t["torch"], best_ms(lambda: gram.add_gram_upper_reference(b.zero_(), x), 1))
-            t["ssyrk"] = min(t["ssyrk"], best_ms(lambda: gram.add_gram_upper(a.zero_(), x), 1))
-            t["ssyrk_copy"] = min(t["ssyrk_copy"], best_ms(lambda: gram.add_gram_upper(c.zero_(), xb.float()), 1))
+            t["torch"] = min(t["torch"], ms(lambda: gram.add_gram_upper_reference(b.zero_(), x)))
+            t["ssyrk"] = min(t["ssyrk"], ms(lambda: gram.add_gram_upper(a.zero_(), x)))
+            t["ssyrk_copy"] = min(t["ssyrk_copy"], ms(lambda: gram.add_gram_upper(c.zero_(), xb.float())))
             if bf16 and dpbf16.rows_for(d):
-                t["bf16"] = min(t["bf16"], best_ms(lambda: dpbf16.add_gram_upper_bf16(e.zero_(), xb), 1))
-        err = {k: ((torch.triu(m).double() - ref).abs().max() / ref.abs().max()).item()
-               for k, m in (("ssyrk", a), ("bf16", e))}
+                t["bf16"] = min(t["bf16"], ms(lambda: dpbf16.add_gram_upper_bf16(e.zero_(), xb)))
+        ran_bf16 = t["bf16"] < float("inf")
+        err = {k: ((torch.triu(m).double() - ref).abs().max() / ref.abs().max()).item() if ran else float("nan")
+               for k, m, ran in (("ssyrk", a, True), ("bf16", e, ran_bf16))}
         row = {"width": d, **{f"{k}_ms": v for k, v in t.items()}, "ssyrk_speedup": t["torch"] / t["ssyrk"],
                "bf16_speedup_over_ssyrk_with_copy": t["ssyrk_copy"] / t["bf16"],
-               "max_rel_err_ssyrk": err["ssyrk"], "max_rel_err_bf16": err["bf16"] if t["bf16"] < float("inf") else None}
+               "max_rel_err_ssyrk": err["ssyrk"], "max_rel_err_bf16": err["bf16"] if ran_bf16 else None}
         rows.append(row)
         print(f"{d:>6} {t['torch']:>9.1f} {t['ssyrk']:>9.1f} {row['ssyrk_speedup']:>5.2f}x {t['ssyrk_copy']:>9.1f}"
               f" {t['bf16']:>8.1f} {row['bf16_speedup_over_ssyrk_with_copy']:>5.2f}x {err['ssyrk']:>10.2e}"

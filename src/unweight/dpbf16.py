@@ -38,15 +38,17 @@ _I32, _I64 = ir.IntType(32), ir.IntType(64)
 _V16I, _V16F = ir.VectorType(_I32, 16), ir.VectorType(ir.FloatType(), 16)
 
 
+def _array_data(context, builder, ty, val):
+    """The data pointer of a numba array argument (as ``unweight.lossless.simd.array_data``, not imported
+    from there: that would load the lossless package, 35-55 ms, into every calibration)."""
+    return context.make_array(ty)(context, builder, val).data
+
+
 @functools.cache
 def available() -> bool:
     """Whether this machine has AVX512-BF16 and numba compiles for it."""
     return (numba.config.CPU_NAME in (None, "host") and numba.config.CPU_FEATURES is None
             and bool(llvm.get_host_cpu_features().get("avx512bf16", False)))
-
-
-def _array_data(context, builder, ty, val):
-    return context.make_array(ty)(context, builder, val).data
 
 
 def _make_tile(rows: int):
@@ -109,6 +111,7 @@ def _make_tile(rows: int):
 
 @functools.cache
 def _tiles(rows: int):
+    llvm.initialize_native_asmparser()  # numba's JIT registers no assembly parser for the inline asm
     tile = _make_tile(rows)
 
     @njit(nogil=True)
@@ -130,11 +133,6 @@ def rows_for(d: int) -> int | None:
     return 6 if d % 6 == 0 else 4
 
 
-@functools.cache
-def _asm_parser() -> None:
-    llvm.initialize_native_asmparser()  # numba's JIT registers no assembly parser for inline asm
-
-
 def add_gram_upper_bf16(acc: torch.Tensor, x: torch.Tensor) -> None:
     """Add the upper triangle of ``x^T x`` to ``acc`` (``[d, d]`` float32, contiguous, on the CPU;
     ``x``: ``[n, d]`` bf16, ``d`` a multiple of 64). The strictly lower triangle of ``acc`` is
@@ -147,5 +145,4 @@ def add_gram_upper_bf16(acc: torch.Tensor, x: torch.Tensor) -> None:
     if n % 2:
         x = torch.cat([x, x.new_zeros(1, d)])
     y = x.reshape(-1, 2, d).transpose(1, 2).contiguous().view(torch.int32).view(-1, d).numpy()
-    _asm_parser()
     _tiles(rows)(y, acc.numpy(), y.shape[0], d, PAIRS_PER_BLOCK)
