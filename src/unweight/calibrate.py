@@ -26,6 +26,11 @@ arXiv 2306.11695) drivers, once, for every decoder architecture transformers loa
    products, but its element-wise passes run out of cache: GPTQ on gemma3-270m in bf16 took 85 s
    that way against 71 s in lockstep, one thread.)
 
+While it runs, a model that attends by SDPA attends through ``unweight.cpu_attention`` instead: on a
+CPU with AVX512-BF16 a bf16 block's causal attention visits only the keys each query sees, where
+torch's flash attention computes the whole square (2.6x on smollm2-135m's windows, 2.9x on
+gemma3-270m's); anything else still goes to SDPA.
+
 The decoder blocks are found, not named per family: the ``nn.ModuleList`` whose length is the (text)
 config's ``num_hidden_layers``.
 """
@@ -41,6 +46,7 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
+from unweight.cpu_attention import calibration_attention
 from unweight.errors import UnweightError
 from unweight.gram import add_gram_upper
 
@@ -308,35 +314,36 @@ def run_layerwise(model: nn.Module, windows: torch.Tensor, process: Process | No
     want = frozenset(stats)
     if unknown := want - set(STATS):
         raise UnweightError(f"unknown statistics {sorted(unknown)}; valid: {', '.join(STATS)}")
-    layers = decoder_layers(model)
-    one_pass = true_sequential and process is not None
-    runs_on = torch.device(device) if device is not None else next(layers.parameters()).device
-    inputs = capture_block_inputs(model, windows, calibration_batch(batch_size, len(windows), runs_on),
-                                  compute_dtype)
-    hidden = inputs.hidden
-    for index, block in enumerate(tqdm(layers, desc="blocks", unit="block", disable=not progress)):
-        home = next(block.parameters()).device
-        held = _dtypes(block) if compute_dtype is not None else None
-        run_on = torch.device(device) if device is not None else home
-        block.to(run_on, compute_dtype)
-        kwargs = [_to(inputs.kwargs[b][index], run_on, compute_dtype) for b in range(len(hidden))]
-        hidden = [h.to(run_on, compute_dtype) for h in hidden]
-        if one_pass:  # one forward: compresses, and its outputs go on
-            hidden = _collect(block, hidden, kwargs, want, targets,
-                              now=lambda name, linear, st, index=index: process(index, name, linear, st))[1]
-        else:
-            if process is not None:
-                per_linear, _ = _collect(block, hidden, kwargs, want, targets)
-                for name, (linear, st) in per_linear.items():
-                    process(index, name, linear, st)
-                del per_linear
-            if after_block is not None or index < len(layers) - 1:  # the last block's outputs go nowhere
-                hidden = [_hidden(block(h, **kw)) for h, kw in zip(hidden, kwargs)]
-        if after_block is not None:
-            after_block(index, block, hidden)
-        block.to(home)
-        if held is not None:
-            _restore_dtypes(block, held)
+    with calibration_attention(model):
+        layers = decoder_layers(model)
+        one_pass = true_sequential and process is not None
+        runs_on = torch.device(device) if device is not None else next(layers.parameters()).device
+        inputs = capture_block_inputs(model, windows, calibration_batch(batch_size, len(windows), runs_on),
+                                      compute_dtype)
+        hidden = inputs.hidden
+        for index, block in enumerate(tqdm(layers, desc="blocks", unit="block", disable=not progress)):
+            home = next(block.parameters()).device
+            held = _dtypes(block) if compute_dtype is not None else None
+            run_on = torch.device(device) if device is not None else home
+            block.to(run_on, compute_dtype)
+            kwargs = [_to(inputs.kwargs[b][index], run_on, compute_dtype) for b in range(len(hidden))]
+            hidden = [h.to(run_on, compute_dtype) for h in hidden]
+            if one_pass:  # one forward: compresses, and its outputs go on
+                hidden = _collect(block, hidden, kwargs, want, targets,
+                                  now=lambda name, linear, st, index=index: process(index, name, linear, st))[1]
+            else:
+                if process is not None:
+                    per_linear, _ = _collect(block, hidden, kwargs, want, targets)
+                    for name, (linear, st) in per_linear.items():
+                        process(index, name, linear, st)
+                    del per_linear
+                if after_block is not None or index < len(layers) - 1:  # the last block's outputs go nowhere
+                    hidden = [_hidden(block(h, **kw)) for h, kw in zip(hidden, kwargs)]
+            if after_block is not None:
+                after_block(index, block, hidden)
+            block.to(home)
+            if held is not None:
+                _restore_dtypes(block, held)
 
 
 def calibration_batch(batch_size: int | None, n_windows: int, device: torch.device) -> int:

@@ -52,56 +52,61 @@ def available() -> bool:
 
 
 def _make_tile(rows: int):
-    """The kernel for one tile: ``acc[i0:i0+rows, j0:j0+64] += sum over pairs p0..p1 of the pair
-    products``, ``y`` the ``[pairs, d]`` int32 view of the paired bf16 values."""
+    """The kernel for one tile of sums of pair products, ``c[ic + r, jc + j] += sum over pairs p in
+    [p0, p1) of a[p, ia + r] . b[p, jb + j]`` for ``r < rows``, ``j < 64``: ``a`` and ``b`` are flat
+    int32 views of paired bf16 values (row ``p`` of ``a`` at ``p * lda``, of ``b`` at ``p * ldb``), ``c``
+    flat float32 with rows of ``ldc``; ``.`` is the two-product dot of ``vdpbf16ps``. The Gram matrix
+    passes one matrix as both operands; ``unweight.cpu_attention`` passes two."""
     nvec = COLS // 16
 
     @intrinsic
-    def tile(typingctx, y, acc, i0, j0, p0, p1, d):
+    def tile(typingctx, a, b, c, ia, jb, ic, jc, p0, p1, lda, ldb, ldc):
         i64 = types.int64
-        sig = types.void(y, acc, i64, i64, i64, i64, i64)
+        sig = types.void(a, b, c, i64, i64, i64, i64, i64, i64, i64, i64, i64)
 
         def codegen(context, builder, signature, args):
-            y_a, acc_a, i0v, j0v, p0v, p1v, dv = args
-            b = builder
-            ybase = _array_data(context, b, signature.args[0], y_a)
-            abase = _array_data(context, b, signature.args[1], acc_a)
+            a_a, b_a, c_a, iav, jbv, icv, jcv, p0v, p1v, ldav, ldbv, ldcv = args
+            bld = builder
+            abase = _array_data(context, bld, signature.args[0], a_a)
+            bbase = _array_data(context, bld, signature.args[1], b_a)
+            cbase = _array_data(context, bld, signature.args[2], c_a)
             ptrs = []
             for r in range(rows):
-                row = b.mul(b.add(i0v, ir.Constant(_I64, r)), dv)
-                for c in range(nvec):
-                    off = b.add(row, b.add(j0v, ir.Constant(_I64, 16 * c)))
-                    ptrs.append(b.bitcast(b.gep(abase, [off]), _V16F.as_pointer()))
+                row = bld.mul(bld.add(icv, ir.Constant(_I64, r)), ldcv)
+                for v in range(nvec):
+                    off = bld.add(row, bld.add(jcv, ir.Constant(_I64, 16 * v)))
+                    ptrs.append(bld.bitcast(bld.gep(cbase, [off]), _V16F.as_pointer()))
             dot = ir.InlineAsm(ir.FunctionType(_V16F, [_V16F, _V16I, _V16I]), "vdpbf16ps $3, $2, $0", "=v,0,v,v")
-            entry = b.block
-            head, body, done = (b.append_basic_block(n) for n in ("pairs.head", "pairs.body", "pairs.done"))
-            b.branch(head)
-            b.position_at_end(head)
-            p = b.phi(_I64)
+            entry = bld.block
+            head, body, done = (bld.append_basic_block(n) for n in ("pairs.head", "pairs.body", "pairs.done"))
+            bld.branch(head)
+            bld.position_at_end(head)
+            p = bld.phi(_I64)
             p.add_incoming(p0v, entry)
             sums = []
             for _ in ptrs:
-                s = b.phi(_V16F)
+                s = bld.phi(_V16F)
                 s.add_incoming(ir.Constant(_V16F, [0.0] * 16), entry)
                 sums.append(s)
-            b.cbranch(b.icmp_signed("<", p, p1v), body, done)
-            b.position_at_end(body)
-            yrow = b.mul(p, dv)
-            cols = [b.load(b.bitcast(b.gep(ybase, [b.add(yrow, b.add(j0v, ir.Constant(_I64, 16 * c)))]),
-                                     _V16I.as_pointer()), align=4) for c in range(nvec)]
+            bld.cbranch(bld.icmp_signed("<", p, p1v), body, done)
+            bld.position_at_end(body)
+            brow, arow = bld.mul(p, ldbv), bld.mul(p, ldav)
+            cols = [bld.load(bld.bitcast(bld.gep(bbase, [bld.add(brow, bld.add(jbv, ir.Constant(_I64, 16 * v)))]),
+                                         _V16I.as_pointer()), align=4) for v in range(nvec)]
             nxt = []
             for r in range(rows):
-                pair = b.load(b.gep(ybase, [b.add(yrow, b.add(i0v, ir.Constant(_I64, r)))]))
-                splat = b.shuffle_vector(b.insert_element(ir.Constant(_V16I, ir.Undefined), pair, ir.Constant(_I32, 0)),
-                                         ir.Constant(_V16I, ir.Undefined), ir.Constant(_V16I, [0] * 16))
-                nxt += [b.call(dot, [sums[r * nvec + c], splat, cols[c]]) for c in range(nvec)]
-            p.add_incoming(b.add(p, ir.Constant(_I64, 1)), b.block)
+                pair = bld.load(bld.gep(abase, [bld.add(arow, bld.add(iav, ir.Constant(_I64, r)))]))
+                splat = bld.shuffle_vector(
+                    bld.insert_element(ir.Constant(_V16I, ir.Undefined), pair, ir.Constant(_I32, 0)),
+                    ir.Constant(_V16I, ir.Undefined), ir.Constant(_V16I, [0] * 16))
+                nxt += [bld.call(dot, [sums[r * nvec + v], splat, cols[v]]) for v in range(nvec)]
+            p.add_incoming(bld.add(p, ir.Constant(_I64, 1)), bld.block)
             for s, n in zip(sums, nxt):
-                s.add_incoming(n, b.block)
-            b.branch(head)
-            b.position_at_end(done)
+                s.add_incoming(n, bld.block)
+            bld.branch(head)
+            bld.position_at_end(done)
             for s, ptr in zip(sums, ptrs):
-                b.store(b.fadd(b.load(ptr, align=4), s), ptr, align=4)
+                bld.store(bld.fadd(bld.load(ptr, align=4), s), ptr, align=4)
             return context.get_dummy_value()
 
         return sig, codegen
@@ -110,9 +115,15 @@ def _make_tile(rows: int):
 
 
 @functools.cache
-def _tiles(rows: int):
+def tile_kernel(rows: int):
+    """:func:`_make_tile`'s kernel for ``rows``, callable from numba code (builds it on first use)."""
     llvm.initialize_native_asmparser()  # numba's JIT registers no assembly parser for the inline asm
-    tile = _make_tile(rows)
+    return _make_tile(rows)
+
+
+@functools.cache
+def _tiles(rows: int):
+    tile = tile_kernel(rows)
 
     @njit(nogil=True)
     def tiles(y, acc, npairs, d, block):
@@ -120,7 +131,7 @@ def _tiles(rows: int):
             p1 = min(p0 + block, npairs)
             for j0 in range(0, d, COLS):
                 for i0 in range(0, min(j0 + COLS, d), rows):
-                    tile(y, acc, i0, j0, p0, p1, d)
+                    tile(y, y, acc, i0, j0, i0, j0, p0, p1, d, d, d)
 
     return tiles
 
