@@ -14,11 +14,16 @@ from unweight.calibrate import decoder_layers, run_layerwise
 needs_kernel = pytest.mark.skipif(not cpu_attention.available(), reason="this CPU has no AVX512-BF16")
 
 
-def qkv(nb, nh, nkv, n, d, seed=0):
+def qkv(nb, nh, nkv, n, d, seed=0, tokens_outer=False):
+    """Random bf16 queries, keys and values, ``[batch, heads, n, d]``; with ``tokens_outer``, views of
+    ``[batch, n, heads, d]`` memory, as transformers' attention modules hand them over."""
     g = torch.Generator().manual_seed(seed)
-    q = (torch.randn(nb, nh, n, d, generator=g) * 2).bfloat16()
-    k, v = (torch.randn(nb, nkv, n, d, generator=g).bfloat16() for _ in range(2))
-    return q, k, v
+
+    def make(h, scale=1.0):
+        if tokens_outer:
+            return (torch.randn(nb, n, h, d, generator=g) * scale).bfloat16().transpose(1, 2)
+        return (torch.randn(nb, h, n, d, generator=g) * scale).bfloat16()
+    return make(nh, 2.0), make(nkv), make(nkv)
 
 
 def reference(q, k, v, scale):
@@ -28,11 +33,13 @@ def reference(q, k, v, scale):
 
 
 @needs_kernel
-@pytest.mark.parametrize("nb, nh, nkv, n, d", [(1, 1, 1, 2, 64), (2, 4, 2, 37, 64), (1, 3, 1, 64, 128),
-                                                (2, 2, 2, 130, 64), (1, 4, 1, 300, 256)])
-def test_as_accurate_as_sdpa_in_bf16(nb, nh, nkv, n, d):
-    """Window lengths below, at and across the 64-query blocks; grouped-query heads; head sizes 64-256."""
-    q, k, v = qkv(nb, nh, nkv, n, d, seed=n)
+@pytest.mark.parametrize("nb, nh, nkv, n, d, tokens_outer", [
+    (1, 1, 1, 2, 64, False), (2, 4, 2, 37, 64, True), (1, 3, 1, 64, 128, False), (2, 2, 2, 130, 64, True),
+    (1, 4, 1, 300, 256, False), (2, 3, 1, 128, 64, True)])
+def test_as_accurate_as_sdpa_in_bf16(nb, nh, nkv, n, d, tokens_outer):
+    """Window lengths below, at and across the 64-query blocks; grouped-query heads; head sizes 64-256;
+    contiguous inputs and transformers' layout."""
+    q, k, v = qkv(nb, nh, nkv, n, d, seed=n, tokens_outer=tokens_outer)
     scale = d ** -0.5
     ref = reference(q, k, v, scale)
     ours = cpu_attention.causal_attention(q, k, v, scale)

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import sys
 
 import numpy as np
 import torch
@@ -90,16 +91,20 @@ def _bf16_bits(x):
     return (u + np.int32(0x7FFF) + ((u >> np.int32(16)) & np.int32(1))) >> np.int32(16) & np.int32(0xFFFF)
 
 
+_tile = dpbf16.tile_kernel(KEY_ROWS)  # a global, not a closure variable: numba's disk cache key is then stable
+
+
 @functools.cache
 def _kernel():
-    tile = dpbf16.tile_kernel(KEY_ROWS)
     qb, kr, blk = QUERIES, KEY_ROWS, PAIRS_PER_BLOCK
+    stamp = dpbf16.source_stamp(sys.modules[__name__])
 
-    @njit(nogil=True)
+    @njit(cache=True, nogil=True)  # compiling takes ~1.2 s, a disk-cached load a few ms
     def attend(qp, kp, vp, out, scale, nb, nh, nkv, n, n_pad, d, st, pp, ob, mx, sm):
         """``out[b, t, h, :]`` (bf16 bits) = causal attention of query ``t`` of head ``h`` in batch ``b``.
         ``qp``: ``[b, h, d/2, n_pad]``, ``kp``: ``[b, kv, d/2, n_pad]`` (pairs of head dimensions),
         ``vp``: ``[b, kv, n_pad/2, d]`` (pairs of keys), all flat int32; the rest are work buffers."""
+        assert stamp != 0
         half = d // 2
         group = nh // nkv
         for bh in range(nb * nh):
@@ -110,7 +115,7 @@ def _kernel():
                 kn = q0 + qb  # keys 0 .. kn - 1: up to this block's last query (padding keys are masked)
                 st[:kn * qb] = 0.0
                 for j0 in range(0, kn, kr):
-                    tile(kp, qp, st, koff + j0, qoff + q0, j0, 0, 0, half, n_pad, n_pad, qb)
+                    _tile(kp, qp, st, koff + j0, qoff + q0, j0, 0, 0, half, n_pad, n_pad, qb)
                 for j in range(q0, kn):  # the diagonal block: key j sees queries q0 + r with r >= j - q0
                     for r in range(j - q0):
                         st[j * qb + r] = -np.inf
@@ -133,7 +138,7 @@ def _kernel():
                     p1 = min(p0 + blk, kn // 2)
                     for r0 in range(0, qb, kr):
                         for d0 in range(0, d, 64):
-                            tile(pp, vp, ob, r0, voff + d0, r0, d0, p0, p1, qb, d, d)
+                            _tile(pp, vp, ob, r0, voff + d0, r0, d0, p0, p1, qb, d, d)
                 for r in range(min(qb, n - q0)):
                     base = ((b * n + q0 + r) * nh + h) * d
                     inv = np.float32(1.0) / sm[r]
@@ -167,15 +172,17 @@ def causal_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor
     nkv = key.shape[1]
     n_pad = -(-n // QUERIES) * QUERIES
 
-    def padded(t):  # [.., n, d] -> [.., n_pad, d], zeros after the last token
-        return torch.nn.functional.pad(t, (0, 0, 0, n_pad - n)) if n_pad > n else t.contiguous()
+    def padded(t):  # [.., n, d] -> [.., n_pad, d], zeros after the last token; one copy in all below
+        if n_pad > n:
+            return torch.nn.functional.pad(t, (0, 0, 0, n_pad - n))
+        return t if t.stride(-1) == 1 and all(s % 2 == 0 for s in t.stride()[:-1]) else t.contiguous()
 
     def paired_dims(t):  # [.., n, d] -> [.., d/2, n_pad]: two head dimensions per int32
         return padded(t).view(torch.int32).transpose(-1, -2).contiguous()
 
     qp, kp = paired_dims(query), paired_dims(key)
-    # [.., n, d] -> [.., n_pad/2, d]: pairs of keys
-    vp = padded(value).view(nb, nkv, n_pad // 2, 2, d).transpose(-1, -2).contiguous().view(torch.int32)
+    # [.., n, d] -> [.., n_pad/2, d]: pairs of keys (transformers' tensors are [batch, n, heads, d] in memory)
+    vp = padded(value).reshape(nb, nkv, n_pad // 2, 2, d).transpose(-1, -2).contiguous().view(torch.int32)
     out = torch.empty(nb, n, nh, d, dtype=torch.bfloat16)
     st = np.empty(n_pad * QUERIES, np.float32)
     pp = np.empty(n_pad // 2 * QUERIES, np.int32)
