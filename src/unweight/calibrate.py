@@ -28,8 +28,8 @@ arXiv 2306.11695) drivers, once, for every decoder architecture transformers loa
 
 While it runs, a model that attends by SDPA attends through ``unweight.cpu_attention`` instead: on a
 CPU with AVX512-BF16 a bf16 block's causal attention visits only the keys each query sees, where
-torch's flash attention computes the whole square (2.6x on smollm2-135m's windows, 2.9x on
-gemma3-270m's); anything else still goes to SDPA.
+torch's flash attention computes the whole square (2.75x on smollm2-135m's calibration batches, 2.98x on
+gemma3-270m's, ``bench/attention_speed.py``); anything else still goes to SDPA.
 
 The decoder blocks are found, not named per family: the ``nn.ModuleList`` whose length is the (text)
 config's ``num_hidden_layers``.

@@ -16,6 +16,10 @@ block of 64 queries, only the keys up to the block's last query are visited:
 Rounding as torch's flash attention for bf16 does: float32 scores, sums of unrounded probabilities,
 bf16 probabilities in the second product, the output rounded once to bf16.
 
+Measured (``bench/attention_speed.py``, one thread, AMD EPYC Zen 4, the models' own queries, keys and values
+over 8 x 512 calibration tokens; ``docs/results/attention-speed.json``): 27.5 against SDPA's 75.7 ms per call
+on smollm2-135m (2.75x), 37.8 against 112.9 on gemma3-270m (2.98x), the same error against float64 attention.
+
 Used through transformers' attention interface under :data:`NAME` (:func:`attention`); anything this
 kernel does not cover (a mask, padding, dropout, soft-capping, a sliding window shorter than the
 window, one query, head sizes not a multiple of 64, another device or dtype, no AVX512-BF16) goes to
