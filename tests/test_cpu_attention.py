@@ -144,3 +144,15 @@ def test_calibration_attends_through_the_kernel_and_matches_sdpa(name, monkeypat
     for i in outs:
         if i < len(decoder_layers(model)) - 1:
             torch.testing.assert_close(outs[i], ref[i + 1], rtol=0.02, atol=0.02)
+
+
+@needs_kernel
+def test_a_model_not_on_sdpa_is_left_as_it_is(monkeypatch):
+    model = tiny_models()["llama"]
+    model.set_attn_implementation("eager")
+    monkeypatch.setattr(cpu_attention, "causal_attention", lambda *a: pytest.fail("the kernel ran"))
+    with cpu_attention.calibration_attention(model):
+        assert model.config._attn_implementation == "eager"
+        with torch.no_grad():
+            model(input_ids=torch.randint(0, 96, (1, 70)))
+    assert model.config._attn_implementation == "eager"

@@ -21,10 +21,10 @@ over 8 x 512 calibration tokens; ``docs/results/attention-speed.json``): 27.5 ag
 on smollm2-135m (2.75x), 37.8 against 112.9 on gemma3-270m (2.98x), the same error against float64 attention.
 
 Used through transformers' attention interface under :data:`NAME` (:func:`attention`); anything this
-kernel does not cover (a mask, padding, dropout, soft-capping, a sliding window shorter than the
-window, one query, head sizes not a multiple of 64, another device or dtype, no AVX512-BF16) goes to
-transformers' SDPA path unchanged. :func:`calibration_attention` switches a model to it for the
-duration of a calibration.
+kernel does not cover (a mask other than the causal pattern, e.g. padding; dropout, soft-capping, a
+sliding window shorter than the sequence, one query, head sizes not a multiple of 64, another device
+or dtype, no AVX512-BF16) goes to transformers' SDPA path unchanged. :func:`calibration_attention`
+switches a model to it for the duration of a calibration.
 """
 
 from __future__ import annotations
@@ -70,8 +70,8 @@ def _bits_from_f32(typingctx, v):
 
 @njit(inline="always")
 def _exp(x):
-    """``e^x`` for ``x <= 0`` in float32, within 3e-7 relative down to -87 (``-inf``, and anything below
-    about -87.5, gives 0): ``2^n e^r`` with ``n`` the nearest integer to ``x / ln 2``, ``r = x - n ln 2``
+    """``e^x`` for ``x <= 0`` in float32, within 2e-7 relative down to -87 (1.02e-7 measured; ``-inf``, and
+    anything below about -87.5, gives 0): ``2^n e^r`` with ``n`` the nearest integer to ``x / ln 2``, ``r = x - n ln 2``
     in two parts (Cody and Waite) so that it is exact, and ``e^r`` by its degree-7 Taylor polynomial
     (``|r| <= ln 2 / 2``). Branch-free, so the loops around it vectorise."""
     xc = max(x, np.float32(-88.0))
@@ -200,7 +200,7 @@ def causal_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor
 
 def _is_causal_mask(mask: torch.Tensor, n: int) -> bool:
     """Whether ``mask`` (boolean, True = attend, broadcast over batch and heads) is exactly the causal
-    pattern of ``n`` tokens: e.g. a sliding-window mask whose window covers the whole window."""
+    pattern of ``n`` tokens: e.g. a sliding-window mask whose window covers the whole sequence."""
     return (mask.dtype == torch.bool and mask.ndim == 4 and mask.shape[-2:] == (n, n)
             and torch.equal(mask, torch.ones(n, n, dtype=torch.bool, device=mask.device).tril().expand_as(mask)))
 
@@ -232,14 +232,25 @@ def _register() -> None:
     AttentionMaskInterface.register(NAME, sdpa_mask)  # masks as for SDPA: none where causal alone will do
 
 
+def _configs(config) -> list:
+    """``config`` and its sub-configs (a multimodal model's text and vision parts), at any depth."""
+    found, todo = [], [config]
+    while todo:
+        c = todo.pop()
+        found.append(c)
+        todo += [sub for key in getattr(c, "sub_configs", {}) if (sub := getattr(c, key, None)) is not None]
+    return found
+
+
 @contextlib.contextmanager
 def calibration_attention(model: torch.nn.Module):
-    """Within the block, ``model`` (a transformers model using SDPA) attends through :func:`attention`,
-    if this machine has the kernel; its implementation is restored afterwards. Other models are left
+    """Within the block, ``model`` (a transformers model using SDPA in all its parts) attends through
+    :func:`attention`, if this machine has the kernel; SDPA is restored afterwards. Other models are left
     as they are."""
     config = getattr(model, "config", None)
-    if (not available() or config is None or getattr(config, "_attn_implementation", None) != "sdpa"
-            or not hasattr(model, "set_attn_implementation") or not model._can_set_attn_implementation()):
+    if (not available() or config is None or not hasattr(model, "set_attn_implementation")
+            or any(getattr(c, "_attn_implementation", None) != "sdpa" for c in _configs(config))
+            or not model._can_set_attn_implementation()):
         yield
         return
     _register()
