@@ -51,6 +51,19 @@ def test_as_accurate_as_sdpa_in_bf16(nb, nh, nkv, n, d, tokens_outer):
 
 
 @needs_kernel
+def test_threads_split_the_heads_and_give_the_same_result():
+    q, k, v = qkv(2, 3, 1, 100, 64, tokens_outer=True)
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one = cpu_attention.causal_attention(q, k, v, 0.125)
+        torch.set_num_threads(4)
+        assert torch.equal(cpu_attention.causal_attention(q, k, v, 0.125), one)
+    finally:
+        torch.set_num_threads(threads)
+
+
+@needs_kernel
 def test_a_query_never_sees_later_keys():
     """Changing the last token's key and value changes only the last query's output."""
     q, k, v = qkv(1, 2, 1, 70, 64)
