@@ -43,6 +43,7 @@ from numba import njit, types
 from numba.extending import intrinsic
 
 from unweight import dpbf16
+from unweight.jit_cache import source_stamp
 
 NAME = "unweight_cpu_causal"
 QUERIES = 64  # queries per block: the tile width of S^T
@@ -104,7 +105,7 @@ _tile = dpbf16.tile_kernel(KEY_ROWS)  # a global, not a closure variable: numba'
 @functools.cache
 def _kernel():
     qb, kr, blk = QUERIES, KEY_ROWS, PAIRS_PER_BLOCK
-    stamp = dpbf16.source_stamp(sys.modules[__name__])
+    stamp = source_stamp(dpbf16, sys.modules[__name__])  # closed over: see unweight.jit_cache
 
     @njit(cache=True, nogil=True)  # compiling takes ~1.2 s, a disk-cached load a few ms
     def attend(qp, kp, vp, out, scale, nb, nh, nkv, n, n_pad, d, bh0, bh1, st, pp, ob, mx, sm):

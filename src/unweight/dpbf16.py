@@ -23,9 +23,7 @@ this CPU has AVX512-BF16 and numba compiles for it, and :func:`rows_for` whether
 from __future__ import annotations
 
 import functools
-import hashlib
 import sys
-from pathlib import Path
 
 import llvmlite.binding as llvm
 import numba
@@ -33,6 +31,8 @@ import torch
 from llvmlite import ir
 from numba import njit, types
 from numba.extending import intrinsic
+
+from unweight.jit_cache import source_stamp
 
 PAIRS_PER_BLOCK = 128  # token pairs per block of sums in registers (2,048: 1.2x ssyrk, error 6.9e-6)
 COLS = 64  # columns per tile: four 16-lane vectors
@@ -119,7 +119,7 @@ def _make_tile(rows: int):
 
 @functools.cache
 def tile_kernel(rows: int):
-    """:func:`_make_tile`'s kernel for ``rows``, callable from numba code (builds it on first use)."""
+    """:func:`_make_tile`'s kernel for ``rows``, callable from numba code (one per height)."""
     llvm.initialize_native_asmparser()  # numba's JIT registers no assembly parser for the inline asm
     return _make_tile(rows)
 
@@ -127,19 +127,9 @@ def tile_kernel(rows: int):
 _tile6, _tile4 = tile_kernel(6), tile_kernel(4)  # globals, not closure variables: numba's disk cache key is then stable
 
 
-def source_stamp(*modules) -> int:
-    """A number that changes whenever this module or one of ``modules`` changes. Numba's disk cache watches
-    only the file of the cached function; as a closure variable of a kernel that inlines a tile, this makes
-    it watch this file too."""
-    h = hashlib.sha256()
-    for mod in (sys.modules[__name__], *modules):
-        h.update(Path(mod.__file__).read_bytes())
-    return int.from_bytes(h.digest()[:7], "little")
-
-
 @functools.cache
 def _tiles(rows: int):
-    stamp = source_stamp()
+    stamp = source_stamp(sys.modules[__name__])  # closed over: see unweight.jit_cache
 
     @njit(cache=True, nogil=True)  # compiling both heights took ~0.55 s per process
     def tiles(y, acc, npairs, d, block):

@@ -9,13 +9,12 @@ start of its own region of the output (a chunk never takes more than its raw siz
 caller then moves the ranges together (``format._close_gaps``).
 """
 
-import hashlib
 import sys
-from pathlib import Path
 
 import numpy as np
 from numba import njit
 
+from unweight.jit_cache import source_stamp
 from unweight.lossless import fields, hashing, rans, simd
 from unweight.lossless.fields import pack_low, unpack_low
 from unweight.lossless.hashing import xxh64
@@ -100,17 +99,7 @@ def _load_raw_hi(code, s0, n, hbytes, c0, out, low, is32):
 _RANGES = {}
 
 
-def _source_stamp() -> int:
-    """A number that changes whenever the kernels these drivers inline change. Numba's disk
-    cache only watches the file of the cached function; as a closure variable this stamp makes
-    it watch the inlined modules too."""
-    h = hashlib.sha256()
-    for mod in (rans, simd, fields, hashing, sys.modules[__name__]):
-        h.update(Path(mod.__file__).read_bytes())
-    return int.from_bytes(h.digest()[:7], "little")
-
-
-_STAMP = _source_stamp()
+_STAMP = source_stamp(rans, simd, fields, hashing, sys.modules[__name__])  # closed over: see unweight.jit_cache
 
 
 def range_kernels(hbits: int):

@@ -39,16 +39,15 @@ tensor and, where one is at fault, the chunk.
 
 from __future__ import annotations
 
-import hashlib
 import sys
 from collections.abc import Mapping
-from pathlib import Path
 
 import numpy as np
 import torch
 from numba import njit
 
 from unweight.errors import UnweightError
+from unweight.jit_cache import source_stamp
 from unweight.lossless import chunks, hashing, model, rans, simd
 from unweight.lossless.fields import part_array
 from unweight.lossless.hashing import meta_hash, xxh64
@@ -99,23 +98,13 @@ def _unpack_chunk(src, width, out):
         bit += width
 
 
-def _source_stamp() -> int:
-    """Changes whenever the kernels inlined or called below change: numba's disk cache only watches
-    the file of the cached function, and a closure variable's value is part of its cache key (as in
-    ``chunks._source_stamp``)."""
-    h = hashlib.sha256()
-    for mod in (rans, simd, chunks, hashing, sys.modules[__name__]):
-        h.update(Path(mod.__file__).read_bytes())
-    return int.from_bytes(h.digest()[:7], "little")
-
-
 _KERNELS = []
 
 
 def _kernels():
     """(encode_chunks, decode_chunks), compiled (or loaded from numba's cache) on first use."""
     if not _KERNELS:
-        _KERNELS.extend(_make_kernels(_source_stamp()))
+        _KERNELS.extend(_make_kernels(source_stamp(rans, simd, chunks, hashing, sys.modules[__name__])))
     return _KERNELS
 
 
