@@ -40,6 +40,7 @@ import zstandard
 from safetensors.torch import save
 
 from unweight.lossless import decode_tensor, encode_tensor, order0_bits, split_fields
+from unweight.lossless.format import encode_streams
 from unweight.lossless.register import folder_parts
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16,
@@ -104,15 +105,19 @@ def blob(tensors: dict[str, torch.Tensor]) -> bytes:
 # methods: each returns (encode(), decode(payload) -> output, check(output) -> ok, size(payload))
 
 
-def m_unweight(tensors, threads):
+def m_unweight(tensors, threads, version=None):
+    """unweight's tensor format: the version it writes, or (``version=2``) the one before for BF16."""
+    def encode(t, threads=None):
+        return {k: torch.from_numpy(v) for k, v in encode_streams(t, threads, version=version).items()}
+
     for t in tensors.values():  # load the compiled kernels (numba's disk cache) before timing
         if t.numel():
             sample = t.reshape(-1)[:4096].reshape(-1, 64) if t.numel() >= 4096 else t
-            p = {"warm" + k: v for k, v in encode_tensor(sample).items()}
+            p = {"warm" + k: v for k, v in encode(sample).items()}
             decode_tensor(p, "warm")
 
     def enc():
-        return {k: encode_tensor(t, threads=threads) for k, t in tensors.items()}
+        return {k: encode(t, threads=threads) for k, t in tensors.items()}
 
     def dec(payload):
         parts = {k + s: v for k, p in payload.items() for s, v in p.items()}
@@ -200,6 +205,7 @@ def bench_dtype(tensors, dtype_name, reps, tmp, threads_list=None, only=None):
     bound = sum(order0_bits(t) * t.numel() for t in tensors.values()) / 8 / raw_bytes
     makers = {
         "unweight": lambda th: m_unweight(tensors, th),
+        "unweight-v2": lambda th: m_unweight(tensors, th, 2) if dtype_name == "bf16" else None,
         "zipnn-0.5.4": lambda th: m_zipnn(tensors, th, dtype_name),
         "lmzip-1.3.0": lambda th: m_lmzip(tensors, th, tmp),
         "zstd-3": lambda th: m_zstd(tensors, th),

@@ -36,7 +36,9 @@ def same(a: torch.Tensor, b: torch.Tensor) -> bool:
     return a.dtype == b.dtype and a.shape == b.shape and torch.equal(bits(a), bits(b))
 
 
-def encode(t: torch.Tensor, name: str = "w", **kw) -> dict[str, torch.Tensor]:
+def encode(t: torch.Tensor, name: str = "w", version: int | None = None, **kw) -> dict[str, torch.Tensor]:
+    if version is not None:  # BF16 in the older format version 2, which every reader still reads
+        return {name + k: torch.from_numpy(v) for k, v in fmt.encode_streams(t, version=version, **kw).items()}
     return {name + k: v for k, v in encode_tensor(t, **kw).items()}
 
 
@@ -69,6 +71,12 @@ def make(dtype: torch.dtype, shape: tuple[int, ...], kind: str, seed: int) -> to
     scale = np.exp(rng.normal(-3.0, 0.7, size=(rows, 1)))
     x = torch.from_numpy((rng.standard_normal((rows, n // max(rows, 1))) * scale).astype(np.float32))
     t = x.reshape(shape).to(dtype)
+    if kind == "zeros" and n:  # exact zeros and subnormals: exponent 0, which format version 3 codes apart
+        fi = torch.finfo(dtype)
+        sp = torch.tensor([0.0, -0.0, fi.tiny / 4, -fi.tiny / 2, fi.tiny / 64], dtype=torch.float32).to(dtype)
+        flat = t.reshape(-1).view(INT_VIEW[t.element_size()]).numpy()
+        idx = rng.integers(0, n, size=max(1, n // 7))
+        flat[idx] = sp.view(INT_VIEW[t.element_size()]).numpy()[rng.integers(0, sp.numel(), size=idx.size)]
     if kind == "special" and n:
         sp = specials(dtype)
         idx = torch.from_numpy(rng.integers(0, n, size=max(1, n // 7)))
@@ -88,7 +96,7 @@ shapes = st.one_of(
 
 
 @settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-@given(dtype=st.sampled_from(DTYPES), shape=shapes, kind=st.sampled_from(["weights", "special",
+@given(dtype=st.sampled_from(DTYPES), shape=shapes, kind=st.sampled_from(["weights", "zeros", "special",
        "bits"]), seed=st.integers(0, 2**31), chunk=st.sampled_from([64, 300, 4096, 1 << 16]))
 @example(dtype=torch.bfloat16, shape=(0,), kind="weights", seed=0, chunk=64)  # empty: every run
 @example(dtype=torch.float32, shape=(3, 0), kind="weights", seed=0, chunk=64)
@@ -169,21 +177,23 @@ def test_the_codec_follows_torchs_thread_count_unless_told():
     assert pool.resolve(None) == before
 
 
-# XXH64 of every part (sorted by suffix) of ``make(dtype, (300, 257), "special", 7)`` as the
-# version 2 coder (16 lanes, chunks of 2^18, BF16 k in {2, 3, 4}) wrote them: a rewrite for speed must
-# write the same bytes
-PINNED = {torch.bfloat16: 0xA5A814D5E3324B09, torch.float16: 0x26FBC32B6296384F,
-          torch.float32: 0x033C7E63944C5183, torch.float8_e4m3fn: 0x319F9483FFE612E0,
-          torch.float8_e5m2: 0x5842CF99D7BDE476}
+# XXH64 of every part (sorted by suffix) of ``make(dtype, (300, 257), "special", 7)`` as each format
+# version wrote them (version 2: 16 lanes, chunks of 2^18, BF16 k in {2, 3, 4}; version 3, BF16 only:
+# 32 lanes of 32-bit states): a rewrite for speed must write the same bytes
+PINNED = {(torch.bfloat16, 2): 0xA5A814D5E3324B09, (torch.float16, 2): 0x26FBC32B6296384F,
+          (torch.float32, 2): 0x033C7E63944C5183, (torch.float8_e4m3fn, 2): 0x319F9483FFE612E0,
+          (torch.float8_e5m2, 2): 0x5842CF99D7BDE476, (torch.bfloat16, 3): 0xBC7527E7B65A3524}
 
 
-@pytest.mark.parametrize("dtype", DTYPES)
-def test_written_bytes_are_pinned_for_this_format_version(dtype, monkeypatch):
-    assert fmt.FORMAT_VERSION == 2  # a new version writes other bytes: pin them anew
+@pytest.mark.parametrize("dtype, version", sorted(PINNED, key=str))
+def test_written_bytes_are_pinned_for_each_format_version(dtype, version, monkeypatch):
+    assert fmt.FORMAT_VERSION == 3  # a new version writes other bytes: pin them anew
     monkeypatch.setattr(fmt, "CHUNK_WEIGHTS", 1 << 18)  # the head records the chunk size (2^20 since 2026-11-28)
-    parts = encode(make(dtype, (300, 257), "special", 7))  # ragged rows and lane groups
+    # ragged rows and lane groups; version 3 codes zeros and subnormals, not NaN and infinities (below)
+    parts = encode(make(dtype, (300, 257), "zeros" if version == 3 else "special", 7), version=version)
+    assert int(parts["w" + fmt.HEAD][fmt._F["version"]]) == version
     blob = np.concatenate([parts[k].numpy().view(np.uint8).reshape(-1) for k in sorted(parts)])
-    assert int(xxh64(blob, 0, blob.size)) == PINNED[dtype]
+    assert int(xxh64(blob, 0, blob.size)) == PINNED[dtype, version]
 
 
 @njit
@@ -354,12 +364,15 @@ def test_unsupported_dtype_and_names():
 # corruption
 
 
-@pytest.fixture(scope="module", params=[torch.bfloat16, torch.float32, torch.float8_e4m3fn])
+@pytest.fixture(scope="module", params=[(torch.bfloat16, None), (torch.bfloat16, 2), (torch.float32, None),
+                                        (torch.float8_e4m3fn, None)], ids=str)
 def coded(request):
+    dtype, version = request.param
     old, fmt.CHUNK_WEIGHTS = fmt.CHUNK_WEIGHTS, 1024
     try:
-        t = make(request.param, (40, 160), "special", 7)  # 6400 values: 7 chunks
-        parts = encode(t, "layer.w")
+        t = make(dtype, (40, 160), "zeros" if dtype == torch.bfloat16 and version is None else "special", 7)
+        parts = encode(t, "layer.w", version=version)  # 6400 values: 7 chunks
+        assert parts["layer.w" + fmt.HEAD][fmt._F["version"]] == (version or fmt.written_version(dtype))
     finally:
         fmt.CHUNK_WEIGHTS = old
     assert (parts["layer.w" + fmt.MODES].numpy() == 0).any()

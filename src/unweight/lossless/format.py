@@ -16,11 +16,12 @@ import numpy as np
 import torch
 
 from unweight.errors import UnweightError
-from unweight.lossless import chunks, model, pool, rans
+from unweight.lossless import chunks, model, pool, rans, rans32
 from unweight.lossless.fields import BY_CODE, LOW_BLOCK, FloatLayout, as_words, layout_of, part_array
 from unweight.lossless.hashing import meta_hash
 
-FORMAT_VERSION = 2
+FORMAT_VERSION = 3  # written for BF16; other dtypes are written as version 2
+READ_VERSIONS = (2, 3)
 MAGIC = 0x4C4C5755  # "UWLL" little-endian
 CHUNK_WEIGHTS = 1 << 20  # values per chunk (see docs/format.md: each chunk costs 128 bytes of flushed states)
 
@@ -122,6 +123,18 @@ def _scratch(key: str, n: int, dtype) -> np.ndarray:
     return buf[:nbytes].view(dtype)[:n]
 
 
+def _close_code(code: np.ndarray, ranges, region: int, sizes: np.ndarray, shrink: bool):
+    """(code stream, offsets): the ranges' segments moved together (:func:`_close_gaps`), then the
+    padding; with ``shrink`` the buffer is cut to that length, else the stream is a view of its start."""
+    offsets = _close_gaps(code, ranges, region, sizes)
+    end = offsets[-1] + rans.STREAM_PAD
+    code[offsets[-1]:end] = 0
+    if shrink:
+        code.resize(end, refcheck=False)
+        return code, offsets
+    return code[:end], offsets
+
+
 def _close_gaps(buf: np.ndarray, ranges, region: int, sizes: np.ndarray) -> np.ndarray:
     """Offsets of the chunks once each range's output (written from ``lo * region``) is moved
     down behind the previous one, which this does with ``memmove`` (a compiled byte loop took 0.5 s
@@ -149,6 +162,12 @@ def _default_raw_bits(lay: FloatLayout) -> int:
 # encode
 
 
+def written_version(dtype: torch.dtype) -> int:
+    """The tensor format version this unweight writes for ``dtype``: 3 (32-bit rANS lanes, raw bits in
+    planes) for BF16, whose raw bits fit a byte; 2 for the others."""
+    return FORMAT_VERSION if dtype == torch.bfloat16 else 2
+
+
 def encode_tensor(t: torch.Tensor, threads: int | None = None) -> dict[str, torch.Tensor]:
     """Encode a float tensor (BF16, FP16, FP32, FP8) into plain 1-D U8/I64 tensors.
 
@@ -159,23 +178,34 @@ def encode_tensor(t: torch.Tensor, threads: int | None = None) -> dict[str, torc
     return {k: torch.from_numpy(v) for k, v in encode_streams(t, threads).items()}
 
 
-def encode_streams(t: torch.Tensor, threads: int | None = None, shrink: bool = True) -> dict[str, np.ndarray]:
+def encode_streams(t: torch.Tensor, threads: int | None = None, shrink: bool = True,
+                   version: int | None = None) -> dict[str, np.ndarray]:
     """:func:`encode_tensor`'s streams as numpy arrays. With ``shrink=False`` the code stream is a
     view of the start of its work buffer (one raw tensor's size, its untouched pages never resident),
     into which a folder's writer packs the other streams after it without copying the code
-    (``unweight.lossless.register.pack_streams``)."""
+    (``unweight.lossless.register.pack_streams``). ``version`` (default :func:`written_version`) may
+    ask for version 2 for BF16 (what older unweights read)."""
     lay = layout_of(t.dtype)
     if lay is None:
         raise UnweightError(f"dtype {t.dtype} is not encoded by unweight-lossless; copy it as it is")
+    version = written_version(t.dtype) if version is None else version
+    if version not in READ_VERSIONS or (version == 3 and lay.name != "bf16"):
+        raise ValueError(f"format version {version} is not written for {t.dtype}")
     threads = pool.resolve(threads)
     vals = as_words(t)
     numel = vals.size
     chunk_w = CHUNK_WEIGHTS
     nchunks = -(-numel // chunk_w)
     shape = tuple(t.shape)
-    plan = model.plan(vals, lay, shape, nchunks, threads) if numel else None
+    plan = model.plan(vals, lay, shape, nchunks, threads, zero_apart=version == 3) if numel else None
+    if version == 3 and plan is None and numel and model.plan(vals, lay, shape, nchunks, threads) is not None:
+        version = 2  # symbols too spread for version 3's one-byte codes (model.codes): the older format
+        plan = model.plan(vals, lay, shape, nchunks, threads)
     hbits, hbytes = lay.hi_bits, lay.hi_bits // 8
     rb = plan.raw_bits if plan else _default_raw_bits(lay)
+    if version == 3:
+        code, offsets, modes, check = _encode_v3(vals, plan, nchunks, chunk_w, threads, shrink)
+        return _finish(shape, lay, plan, 3, chunk_w, rb, code, offsets, modes, check)
     encode_range = chunks.range_kernels(hbits)[0]
 
     if plan is not None:
@@ -208,24 +238,62 @@ def encode_streams(t: torch.Tensor, threads: int | None = None, shrink: bool = T
                      code_sizes, modes, low, lo * low_region, low_sizes, check, words, scratch)
 
     ranges = pool.run_ranges(task, nchunks, threads)
-    offsets = _close_gaps(code, ranges, region, code_sizes)
-    code[offsets[-1]:offsets[-1] + rans.STREAM_PAD] = 0
-    if shrink:
-        code.resize(offsets[-1] + rans.STREAM_PAD, refcheck=False)
-    else:
-        code = code[:offsets[-1] + rans.STREAM_PAD]
-    coded = plan is not None and np.count_nonzero(modes == chunks.MODE_CODED) > 0
+    code, offsets = _close_code(code, ranges, region, code_sizes, shrink)
+    parts = _finish(shape, lay, plan, 2, chunk_w, rb, code, offsets, modes, check)
+    if is32:
+        low_offsets = _close_gaps(low, ranges, low_region, low_sizes)
+        low.resize(low_offsets[-1], refcheck=False)
+        parts[LOW] = low
+        parts[LOW_OFFSETS] = low_offsets
+    return parts
 
+
+def _encode_v3(vals, plan, nchunks, chunk_w, threads, shrink):
+    """Version 3's chunks (BF16): (code, offsets, modes, checksums)."""
+    numel = vals.size
+    if plan is not None:
+        space = 1 << (8 + plan.k)
+        ent = np.zeros(plan.nph * space, np.uint32)
+        code = model.codes(plan.alphabet, plan.k)[0]
+        if rans32.build_tables(plan.alphabet, plan.freq, space, code, ent, np.zeros((0, 0), np.uint32)) != -1:
+            raise AssertionError("model produced an invalid frequency table")
+        q, row_len, nph, k = plan.q, plan.row_len, plan.nph, plan.k
+    else:
+        ent = np.zeros(1, np.uint32)
+        q, row_len, nph, k = np.zeros(1, np.int8), max(numel, 1), 1, model.K_CHOICES["bf16"][0]
+    cw = min(chunk_w, numel)
+    region = cw * 2
+    code = np.empty(nchunks * region + rans.STREAM_PAD, np.uint8)
+    code_sizes = np.zeros(nchunks, np.int64)
+    modes = np.zeros(nchunks, np.uint8)
+    check = np.zeros(nchunks, np.uint64)
+    encode_range = chunks.range_kernels_v3()[0]
+
+    def task(lo: int, hi: int) -> None:
+        keys = _scratch("enc_keys", cw, np.uint16)
+        scratch = _scratch("enc_words16", cw + rans32.STATE_WORDS + 16, np.uint16)
+        encode_range(vals, vals.view(np.uint8), lo, hi, chunk_w, numel, row_len, q, nph, k, plan is not None,
+                     ent, code, lo * region, code_sizes, modes, check, keys, scratch)
+
+    ranges = pool.run_ranges(task, nchunks, threads)
+    code, offsets = _close_code(code, ranges, region, code_sizes, shrink)
+    return code, offsets, modes, check
+
+
+def _finish(shape, lay, plan, version, chunk_w, rb, code, offsets, modes, check) -> dict[str, np.ndarray]:
+    """The parts of an encoded tensor, its header and tables, from its chunks."""
+    numel = int(np.prod(shape, dtype=np.int64))
+    coded = plan is not None and np.count_nonzero(modes == chunks.MODE_CODED) > 0
     tables = model.serialize_tables(plan.alphabet, plan.freq) if coded else b""
     rows_codec, rows = (model.serialize_rows(plan.q) if coded and plan.shifted
                         else (model.ROWS_NONE, b""))
     head = np.zeros(len(HEAD_FIELDS) + len(shape), np.int64)
     head[_F["magic"]] = MAGIC
-    head[_F["version"]] = FORMAT_VERSION
+    head[_F["version"]] = version
     head[_F["dtype"]] = lay.code
     head[_F["numel"]] = numel
     head[_F["chunk"]] = chunk_w
-    head[_F["lanes"]] = rans.LANES
+    head[_F["lanes"]] = rans32.LANES if version == 3 else rans.LANES
     head[_F["prob_bits"]] = rans.PROB_BITS
     head[_F["k"]] = plan.k if coded else 0
     head[_F["raw_bits"]] = rb if coded else 0
@@ -243,11 +311,6 @@ def encode_streams(t: torch.Tensor, threads: int | None = None, shrink: bool = T
         parts[TABLES] = np.frombuffer(bytearray(tables), np.uint8)
         if rows:
             parts[ROWS] = np.frombuffer(bytearray(rows), np.uint8)
-    if is32:
-        low_offsets = _close_gaps(low, ranges, low_region, low_sizes)
-        low.resize(low_offsets[-1], refcheck=False)
-        parts[LOW] = low
-        parts[LOW_OFFSETS] = low_offsets
     return parts
 
 
@@ -275,8 +338,9 @@ def decode_tensor(parts, name: str, threads: int | None = None) -> torch.Tensor:
     h = dict(zip(HEAD_FIELDS, head[:nf].tolist()))
     if head.size < nf or h["magic"] != MAGIC:
         raise _fail(name, "not an unweight-lossless header")
-    if h["version"] != FORMAT_VERSION:
-        raise _fail(name, f"format version {h['version']} (this unweight reads {FORMAT_VERSION})")
+    version = h["version"]
+    if version not in READ_VERSIONS:
+        raise _fail(name, f"format version {version} (this unweight reads {', '.join(map(str, READ_VERSIONS))})")
     tables = _part(parts, name, TABLES, torch.uint8, required=False)
     rows = _part(parts, name, ROWS, torch.uint8, required=False)
     if _meta_hash(head, tables, rows) != h["meta_hash"]:
@@ -290,9 +354,10 @@ def decode_tensor(parts, name: str, threads: int | None = None) -> torch.Tensor:
     size = 1
     for s in shape:
         size *= s
-    if (min(shape, default=0) < 0 or size != numel or chunk_w <= 0 or h["lanes"] != rans.LANES
-            or h["prob_bits"] != rans.PROB_BITS):
-        raise _fail(name, "header is inconsistent (shape, chunk size, lanes or precision)")
+    lanes = rans32.LANES if version == 3 else rans.LANES
+    if (min(shape, default=0) < 0 or size != numel or chunk_w <= 0 or h["lanes"] != lanes
+            or h["prob_bits"] != rans.PROB_BITS or (version == 3 and lay.name != "bf16")):
+        raise _fail(name, "header is inconsistent (shape, chunk size, lanes, precision or version)")
     threads = pool.resolve(threads)
     nchunks = -(-numel // chunk_w)
     nph, nsym, k, rb = h["phases"], h["nsym"], h["k"], h["raw_bits"]
@@ -328,8 +393,16 @@ def decode_tensor(parts, name: str, threads: int | None = None) -> torch.Tensor:
         space = 1 << (lay.exp_bits + k)
         if not model.parse_tables(tables, nsym, nph, alphabet, freq) or alphabet[-1] >= space:
             raise _fail(name, "code tables are malformed")
-        dec = np.empty((nph, rans.PROB_SCALE), np.uint64)  # build_tables fills every slot or fails
-        bad = rans.build_tables(alphabet, freq, rb, np.zeros((rans.ENC_ROWS, 0, 0), np.uint64), dec)
+        if version == 3:  # build_tables fills every slot or fails
+            coding = model.codes(alphabet, k)
+            if coding is None:
+                raise _fail(name, "code tables are malformed (symbols too spread for version 3's codes)")
+            codes, off = coding
+            dec = np.empty((nph, rans32.PROB_SCALE), np.uint32)
+            bad = rans32.build_tables(alphabet, freq, space, codes, np.zeros(0, np.uint32), dec)
+        else:
+            dec = np.empty((nph, rans.PROB_SCALE), np.uint64)
+            bad = rans.build_tables(alphabet, freq, rb, np.zeros((rans.ENC_ROWS, 0, 0), np.uint64), dec)
         if bad != -1:
             raise _fail(name, f"code table of phase {bad} is invalid")
         if nrows:
@@ -340,7 +413,9 @@ def decode_tensor(parts, name: str, threads: int | None = None) -> torch.Tensor:
             q = np.zeros(numel // row_len, np.int8)
     else:
         rb = _default_raw_bits(lay)
-        dec = np.zeros((1, rans.PROB_SCALE), np.uint64)
+        k = lay.hi_man_bits + 1 - rb
+        alphabet = np.zeros(0, np.int64)
+        dec = np.zeros((1, rans.PROB_SCALE), np.uint32 if version == 3 else np.uint64)
         q, row_len, nph = np.zeros(1, np.int8), max(numel, 1), 1
         coded_chunks = np.flatnonzero(modes != chunks.MODE_RAW)
         if coded_chunks.size:
@@ -351,6 +426,18 @@ def decode_tensor(parts, name: str, threads: int | None = None) -> torch.Tensor:
     out_u8 = _output_buffer(-(-nbytes // 8) * 8)
     out = out_u8[:nbytes].view(lay.word_dtype)
     status = np.zeros(nchunks, np.int32)
+    if version == 3:
+        off = off if coded else 0
+        decode_v3 = chunks.range_kernels_v3()[1]
+        zeros = np.zeros(chunks.padded(min(chunk_w, numel)) // 8 + 1, np.uint8)
+
+        def task3(lo: int, hi: int) -> None:
+            syms = _scratch("dec_words", min(chunk_w, numel), np.uint16)
+            decode_v3(code, offsets, modes, check, lo, hi, chunk_w, numel, row_len, q, nph, k, dec, off, out,
+                      out_u8, syms, zeros, status)
+
+        pool.run_ranges(task3, nchunks, threads)
+        return _decoded(name, status, nchunks, nbytes, out_u8, shape, lay)
     decode_range = chunks.range_kernels(hbits)[1]
 
     def task(lo: int, hi: int) -> None:
@@ -361,6 +448,10 @@ def decode_tensor(parts, name: str, threads: int | None = None) -> torch.Tensor:
                      out_u8, words, scratch_low, status)
 
     pool.run_ranges(task, nchunks, threads)
+    return _decoded(name, status, nchunks, nbytes, out_u8, shape, lay)
+
+
+def _decoded(name, status, nchunks, nbytes, out_u8, shape, lay) -> torch.Tensor:
     if np.count_nonzero(status):
         c = int(np.flatnonzero(status)[0])
         raise _fail(name, f"chunk {c} of {nchunks}: {_ERRORS.get(int(status[c]), 'corrupt')}")

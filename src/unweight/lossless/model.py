@@ -127,16 +127,39 @@ def _add_counts(sub, hist):
     sub[:] = 0
 
 
+@njit(inline="always")
+def lower(sym, s, k, ebits, zero_apart):
+    """Symbol ``sym`` (exponent above ``k`` mantissa bits) with its exponent lowered by ``s`` binades:
+    mod 2^E (version 2), or with ``zero_apart`` (version 3) exponent 0 left where it is and the others
+    rotated over 1 .. 2^E - 1, so that no other exponent lands on 0."""
+    e = sym >> k
+    if not zero_apart:
+        return (sym - (s << k)) & ((1 << (ebits + k)) - 1)
+    if e == 0:
+        return sym
+    return ((((e - 1 - s) % ((1 << ebits) - 1)) + 1) << k) | (sym & ((1 << k) - 1))
+
+
 @njit(cache=True, nogil=True)
-def _merge_groups(hist, qg, nph, kmax, counts):
+def _merge_groups(hist, qg, nph, kmax, ebits, zero_apart, counts):
     """counts[phase] = sum over groups g of phase qg[g] % nph of hist[g] with its exponents
-    lowered by qg[g] // nph (a rotation of the symbol axis by that many binades, mod 2^E)."""
+    lowered by qg[g] // nph (:func:`lower`)."""
     nsym = hist.shape[1]
     for g in range(hist.shape[0]):
         ph = qg[g] % nph
-        rot = (qg[g] // nph) << kmax
         for sym in range(nsym):
-            counts[ph, (sym - rot) & (nsym - 1)] += hist[g, sym]
+            counts[ph, lower(sym, qg[g] // nph, kmax, ebits, zero_apart)] += hist[g, sym]
+
+
+def codes(alphabet: np.ndarray, k: int) -> tuple[np.ndarray, int] | None:
+    """Version 3's one-byte code of each symbol, and ``off``: the symbols of exponent 0 (zeros,
+    subnormals) are their own codes ``0 .. 2^k - 1``, any other symbol ``s`` has code ``s - off``
+    (``off = base - 2^k``, ``base`` the first of them). None when that does not fit a byte (the others
+    span more than ``256 - 2^k`` values)."""
+    rest = alphabet >> k != 0
+    off = int(alphabet[rest][0]) - (1 << k) if rest.any() else 0
+    out = np.where(rest, alphabet - off, alphabet)
+    return (out, off) if out.size == 0 or out.max() < 256 else None
 
 
 @njit(inline="always")
@@ -354,10 +377,13 @@ def _summed(threads: int, shape, fill, n: int) -> np.ndarray:
     return sum(parts.values())  # n >= 2 here, so every range ran
 
 
-def plan(vals: np.ndarray, lay: FloatLayout, shape: tuple[int, ...], nchunks: int, threads: int = 1) -> Plan | None:
+def plan(vals: np.ndarray, lay: FloatLayout, shape: tuple[int, ...], nchunks: int, threads: int = 1,
+         zero_apart: bool = False) -> Plan | None:
     """The cheapest coding of these words, or None when storing them raw is as small. The passes
     over the data run on up to ``threads`` threads for tensors of at least ``PARALLEL_VALUES``
-    values (partial histograms, summed: the plan does not depend on the number of threads)."""
+    values (partial histograms, summed: the plan does not depend on the number of threads).
+    ``zero_apart`` plans for format version 3: row shifts as :func:`lower` says, and only candidates
+    whose symbols have one-byte :func:`codes` (None when there are none)."""
     numel = vals.size
     if numel < MIN_VALUES:
         return None
@@ -396,13 +422,13 @@ def plan(vals: np.ndarray, lay: FloatLayout, shape: tuple[int, ...], nchunks: in
     for nph, shifted in candidates:
         qg = groups // (finest // nph) if shifted else np.zeros_like(groups)
         counts = np.zeros((nph, nsym), np.int64)
-        _merge_groups(hist, qg, nph, kmax, counts)
+        _merge_groups(hist, qg, nph, kmax, ebits, zero_apart, counts)
         rows_bytes = _entropy_bytes(qg, sizes) if shifted else 0
         for k in ks:
             alphabet = np.zeros(MAX_SYMBOLS, np.int64)
             freq = np.zeros((nph, MAX_SYMBOLS), np.uint32)
             nsym_k, bits, table_bytes = _table(counts, kmax, k, alphabet, freq)
-            if nsym_k < 0:
+            if nsym_k < 0 or (zero_apart and codes(alphabet[:nsym_k], k) is None):
                 continue
             est = (bits + numel * (man + 1 - k)) / 8 + table_bytes + rows_bytes
             est += nchunks * rans.STATE_BYTES

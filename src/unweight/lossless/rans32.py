@@ -1,0 +1,326 @@
+"""Format version 3's coder: 32 interleaved rANS lanes of 32-bit states, eight per AVX2 vector.
+
+rANS: J. Duda (arXiv:1311.2540); interleaved and word-renormalised after F. Giesen, "Interleaved
+entropy coders" (arXiv:1402.3392), section 5, here widened to eight 32-bit lanes per ``<8 x i32>``.
+
+Version 2 (:mod:`rans`) folds a value's raw bits into the slot, which needs 64-bit states: four per
+AVX2 register, sixteen lanes, a chain of dependent steps that its decoder cannot shorten
+(``docs/format.md``, "How version 3 came about"). Here only a value's symbol (exponent and top mantissa
+bits, row-lowered by ``model.lower``) is coded, keyed by ``phase * space + symbol`` for the encoder:
+
+* states in ``[2^16, 2^32)``, renormalised by 16-bit words, ``LANES = 32`` of them on one word stream,
+  value ``i`` of a chunk (in coding order) on lane ``i % 32``; every lane starts and ends at ``2^16``;
+* frequencies of ``PROB_BITS = 12`` bits; the decode entry is 4 bytes,
+  ``f - 1 | (t - cum) << 12 | code << 24`` (``code``: the symbol's byte, ``model.codes``), one
+  ``vpgatherdd`` per eight values, and the symbol is ``code`` below ``2^k`` (exponent 0), else
+  ``code + off``; the encode entry ``f - 1 | cum << 12``, gathered the same way, with
+  the division by ``f`` one exact float64 ``vdivpd`` (a state below 2^32 divided by ``f <= 2^12``: the
+  quotient's rounding error, below 2^-20, is smaller than a non-integer quotient's distance from the
+  next integer, at least 2^-12);
+* the words a group of lanes needs are consecutive, in lane order: the decoder hands them out by one
+  ``vpermd`` chosen by the 8-bit mask of needy lanes, the encoder packs them the same way.
+
+The raw bits travel apart, in bit planes (:mod:`planes`). The scalar loops are the reference; the
+vector loops (:data:`simd.AVAILABLE`) give the same words and keys (tested). Measured before it was
+built (``bench/rans32_prototype.py``): 1.4-2.0x version 2's decode loop, 1.9-2.3x its encode loop.
+"""
+
+import numpy as np
+from llvmlite import ir
+from numba import njit, types
+from numba.core import cgutils
+from numba.extending import intrinsic
+
+from unweight.lossless import simd
+from unweight.lossless.rans import ERR_OVERRUN, ERR_STATE, OK
+
+LANES = 32
+PROB_BITS = 12
+PROB_SCALE = 1 << PROB_BITS
+STATE_LOW = 1 << 16
+STATE_WORDS = 2 * LANES  # the flushed states (two 16-bit words each) that open every coded segment
+
+_M = np.uint64(PROB_SCALE)
+_L = np.uint64(STATE_LOW)
+_F = np.uint64(PROB_SCALE - 1)
+_SH12, _SH16, _SH24 = np.uint64(12), np.uint64(16), np.uint64(24)
+
+
+@njit(cache=True, nogil=True)
+def build_tables(alphabet, freq, space, code, ent, dec):
+    """Tables for ``freq[phase, index]`` over the ascending ``alphabet`` (symbol values below ``space``):
+    ``ent[phase * space + symbol] = f - 1 | cum << 12`` (the encoder's, by key) and
+    ``dec[phase, t] = f - 1 | (t - cum) << 12 | code << 24`` (the decoder's, by slot; ``code[index]``,
+    a byte, ``model.codes``). Either may be empty (size 0) to build only the other. Returns the first
+    phase whose frequencies are not a valid table (a sum other than ``PROB_SCALE``, more than 256
+    symbols), or -1."""
+    nph, nsym = freq.shape
+    if nsym > 256:
+        return 0
+    for ph in range(nph):
+        acc = 0
+        for d in range(nsym):
+            f = np.int64(freq[ph, d])
+            if acc + f > PROB_SCALE:
+                return ph
+            if f > 0:
+                if ent.size > 0:
+                    ent[ph * space + alphabet[d]] = np.uint32((f - 1) | (acc << 12))
+                if dec.size > 0:
+                    for t in range(f):
+                        dec[ph, acc + t] = np.uint32((f - 1) | (t << 12) | (np.int64(code[d]) << 24))
+            acc += f
+        if acc != PROB_SCALE:
+            return ph
+    return -1
+
+
+# ---------------------------------------------------------------------------------------------
+# the scalar steps (the reference, and the ragged ends of the vector loops)
+
+
+@njit(inline="always")
+def _estep(x, e, out, pos):
+    """Encode one value with entry ``e`` into state ``x``; the low word is always written below
+    ``pos`` and ``pos`` moves only when it is needed (no branch). Returns (state, pos)."""
+    f = (np.uint64(e) & _F) + np.uint64(1)
+    need = x >= (f << np.uint64(32 - PROB_BITS))
+    out[pos - 1] = np.uint16(x & np.uint64(0xFFFF))
+    pos -= np.int64(need)
+    x = (x >> _SH16) if need else x
+    return (x // f) * _M + x % f + (np.uint64(e) >> _SH12), pos
+
+
+@njit(inline="always")
+def _dstep(x, words, p, dec, tb, kz, off):
+    """Decode one value from state ``x``: returns (state, p, symbol): the entry's code ``c`` is the
+    symbol itself below ``kz`` (exponent 0), else ``c + off``."""
+    e = np.uint64(dec[tb + (x & _F)])
+    x = ((e & _F) + np.uint64(1)) * (x >> np.uint64(PROB_BITS)) + ((e >> _SH12) & _F)
+    need = x < _L
+    x = ((x << _SH16) | np.uint64(words[p])) if need else x
+    c = np.int64(e >> _SH24)
+    return x, p + np.int64(need), np.uint16(c if c < kz else c + off)
+
+
+@njit(inline="always")
+def encode_groups_scalar(keys, x, ngroups, ent, out, pos):
+    """Whole groups ``ngroups - 1`` down to 0 of ``keys``, states ``x`` (uint32[LANES], updated in
+    place), words written backwards below ``out[pos]``. Returns ``pos``."""
+    for g in range(ngroups - 1, -1, -1):
+        for j in range(LANES - 1, -1, -1):
+            v, pos = _estep(np.uint64(x[j]), ent[keys[g * LANES + j]], out, pos)
+            x[j] = np.uint32(v)
+    return pos
+
+
+@njit(inline="always")
+def decode_groups_scalar(words, x, ngroups, dec, tb, kz, off, out, i, p, limit):
+    """Whole groups from ``words`` at ``p`` into ``out[i:]`` with the decode table at ``tb``; stops
+    before a group once ``p > limit``. Returns ``p``."""
+    for g in range(ngroups):
+        if p > limit:
+            break
+        for j in range(LANES):
+            v, p, out[i + g * LANES + j] = _dstep(np.uint64(x[j]), words, p, dec, tb, kz, off)
+            x[j] = np.uint32(v)
+    return p
+
+
+# ---------------------------------------------------------------------------------------------
+# the vector loops: eight lanes per <8 x i32>, LANES / 8 vectors side by side
+
+_I8, _I32, _I64 = ir.IntType(8), ir.IntType(32), ir.IntType(64)
+_V8I32, _V8I16 = ir.VectorType(_I32, 8), ir.VectorType(ir.IntType(16), 8)
+_V8D = ir.VectorType(ir.DoubleType(), 8)
+_NVEC = LANES // 8
+
+
+def _avx2(mod):
+    """``vpgatherdd``, ``vpermd`` and popcount."""
+    gather = cgutils.get_or_insert_function(
+        mod, ir.FunctionType(_V8I32, [_V8I32, _I8.as_pointer(), _V8I32, _V8I32, _I8]), "llvm.x86.avx2.gather.d.d.256")
+    permd = cgutils.get_or_insert_function(mod, ir.FunctionType(_V8I32, [_V8I32, _V8I32]), "llvm.x86.avx2.permd")
+    ctpop = cgutils.get_or_insert_function(mod, ir.FunctionType(_I32, [_I32]), "llvm.ctpop.i32")
+    return gather, permd, ctpop
+
+
+def _splat(v):
+    return ir.Constant(_V8I32, [v] * 8)
+
+
+def _state_ptrs(b, xbase):
+    return [b.bitcast(b.gep(xbase, [ir.Constant(_I64, 8 * v)]), _V8I32.as_pointer()) for v in range(_NVEC)]
+
+
+@intrinsic
+def _decode_groups_vec(typingctx, words, x, ngroups, dec, tb, kz, off, out, i0, p0, limit):
+    i64 = types.int64
+    sig = i64(words, x, i64, dec, i64, i64, i64, out, i64, i64, i64)
+
+    def codegen(context, b, signature, args):
+        words_a, x_a, ng, dec_a, tb_v, kz_v, off_v, out_a, i0_v, p0_v, limit_v = args
+        ty = signature.args
+        data = lambda t, v: simd.array_data(context, b, t, v)  # noqa: E731
+        wbase, obase = data(ty[0], words_a), data(ty[7], out_a)
+        dptr = b.bitcast(b.gep(data(ty[3], dec_a), [tb_v]), _I8.as_pointer())
+        kz, off = (b.shuffle_vector(b.insert_element(ir.Constant(_V8I32, ir.Undefined), b.trunc(v, _I32),
+                                                     ir.Constant(_I32, 0)),
+                                    ir.Constant(_V8I32, ir.Undefined), _splat(0)) for v in (kz_v, off_v))
+        gather, permd, ctpop = _avx2(b.module)
+        lut = simd.constant_table(b.module, "unweight_rans32_word_ranks", simd.word_ranks(8))
+        xptrs = _state_ptrs(b, data(ty[1], x_a))
+        head, body, done, (g, p), xs = simd.begin_loop(b, xptrs, [ir.Constant(_I64, 0), p0_v])
+        more = b.and_(b.icmp_signed("<", g, ng), b.icmp_signed("<=", p, limit_v))
+        b.cbranch(more, body, done)
+        b.position_at_end(body)
+        base = b.add(i0_v, b.mul(g, ir.Constant(_I64, LANES)))
+        nexts, pn = [], p
+        for v, xv in enumerate(xs):
+            e = b.call(gather, [ir.Constant(_V8I32, ir.Undefined), dptr, b.and_(xv, _splat(PROB_SCALE - 1)),
+                                _splat(-1), ir.Constant(_I8, 4)])
+            i = b.add(base, ir.Constant(_I64, 8 * v))
+            c = b.lshr(e, _splat(24))
+            sv = b.select(b.icmp_unsigned("<", c, kz), c, b.add(c, off))
+            b.store(b.trunc(sv, _V8I16), b.bitcast(b.gep(obase, [i]), _V8I16.as_pointer()), align=2)
+            f = b.add(b.and_(e, _splat(PROB_SCALE - 1)), _splat(1))
+            bias = b.and_(b.lshr(e, _splat(12)), _splat(PROB_SCALE - 1))
+            xn = b.add(b.mul(f, b.lshr(xv, _splat(PROB_BITS))), bias)
+            need = b.icmp_unsigned("<", xn, _splat(STATE_LOW))
+            mask = b.zext(b.bitcast(need, _I8), _I32)
+            w8 = b.load(b.bitcast(b.gep(wbase, [pn]), _V8I16.as_pointer()), align=2)
+            ranks = b.load(b.gep(lut, [ir.Constant(_I32, 0), mask]), align=32)
+            w = b.call(permd, [b.zext(w8, _V8I32), ranks])
+            nexts.append(b.select(need, b.or_(b.shl(xn, _splat(16)), w), xn))
+            pn = b.add(pn, b.zext(b.call(ctpop, [mask]), _I64))
+        simd.end_loop(b, head, done, [(g, b.add(g, ir.Constant(_I64, 1))), (p, pn), *zip(xs, nexts)], xs, xptrs)
+        return p
+
+    return sig, codegen
+
+
+@intrinsic
+def _encode_groups_vec(typingctx, keys, x, ngroups, ent, out, pos0):
+    sig = types.int64(keys, x, types.int64, ent, out, types.int64)
+
+    def codegen(context, b, signature, args):
+        keys_a, x_a, ng, ent_a, out_a, pos_v = args
+        ty = signature.args
+        data = lambda t, v: simd.array_data(context, b, t, v)  # noqa: E731
+        kbase, obase = data(ty[0], keys_a), data(ty[4], out_a)
+        eptr = b.bitcast(data(ty[3], ent_a), _I8.as_pointer())
+        gather, permd, ctpop = _avx2(b.module)
+        lut = simd.constant_table(b.module, "unweight_rans32_high_ranks", simd.high_ranks(8))
+        xptrs = _state_ptrs(b, data(ty[1], x_a))
+        head, body, done, (g, p), xs = simd.begin_loop(b, xptrs, [ng, pos_v])
+        b.cbranch(b.icmp_signed(">", g, ir.Constant(_I64, 0)), body, done)
+        b.position_at_end(body)
+        gm = b.sub(g, ir.Constant(_I64, 1))
+        nexts, pn = [None] * _NVEC, p
+        for v in range(_NVEC - 1, -1, -1):  # backwards: the last vector's words come last
+            xv = xs[v]
+            i = b.add(b.mul(gm, ir.Constant(_I64, LANES)), ir.Constant(_I64, 8 * v))
+            k = b.zext(b.load(b.bitcast(b.gep(kbase, [i]), _V8I16.as_pointer()), align=2), _V8I32)
+            e = b.call(gather, [ir.Constant(_V8I32, ir.Undefined), eptr, k, _splat(-1), ir.Constant(_I8, 4)])
+            f = b.add(b.and_(e, _splat(PROB_SCALE - 1)), _splat(1))
+            # x >= f << 20, as x > (f << 20) - 1: f = 4096 (one symbol) wraps to 2^32 - 1, never exceeded
+            need = b.icmp_unsigned(">", xv, b.sub(b.shl(f, _splat(32 - PROB_BITS)), _splat(1)))
+            xr = b.select(need, b.lshr(xv, _splat(16)), xv)
+            q = b.fptoui(b.fdiv(b.uitofp(xr, _V8D), b.uitofp(f, _V8D)), _V8I32)
+            # (x div f) * M + x mod f + cum = x + cum + (x div f) * (M - f)
+            nexts[v] = b.add(b.add(xr, b.lshr(e, _splat(12))), b.mul(q, b.sub(_splat(PROB_SCALE), f)))
+            mask = b.zext(b.bitcast(need, _I8), _I32)
+            ranks = b.load(b.gep(lut, [ir.Constant(_I32, 0), mask]), align=32)
+            words = b.trunc(b.call(permd, [xv, ranks]), _V8I16)
+            b.store(words, b.bitcast(b.gep(obase, [b.sub(pn, ir.Constant(_I64, 8))]), _V8I16.as_pointer()), align=2)
+            pn = b.sub(pn, b.zext(b.call(ctpop, [mask]), _I64))
+        simd.end_loop(b, head, done, [(g, gm), (p, pn), *zip(xs, nexts)], xs, xptrs)
+        return p
+
+    return sig, codegen
+
+
+@njit(inline="always")
+def _encode_groups_vector(keys, x, ngroups, ent, out, pos):
+    return _encode_groups_vec(keys, x, ngroups, ent, out, pos)
+
+
+@njit(inline="always")
+def _decode_groups_vector(words, x, ngroups, dec, tb, kz, off, out, i, p, limit):
+    return _decode_groups_vec(words, x, ngroups, dec, tb, kz, off, out, i, p, limit)
+
+
+# ---------------------------------------------------------------------------------------------
+# a chunk
+
+
+def _encoder(vector: bool):
+    groups = _encode_groups_vector if vector else encode_groups_scalar
+
+    @njit(inline="always")
+    def encode_keys(keys, n, ent, out):
+        """rANS-encode ``keys[:n]`` (uint16: ``phase * space + symbol``) into the tail of ``out``
+        (uint16, at least ``n + STATE_WORDS + 8`` words); returns the index of the segment's first word.
+        The segment: the final states (low word first, lane 0 first), then the renormalisation words
+        in the order the decoder reads them."""
+        x = np.full(LANES, STATE_LOW, np.uint32)
+        pos = np.int64(out.size)
+        i = n
+        while i % LANES:  # the last n % LANES values, one at a time
+            i -= 1
+            v, pos = _estep(np.uint64(x[i % LANES]), ent[keys[i]], out, pos)
+            x[i % LANES] = np.uint32(v)
+        pos = groups(keys, x, np.int64(i // LANES), ent, out, pos)
+        for j in range(LANES - 1, -1, -1):
+            out[pos - 1] = np.uint16(x[j] >> np.uint32(16))
+            out[pos - 2] = np.uint16(x[j] & np.uint32(0xFFFF))
+            pos -= 2
+        return pos
+
+    return encode_keys
+
+
+def _decoder(vector: bool):
+    groups = _decode_groups_vector if vector else decode_groups_scalar
+
+    @njit(inline="always")
+    def decode_keys(words, limit, n, counts, dec, kz, off, out):
+        """Decode one segment's ``limit`` words (uint16; ``words`` readable ``LANES`` words further)
+        into ``out[:n]`` (uint16: each value's symbol, in coding order: a code ``c`` below ``kz`` is its
+        own symbol, any other stands for ``c + off``), ``counts[ph]`` values with phase ``ph``'s table
+        ``dec[ph]``. Returns OK, ERR_OVERRUN or ERR_STATE."""
+        if limit < STATE_WORDS:
+            return ERR_OVERRUN
+        decf = dec.reshape(-1)
+        x = np.empty(LANES, np.uint32)
+        for j in range(LANES):
+            x[j] = np.uint32(words[2 * j]) | (np.uint32(words[2 * j + 1]) << np.uint32(16))
+        p = np.int64(STATE_WORDS)
+        i = 0
+        for ph in range(counts.size):
+            tb = ph * PROB_SCALE
+            end = i + counts[ph]
+            while i < end:
+                if i % LANES == 0 and i + LANES <= end:  # whole lane groups
+                    ng = (end - i) // LANES
+                    p = groups(words, x, ng, decf, tb, kz, off, out, i, p, limit)
+                    i += ng * LANES
+                else:  # a run's ragged ends, one value at a time
+                    v, p, out[i] = _dstep(np.uint64(x[i % LANES]), words, p, decf, tb, kz, off)
+                    x[i % LANES] = np.uint32(v)
+                    i += 1
+                if p > limit:
+                    return ERR_OVERRUN
+        if p != limit:
+            return ERR_STATE
+        for j in range(LANES):
+            if x[j] != STATE_LOW:
+                return ERR_STATE
+        return OK
+
+    return decode_keys
+
+
+encode_keys_scalar, decode_keys_scalar = _encoder(False), _decoder(False)
+encode_keys = _encoder(True) if simd.AVAILABLE else encode_keys_scalar
+decode_keys = _decoder(True) if simd.AVAILABLE else decode_keys_scalar

@@ -1,0 +1,239 @@
+"""Format version 3's parts: the 32-lane rANS coder (vector loops against the scalar reference), the bit
+planes, the exponent rotation that keeps exponent 0 apart, the one-byte codes, and the fallback of
+tensors whose symbols do not fit them to version 2."""
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from numba import njit
+
+from unweight.lossless import decode_tensor, lanes16, model, planes, rans, rans32, simd
+from unweight.lossless import format as fmt
+
+
+@njit
+def _encode_both(keys, ent):
+    n = keys.size
+    out_v, out_s = np.zeros(n + rans32.STATE_WORDS + 16, np.uint16), np.zeros(n + rans32.STATE_WORDS + 16, np.uint16)
+    pv = rans32.encode_keys(keys, n, ent, out_v)
+    ps = rans32.encode_keys_scalar(keys, n, ent, out_s)
+    return out_v[pv:], out_s[ps:]
+
+
+@njit
+def _decode(words, limit, n, counts, dec, kz, off, vector):
+    out = np.zeros(n, np.uint16)
+    if vector:
+        rc = rans32.decode_keys(words, limit, n, counts, dec, kz, off, out)
+    else:
+        rc = rans32.decode_keys_scalar(words, limit, n, counts, dec, kz, off, out)
+    return rc, out
+
+
+def _tables(rng, nph, k, nzero, nrest, skew):
+    """A random alphabet of ``nzero`` exponent-0 symbols and ``nrest`` others within one-byte codes,
+    random (possibly one-symbol) frequencies per phase, and both coding tables."""
+    space = 1 << (8 + k)
+    zero = rng.choice(1 << k, nzero, replace=False)
+    base = int(rng.integers(1 << k, space - 256))
+    rest = base + rng.choice(256 - (1 << k), nrest, replace=False)
+    alphabet = np.sort(np.r_[zero, rest]).astype(np.int64)
+    freq = np.zeros((nph, alphabet.size), np.uint32)
+    for ph in range(nph):
+        counts = rng.integers(1, 1000, alphabet.size) ** skew
+        counts[rng.random(alphabet.size) < 0.3] = 0
+        if not counts.any():
+            counts[rng.integers(0, alphabet.size)] = 1  # one symbol of frequency 4096
+        rans.normalize_freqs(counts, freq[ph])
+    codes, off = model.codes(alphabet, k)
+    ent, dec = np.zeros(nph * space, np.uint32), np.zeros((nph, rans32.PROB_SCALE), np.uint32)
+    assert rans32.build_tables(alphabet, freq, space, codes, ent, dec) == -1
+    return space, alphabet, freq, ent, dec, off
+
+
+@settings(max_examples=80, deadline=None)
+@given(seed=st.integers(0, 2**32 - 1), nph=st.integers(1, 4), k=st.sampled_from([2, 3, 4]), n=st.integers(0, 3000),
+       nzero=st.integers(0, 4), nrest=st.integers(0, 80), skew=st.integers(1, 4))
+def test_coder_round_trips_and_the_vector_loops_match_the_scalar_ones(seed, nph, k, n, nzero, nrest, skew):
+    """Any valid tables (down to frequency 1, and one symbol of frequency 4096, where the states reach
+    their extremes), any run lengths per phase: the vector encoder writes the scalar one's words, and
+    both decoders give back every symbol."""
+    if nzero + nrest == 0:
+        nrest = 1
+    rng = np.random.default_rng(seed)
+    space, alphabet, freq, ent, dec, off = _tables(rng, nph, k, nzero, nrest, skew)
+    counts = np.diff(np.sort(np.r_[0, rng.integers(0, n + 1, nph - 1), n])).astype(np.int64)
+    phase = np.repeat(np.arange(nph), counts)
+    sym = np.array([rng.choice(alphabet[freq[p] > 0]) for p in phase], np.int64).reshape(-1)
+    keys = (phase * space + sym).astype(np.uint16)
+    seg_v, seg_s = _encode_both(keys, ent)
+    if simd.AVAILABLE:
+        assert np.array_equal(seg_v, seg_s)
+    words = np.concatenate([seg_s, np.zeros(rans32.LANES, np.uint16)])
+    for vector in (True, False):
+        rc, out = _decode(words, seg_s.size, n, counts, dec, 1 << k, off, vector)
+        assert rc == rans.OK and np.array_equal(out, sym)
+
+
+@pytest.mark.parametrize("vector", [True, False])
+def test_decoder_reports_a_short_or_overlong_segment(vector):
+    rng = np.random.default_rng(3)
+    space, alphabet, freq, ent, dec, off = _tables(rng, 2, 2, 2, 60, 2)
+    n = 2000
+    counts = np.array([1200, 800])
+    phase = np.repeat([0, 1], counts)
+    keys = (phase * space + np.array([rng.choice(alphabet[freq[p] > 0]) for p in phase])).astype(np.uint16)
+    seg = _encode_both(keys, ent)[1]
+    words = np.concatenate([seg, np.zeros(rans32.LANES, np.uint16)])
+    assert _decode(words, seg.size, n, counts, dec, 4, off, vector)[0] == rans.OK
+    assert _decode(words, seg.size - 5, n, counts, dec, 4, off, vector)[0] == rans.ERR_OVERRUN
+    assert _decode(words, seg.size + 1, n, counts, dec, 4, off, vector)[0] == rans.ERR_STATE
+    assert _decode(words, rans32.STATE_WORDS - 1, n, counts, dec, 4, off, vector)[0] == rans.ERR_OVERRUN
+
+
+def test_build_tables_refuses_frequencies_that_do_not_sum_to_the_scale():
+    freq = np.array([[100, 200]], np.uint32)
+    assert rans32.build_tables(np.array([5, 9]), freq, 1024, np.array([5, 9]), np.zeros(1024, np.uint32),
+                               np.zeros((1, 4096), np.uint32)) == 0
+
+
+@njit
+def _pack_merge(raw, m, r, n):
+    packed = np.zeros(m * r // 8, np.uint8)
+    planes.pack(raw, m, r, packed)
+    out = np.zeros(n, np.uint16)
+    planes.merge(packed, m, r, n, out, 15)
+    return packed, out
+
+
+@settings(max_examples=60, deadline=None)
+@given(seed=st.integers(0, 2**32 - 1), r=st.integers(1, 8), n=st.integers(1, 700))
+def test_bit_planes_hold_exactly_r_bits_and_unpack_to_each_value(seed, r, n):
+    rng = np.random.default_rng(seed)
+    m = -(-n // 8) * 8
+    raw = np.zeros(m, np.uint8)
+    raw[:n] = rng.integers(0, 1 << r, n)
+    packed, out = _pack_merge(raw, m, r, n)
+    assert packed.size == planes.plane_bytes(m, r) == m * r // 8
+    v = raw[:n].astype(np.uint16)
+    want = (v & ((1 << (r - 1)) - 1)) | ((v >> (r - 1)) & 1) << 15  # the top bit (the sign) to bit 15
+    assert np.array_equal(out, want)
+
+
+@njit
+def _place(dst, src, nib, p4, p5, nsh, sj, r, k, rot):
+    lanes16.place(dst, src, nib, p4, p5, nsh, sj, r, k, rot)
+
+
+@njit
+def _keys(dst, src, r, k, rot, tag):
+    lanes16.keys(dst, src, r, k, rot, tag)
+
+
+@njit
+def _pack_words(src, r, out):
+    lanes16.pack_words(src, r, out)
+
+
+@settings(max_examples=60, deadline=None)
+@given(seed=st.integers(0, 2**32 - 1), k=st.sampled_from([2, 3, 4]), n=st.integers(0, 100), s=st.integers(-128, 127),
+       ph=st.integers(0, 3))
+def test_keys_are_the_lowered_symbols_of_the_words_tagged_with_the_phase(seed, k, n, s, ph):
+    rng = np.random.default_rng(seed)
+    words = rng.integers(0, 1 << 16, n).astype(np.uint16)
+    words[rng.random(n) < 0.2] &= 0x807F  # exponent 0
+    space = 1 << (8 + k)
+    dst = np.zeros(n, np.uint16)
+    _keys(dst, words, 8 - k, k, s % 255, ph * space)
+    sym = (words.astype(np.int64) & 0x7FFF) >> (7 - k)
+    assert dst.tolist() == [ph * space + _lower(int(x), s, k, True) for x in sym]
+
+
+@settings(max_examples=60, deadline=None)
+@given(seed=st.integers(0, 2**32 - 1), r=st.integers(4, 6), n=st.integers(1, 900))
+def test_words_pack_into_the_planes_of_their_raw_bits(seed, r, n):
+    """The vector packing (whole groups) and its tail against :func:`planes.pack` of the raw bits."""
+    rng = np.random.default_rng(seed)
+    words = rng.integers(0, 1 << 16, n).astype(np.uint16)
+    m = -(-n // 8) * 8
+    raw = np.zeros(m, np.uint8)
+    w = words.astype(np.int64)
+    raw[:n] = (w & ((1 << (r - 1)) - 1)) | (w >> 15) << (r - 1)
+    want, got = np.zeros(m * r // 8, np.uint8), np.full(m * r // 8, 0xAA, np.uint8)
+    _pack_ref(raw, m, r, want)
+    _pack_words(words, r, got)
+    assert np.array_equal(got, want)
+
+
+@njit
+def _pack_ref(raw, m, r, out):
+    planes.pack(raw, m, r, out)
+
+
+@settings(max_examples=60, deadline=None)
+@given(seed=st.integers(0, 2**32 - 1), r=st.integers(4, 6), n=st.integers(0, 100), rot=st.integers(0, 254),
+       nsh=st.sampled_from([0, 4]), sj=st.integers(0, 7))
+def test_place_builds_each_bf16_word_from_its_symbol_and_raw_bits(seed, r, n, rot, nsh, sj):
+    """The vector loop (16 words at a time) and its scalar tail against numpy, word by word."""
+    k = 8 - r
+    rng = np.random.default_rng(seed)
+    sym = rng.integers(0, 1 << (8 + k), n).astype(np.uint16)
+    sym[rng.random(n) < 0.2] &= (1 << k) - 1  # exponent 0
+    nib, p4, p5 = (rng.integers(0, 256, n).astype(np.uint8) for _ in range(3))
+    dst = np.zeros(n, np.uint16)
+    _place(dst, sym, nib, p4, p5, nsh, sj, r, k, rot)
+    ex = sym.astype(np.int64) >> k
+    t = ex + rot
+    t = np.where(t > 255, t - 255, t)
+    full = np.where(ex == 0, sym, (t << k) | (sym & ((1 << k) - 1)))
+    raw = ((nib.astype(np.int64) >> nsh) & 15) | ((p4.astype(np.int64) >> sj) & 1) << 4 \
+        | ((p5.astype(np.int64) >> sj) & 1) << 5
+    want = (full << (r - 1)) | (raw & ((1 << (r - 1)) - 1)) | ((raw >> (r - 1)) & 1) << 15
+    assert np.array_equal(dst, want.astype(np.uint16))
+
+
+@njit
+def _lower(sym, s, k, zero_apart):
+    return model.lower(sym, s, k, 8, zero_apart)
+
+
+@pytest.mark.parametrize("k", [2, 4])
+@pytest.mark.parametrize("s", [-128, -3, 0, 1, 31, 254])
+def test_lowering_keeps_exponent_0_apart_and_is_a_bijection(k, s):
+    syms = np.arange(1 << (8 + k))
+    v3 = np.array([_lower(x, s, k, True) for x in syms])
+    v2 = np.array([_lower(x, s, k, False) for x in syms])
+    assert sorted(v3) == sorted(v2) == list(syms)  # both permute the symbols
+    zero = syms >> k == 0
+    assert np.array_equal(v3[zero], syms[zero])  # exponent 0 stays
+    assert (v3[~zero] >> k != 0).all()  # and no other exponent lands on it
+    assert np.array_equal(v2, (syms - (s << k)) % (1 << (8 + k)))  # version 2's shift, unchanged
+
+
+def test_codes_set_exponent_0_apart_and_refuse_a_span_over_a_byte():
+    alphabet = np.array([0, 3, 500, 501, 747])
+    codes, off = model.codes(alphabet, 2)
+    assert codes.tolist() == [0, 3, 4, 5, 251] and off == 496
+    assert model.codes(np.array([0, 500, 752]), 2) is None
+
+
+def test_a_tensor_whose_symbols_do_not_fit_one_byte_codes_is_written_as_version_2():
+    """Two clusters of exponents 100 binades apart: version 2 codes them, version 3's codes cannot
+    (its symbols span over 256 values), so the writer keeps the older version for this tensor."""
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((64, 256)).astype(np.float32)
+    x[:, ::2] *= 2.0 ** -60
+    x[:, 1::2] *= 2.0 ** 40
+    t = torch.from_numpy(x).to(torch.bfloat16)
+    parts = {"w" + k: torch.from_numpy(v) for k, v in fmt.encode_streams(t).items()}
+    assert int(parts["w" + fmt.HEAD][fmt._F["version"]]) == 2
+    assert int(parts["w" + fmt.HEAD][fmt._F["nsym"]]) > 0  # coded, not stored
+    assert torch.equal(decode_tensor(parts, "w").view(torch.int16), t.view(torch.int16))
+
+
+def test_version_3_is_written_for_bf16_only():
+    with pytest.raises(ValueError, match="version 3"):
+        fmt.encode_streams(torch.zeros(10, dtype=torch.float16), version=3)
+    assert fmt.written_version(torch.bfloat16) == 3 and fmt.written_version(torch.float32) == 2
