@@ -101,9 +101,10 @@ def part_array(parts, key: str, dtype: torch.dtype, what: str, required: bool = 
         return np.zeros(0, np.uint8 if dtype == torch.uint8 else np.int64)
     if not isinstance(t, torch.Tensor) or t.dtype != dtype or t.dim() != 1:
         raise UnweightError(f"{what} must be a 1-D {dtype} tensor")
-    if not t.is_cpu or t.requires_grad or not t.is_contiguous():
-        t = t.detach().cpu().contiguous()
-    return kernel_array(t.numpy())
+    try:  # a CPU tensor without grad, the usual case: no further checks (kernel_array copies a strided one)
+        return kernel_array(t.numpy())
+    except (RuntimeError, TypeError):  # needs grad, or lives on another device
+        return kernel_array(t.detach().cpu().numpy())
 
 
 def kernel_array(a: np.ndarray) -> np.ndarray:

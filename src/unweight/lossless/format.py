@@ -374,13 +374,13 @@ def decode_tensor(parts, name: str, threads: int | None = None) -> torch.Tensor:
     if problem := chunks.offsets_problem(offsets, nchunks, code.size, rans.STREAM_PAD, "code"):
         raise _fail(name, problem)
     is32 = lay.low_bits > 0
-    low = _part(parts, name, LOW, torch.uint8, required=is32)
-    low_offsets = _part(parts, name, LOW_OFFSETS, torch.int64, required=is32)
     if is32:
+        low = _part(parts, name, LOW, torch.uint8)
+        low_offsets = _part(parts, name, LOW_OFFSETS, torch.int64)
         if problem := chunks.offsets_problem(low_offsets, nchunks, low.size, 0, "low-mantissa"):
             raise _fail(name, problem)
     else:
-        low_offsets = np.zeros(nchunks + 1, np.int64)
+        low, low_offsets = np.zeros(0, np.uint8), np.zeros(nchunks + 1, np.int64)
 
     if coded:
         row_len, nrows = h["row_len"], h["nrows"]

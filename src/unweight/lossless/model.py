@@ -156,10 +156,11 @@ def codes(alphabet: np.ndarray, k: int) -> tuple[np.ndarray, int] | None:
     subnormals) are their own codes ``0 .. 2^k - 1``, any other symbol ``s`` has code ``s - off``
     (``off = base - 2^k``, ``base`` the first of them). None when that does not fit a byte (the others
     span more than ``256 - 2^k`` values)."""
-    rest = alphabet >> k != 0
-    off = int(alphabet[rest][0]) - (1 << k) if rest.any() else 0
-    out = np.where(rest, alphabet - off, alphabet)
-    return (out, off) if out.size == 0 or out.max() < 256 else None
+    nz = int(np.searchsorted(alphabet, 1 << k))  # the alphabet ascends: exponent 0's symbols first
+    out = alphabet.copy()
+    off = int(alphabet[nz]) - (1 << k) if nz < alphabet.size else 0
+    out[nz:] -= off
+    return (out, off) if out.size == 0 or out[-1] < 256 else None
 
 
 @njit(inline="always")
