@@ -23,7 +23,9 @@ checked against the input (and the vector encoder's against the scalar one's) ou
 
     .venv/bin/python bench/rans32_prototype.py [--lanes 32] [--reps 7]
 
-This is an experiment, not the format: nothing in ``src/`` uses it. Measured here (2026-11-27, one
+This is the experiment that format version 3 grew out of (2026-11-28: ``unweight.lossless.rans32``,
+with the symbol's one-byte code in the entry as ``--zero-codes`` has it); it is kept as the record of
+the variants measured, and nothing in ``src/`` imports it. Measured here (2026-11-27, one
 thread, four runs; the machine's speed drifted by a third between runs, the ratios less): version 2's
 loop 1.45-1.90 ns per value; the prototype's rANS loop 0.77-1.25 (1.4-2.0x faster), with the raw-bit
 merge 0.89-1.36 (1.3-1.6x); coded sizes equal to four decimals (same table, same flushed-state bytes).

@@ -198,9 +198,10 @@ def encode_streams(t: torch.Tensor, threads: int | None = None, shrink: bool = T
     nchunks = -(-numel // chunk_w)
     shape = tuple(t.shape)
     plan = model.plan(vals, lay, shape, nchunks, threads, zero_apart=version == 3) if numel else None
-    if version == 3 and plan is None and numel and model.plan(vals, lay, shape, nchunks, threads) is not None:
-        version = 2  # symbols too spread for version 3's one-byte codes (model.codes): the older format
+    if version == 3 and plan is None and numel:
+        # no plan whose symbols have version 3's one-byte codes (model.codes): version 2, if it codes them
         plan = model.plan(vals, lay, shape, nchunks, threads)
+        version = 3 if plan is None else 2
     hbits, hbytes = lay.hi_bits, lay.hi_bits // 8
     rb = plan.raw_bits if plan else _default_raw_bits(lay)
     if version == 3:
@@ -254,8 +255,8 @@ def _encode_v3(vals, plan, nchunks, chunk_w, threads, shrink):
     if plan is not None:
         space = 1 << (8 + plan.k)
         ent = np.zeros(plan.nph * space, np.uint32)
-        code = model.codes(plan.alphabet, plan.k)[0]
-        if rans32.build_tables(plan.alphabet, plan.freq, space, code, ent, np.zeros((0, 0), np.uint32)) != -1:
+        codes = model.codes(plan.alphabet, plan.k)[0]
+        if rans32.build_tables(plan.alphabet, plan.freq, space, codes, ent, np.zeros((0, 0), np.uint32)) != -1:
             raise AssertionError("model produced an invalid frequency table")
         q, row_len, nph, k = plan.q, plan.row_len, plan.nph, plan.k
     else:
@@ -340,7 +341,8 @@ def decode_tensor(parts, name: str, threads: int | None = None) -> torch.Tensor:
         raise _fail(name, "not an unweight-lossless header")
     version = h["version"]
     if version not in READ_VERSIONS:
-        raise _fail(name, f"format version {version} (this unweight reads {', '.join(map(str, READ_VERSIONS))})")
+        reads = ", ".join(map(str, READ_VERSIONS))
+        raise _fail(name, f"format version {version} (this unweight reads {reads})")
     tables = _part(parts, name, TABLES, torch.uint8, required=False)
     rows = _part(parts, name, ROWS, torch.uint8, required=False)
     if _meta_hash(head, tables, rows) != h["meta_hash"]:
@@ -413,8 +415,7 @@ def decode_tensor(parts, name: str, threads: int | None = None) -> torch.Tensor:
             q = np.zeros(numel // row_len, np.int8)
     else:
         rb = _default_raw_bits(lay)
-        k = lay.hi_man_bits + 1 - rb
-        alphabet = np.zeros(0, np.int64)
+        k, off = lay.hi_man_bits + 1 - rb, 0
         dec = np.zeros((1, rans.PROB_SCALE), np.uint32 if version == 3 else np.uint64)
         q, row_len, nph = np.zeros(1, np.int8), max(numel, 1), 1
         coded_chunks = np.flatnonzero(modes != chunks.MODE_RAW)
@@ -427,7 +428,6 @@ def decode_tensor(parts, name: str, threads: int | None = None) -> torch.Tensor:
     out = out_u8[:nbytes].view(lay.word_dtype)
     status = np.zeros(nchunks, np.int32)
     if version == 3:
-        off = off if coded else 0
         decode_v3 = chunks.range_kernels_v3()[1]
         zeros = np.zeros(chunks.padded(min(chunk_w, numel)) // 8 + 1, np.uint8)
 
