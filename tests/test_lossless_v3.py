@@ -9,6 +9,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from numba import njit
 
+from unweight.errors import UnweightError
 from unweight.lossless import decode_tensor, lanes16, model, planes, rans, rans32, simd
 from unweight.lossless import format as fmt
 
@@ -237,3 +238,22 @@ def test_version_3_is_written_for_bf16_only():
     with pytest.raises(ValueError, match="version 3"):
         fmt.encode_streams(torch.zeros(10, dtype=torch.float16), version=3)
     assert fmt.written_version(torch.bfloat16) == 3 and fmt.written_version(torch.float32) == 2
+
+
+def test_a_segments_pad_byte_is_checked(monkeypatch):
+    """With r = 5 raw bits and 99 groups of eight values the planes take 495 bytes, so a zero byte
+    follows them; a flipped pad byte changes no value but is still refused, as every other byte is."""
+    monkeypatch.setitem(model.K_CHOICES, "bf16", (3,))
+    t = (torch.randn(3, 264, generator=torch.Generator().manual_seed(0)) * 0.02).to(torch.bfloat16)
+    parts = {"w" + k: torch.from_numpy(v) for k, v in fmt.encode_streams(t).items()}
+    head = parts["w" + fmt.HEAD]
+    assert int(head[fmt._F["version"]]) == 3 and int(head[fmt._F["raw_bits"]]) == 5
+    assert int(parts["w" + fmt.MODES][0]) == 0  # coded
+    end = int(parts["w" + fmt.OFFSETS][1])
+    assert int(parts["w" + fmt.CODE][end - 1]) == 0
+    bad = dict(parts)
+    bad["w" + fmt.CODE] = parts["w" + fmt.CODE].clone()
+    bad["w" + fmt.CODE][end - 1] = 1
+    with pytest.raises(UnweightError, match="'w'.*chunk 0.*pad byte"):
+        decode_tensor(bad, "w")
+    assert torch.equal(decode_tensor(parts, "w").view(torch.int16), t.view(torch.int16))

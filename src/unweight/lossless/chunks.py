@@ -15,7 +15,7 @@ import numpy as np
 from numba import njit
 
 from unweight.jit_cache import source_stamp
-from unweight.lossless import fields, hashing, lanes16, planes, rans, rans32, simd
+from unweight.lossless import fields, hashing, lanes16, rans, rans32, simd
 from unweight.lossless.fields import pack_low, unpack_low
 from unweight.lossless.hashing import xxh64
 
@@ -26,6 +26,7 @@ ERR_RAW_SIZE = 3  # a raw segment's length is not the chunk's size
 ERR_LOW = 4  # the FP32 low segment disagrees with its own block headers
 ERR_CHECKSUM = 5
 ERR_MODE = 6
+ERR_PAD = 7  # a version 3 segment's pad byte is not zero
 
 # what a chunk kernel's status means, for the segment errors every stream shares
 SEGMENT_ERRORS = {
@@ -100,7 +101,7 @@ _RANGES = {}
 
 
 # closed over: see unweight.jit_cache
-_STAMP = source_stamp(rans, rans32, planes, lanes16, simd, fields, hashing, sys.modules[__name__])
+_STAMP = source_stamp(rans, rans32, lanes16, simd, fields, hashing, sys.modules[__name__])
 
 
 def range_kernels(hbits: int):
@@ -312,6 +313,9 @@ def _make_ranges_v3(stamp):
                 words_bytes = seglen - pb - (pb & 1)
                 if words_bytes < 0 or words_bytes % 2 or s0 % 2:
                     status[c] = rans.ERR_OVERRUN
+                    continue
+                if pb & 1 and code[s0 + seglen - 1] != 0:  # the pad byte: zero, so that no byte goes unchecked
+                    status[c] = ERR_PAD
                     continue
                 limit = words_bytes // 2
                 rans.phase_counts(c0, n, row_len, q, nph, counts)

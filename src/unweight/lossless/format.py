@@ -47,6 +47,7 @@ _ERRORS = {
     chunks.ERR_LOW: "low-mantissa segment is corrupt",
     chunks.ERR_CHECKSUM: "checksum mismatch: decoded bytes differ from the original",
     chunks.ERR_MODE: "unknown chunk mode",
+    chunks.ERR_PAD: "coded segment's pad byte is not zero (corrupt)",
 }
 
 
