@@ -513,8 +513,9 @@ def evaluate_all(args) -> int:
         if not u:
             print(f"{row['method']:16s} {'-':>8s} {lc['perplexity']:8.3f}")
             continue
+        kl = f"{u['kl']:7.4f}" if u.get("kl") is not None else f"{'-':>7s}"  # prune_quant --no-kl
         print(f"{row['method']:16s} {u['perplexity']:8.3f} {lc['perplexity']:8.3f} {row['ppl_ratio']:9.4f} "
-              f"{u['kl']:7.4f} {lc['kl']:7.4f} {u['seconds']:7.1f} {lc['seconds']:7.1f} {row['time_ratio']:10.3f}")
+              f"{kl} {lc['kl']:7.4f} {u['seconds']:7.1f} {lc['seconds']:7.1f} {row['time_ratio']:10.3f}")
     print(f"wrote {result_path}")
     return 0
 
