@@ -7,7 +7,7 @@ raw. Rows of a weight matrix (output neurons,
 embedding rows) differ in scale, so a row's exponents are a shifted copy of a shared shape. The row
 context gives each row an integer exponent shift and one of ``nph`` phases (the fractional part of
 its scale, in steps of 1/nph binade): row ``r`` is coded with table ``q[r] % nph`` on exponents
-lowered by ``q[r] // nph`` (mod 2^E). On minilm-l6 in BF16 this takes another 0.048 bit per
+lowered by ``q[r] // nph`` (mod 2^E; format version 3 keeps exponent 0 apart, :func:`lower`). On minilm-l6 in BF16 this takes another 0.048 bit per
 weight off; 2 or 4 such tables do what 16 plain quantile buckets of rows do (estimated within
 0.001 bit) at a quarter of the table cost and cache footprint. Contexts measured and not kept
 (entropy estimates with table cost): the previous exponent (+0.001 bit, a loss), the column's

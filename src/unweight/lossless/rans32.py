@@ -22,7 +22,9 @@ bits, row-lowered by ``model.lower``) is coded, keyed by ``phase * space + symbo
 
 The raw bits travel apart, in bit planes (:mod:`planes`). The scalar loops are the reference; the
 vector loops (:data:`simd.AVAILABLE`) give the same words and keys (tested). Measured before it was
-built (``bench/rans32_prototype.py``): 1.4-2.0x version 2's decode loop, 1.9-2.3x its encode loop.
+built (``bench/rans32_prototype.py``): 1.4-2.0x version 2's decode loop, 1.9-2.3x its encode loop. As
+built, on minilm-l6's BF16 embedding (Zen 4, one thread): the decode loop 0.57 ns per value (64 lanes:
+0.54; eight scalar table loads instead of the gather: 0.58), the encode loop 0.77.
 """
 
 import numpy as np
