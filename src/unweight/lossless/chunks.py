@@ -15,7 +15,7 @@ import numpy as np
 from numba import njit
 
 from unweight.jit_cache import source_stamp
-from unweight.lossless import fields, hashing, lanes16, rans, rans32, simd
+from unweight.lossless import fields, hashing, lanes16, planes, rans, rans32, simd
 from unweight.lossless.fields import pack_low, unpack_low
 from unweight.lossless.hashing import xxh64
 
@@ -101,7 +101,7 @@ _RANGES = {}
 
 
 # closed over: see unweight.jit_cache
-_STAMP = source_stamp(rans, rans32, lanes16, simd, fields, hashing, sys.modules[__name__])
+_STAMP = source_stamp(rans, rans32, planes, lanes16, simd, fields, hashing, sys.modules[__name__])
 
 
 def range_kernels(hbits: int):
@@ -214,11 +214,6 @@ def range_kernels_v3():
     return _V3
 
 
-def padded(n: int) -> int:
-    """Values a chunk of ``n`` stores raw bits for: the planes want a multiple of 8."""
-    return -(-n // 8) * 8
-
-
 @njit(inline="always")
 def _place(syms, m, a, b, k, rot, pls, mp, r, zeros, out):
     """``out[a:b]`` (one row's part of a chunk's words) from the decoded symbols ``syms[m:]`` (raised
@@ -272,10 +267,10 @@ def _make_ranges_v3(stamp):
                     s, e = max(c0, row * row_len), min(c0 + n, (row + 1) * row_len)
                     lanes16.keys(keys[at[ph]:at[ph] + (e - s)], vals[s:e], r, k, (qr // nph) % 255, ph * space)
                     at[ph] += e - s
-                mp = -(-n // 8) * 8
+                mp = planes.padded(n)
                 p = rans32.encode_keys(keys, n, ent, scratch)
                 nw = scratch.size - p
-                pb = mp * r // 8
+                pb = planes.plane_bytes(mp, r)
                 nbytes = 2 * nw + pb + (pb & 1)
                 if nbytes < size:
                     code[dst:dst + 2 * nw] = scratch[p:].view(np.uint8)
@@ -308,8 +303,8 @@ def _make_ranges_v3(stamp):
                     continue
                 _load_raw_hi(code, s0, n, 2, c0, out, syms, False)
             elif mode == MODE_CODED:
-                mp = -(-n // 8) * 8
-                pb = mp * r // 8
+                mp = planes.padded(n)
+                pb = planes.plane_bytes(mp, r)
                 words_bytes = seglen - pb - (pb & 1)
                 if words_bytes < 0 or words_bytes % 2 or s0 % 2:
                     status[c] = rans.ERR_OVERRUN

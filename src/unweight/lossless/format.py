@@ -16,7 +16,7 @@ import numpy as np
 import torch
 
 from unweight.errors import UnweightError
-from unweight.lossless import chunks, model, pool, rans, rans32
+from unweight.lossless import chunks, model, planes, pool, rans, rans32
 from unweight.lossless.fields import BY_CODE, LOW_BLOCK, FloatLayout, as_words, layout_of, part_array
 from unweight.lossless.hashing import meta_hash
 
@@ -430,7 +430,7 @@ def decode_tensor(parts, name: str, threads: int | None = None) -> torch.Tensor:
     status = np.zeros(nchunks, np.int32)
     if version == 3:
         decode_v3 = chunks.range_kernels_v3()[1]
-        zeros = np.zeros(chunks.padded(min(chunk_w, numel)) // 8 + 1, np.uint8)
+        zeros = np.zeros(planes.padded(min(chunk_w, numel)) // 8 + 1, np.uint8)
 
         def task3(lo: int, hi: int) -> None:
             syms = _scratch("dec_words", min(chunk_w, numel), np.uint16)

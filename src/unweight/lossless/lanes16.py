@@ -15,7 +15,7 @@ from llvmlite import ir
 from numba import njit, types
 from numba.extending import intrinsic
 
-from unweight.lossless import simd
+from unweight.lossless import planes, simd
 
 W = 16  # 16-bit words per vector
 _I8, _I16, _I32, _I64 = ir.IntType(8), ir.IntType(16), ir.IntType(32), ir.IntType(64)
@@ -147,8 +147,7 @@ def pack_words(src, r, out):
     """The bit planes (:mod:`planes`, ``m = src.size`` rounded up to 8, zeros after ``src``) of the
     ``r`` raw bits of the BF16 words ``src`` (4 <= r <= 6) into ``out[:m * r // 8]``."""
     n = src.size
-    m = -(-n // 8) * 8
-    e = m // 8
+    e = planes.padded(n) // 8
     lmask = (1 << (r - 1)) - 1
     # whole vectors while every value of the group of eight lies inside src
     i = _pack_vec(out, src, min(e, max(n - 7 * e, 0)), e, r, lmask) if n >= 8 else 0

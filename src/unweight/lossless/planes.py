@@ -12,14 +12,22 @@ Format version 3 stores a coded chunk's raw bits (sign and low mantissa bits) th
 rANS words (``docs/format.md``). Each value's bits are read at a fixed stride, so packing and
 unpacking run as vector loops over contiguous slices (``lanes16.pack_words`` and ``lanes16.place``,
 which build the planes straight from BF16 words and the words straight from them); :func:`pack` and
-:func:`merge` here are the plain reference that the tests hold those to.
+:func:`merge` here are the plain reference that the tests hold those to; :func:`padded` and
+:func:`plane_bytes` are the sizes the format reads and writes.
 """
 
 import numpy as np
 from numba import njit
 
 
-def plane_bytes(m: int, r: int) -> int:
+@njit(inline="always")
+def padded(n):
+    """Values the planes of ``n`` values hold: ``n`` rounded up to a multiple of 8."""
+    return -(-n // 8) * 8
+
+
+@njit(inline="always")
+def plane_bytes(m, r):
     """Bytes of the planes of ``m`` values (``m`` a multiple of 8) of ``r`` bits."""
     return m * r // 8
 

@@ -34,11 +34,9 @@ from numba.core import cgutils
 from numba.extending import intrinsic
 
 from unweight.lossless import simd
-from unweight.lossless.rans import ERR_OVERRUN, ERR_STATE, OK
+from unweight.lossless.rans import ERR_OVERRUN, ERR_STATE, OK, PROB_BITS, PROB_SCALE
 
-LANES = 32
-PROB_BITS = 12
-PROB_SCALE = 1 << PROB_BITS
+LANES = 32  # PROB_BITS: version 2's 12 bits, which the header records once for both
 STATE_LOW = 1 << 16
 STATE_WORDS = 2 * LANES  # the flushed states (two 16-bit words each) that open every coded segment
 
