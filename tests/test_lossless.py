@@ -177,12 +177,13 @@ def test_the_codec_follows_torchs_thread_count_unless_told():
     assert pool.resolve(None) == before
 
 
-# XXH64 of every part (sorted by suffix) of ``make(dtype, (300, 257), "special", 7)`` as each format
-# version wrote them (version 2: 16 lanes, chunks of 2^18, BF16 k in {2, 3, 4}; version 3, BF16 only:
-# 32 lanes of 32-bit states): a rewrite for speed must write the same bytes
+# XXH64 of every part (sorted by suffix) of ``make(dtype, (300, 257), kind, 7)`` as each format version
+# wrote them (version 2, of "special" values: 16 lanes, chunks of 2^18, BF16 k in {2, 3, 4}; version 3,
+# BF16 and FP32, of "zeros": 32 lanes of 32-bit states): a rewrite for speed must write the same bytes
 PINNED = {(torch.bfloat16, 2): 0xA5A814D5E3324B09, (torch.float16, 2): 0x26FBC32B6296384F,
           (torch.float32, 2): 0x033C7E63944C5183, (torch.float8_e4m3fn, 2): 0x319F9483FFE612E0,
-          (torch.float8_e5m2, 2): 0x5842CF99D7BDE476, (torch.bfloat16, 3): 0xBC7527E7B65A3524}
+          (torch.float8_e5m2, 2): 0x5842CF99D7BDE476, (torch.bfloat16, 3): 0xBC7527E7B65A3524,
+          (torch.float32, 3): 0x71B112B3ED04A689}
 
 
 @pytest.mark.parametrize("dtype, version", sorted(PINNED, key=str))
@@ -365,12 +366,12 @@ def test_unsupported_dtype_and_names():
 
 
 @pytest.fixture(scope="module", params=[(torch.bfloat16, None), (torch.bfloat16, 2), (torch.float32, None),
-                                        (torch.float8_e4m3fn, None)], ids=str)
+                                        (torch.float32, 2), (torch.float8_e4m3fn, None)], ids=str)
 def coded(request):
     dtype, version = request.param
     old, fmt.CHUNK_WEIGHTS = fmt.CHUNK_WEIGHTS, 1024
     try:
-        t = make(dtype, (40, 160), "zeros" if dtype == torch.bfloat16 and version is None else "special", 7)
+        t = make(dtype, (40, 160), "zeros" if dtype in fmt.V3_DTYPES and version is None else "special", 7)
         parts = encode(t, "layer.w", version=version)  # 6400 values: 7 chunks
         assert parts["layer.w" + fmt.HEAD][fmt._F["version"]] == (version or fmt.written_version(dtype))
     finally:

@@ -10,7 +10,7 @@ from hypothesis import strategies as st
 from numba import njit
 
 from unweight.errors import UnweightError
-from unweight.lossless import decode_tensor, lanes16, model, planes, rans, rans32, simd
+from unweight.lossless import decode_tensor, fields, lanes16, model, planes, rans, rans32, simd
 from unweight.lossless import format as fmt
 
 
@@ -234,10 +234,12 @@ def test_a_tensor_whose_symbols_do_not_fit_one_byte_codes_is_written_as_version_
     assert torch.equal(decode_tensor(parts, "w").view(torch.int16), t.view(torch.int16))
 
 
-def test_version_3_is_written_for_bf16_only():
-    with pytest.raises(ValueError, match="version 3"):
-        fmt.encode_streams(torch.zeros(10, dtype=torch.float16), version=3)
-    assert fmt.written_version(torch.bfloat16) == 3 and fmt.written_version(torch.float32) == 2
+def test_version_3_is_written_for_bf16_and_fp32_only():
+    for dtype in (torch.float16, torch.float8_e4m3fn):
+        with pytest.raises(ValueError, match="version 3"):
+            fmt.encode_streams(torch.zeros(10, dtype=dtype), version=3)
+        assert fmt.written_version(dtype) == 2
+    assert fmt.written_version(torch.bfloat16) == 3 and fmt.written_version(torch.float32) == 3
 
 
 def test_a_segments_pad_byte_is_checked(monkeypatch):
@@ -257,3 +259,58 @@ def test_a_segments_pad_byte_is_checked(monkeypatch):
     with pytest.raises(UnweightError, match="'w'.*chunk 0.*pad byte"):
         decode_tensor(bad, "w")
     assert torch.equal(decode_tensor(parts, "w").view(torch.int16), t.view(torch.int16))
+
+
+# ---------------------------------------------------------------------------------------------
+# FP32: hi halves coded as BF16 words, low halves packed as version 2 packs them
+
+
+def _fp32_with_low_blocks(rng, rows, cols):
+    """FP32 values whose low halves vary by block of ``LOW_BLOCK``: some all zero (BF16 values), some
+    with trailing zero bits, the rest full."""
+    x = (rng.standard_normal((rows, cols)) * np.exp(rng.normal(-3, 0.7, (rows, 1)))).astype(np.float32)
+    bits = x.reshape(-1).view(np.uint32)
+    for b0 in range(0, bits.size, fields.LOW_BLOCK):
+        tz = int(rng.choice([0, 0, 3, 9, 16]))
+        bits[b0:b0 + fields.LOW_BLOCK] &= np.uint32((0xFFFFFFFF << tz) & 0xFFFFFFFF)
+    return torch.from_numpy(x)
+
+
+def test_fp32_version_3_codes_the_hi_halves_and_packs_the_low_halves_as_version_2(monkeypatch):
+    monkeypatch.setattr(fmt, "CHUNK_WEIGHTS", 3 * fields.LOW_BLOCK + 100)  # blocks straddle chunks
+    t = _fp32_with_low_blocks(np.random.default_rng(1), 96, 700)
+    v3, v2 = fmt.encode_streams(t), fmt.encode_streams(t, version=2)
+    assert int(v3[fmt.HEAD][fmt._F["version"]]) == 3 and (v3[fmt.MODES] == 0).all()
+    assert np.array_equal(v3[fmt.LOW], v2[fmt.LOW]) and np.array_equal(v3[fmt.LOW_OFFSETS], v2[fmt.LOW_OFFSETS])
+    assert v3[fmt.CODE].size < v2[fmt.CODE].size * 1.01  # the hi halves code as well as before
+    for parts in (v3, v2):
+        out = decode_tensor({"w" + k: torch.from_numpy(v) for k, v in parts.items()}, "w", threads=2)
+        assert torch.equal(out.view(torch.int32), t.view(torch.int32))
+
+
+def test_fp32_version_3_stores_a_chunk_that_does_not_code_raw(monkeypatch):
+    """A last chunk of 30 values would take more coded (its 32 rANS states alone are 128 bytes) than
+    its 60 bytes of hi halves: it is stored raw, the chunk before it coded."""
+    monkeypatch.setattr(fmt, "CHUNK_WEIGHTS", 1000)
+    t = _fp32_with_low_blocks(np.random.default_rng(2), 1, 1030)
+    parts = {"w" + k: torch.from_numpy(v) for k, v in fmt.encode_streams(t).items()}
+    assert int(parts["w" + fmt.HEAD][fmt._F["version"]]) == 3 and parts["w" + fmt.MODES].tolist() == [0, 1]
+    assert torch.equal(decode_tensor(parts, "w").view(torch.int32), t.view(torch.int32))
+
+
+@settings(max_examples=60, deadline=None)
+@given(seed=st.integers(0, 2**32 - 1), n=st.integers(0, 3 * 4096 + 5))
+def test_join_low_joins_what_unpack_low_unpacks(seed, n):
+    rng = np.random.default_rng(seed)
+    words = _fp32_with_low_blocks(rng, 1, n).numpy().reshape(-1).view(np.uint32)
+    seg = np.zeros(2 * n + n // fields.LOW_BLOCK + 1, np.uint8)
+    seg = seg[:fields.pack_low(words, 0, n, seg, 0)]
+    low = np.zeros(n, np.uint16)
+    assert fields.unpack_low(seg, n, low)
+    hw = (words >> 16).astype(np.uint16)
+    out = np.zeros(n, np.uint32)
+    assert fields.join_low(seg, n, hw, out, np.zeros(fields.LOW_BLOCK, np.uint16))
+    assert np.array_equal(out, words) and np.array_equal(low, (words & 0xFFFF).astype(np.uint16))
+    if seg.size:  # a segment one byte short or long is refused
+        assert not fields.join_low(seg[:-1], n, hw, out, np.zeros(fields.LOW_BLOCK, np.uint16))
+        assert not fields.join_low(np.r_[seg, np.uint8(0)], n, hw, out, np.zeros(fields.LOW_BLOCK, np.uint16))

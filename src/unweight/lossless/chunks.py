@@ -16,7 +16,7 @@ from numba import njit
 
 from unweight.jit_cache import source_stamp
 from unweight.lossless import fields, hashing, lanes16, planes, rans, rans32, simd
-from unweight.lossless.fields import pack_low, unpack_low
+from unweight.lossless.fields import join_low, pack_low, unpack_low
 from unweight.lossless.hashing import xxh64
 
 MODE_CODED = 0
@@ -207,8 +207,9 @@ _V3 = []
 
 
 def range_kernels_v3():
-    """(encode_range, decode_range) of format version 3, for BF16 hi words (16 bits, 8 exponent
-    bits, ``r = 8 - k`` raw bits: the sign and the low mantissa bits)."""
+    """(encode_range, decode_range) of format version 3, for BF16 words and FP32 values (whose hi words
+    are BF16's: 8 exponent bits, ``r = 8 - k`` raw bits, the sign and the low mantissa bits; their low
+    halves packed apart as in version 2). numba compiles each for the word type it is given."""
     if not _V3:
         _V3.extend(_make_ranges_v3(_STAMP))
     return _V3
@@ -243,53 +244,113 @@ def _phase_starts(counts, at):
         acc += counts[ph]
 
 
+@njit(inline="always")
+def _encode_hi(hw, c0, n, row_len, q, nph, k, ent, code, dst, keys, scratch, counts, at):
+    """A chunk's hi words ``hw`` (``hw[i]`` is value ``c0 + i``) as a version 3 segment at
+    ``code[dst:]`` (the rANS words, then the planes, then a zero pad byte to an even length); returns
+    its length, or 0 when it would not be shorter than the raw words (nothing written)."""
+    r = 8 - k
+    space = 1 << (8 + k)
+    rans.phase_counts(c0, n, row_len, q, nph, counts)
+    _phase_starts(counts, at)
+    for row in range(c0 // row_len, (c0 + n - 1) // row_len + 1):  # as the decoder: see there
+        qr = np.int64(q[row])
+        ph = qr % nph
+        s, e = max(c0, row * row_len), min(c0 + n, (row + 1) * row_len)
+        lanes16.keys(keys[at[ph]:at[ph] + (e - s)], hw[s - c0:e - c0], r, k, (qr // nph) % 255, ph * space)
+        at[ph] += e - s
+    p = rans32.encode_keys(keys, n, ent, scratch)
+    nw = scratch.size - p
+    pb = planes.plane_bytes(planes.padded(n), r)
+    nbytes = 2 * nw + pb + (pb & 1)
+    if nbytes >= n * 2:
+        return 0
+    code[dst:dst + 2 * nw] = scratch[p:].view(np.uint8)
+    lanes16.pack_words(hw, r, code[dst + 2 * nw:dst + 2 * nw + pb])
+    if pb & 1:
+        code[dst + nbytes - 1] = 0
+    return nbytes
+
+
+@njit(inline="always")
+def _decode_hi(code, s0, seglen, c0, n, row_len, q, nph, k, dec, off, hw, syms, zeros, counts, at):
+    """A chunk's coded segment ``code[s0:s0 + seglen]`` back to its hi words ``hw`` (``hw[i]`` is value
+    ``c0 + i``); returns a status (``rans.OK`` or an error code)."""
+    r = 8 - k
+    mp = planes.padded(n)
+    pb = planes.plane_bytes(mp, r)
+    words_bytes = seglen - pb - (pb & 1)
+    if words_bytes < 0 or words_bytes % 2 or s0 % 2:
+        return rans.ERR_OVERRUN
+    if pb & 1 and code[s0 + seglen - 1] != 0:  # the pad byte: zero, so that no byte goes unchecked
+        return ERR_PAD
+    rans.phase_counts(c0, n, row_len, q, nph, counts)
+    words = code[s0:s0 + words_bytes + rans.STREAM_PAD].view(np.uint16)
+    pls = code[s0 + words_bytes:s0 + words_bytes + pb]
+    rc = rans32.decode_keys(words, words_bytes // 2, n, counts, dec, 1 << k, off, syms)
+    if rc != rans.OK:
+        return rc
+    # rows in tensor order, each phase's symbols read from where its run has got to
+    # (phase by phase, the rows of one phase were a strided walk: 0.54 against 0.25 ns per value)
+    _phase_starts(counts, at)
+    for row in range(c0 // row_len, (c0 + n - 1) // row_len + 1):
+        qr = np.int64(q[row])
+        ph = qr % nph
+        s, e = max(c0, row * row_len), min(c0 + n, (row + 1) * row_len)
+        _place(syms, at[ph], s - c0, e - c0, k, (qr // nph) % 255, pls, mp, r, zeros, hw)
+        at[ph] += e - s
+    return rans.OK
+
+
+@njit(inline="always")
+def _split_hi(vals, c0, n, hw):
+    """The hi halves of FP32 values ``vals[c0:c0 + n]`` into ``hw[:n]``."""
+    src = vals[c0:c0 + n]
+    for i in range(n):
+        hw[i] = np.uint16(src[i] >> np.uint32(16))
+
+
 def _make_ranges_v3(stamp):
     @njit(cache=True, nogil=True)
-    def encode_range(vals, vals_u8, lo, hi, chunk_w, numel, row_len, q, nph, k, coded, ent, code,
-                     code_base, code_sizes, modes, check, keys, scratch):
+    def encode_range(vals, vals_u8, lo, hi, chunk_w, numel, row_len, q, nph, k, coded, ent, code, code_base,
+                     code_sizes, modes, check, low, low_base, low_sizes, keys, scratch, hw):
+        """Chunks ``lo .. hi``; ``vals`` are BF16 words (uint16) or FP32 values (uint32, their low
+        halves packed into ``low`` from ``low_base``, their hi halves split into ``hw`` first)."""
         assert stamp != 0
-        r = 8 - k
-        space = 1 << (8 + k)
+        is32 = vals.itemsize == 4
         counts, at = np.zeros(nph, np.int64), np.zeros(nph, np.int64)
         for c in range(lo, hi):
             c0 = c * chunk_w
             n = min(chunk_w, numel - c0)
-            check[c] = xxh64(vals_u8, c0 * 2, n * 2)
-            dst = code_base
-            size = n * 2
-            mode = MODE_RAW
+            check[c] = xxh64(vals_u8, c0 * vals.itemsize, n * vals.itemsize)
+            size = 0
             if coded:
-                rans.phase_counts(c0, n, row_len, q, nph, counts)
-                _phase_starts(counts, at)
-                for row in range(c0 // row_len, (c0 + n - 1) // row_len + 1):  # as the decoder: see there
-                    qr = np.int64(q[row])
-                    ph = qr % nph
-                    s, e = max(c0, row * row_len), min(c0 + n, (row + 1) * row_len)
-                    lanes16.keys(keys[at[ph]:at[ph] + (e - s)], vals[s:e], r, k, (qr // nph) % 255, ph * space)
-                    at[ph] += e - s
-                mp = planes.padded(n)
-                p = rans32.encode_keys(keys, n, ent, scratch)
-                nw = scratch.size - p
-                pb = planes.plane_bytes(mp, r)
-                nbytes = 2 * nw + pb + (pb & 1)
-                if nbytes < size:
-                    code[dst:dst + 2 * nw] = scratch[p:].view(np.uint8)
-                    lanes16.pack_words(vals[c0:c0 + n], r, code[dst + 2 * nw:dst + 2 * nw + pb])
-                    if pb & 1:
-                        code[dst + nbytes - 1] = 0
-                    size = nbytes
-                    mode = MODE_CODED
-            if mode == MODE_RAW:
-                _store_raw_hi(vals, 0, 2, c0, n, code[dst:dst + size])
+                if is32:
+                    _split_hi(vals, c0, n, hw)
+                    size = _encode_hi(hw[:n], c0, n, row_len, q, nph, k, ent, code, code_base, keys, scratch,
+                                      counts, at)
+                else:
+                    size = _encode_hi(vals[c0:c0 + n], c0, n, row_len, q, nph, k, ent, code, code_base, keys,
+                                      scratch, counts, at)
+            modes[c] = MODE_CODED if size else MODE_RAW
+            if not size:
+                size = n * 2
+                _store_raw_hi(vals, 16 if is32 else 0, 2, c0, n, code[code_base:code_base + size])
             code_sizes[c] = size
             code_base += size
-            modes[c] = mode
+            if is32:
+                end = pack_low(vals, c0, n, low, low_base)
+                low_sizes[c] = end - low_base
+                low_base = end
 
     @njit(cache=True, nogil=True)
-    def decode_range(code, code_off, modes, check, lo, hi, chunk_w, numel, row_len, q, nph, k, dec,
-                     off, out, out_u8, syms, zeros, status):
+    def decode_range(code, code_off, modes, check, low, low_off, lo, hi, chunk_w, numel, row_len, q, nph, k,
+                     dec, off, out, out_u8, syms, zeros, hw, low_words, status):
+        """Chunks ``lo .. hi`` into ``out``: BF16 words (uint16) or FP32 values (uint32, their hi
+        halves decoded into ``hw`` first, then joined with their low halves; ``low_words`` is
+        :func:`fields.join_low`'s scratch)."""
         assert stamp != 0
-        r = 8 - k
+        is32 = out.itemsize == 4
         counts, at = np.zeros(nph, np.int64), np.zeros(nph, np.int64)
         for c in range(lo, hi):
             c0 = c * chunk_w
@@ -297,42 +358,28 @@ def _make_ranges_v3(stamp):
             s0 = code_off[c]
             seglen = code_off[c + 1] - s0
             mode = modes[c]
+            rc = rans.OK
             if mode == MODE_RAW:
                 if seglen != n * 2:
-                    status[c] = ERR_RAW_SIZE
-                    continue
-                _load_raw_hi(code, s0, n, 2, c0, out, syms, False)
+                    rc = ERR_RAW_SIZE
+                elif is32:
+                    hw[:n] = code[s0:s0 + seglen].view(np.uint16)
+                else:
+                    _load_raw_hi(code, s0, n, 2, c0, out, syms, False)
             elif mode == MODE_CODED:
-                mp = planes.padded(n)
-                pb = planes.plane_bytes(mp, r)
-                words_bytes = seglen - pb - (pb & 1)
-                if words_bytes < 0 or words_bytes % 2 or s0 % 2:
-                    status[c] = rans.ERR_OVERRUN
-                    continue
-                if pb & 1 and code[s0 + seglen - 1] != 0:  # the pad byte: zero, so that no byte goes unchecked
-                    status[c] = ERR_PAD
-                    continue
-                limit = words_bytes // 2
-                rans.phase_counts(c0, n, row_len, q, nph, counts)
-                words = code[s0:s0 + words_bytes + rans.STREAM_PAD].view(np.uint16)
-                pls = code[s0 + words_bytes:s0 + words_bytes + pb]
-                rc = rans32.decode_keys(words, limit, n, counts, dec, 1 << k, off, syms)
-                if rc != rans.OK:
-                    status[c] = rc
-                    continue
-                # rows in tensor order, each phase's symbols read from where its run has got to
-                # (phase by phase, the rows of one phase were a strided walk: 0.54 against 0.25 ns per value)
-                _phase_starts(counts, at)
-                for row in range(c0 // row_len, (c0 + n - 1) // row_len + 1):
-                    qr = np.int64(q[row])
-                    ph = qr % nph
-                    s, e = max(c0, row * row_len), min(c0 + n, (row + 1) * row_len)
-                    _place(syms, at[ph], s - c0, e - c0, k, (qr // nph) % 255, pls, mp, r, zeros, out[c0:c0 + n])
-                    at[ph] += e - s
+                if is32:
+                    rc = _decode_hi(code, s0, seglen, c0, n, row_len, q, nph, k, dec, off, hw[:n], syms, zeros,
+                                    counts, at)
+                else:
+                    rc = _decode_hi(code, s0, seglen, c0, n, row_len, q, nph, k, dec, off, out[c0:c0 + n], syms,
+                                    zeros, counts, at)
             else:
-                status[c] = ERR_MODE
-                continue
-            if xxh64(out_u8, c0 * 2, n * 2) != check[c]:
-                status[c] = ERR_CHECKSUM
+                rc = ERR_MODE
+            if rc == rans.OK and is32 and not join_low(low[low_off[c]:low_off[c + 1]], n, hw, out[c0:c0 + n],
+                                                        low_words):
+                rc = ERR_LOW
+            if rc == rans.OK and xxh64(out_u8, c0 * out.itemsize, n * out.itemsize) != check[c]:
+                rc = ERR_CHECKSUM
+            status[c] = rc
 
     return encode_range, decode_range

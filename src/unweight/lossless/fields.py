@@ -246,6 +246,34 @@ def pack_low(words, start, n, out, o):
     return o
 
 
+@njit(inline="always")
+def _low_block(seg, o, m):
+    """The header of a block of ``m`` low halves at ``seg[o]``: (its trailing-zero count, where its
+    bits end), or (-1, 0) when the header is invalid or the bits run past the segment."""
+    if o >= seg.size or seg[o] > 16:
+        return -1, 0
+    tz = np.int64(seg[o])
+    end = o + 1 + (m * (16 - tz) + 7) // 8
+    return (tz, end) if end <= seg.size else (-1, 0)
+
+
+@njit(inline="always")
+def _unpack_block(seg, o, m, tz, low):
+    """``m`` low halves of ``16 - tz`` bits each (``0 < 16 - tz < 16``) from ``seg[o:]`` into ``low``."""
+    width = 16 - tz
+    bitbuf = np.uint64(0)
+    nbits = 0
+    mask = np.uint64((1 << width) - 1)
+    for i in range(m):
+        while nbits < width:
+            bitbuf |= np.uint64(seg[o]) << np.uint64(nbits)
+            o += 1
+            nbits += 8
+        low[i] = np.uint16((bitbuf & mask) << np.uint64(tz))
+        bitbuf >>= np.uint64(width)
+        nbits -= width
+
+
 @njit(cache=True, nogil=True)
 def unpack_low(seg, n, low):
     """Read ``n`` low halves from one chunk's segment into ``low`` (uint16).
@@ -253,37 +281,47 @@ def unpack_low(seg, n, low):
     Returns False when the segment's length disagrees with its block headers (never reads past it).
     """
     o = 0
-    size = seg.size
     for b0 in range(0, n, LOW_BLOCK):
-        b1 = min(b0 + LOW_BLOCK, n)
-        if o >= size:
+        m = min(LOW_BLOCK, n - b0)
+        tz, end = _low_block(seg, o, m)
+        if tz < 0:
             return False
-        tz = np.int64(seg[o])
-        o += 1
-        if tz > 16:
-            return False
-        width = 16 - tz
-        need = ((b1 - b0) * width + 7) // 8
-        if o + need > size:
-            return False
-        if width == 16:
-            low[b0:b1] = seg[o:o + 2 * (b1 - b0)].view(np.uint16)
-            o += 2 * (b1 - b0)
-        elif width == 0:
-            low[b0:b1] = 0
+        if tz == 0:
+            low[b0:b0 + m] = seg[o + 1:end].view(np.uint16)
+        elif tz == 16:
+            low[b0:b0 + m] = 0
         else:
-            bitbuf = np.uint64(0)
-            nbits = 0
-            mask = np.uint64((1 << width) - 1)
-            for i in range(b0, b1):
-                while nbits < width:
-                    bitbuf |= np.uint64(seg[o]) << np.uint64(nbits)
-                    o += 1
-                    nbits += 8
-                low[i] = np.uint16((bitbuf & mask) << np.uint64(tz))
-                bitbuf >>= np.uint64(width)
-                nbits -= width
-    return o == size
+            _unpack_block(seg, o + 1, m, tz, low[b0:b0 + m])
+        o = end
+    return o == seg.size
+
+
+@njit(cache=True, nogil=True)
+def join_low(seg, n, hw, out, scratch):
+    """FP32 values ``out[:n]`` from their hi halves ``hw`` and the low halves in one chunk's segment
+    ``seg``, in one pass where a block's halves are stored whole (the usual case) or are all zero;
+    others are unpacked into ``scratch`` (``LOW_BLOCK`` uint16) first. Returns False as
+    :func:`unpack_low` does. (Unpacking the chunk, then joining, cost 0.38 + 0.23 ns per value.)"""
+    o = 0
+    for b0 in range(0, n, LOW_BLOCK):
+        m = min(LOW_BLOCK, n - b0)
+        tz, end = _low_block(seg, o, m)
+        if tz < 0:
+            return False
+        h, dst = hw[b0:b0 + m], out[b0:b0 + m]
+        if tz == 16:
+            for i in range(m):
+                dst[i] = np.uint32(h[i]) << np.uint32(16)
+        else:
+            if tz == 0:
+                low = seg[o + 1:end].view(np.uint16)
+            else:
+                _unpack_block(seg, o + 1, m, tz, scratch)
+                low = scratch[:m]
+            for i in range(m):
+                dst[i] = (np.uint32(h[i]) << np.uint32(16)) | np.uint32(low[i])
+        o = end
+    return o == seg.size
 
 
 # ---------------------------------------------------------------------------------------------

@@ -20,7 +20,7 @@ from unweight.lossless import chunks, model, planes, pool, rans, rans32
 from unweight.lossless.fields import BY_CODE, LOW_BLOCK, FloatLayout, as_words, layout_of, part_array
 from unweight.lossless.hashing import meta_hash
 
-FORMAT_VERSION = 3  # written for BF16; other dtypes are written as version 2
+FORMAT_VERSION = 3  # written for BF16 and FP32; FP16 and FP8 are written as version 2
 READ_VERSIONS = (2, 3)
 MAGIC = 0x4C4C5755  # "UWLL" little-endian
 CHUNK_WEIGHTS = 1 << 20  # values per chunk (see docs/format.md: each chunk costs 128 bytes of flushed states)
@@ -163,10 +163,13 @@ def _default_raw_bits(lay: FloatLayout) -> int:
 # encode
 
 
+V3_DTYPES = (torch.bfloat16, torch.float32)  # the dtypes version 3 is defined for
+
+
 def written_version(dtype: torch.dtype) -> int:
     """The tensor format version this unweight writes for ``dtype``: 3 (32-bit rANS lanes, raw bits in
-    planes) for BF16, whose raw bits fit a byte; 2 for the others."""
-    return FORMAT_VERSION if dtype == torch.bfloat16 else 2
+    planes) for BF16 and FP32, whose hi words are BF16's and whose raw bits fit a byte; 2 for the others."""
+    return FORMAT_VERSION if dtype in V3_DTYPES else 2
 
 
 def encode_tensor(t: torch.Tensor, threads: int | None = None) -> dict[str, torch.Tensor]:
@@ -185,12 +188,12 @@ def encode_streams(t: torch.Tensor, threads: int | None = None, shrink: bool = T
     view of the start of its work buffer (one raw tensor's size, its untouched pages never resident),
     into which a folder's writer packs the other streams after it without copying the code
     (``unweight.lossless.register.pack_streams``). ``version`` (default :func:`written_version`) may
-    ask for version 2 for BF16 (what older unweights read)."""
+    ask for version 2 for BF16 or FP32 (what older unweights read)."""
     lay = layout_of(t.dtype)
     if lay is None:
         raise UnweightError(f"dtype {t.dtype} is not encoded by unweight-lossless; copy it as it is")
     version = written_version(t.dtype) if version is None else version
-    if version not in READ_VERSIONS or (version == 3 and lay.name != "bf16"):
+    if version not in READ_VERSIONS or (version == 3 and lay.dtype not in V3_DTYPES):
         raise ValueError(f"format version {version} is not written for {t.dtype}")
     threads = pool.resolve(threads)
     vals = as_words(t)
@@ -206,8 +209,7 @@ def encode_streams(t: torch.Tensor, threads: int | None = None, shrink: bool = T
     hbits, hbytes = lay.hi_bits, lay.hi_bits // 8
     rb = plan.raw_bits if plan else _default_raw_bits(lay)
     if version == 3:
-        code, offsets, modes, check = _encode_v3(vals, plan, nchunks, chunk_w, threads, shrink)
-        return _finish(shape, lay, plan, 3, chunk_w, rb, code, offsets, modes, check)
+        return _encode_v3(vals, lay, shape, plan, nchunks, chunk_w, rb, threads, shrink)
     encode_range = chunks.range_kernels(hbits)[0]
 
     if plan is not None:
@@ -227,9 +229,7 @@ def encode_streams(t: torch.Tensor, threads: int | None = None, shrink: bool = T
     modes = np.zeros(nchunks, np.uint8)
     check = np.zeros(nchunks, np.uint64)
     is32 = lay.low_bits > 0
-    low_region = cw * 2 + -(-cw // LOW_BLOCK) if is32 else 0
-    low = np.empty(nchunks * low_region, np.uint8)
-    low_sizes = np.zeros(nchunks, np.int64)
+    low, low_region, low_sizes = _low_buffers(cw, nchunks, is32)
     vals_u8 = vals.view(np.uint8)
 
     def task(lo: int, hi: int) -> None:
@@ -243,15 +243,28 @@ def encode_streams(t: torch.Tensor, threads: int | None = None, shrink: bool = T
     code, offsets = _close_code(code, ranges, region, code_sizes, shrink)
     parts = _finish(shape, lay, plan, 2, chunk_w, rb, code, offsets, modes, check)
     if is32:
-        low_offsets = _close_gaps(low, ranges, low_region, low_sizes)
-        low.resize(low_offsets[-1], refcheck=False)
-        parts[LOW] = low
-        parts[LOW_OFFSETS] = low_offsets
+        _add_low(parts, low, ranges, low_region, low_sizes)
     return parts
 
 
-def _encode_v3(vals, plan, nchunks, chunk_w, threads, shrink):
-    """Version 3's chunks (BF16): (code, offsets, modes, checksums)."""
+def _low_buffers(cw: int, nchunks: int, is32: bool):
+    """(buffer, region per chunk, sizes) for FP32's low halves (:func:`fields.pack_low`; a chunk of
+    ``cw`` values never takes more than ``2 cw`` bytes and a byte per block); empty for other dtypes."""
+    region = cw * 2 + -(-cw // LOW_BLOCK) if is32 else 0
+    return np.empty(nchunks * region, np.uint8), region, np.zeros(nchunks, np.int64)
+
+
+def _add_low(parts, low, ranges, region, sizes) -> None:
+    """The low halves' stream and offsets into ``parts``, the ranges' segments moved together."""
+    offsets = _close_gaps(low, ranges, region, sizes)
+    low.resize(offsets[-1], refcheck=False)
+    parts[LOW] = low
+    parts[LOW_OFFSETS] = offsets
+
+
+def _encode_v3(vals, lay, shape, plan, nchunks, chunk_w, rb, threads, shrink) -> dict[str, np.ndarray]:
+    """Version 3's parts (BF16, or FP32 whose hi halves are coded as BF16 words and whose low halves
+    are packed as version 2 packs them)."""
     numel = vals.size
     if plan is not None:
         space = 1 << (8 + plan.k)
@@ -262,24 +275,31 @@ def _encode_v3(vals, plan, nchunks, chunk_w, threads, shrink):
         q, row_len, nph, k = plan.q, plan.row_len, plan.nph, plan.k
     else:
         ent = np.zeros(1, np.uint32)
-        q, row_len, nph, k = np.zeros(1, np.int8), max(numel, 1), 1, model.K_CHOICES["bf16"][0]
+        q, row_len, nph, k = np.zeros(1, np.int8), max(numel, 1), 1, model.K_CHOICES[lay.name][0]
     cw = min(chunk_w, numel)
     region = cw * 2
     code = np.empty(nchunks * region + rans.STREAM_PAD, np.uint8)
     code_sizes = np.zeros(nchunks, np.int64)
     modes = np.zeros(nchunks, np.uint8)
     check = np.zeros(nchunks, np.uint64)
+    is32 = lay.low_bits > 0
+    low, low_region, low_sizes = _low_buffers(cw, nchunks, is32)
     encode_range = chunks.range_kernels_v3()[0]
 
     def task(lo: int, hi: int) -> None:
         keys = _scratch("enc_keys", cw, np.uint16)
         scratch = _scratch("enc_words16", cw + rans32.STATE_WORDS + 16, np.uint16)
+        hw = _scratch("enc_hi", cw if is32 else 0, np.uint16)
         encode_range(vals, vals.view(np.uint8), lo, hi, chunk_w, numel, row_len, q, nph, k, plan is not None,
-                     ent, code, lo * region, code_sizes, modes, check, keys, scratch)
+                     ent, code, lo * region, code_sizes, modes, check, low, lo * low_region, low_sizes, keys,
+                     scratch, hw)
 
     ranges = pool.run_ranges(task, nchunks, threads)
     code, offsets = _close_code(code, ranges, region, code_sizes, shrink)
-    return code, offsets, modes, check
+    parts = _finish(shape, lay, plan, 3, chunk_w, rb, code, offsets, modes, check)
+    if is32:
+        _add_low(parts, low, ranges, low_region, low_sizes)
+    return parts
 
 
 def _finish(shape, lay, plan, version, chunk_w, rb, code, offsets, modes, check) -> dict[str, np.ndarray]:
@@ -359,7 +379,7 @@ def decode_tensor(parts, name: str, threads: int | None = None) -> torch.Tensor:
         size *= s
     lanes = rans32.LANES if version == 3 else rans.LANES
     if (min(shape, default=0) < 0 or size != numel or chunk_w <= 0 or h["lanes"] != lanes
-            or h["prob_bits"] != rans.PROB_BITS or (version == 3 and lay.name != "bf16")):
+            or h["prob_bits"] != rans.PROB_BITS or (version == 3 and lay.dtype not in V3_DTYPES)):
         raise _fail(name, "header is inconsistent (shape, chunk size, lanes, precision or version)")
     threads = pool.resolve(threads)
     nchunks = -(-numel // chunk_w)
@@ -433,9 +453,12 @@ def decode_tensor(parts, name: str, threads: int | None = None) -> torch.Tensor:
         zeros = np.zeros(planes.padded(min(chunk_w, numel)) // 8 + 1, np.uint8)
 
         def task3(lo: int, hi: int) -> None:
-            syms = _scratch("dec_words", min(chunk_w, numel), np.uint16)
-            decode_v3(code, offsets, modes, check, lo, hi, chunk_w, numel, row_len, q, nph, k, dec, off, out,
-                      out_u8, syms, zeros, status)
+            cw = min(chunk_w, numel)
+            syms = _scratch("dec_words", cw, np.uint16)
+            hw = _scratch("dec_hi", cw if is32 else 0, np.uint16)
+            low_words = _scratch("dec_low", LOW_BLOCK if is32 else 0, np.uint16)
+            decode_v3(code, offsets, modes, check, low, low_offsets, lo, hi, chunk_w, numel, row_len, q, nph, k,
+                      dec, off, out, out_u8, syms, zeros, hw, low_words, status)
 
         pool.run_ranges(task3, nchunks, threads)
         return _decoded(name, status, nchunks, nbytes, out_u8, shape, lay)
