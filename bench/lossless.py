@@ -205,7 +205,7 @@ def bench_dtype(tensors, dtype_name, reps, tmp, threads_list=None, only=None):
     bound = sum(order0_bits(t) * t.numel() for t in tensors.values()) / 8 / raw_bytes
     makers = {
         "unweight": lambda th: m_unweight(tensors, th),
-        "unweight-v2": lambda th: m_unweight(tensors, th, 2) if dtype_name in ("bf16", "fp32") else None,
+        "unweight-v2": lambda th: m_unweight(tensors, th, 2) if dtype_name in ("bf16", "fp16", "fp32") else None,
         "zipnn-0.5.4": lambda th: m_zipnn(tensors, th, dtype_name),
         "lmzip-1.3.0": lambda th: m_lmzip(tensors, th, tmp),
         "zstd-3": lambda th: m_zstd(tensors, th),

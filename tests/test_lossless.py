@@ -179,11 +179,11 @@ def test_the_codec_follows_torchs_thread_count_unless_told():
 
 # XXH64 of every part (sorted by suffix) of ``make(dtype, (300, 257), kind, 7)`` as each format version
 # wrote them (version 2, of "special" values: 16 lanes, chunks of 2^18, BF16 k in {2, 3, 4}; version 3,
-# BF16 and FP32, of "zeros": 32 lanes of 32-bit states): a rewrite for speed must write the same bytes
+# BF16, FP16 and FP32, of "zeros": 32 lanes of 32-bit states): a rewrite for speed must write the same bytes
 PINNED = {(torch.bfloat16, 2): 0xA5A814D5E3324B09, (torch.float16, 2): 0x26FBC32B6296384F,
           (torch.float32, 2): 0x033C7E63944C5183, (torch.float8_e4m3fn, 2): 0x319F9483FFE612E0,
           (torch.float8_e5m2, 2): 0x5842CF99D7BDE476, (torch.bfloat16, 3): 0xBC7527E7B65A3524,
-          (torch.float32, 3): 0x71B112B3ED04A689}
+          (torch.float32, 3): 0x71B112B3ED04A689, (torch.float16, 3): 0xD94A23C48D7B3EBF}
 
 
 @pytest.mark.parametrize("dtype, version", sorted(PINNED, key=str))
@@ -366,7 +366,8 @@ def test_unsupported_dtype_and_names():
 
 
 @pytest.fixture(scope="module", params=[(torch.bfloat16, None), (torch.bfloat16, 2), (torch.float32, None),
-                                        (torch.float32, 2), (torch.float8_e4m3fn, None)], ids=str)
+                                        (torch.float32, 2), (torch.float16, None), (torch.float8_e4m3fn, None)],
+                ids=str)
 def coded(request):
     dtype, version = request.param
     old, fmt.CHUNK_WEIGHTS = fmt.CHUNK_WEIGHTS, 1024

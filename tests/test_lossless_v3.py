@@ -124,13 +124,13 @@ def test_bit_planes_hold_exactly_r_bits_and_unpack_to_each_value(seed, r, n):
 
 
 @njit
-def _place(dst, src, nib, p4, p5, nsh, sj, r, k, rot):
-    lanes16.place(dst, src, nib, p4, p5, nsh, sj, r, k, rot)
+def _place(dst, src, nib, p4, p5, p6, p7, nsh, sj, r, k, rot, emax):
+    lanes16.place(dst, src, nib, p4, p5, p6, p7, nsh, sj, r, k, rot, emax, r > 6)
 
 
 @njit
-def _keys(dst, src, r, k, rot, tag):
-    lanes16.keys(dst, src, r, k, rot, tag)
+def _keys(dst, src, r, k, rot, tag, emax):
+    lanes16.keys(dst, src, r, k, rot, tag, emax)
 
 
 @njit
@@ -138,22 +138,28 @@ def _pack_words(src, r, out):
     lanes16.pack_words(src, r, out)
 
 
+# (exponent bits, k): BF16's three, FP16's one
+LAYOUTS = [(8, 2), (8, 3), (8, 4), (5, 3)]
+
+
 @settings(max_examples=60, deadline=None)
-@given(seed=st.integers(0, 2**32 - 1), k=st.sampled_from([2, 3, 4]), n=st.integers(0, 100), s=st.integers(-128, 127),
-       ph=st.integers(0, 3))
-def test_keys_are_the_lowered_symbols_of_the_words_tagged_with_the_phase(seed, k, n, s, ph):
+@given(seed=st.integers(0, 2**32 - 1), layout=st.sampled_from(LAYOUTS), n=st.integers(0, 100),
+       s=st.integers(-128, 127), ph=st.integers(0, 3))
+def test_keys_are_the_lowered_symbols_of_the_words_tagged_with_the_phase(seed, layout, n, s, ph):
+    ebits, k = layout
+    r, emax = 16 - ebits - k, (1 << ebits) - 1
     rng = np.random.default_rng(seed)
     words = rng.integers(0, 1 << 16, n).astype(np.uint16)
-    words[rng.random(n) < 0.2] &= 0x807F  # exponent 0
-    space = 1 << (8 + k)
+    words[rng.random(n) < 0.2] &= 0x8000 | ((1 << (15 - ebits)) - 1)  # exponent 0
+    space = 1 << (ebits + k)
     dst = np.zeros(n, np.uint16)
-    _keys(dst, words, 8 - k, k, s % 255, ph * space)
-    sym = (words.astype(np.int64) & 0x7FFF) >> (7 - k)
-    assert dst.tolist() == [ph * space + _lower(int(x), s, k, True) for x in sym]
+    _keys(dst, words, r, k, s % emax, ph * space, emax)
+    sym = (words.astype(np.int64) & 0x7FFF) >> (r - 1)
+    assert dst.tolist() == [ph * space + _lower(int(x), s, k, True, ebits) for x in sym]
 
 
 @settings(max_examples=60, deadline=None)
-@given(seed=st.integers(0, 2**32 - 1), r=st.integers(4, 6), n=st.integers(1, 900))
+@given(seed=st.integers(0, 2**32 - 1), r=st.integers(4, 8), n=st.integers(1, 900))
 def test_words_pack_into_the_planes_of_their_raw_bits(seed, r, n):
     """The vector packing (whole groups) and its tail against :func:`planes.pack` of the raw bits."""
     rng = np.random.default_rng(seed)
@@ -173,31 +179,35 @@ def _pack_ref(raw, m, r, out):
     planes.pack(raw, m, r, out)
 
 
-@settings(max_examples=60, deadline=None)
-@given(seed=st.integers(0, 2**32 - 1), r=st.integers(4, 6), n=st.integers(0, 100), rot=st.integers(0, 254),
-       nsh=st.sampled_from([0, 4]), sj=st.integers(0, 7))
-def test_place_builds_each_bf16_word_from_its_symbol_and_raw_bits(seed, r, n, rot, nsh, sj):
-    """The vector loop (16 words at a time) and its scalar tail against numpy, word by word."""
-    k = 8 - r
+@settings(max_examples=80, deadline=None)
+@given(seed=st.integers(0, 2**32 - 1), layout=st.sampled_from(LAYOUTS), n=st.integers(0, 100),
+       rot=st.integers(0, 254), nsh=st.sampled_from([0, 4]), sj=st.integers(0, 7))
+def test_place_builds_each_word_from_its_symbol_and_raw_bits(seed, layout, n, rot, nsh, sj):
+    """The vector loop (16 words at a time) and its scalar tail against numpy, word by word, for BF16
+    (up to 6 raw bits, two bit planes) and FP16 (8 raw bits, four)."""
+    ebits, k = layout
+    r, emax = 16 - ebits - k, (1 << ebits) - 1
+    rot %= emax
     rng = np.random.default_rng(seed)
-    sym = rng.integers(0, 1 << (8 + k), n).astype(np.uint16)
+    sym = rng.integers(0, 1 << (ebits + k), n).astype(np.uint16)
     sym[rng.random(n) < 0.2] &= (1 << k) - 1  # exponent 0
-    nib, p4, p5 = (rng.integers(0, 256, n).astype(np.uint8) for _ in range(3))
+    nib, p4, p5, p6, p7 = (rng.integers(0, 256, n).astype(np.uint8) for _ in range(5))
     dst = np.zeros(n, np.uint16)
-    _place(dst, sym, nib, p4, p5, nsh, sj, r, k, rot)
+    _place(dst, sym, nib, p4, p5, p6, p7, nsh, sj, r, k, rot, emax)
     ex = sym.astype(np.int64) >> k
     t = ex + rot
-    t = np.where(t > 255, t - 255, t)
+    t = np.where(t > emax, t - emax, t)
     full = np.where(ex == 0, sym, (t << k) | (sym & ((1 << k) - 1)))
-    raw = ((nib.astype(np.int64) >> nsh) & 15) | ((p4.astype(np.int64) >> sj) & 1) << 4 \
-        | ((p5.astype(np.int64) >> sj) & 1) << 5
+    raw = (nib.astype(np.int64) >> nsh) & 15
+    for j, p in enumerate((p4, p5, p6, p7)[:2 if r <= 6 else 4]):
+        raw |= ((p.astype(np.int64) >> sj) & 1) << (4 + j)
     want = (full << (r - 1)) | (raw & ((1 << (r - 1)) - 1)) | ((raw >> (r - 1)) & 1) << 15
     assert np.array_equal(dst, want.astype(np.uint16))
 
 
 @njit
-def _lower(sym, s, k, zero_apart):
-    return model.lower(sym, s, k, 8, zero_apart)
+def _lower(sym, s, k, zero_apart, ebits=8):
+    return model.lower(sym, s, k, ebits, zero_apart)
 
 
 @pytest.mark.parametrize("k", [2, 4])
@@ -234,18 +244,18 @@ def test_a_tensor_whose_symbols_do_not_fit_one_byte_codes_is_written_as_version_
     assert torch.equal(decode_tensor(parts, "w").view(torch.int16), t.view(torch.int16))
 
 
-def test_version_3_is_written_for_bf16_and_fp32_only():
-    for dtype in (torch.float16, torch.float8_e4m3fn):
+def test_version_3_is_written_for_every_dtype_but_fp8():
+    for dtype in (torch.float8_e4m3fn, torch.float8_e5m2):
         with pytest.raises(ValueError, match="version 3"):
             fmt.encode_streams(torch.zeros(10, dtype=dtype), version=3)
         assert fmt.written_version(dtype) == 2
-    assert fmt.written_version(torch.bfloat16) == 3 and fmt.written_version(torch.float32) == 3
+    assert all(fmt.written_version(d) == 3 for d in (torch.bfloat16, torch.float16, torch.float32))
 
 
 def test_a_segments_pad_byte_is_checked(monkeypatch):
     """With r = 5 raw bits and 99 groups of eight values the planes take 495 bytes, so a zero byte
     follows them; a flipped pad byte changes no value but is still refused, as every other byte is."""
-    monkeypatch.setitem(model.K_CHOICES, "bf16", (3,))
+    monkeypatch.setitem(model.K_CHOICES_V3, "bf16", (3,))
     t = (torch.randn(3, 264, generator=torch.Generator().manual_seed(0)) * 0.02).to(torch.bfloat16)
     parts = {"w" + k: torch.from_numpy(v) for k, v in fmt.encode_streams(t).items()}
     head = parts["w" + fmt.HEAD]

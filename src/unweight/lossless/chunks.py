@@ -203,35 +203,42 @@ def _make_ranges(hbits, stamp):
 # format version 3 (BF16): keys coded by rans32, raw bits in planes after the words
 
 
-_V3 = []
+_V3 = {}
 
 
-def range_kernels_v3():
-    """(encode_range, decode_range) of format version 3, for BF16 words and FP32 values (whose hi words
-    are BF16's: 8 exponent bits, ``r = 8 - k`` raw bits, the sign and the low mantissa bits; their low
-    halves packed apart as in version 2). numba compiles each for the word type it is given."""
-    if not _V3:
-        _V3.extend(_make_ranges_v3(_STAMP))
-    return _V3
+def range_kernels_v3(ebits: int):
+    """(encode_range, decode_range) of format version 3 for words of ``ebits`` exponent bits: 16-bit
+    words (BF16, FP16) and FP32 values (whose hi words are BF16's; their low halves packed apart as in
+    version 2). A word is a symbol (``ebits`` exponent bits and ``k`` mantissa bits) above
+    ``r = 16 - ebits - k`` raw bits, the sign and the low mantissa bits. numba compiles each for the word
+    type it is given. The exponent width is a constant of the kernels: BF16's decoder, which reads at
+    most two bit planes beyond the nibbles, then holds no code for FP16's four (with both in one kernel
+    it ran 6% slower on minilm-l6's embedding)."""
+    if ebits not in _V3:
+        _V3[ebits] = _make_ranges_v3(_STAMP, ebits)
+    return _V3[ebits]
 
 
 @njit(inline="always")
-def _place(syms, m, a, b, k, rot, pls, mp, r, zeros, out):
+def _place(syms, m, a, b, k, rot, emax, pls, mp, r, zeros, out, wide):
     """``out[a:b]`` (one row's part of a chunk's words) from the decoded symbols ``syms[m:]`` (raised
     by ``rot`` binades) and the raw bits of values ``a..b`` in the planes ``pls`` (:mod:`planes`, ``mp``
-    values of ``r`` bits, 4 <= r <= 6), in one pass: the words are written once, while the chunk's
+    values of ``r`` bits, 4 <= r <= 8), in one pass: the words are written once, while the chunk's
     planes and symbols are read where they lie (a separate merge pass cost 0.44 ns per value).
-    ``zeros`` (at least ``mp / 8`` zero bytes) stands in for the planes of bits that ``r`` lacks."""
+    ``zeros`` (at least ``mp / 8`` zero bytes) stands in for the planes of bits that ``r`` lacks. With
+    ``wide`` (FP16, a constant of the kernel), four bit planes are read, else two."""
     h, e = mp // 2, mp // 8
     while a < b:
         j = a // e  # the bit of the planes' bytes that values a .. the next multiple of e take
         end = min(b, (j + 1) * e)
-        z = a - j * e
-        p4 = pls[h + z:h + z + (end - a)] if r > 4 else zeros[:end - a]
-        p5 = pls[h + e + z:h + e + z + (end - a)] if r > 5 else zeros[:end - a]
-        lanes16.place(out[a:end], syms[m:m + (end - a)], pls[a % h:a % h + (end - a)], p4, p5, 4 * (a // h), j, r,
-                      k, rot)
-        m += end - a
+        z, cnt = a - j * e, end - a
+        p4 = pls[h + z:h + z + cnt] if r > 4 else zeros[:cnt]
+        p5 = pls[h + e + z:h + e + z + cnt] if r > 5 else zeros[:cnt]
+        p6 = pls[h + 2 * e + z:h + 2 * e + z + cnt] if r > 6 else zeros[:cnt]
+        p7 = pls[h + 3 * e + z:h + 3 * e + z + cnt] if r > 7 else zeros[:cnt]
+        lanes16.place(out[a:end], syms[m:m + cnt], pls[a % h:a % h + cnt], p4, p5, p6, p7, 4 * (a // h), j, r, k,
+                      rot, emax, wide)
+        m += cnt
         a = end
 
 
@@ -245,19 +252,19 @@ def _phase_starts(counts, at):
 
 
 @njit(inline="always")
-def _encode_hi(hw, c0, n, row_len, q, nph, k, ent, code, dst, keys, scratch, counts, at):
-    """A chunk's hi words ``hw`` (``hw[i]`` is value ``c0 + i``) as a version 3 segment at
-    ``code[dst:]`` (the rANS words, then the planes, then a zero pad byte to an even length); returns
-    its length, or 0 when it would not be shorter than the raw words (nothing written)."""
-    r = 8 - k
-    space = 1 << (8 + k)
+def _encode_hi(hw, c0, n, row_len, q, nph, ebits, k, ent, code, dst, keys, scratch, counts, at):
+    """A chunk's hi words ``hw`` (``hw[i]`` is value ``c0 + i``; ``ebits`` exponent bits) as a version 3
+    segment at ``code[dst:]`` (the rANS words, then the planes, then a zero pad byte to an even length);
+    returns its length, or 0 when it would not be shorter than the raw words (nothing written)."""
+    r = 16 - ebits - k  # the sign and the mantissa bits below the symbol's
+    space, emax = 1 << (ebits + k), (1 << ebits) - 1
     rans.phase_counts(c0, n, row_len, q, nph, counts)
     _phase_starts(counts, at)
     for row in range(c0 // row_len, (c0 + n - 1) // row_len + 1):  # as the decoder: see there
         qr = np.int64(q[row])
         ph = qr % nph
         s, e = max(c0, row * row_len), min(c0 + n, (row + 1) * row_len)
-        lanes16.keys(keys[at[ph]:at[ph] + (e - s)], hw[s - c0:e - c0], r, k, (qr // nph) % 255, ph * space)
+        lanes16.keys(keys[at[ph]:at[ph] + (e - s)], hw[s - c0:e - c0], r, k, (qr // nph) % emax, ph * space, emax)
         at[ph] += e - s
     p = rans32.encode_keys(keys, n, ent, scratch)
     nw = scratch.size - p
@@ -273,10 +280,11 @@ def _encode_hi(hw, c0, n, row_len, q, nph, k, ent, code, dst, keys, scratch, cou
 
 
 @njit(inline="always")
-def _decode_hi(code, s0, seglen, c0, n, row_len, q, nph, k, dec, off, hw, syms, zeros, counts, at):
+def _decode_hi(code, s0, seglen, c0, n, row_len, q, nph, ebits, k, dec, off, hw, syms, zeros, counts, at, wide):
     """A chunk's coded segment ``code[s0:s0 + seglen]`` back to its hi words ``hw`` (``hw[i]`` is value
-    ``c0 + i``); returns a status (``rans.OK`` or an error code)."""
-    r = 8 - k
+    ``c0 + i``; ``ebits`` exponent bits); returns a status (``rans.OK`` or an error code)."""
+    r = 16 - ebits - k
+    emax = (1 << ebits) - 1
     mp = planes.padded(n)
     pb = planes.plane_bytes(mp, r)
     words_bytes = seglen - pb - (pb & 1)
@@ -297,7 +305,7 @@ def _decode_hi(code, s0, seglen, c0, n, row_len, q, nph, k, dec, off, hw, syms, 
         qr = np.int64(q[row])
         ph = qr % nph
         s, e = max(c0, row * row_len), min(c0 + n, (row + 1) * row_len)
-        _place(syms, at[ph], s - c0, e - c0, k, (qr // nph) % 255, pls, mp, r, zeros, hw)
+        _place(syms, at[ph], s - c0, e - c0, k, (qr // nph) % emax, emax, pls, mp, r, zeros, hw, wide)
         at[ph] += e - s
     return rans.OK
 
@@ -310,12 +318,14 @@ def _split_hi(vals, c0, n, hw):
         hw[i] = np.uint16(src[i] >> np.uint32(16))
 
 
-def _make_ranges_v3(stamp):
+def _make_ranges_v3(stamp, ebits):
+    wide = ebits < 8  # FP16: r = 8 raw bits, four bit planes
     @njit(cache=True, nogil=True)
     def encode_range(vals, vals_u8, lo, hi, chunk_w, numel, row_len, q, nph, k, coded, ent, code, code_base,
                      code_sizes, modes, check, low, low_base, low_sizes, keys, scratch, hw):
-        """Chunks ``lo .. hi``; ``vals`` are BF16 words (uint16) or FP32 values (uint32, their low
-        halves packed into ``low`` from ``low_base``, their hi halves split into ``hw`` first)."""
+        """Chunks ``lo .. hi``; ``vals`` are 16-bit words (BF16, FP16: ``ebits`` exponent bits) or FP32
+        values (uint32, their low halves packed into ``low`` from ``low_base``, their hi halves split
+        into ``hw`` first)."""
         assert stamp != 0
         is32 = vals.itemsize == 4
         counts, at = np.zeros(nph, np.int64), np.zeros(nph, np.int64)
@@ -327,11 +337,11 @@ def _make_ranges_v3(stamp):
             if coded:
                 if is32:
                     _split_hi(vals, c0, n, hw)
-                    size = _encode_hi(hw[:n], c0, n, row_len, q, nph, k, ent, code, code_base, keys, scratch,
-                                      counts, at)
-                else:
-                    size = _encode_hi(vals[c0:c0 + n], c0, n, row_len, q, nph, k, ent, code, code_base, keys,
+                    size = _encode_hi(hw[:n], c0, n, row_len, q, nph, ebits, k, ent, code, code_base, keys,
                                       scratch, counts, at)
+                else:
+                    size = _encode_hi(vals[c0:c0 + n], c0, n, row_len, q, nph, ebits, k, ent, code, code_base,
+                                      keys, scratch, counts, at)
             modes[c] = MODE_CODED if size else MODE_RAW
             if not size:
                 size = n * 2
@@ -346,7 +356,7 @@ def _make_ranges_v3(stamp):
     @njit(cache=True, nogil=True)
     def decode_range(code, code_off, modes, check, low, low_off, lo, hi, chunk_w, numel, row_len, q, nph, k,
                      dec, off, out, out_u8, syms, zeros, hw, low_words, status):
-        """Chunks ``lo .. hi`` into ``out``: BF16 words (uint16) or FP32 values (uint32, their hi
+        """Chunks ``lo .. hi`` into ``out``: 16-bit words (uint16) or FP32 values (uint32, their hi
         halves decoded into ``hw`` first, then joined with their low halves; ``low_words`` is
         :func:`fields.join_low`'s scratch)."""
         assert stamp != 0
@@ -368,11 +378,11 @@ def _make_ranges_v3(stamp):
                     _load_raw_hi(code, s0, n, 2, c0, out, syms, False)
             elif mode == MODE_CODED:
                 if is32:
-                    rc = _decode_hi(code, s0, seglen, c0, n, row_len, q, nph, k, dec, off, hw[:n], syms, zeros,
-                                    counts, at)
+                    rc = _decode_hi(code, s0, seglen, c0, n, row_len, q, nph, ebits, k, dec, off, hw[:n], syms,
+                                    zeros, counts, at, wide)
                 else:
-                    rc = _decode_hi(code, s0, seglen, c0, n, row_len, q, nph, k, dec, off, out[c0:c0 + n], syms,
-                                    zeros, counts, at)
+                    rc = _decode_hi(code, s0, seglen, c0, n, row_len, q, nph, ebits, k, dec, off, out[c0:c0 + n],
+                                    syms, zeros, counts, at, wide)
             else:
                 rc = ERR_MODE
             if rc == rans.OK and is32 and not join_low(low[low_off[c]:low_off[c + 1]], n, hw, out[c0:c0 + n],

@@ -20,7 +20,7 @@ from unweight.lossless import chunks, model, planes, pool, rans, rans32
 from unweight.lossless.fields import BY_CODE, LOW_BLOCK, FloatLayout, as_words, layout_of, part_array
 from unweight.lossless.hashing import meta_hash
 
-FORMAT_VERSION = 3  # written for BF16 and FP32; FP16 and FP8 are written as version 2
+FORMAT_VERSION = 3  # written for BF16, FP16 and FP32; FP8 is written as version 2
 READ_VERSIONS = (2, 3)
 MAGIC = 0x4C4C5755  # "UWLL" little-endian
 CHUNK_WEIGHTS = 1 << 20  # values per chunk (see docs/format.md: each chunk costs 128 bytes of flushed states)
@@ -163,12 +163,12 @@ def _default_raw_bits(lay: FloatLayout) -> int:
 # encode
 
 
-V3_DTYPES = (torch.bfloat16, torch.float32)  # the dtypes version 3 is defined for
+V3_DTYPES = (torch.bfloat16, torch.float16, torch.float32)  # the dtypes version 3 is defined for
 
 
 def written_version(dtype: torch.dtype) -> int:
     """The tensor format version this unweight writes for ``dtype``: 3 (32-bit rANS lanes, raw bits in
-    planes) for BF16 and FP32, whose hi words are BF16's and whose raw bits fit a byte; 2 for the others."""
+    planes) for BF16, FP16 and FP32 (whose hi words are BF16's), whose raw bits fit a byte; 2 for FP8."""
     return FORMAT_VERSION if dtype in V3_DTYPES else 2
 
 
@@ -188,7 +188,7 @@ def encode_streams(t: torch.Tensor, threads: int | None = None, shrink: bool = T
     view of the start of its work buffer (one raw tensor's size, its untouched pages never resident),
     into which a folder's writer packs the other streams after it without copying the code
     (``unweight.lossless.register.pack_streams``). ``version`` (default :func:`written_version`) may
-    ask for version 2 for BF16 or FP32 (what older unweights read)."""
+    ask for version 2 for BF16, FP16 or FP32 (what older unweights read)."""
     lay = layout_of(t.dtype)
     if lay is None:
         raise UnweightError(f"dtype {t.dtype} is not encoded by unweight-lossless; copy it as it is")
@@ -263,11 +263,11 @@ def _add_low(parts, low, ranges, region, sizes) -> None:
 
 
 def _encode_v3(vals, lay, shape, plan, nchunks, chunk_w, rb, threads, shrink) -> dict[str, np.ndarray]:
-    """Version 3's parts (BF16, or FP32 whose hi halves are coded as BF16 words and whose low halves
-    are packed as version 2 packs them)."""
+    """Version 3's parts (BF16 and FP16 words, or FP32 values whose hi halves are coded as BF16 words
+    and whose low halves are packed as version 2 packs them)."""
     numel = vals.size
     if plan is not None:
-        space = 1 << (8 + plan.k)
+        space = 1 << (lay.exp_bits + plan.k)
         ent = np.zeros(plan.nph * space, np.uint32)
         codes = model.codes(plan.alphabet, plan.k)[0]
         if rans32.build_tables(plan.alphabet, plan.freq, space, codes, ent, np.zeros((0, 0), np.uint32)) != -1:
@@ -275,7 +275,7 @@ def _encode_v3(vals, lay, shape, plan, nchunks, chunk_w, rb, threads, shrink) ->
         q, row_len, nph, k = plan.q, plan.row_len, plan.nph, plan.k
     else:
         ent = np.zeros(1, np.uint32)
-        q, row_len, nph, k = np.zeros(1, np.int8), max(numel, 1), 1, model.K_CHOICES[lay.name][0]
+        q, row_len, nph, k = np.zeros(1, np.int8), max(numel, 1), 1, model.K_CHOICES_V3[lay.name][0]
     cw = min(chunk_w, numel)
     region = cw * 2
     code = np.empty(nchunks * region + rans.STREAM_PAD, np.uint8)
@@ -284,7 +284,7 @@ def _encode_v3(vals, lay, shape, plan, nchunks, chunk_w, rb, threads, shrink) ->
     check = np.zeros(nchunks, np.uint64)
     is32 = lay.low_bits > 0
     low, low_region, low_sizes = _low_buffers(cw, nchunks, is32)
-    encode_range = chunks.range_kernels_v3()[0]
+    encode_range = chunks.range_kernels_v3(lay.exp_bits)[0]
 
     def task(lo: int, hi: int) -> None:
         keys = _scratch("enc_keys", cw, np.uint16)
@@ -408,7 +408,8 @@ def decode_tensor(parts, name: str, threads: int | None = None) -> torch.Tensor:
     if coded:
         row_len, nrows = h["row_len"], h["nrows"]
         if (not 1 <= nph <= max(model.PHASES) or rb != lay.hi_man_bits + 1 - k
-                or k not in model.K_CHOICES[lay.name] or nsym > model.MAX_SYMBOLS or row_len < 1
+                or k not in (model.K_CHOICES_V3 if version == 3 else model.K_CHOICES)[lay.name]
+                or nsym > model.MAX_SYMBOLS or row_len < 1
                 or numel % row_len or nrows not in (0, numel // row_len)):
             raise _fail(name, "header describes an invalid code table")
         alphabet = np.zeros(nsym, np.int64)
@@ -449,7 +450,7 @@ def decode_tensor(parts, name: str, threads: int | None = None) -> torch.Tensor:
     out = out_u8[:nbytes].view(lay.word_dtype)
     status = np.zeros(nchunks, np.int32)
     if version == 3:
-        decode_v3 = chunks.range_kernels_v3()[1]
+        decode_v3 = chunks.range_kernels_v3(lay.exp_bits)[1]
         zeros = np.zeros(planes.padded(min(chunk_w, numel)) // 8 + 1, np.uint8)
 
         def task3(lo: int, hi: int) -> None:

@@ -70,19 +70,19 @@ def _raw(b, w, lmask, rs):
 
 
 @intrinsic
-def _keys_vec(typingctx, dst, src, n, rs, k, kmask, rot, tag):
+def _keys_vec(typingctx, dst, src, n, rs, k, kmask, rot, tag, emax):
     i64 = types.int64
-    sig = i64(dst, src, i64, i64, i64, i64, i64, i64)
+    sig = i64(dst, src, i64, i64, i64, i64, i64, i64, i64)
 
     def codegen(context, b, signature, args):
         dp, sp = (simd.array_data(context, b, t, v) for t, v in zip(signature.args[:2], args[:2]))
-        rs, k, kmask, rot, tag = _splats(b, args[3:])
+        rs, k, kmask, rot, tag, emax = _splats(b, args[3:])
 
         def body(i):
             sym = b.lshr(b.and_(_load(b, sp, i, _VW), _c(0x7FFF)), rs)
             ex = b.lshr(sym, k)
             t = b.sub(ex, rot)
-            t = b.select(b.icmp_signed("<", t, _c(1)), b.add(t, _c(255)), t)
+            t = b.select(b.icmp_signed("<", t, _c(1)), b.add(t, emax), t)
             low = b.select(b.icmp_unsigned("==", ex, _c(0)), sym, b.or_(b.shl(t, k), b.and_(sym, kmask)))
             _store(b, b.or_(low, tag), dp, i)
 
@@ -92,17 +92,18 @@ def _keys_vec(typingctx, dst, src, n, rs, k, kmask, rot, tag):
 
 
 @njit(inline="always")
-def keys(dst, src, r, k, rot, tag):
-    """``dst[i]`` = ``tag`` + the symbol of BF16 word ``src[i]`` (its exponent and top ``k`` mantissa
-    bits, above ``r = 8 - k`` raw bits) with the exponent lowered by ``rot`` binades (``0 <= rot < 255``)
-    as ``model.lower`` does it for version 3: exponent 0 stays, the others rotate over 1 .. 255."""
+def keys(dst, src, r, k, rot, tag, emax=255):
+    """``dst[i]`` = ``tag`` + the symbol of 16-bit float word ``src[i]`` (its exponent and top ``k``
+    mantissa bits, above ``r`` raw bits: BF16 ``r = 8 - k``, FP16 ``11 - k``) with the exponent lowered by
+    ``rot`` binades (``0 <= rot < emax``, ``emax = 2^E - 1``) as ``model.lower`` does it for version 3:
+    exponent 0 stays, the others rotate over 1 .. emax."""
     n = src.size
-    i = _keys_vec(dst, src, n, r - 1, k, (1 << k) - 1, rot, tag)
+    i = _keys_vec(dst, src, n, r - 1, k, (1 << k) - 1, rot, tag, emax)
     for i in range(i, n):
         sym = (np.int64(src[i]) & 0x7FFF) >> (r - 1)
         ex = sym >> k
         t = ex - rot
-        t = t + 255 if t < 1 else t
+        t = t + emax if t < 1 else t
         dst[i] = tag | (sym if ex == 0 else (t << k) | (sym & ((1 << k) - 1)))
 
 
@@ -126,7 +127,7 @@ def _pack_vec(typingctx, out, src, n, e, r, lmask):
             for j in range(4):  # values i + j e and i + (j + 4) e share the nibble plane's bytes at i + j e
                 v = b.or_(b.and_(raw[j], _c(15)), b.shl(b.and_(raw[j + 4], _c(15)), _c(4)))
                 _store(b, b.trunc(v, _VB), op, b.add(i, b.mul(e_v, ir.Constant(_I64, j))))
-            for bit in (4, 5):  # plane of raw bit `bit` at 4 e + (bit - 4) e, if r has it
+            for bit in (4, 5, 6, 7):  # plane of raw bit `bit` at 4 e + (bit - 4) e, if r has it
                 acc = _c(0)
                 for j in range(8):
                     acc = b.or_(acc, b.shl(b.and_(b.lshr(raw[j], _c(bit)), _c(1)), _c(j)))
@@ -145,7 +146,7 @@ def _pack_vec(typingctx, out, src, n, e, r, lmask):
 @njit(inline="always")
 def pack_words(src, r, out):
     """The bit planes (:mod:`planes`, ``m = src.size`` rounded up to 8, zeros after ``src``) of the
-    ``r`` raw bits of the BF16 words ``src`` (4 <= r <= 6) into ``out[:m * r // 8]``."""
+    ``r`` raw bits of the 16-bit float words ``src`` (4 <= r <= 8) into ``out[:m * r // 8]``."""
     n = src.size
     e = planes.padded(n) // 8
     lmask = (1 << (r - 1)) - 1
@@ -171,47 +172,62 @@ def pack_words(src, r, out):
 # symbols and planes to words
 
 
-@intrinsic
-def _place_vec(typingctx, dst, src, nib, p4, p5, n, k, kmask, rot, rs, nsh, sj, keep, sb):
-    i64 = types.int64
-    sig = i64(dst, src, nib, p4, p5, i64, i64, i64, i64, i64, i64, i64, i64, i64)
+def _place_intrinsic(nbits):
+    """The vector loop of :func:`place` that reads ``nbits`` bit planes (raw bits 4 .. 3 + nbits)."""
+    @intrinsic
+    def place_vec(typingctx, dst, src, nib, p4, p5, p6, p7, n, k, kmask, rot, rs, nsh, sj, keep, sb, emax):
+        i64 = types.int64
+        sig = i64(dst, src, nib, p4, p5, p6, p7, i64, i64, i64, i64, i64, i64, i64, i64, i64, i64)
 
-    def codegen(context, b, signature, args):
-        dp, sp, np_, p4p, p5p = (simd.array_data(context, b, t, v) for t, v in zip(signature.args[:5], args[:5]))
-        k, kmask, rot, rs, nsh, sj, keep, sb = _splats(b, args[6:])
+        def codegen(context, b, signature, args):
+            dp, sp, np_, *bp = (simd.array_data(context, b, t, v) for t, v in zip(signature.args[:7], args[:7]))
+            k, kmask, rot, rs, nsh, sj, keep, sb, emax = _splats(b, args[8:])
 
-        def body(i):
-            s = _load(b, sp, i, _VW)
-            nb, q4, q5 = (b.zext(_load(b, x, i, _VB), _VW) for x in (np_, p4p, p5p))
-            v = b.or_(b.or_(b.and_(b.lshr(nb, nsh), _c(15)), b.shl(b.and_(b.lshr(q4, sj), _c(1)), _c(4))),
-                      b.shl(b.and_(b.lshr(q5, sj), _c(1)), _c(5)))
-            ex = b.lshr(s, k)  # the exponent raised back (model.lower's inverse)
-            t = b.add(ex, rot)
-            t = b.select(b.icmp_unsigned(">", t, _c(255)), b.sub(t, _c(255)), t)
-            sym = b.select(b.icmp_unsigned("==", ex, _c(0)), s, b.or_(b.shl(t, k), b.and_(s, kmask)))
-            _store(b, b.or_(b.or_(b.shl(sym, rs), b.and_(v, keep)), b.shl(b.and_(b.lshr(v, sb), _c(1)), _c(15))),
-                   dp, i)
+            def body(i):
+                s = _load(b, sp, i, _VW)
+                v = b.and_(b.lshr(b.zext(_load(b, np_, i, _VB), _VW), nsh), _c(15))
+                for j, p in enumerate(bp[:nbits]):
+                    q = b.zext(_load(b, p, i, _VB), _VW)
+                    v = b.or_(v, b.shl(b.and_(b.lshr(q, sj), _c(1)), _c(4 + j)))
+                ex = b.lshr(s, k)  # the exponent raised back (model.lower's inverse)
+                t = b.add(ex, rot)
+                t = b.select(b.icmp_unsigned(">", t, emax), b.sub(t, emax), t)
+                sym = b.select(b.icmp_unsigned("==", ex, _c(0)), s, b.or_(b.shl(t, k), b.and_(s, kmask)))
+                _store(b, b.or_(b.or_(b.shl(sym, rs), b.and_(v, keep)), b.shl(b.and_(b.lshr(v, sb), _c(1)), _c(15))),
+                       dp, i)
 
-        return _loop(b, args[5], body)
+            return _loop(b, args[7], body)
 
-    return sig, codegen
+        return sig, codegen
+    return place_vec
+
+
+_place_vec2, _place_vec4 = _place_intrinsic(2), _place_intrinsic(4)
 
 
 @njit(inline="always")
-def place(dst, src, nib, p4, p5, nsh, sj, r, k, rot):
-    """``dst[i]`` = the BF16 word of symbol ``src[i]`` (exponent above ``k`` mantissa bits, its exponent
-    raised by ``rot`` binades as ``model.lower`` lowered it: 0 stays, the others rotate over 1 .. 255)
-    with its ``r`` raw bits: the nibble ``nib[i] >> nsh``, bit ``sj`` of ``p4[i]`` and of ``p5[i]``
-    (bits 4 and 5 of the raw value; its top bit ``r - 1``, the sign, goes to bit 15)."""
+def place(dst, src, nib, p4, p5, p6, p7, nsh, sj, r, k, rot, emax, wide):
+    """``dst[i]`` = the 16-bit float word of symbol ``src[i]`` (exponent above ``k`` mantissa bits, its
+    exponent raised by ``rot`` binades as ``model.lower`` lowered it: 0 stays, the others rotate over
+    1 .. ``emax = 2^E - 1``) with its ``r`` raw bits: the nibble ``nib[i] >> nsh``, then bit ``sj`` of
+    ``p4[i]``, ``p5[i]`` (and with ``wide``, ``r <= 8``, of ``p6[i]`` and ``p7[i]``; else ``r <= 6`` and
+    those two are not read) as raw bits 4, 5 (6, 7); the top raw bit ``r - 1``, the sign, goes to bit 15.
+    ``wide`` should be a constant of the caller (FP16 against BF16): the loop that reads four planes in a
+    kernel that never runs it slowed BF16's decoder by 3-6%."""
     keep = (1 << (r - 1)) - 1
     n = dst.size
-    i = _place_vec(dst, src, nib, p4, p5, n, k, (1 << k) - 1, rot, r - 1, nsh, sj, keep, r - 1)
+    if wide:
+        i = _place_vec4(dst, src, nib, p4, p5, p6, p7, n, k, (1 << k) - 1, rot, r - 1, nsh, sj, keep, r - 1, emax)
+    else:
+        i = _place_vec2(dst, src, nib, p4, p5, p6, p7, n, k, (1 << k) - 1, rot, r - 1, nsh, sj, keep, r - 1, emax)
     for i in range(i, n):
         v = (((np.int64(nib[i]) >> nsh) & 15) | (((np.int64(p4[i]) >> sj) & 1) << 4)
              | (((np.int64(p5[i]) >> sj) & 1) << 5))
+        if wide:
+            v |= (((np.int64(p6[i]) >> sj) & 1) << 6) | (((np.int64(p7[i]) >> sj) & 1) << 7)
         sym = np.int64(src[i])
         ex = sym >> k
         if ex != 0:
             t = ex + rot
-            sym = ((t - 255 if t > 255 else t) << k) | (sym & ((1 << k) - 1))
+            sym = ((t - emax if t > emax else t) << k) | (sym & ((1 << k) - 1))
         dst[i] = (sym << (r - 1)) | (v & keep) | (((v >> (r - 1)) & 1) << 15)
