@@ -178,20 +178,23 @@ def test_the_codec_follows_torchs_thread_count_unless_told():
 
 
 # XXH64 of every part (sorted by suffix) of ``make(dtype, (300, 257), kind, 7)`` as each format version
-# wrote them (version 2, of "special" values: 16 lanes, chunks of 2^18, BF16 k in {2, 3, 4}; version 3,
-# BF16, FP16 and FP32, of "zeros": 32 lanes of 32-bit states): a rewrite for speed must write the same bytes
+# wrote them (version 2, of "special" values: 16 lanes, chunks of 2^18, BF16 k in {2, 3, 4}; versions 3 and
+# 4, BF16, FP16 and FP32, of "zeros": 32 lanes of 32-bit states; 4 with XXH3-64 chunk checksums): a rewrite for
+# speed must write the same bytes
 PINNED = {(torch.bfloat16, 2): 0xA5A814D5E3324B09, (torch.float16, 2): 0x26FBC32B6296384F,
           (torch.float32, 2): 0x033C7E63944C5183, (torch.float8_e4m3fn, 2): 0x319F9483FFE612E0,
           (torch.float8_e5m2, 2): 0x5842CF99D7BDE476, (torch.bfloat16, 3): 0xBC7527E7B65A3524,
-          (torch.float32, 3): 0x71B112B3ED04A689, (torch.float16, 3): 0xD94A23C48D7B3EBF}
+          (torch.float32, 3): 0x71B112B3ED04A689, (torch.float16, 3): 0xD94A23C48D7B3EBF,
+          (torch.bfloat16, 4): 0x8BCA28700BEF7D1D, (torch.float32, 4): 0x7819B1504688B06C,
+          (torch.float16, 4): 0x30751637168FC11A}
 
 
 @pytest.mark.parametrize("dtype, version", sorted(PINNED, key=str))
 def test_written_bytes_are_pinned_for_each_format_version(dtype, version, monkeypatch):
-    assert fmt.FORMAT_VERSION == 3  # a new version writes other bytes: pin them anew
+    assert fmt.FORMAT_VERSION == 4  # a new version writes other bytes: pin them anew
     monkeypatch.setattr(fmt, "CHUNK_WEIGHTS", 1 << 18)  # the head records the chunk size (2^20 since 2026-11-28)
     # ragged rows and lane groups; version 3 codes zeros and subnormals, not NaN and infinities (below)
-    parts = encode(make(dtype, (300, 257), "zeros" if version == 3 else "special", 7), version=version)
+    parts = encode(make(dtype, (300, 257), "zeros" if version >= 3 else "special", 7), version=version)
     assert int(parts["w" + fmt.HEAD][fmt._F["version"]]) == version
     blob = np.concatenate([parts[k].numpy().view(np.uint8).reshape(-1) for k in sorted(parts)])
     assert int(xxh64(blob, 0, blob.size)) == PINNED[dtype, version]
@@ -365,14 +368,14 @@ def test_unsupported_dtype_and_names():
 # corruption
 
 
-@pytest.fixture(scope="module", params=[(torch.bfloat16, None), (torch.bfloat16, 2), (torch.float32, None),
-                                        (torch.float32, 2), (torch.float16, None), (torch.float8_e4m3fn, None)],
-                ids=str)
+@pytest.fixture(scope="module", params=[(torch.bfloat16, None), (torch.bfloat16, 3), (torch.bfloat16, 2),
+                                        (torch.float32, None), (torch.float32, 2), (torch.float16, None),
+                                        (torch.float8_e4m3fn, None)], ids=str)
 def coded(request):
     dtype, version = request.param
     old, fmt.CHUNK_WEIGHTS = fmt.CHUNK_WEIGHTS, 1024
     try:
-        t = make(dtype, (40, 160), "zeros" if dtype in fmt.V3_DTYPES and version is None else "special", 7)
+        t = make(dtype, (40, 160), "zeros" if dtype in fmt.V3_DTYPES and version != 2 else "special", 7)
         parts = encode(t, "layer.w", version=version)  # 6400 values: 7 chunks
         assert parts["layer.w" + fmt.HEAD][fmt._F["version"]] == (version or fmt.written_version(dtype))
     finally:

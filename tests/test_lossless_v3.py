@@ -1,4 +1,4 @@
-"""Format version 3's parts: the 32-lane rANS coder (vector loops against the scalar reference), the bit
+"""Format versions 3 and 4's parts (4 is 3 with XXH3-64 chunk checksums): the 32-lane rANS coder (vector loops against the scalar reference), the bit
 planes, the exponent rotation that keeps exponent 0 apart, the one-byte codes, and the fallback of
 tensors whose symbols do not fit them to version 2."""
 
@@ -10,7 +10,7 @@ from hypothesis import strategies as st
 from numba import njit
 
 from unweight.errors import UnweightError
-from unweight.lossless import decode_tensor, fields, lanes16, model, planes, rans, rans32, simd
+from unweight.lossless import decode_tensor, fields, hashing, lanes16, model, planes, rans, rans32, simd
 from unweight.lossless import format as fmt
 
 
@@ -244,12 +244,12 @@ def test_a_tensor_whose_symbols_do_not_fit_one_byte_codes_is_written_as_version_
     assert torch.equal(decode_tensor(parts, "w").view(torch.int16), t.view(torch.int16))
 
 
-def test_version_3_is_written_for_every_dtype_but_fp8():
+def test_version_4_is_written_for_every_dtype_but_fp8():
     for dtype in (torch.float8_e4m3fn, torch.float8_e5m2):
         with pytest.raises(ValueError, match="version 3"):
             fmt.encode_streams(torch.zeros(10, dtype=dtype), version=3)
         assert fmt.written_version(dtype) == 2
-    assert all(fmt.written_version(d) == 3 for d in (torch.bfloat16, torch.float16, torch.float32))
+    assert all(fmt.written_version(d) == 4 for d in (torch.bfloat16, torch.float16, torch.float32))
 
 
 def test_a_segments_pad_byte_is_checked(monkeypatch):
@@ -259,7 +259,7 @@ def test_a_segments_pad_byte_is_checked(monkeypatch):
     t = (torch.randn(3, 264, generator=torch.Generator().manual_seed(0)) * 0.02).to(torch.bfloat16)
     parts = {"w" + k: torch.from_numpy(v) for k, v in fmt.encode_streams(t).items()}
     head = parts["w" + fmt.HEAD]
-    assert int(head[fmt._F["version"]]) == 3 and int(head[fmt._F["raw_bits"]]) == 5
+    assert int(head[fmt._F["version"]]) == 4 and int(head[fmt._F["raw_bits"]]) == 5
     assert int(parts["w" + fmt.MODES][0]) == 0  # coded
     end = int(parts["w" + fmt.OFFSETS][1])
     assert int(parts["w" + fmt.CODE][end - 1]) == 0
@@ -290,7 +290,7 @@ def test_fp32_version_3_codes_the_hi_halves_and_packs_the_low_halves_as_version_
     monkeypatch.setattr(fmt, "CHUNK_WEIGHTS", 3 * fields.LOW_BLOCK + 100)  # blocks straddle chunks
     t = _fp32_with_low_blocks(np.random.default_rng(1), 96, 700)
     v3, v2 = fmt.encode_streams(t), fmt.encode_streams(t, version=2)
-    assert int(v3[fmt.HEAD][fmt._F["version"]]) == 3 and (v3[fmt.MODES] == 0).all()
+    assert int(v3[fmt.HEAD][fmt._F["version"]]) == 4 and (v3[fmt.MODES] == 0).all()
     assert np.array_equal(v3[fmt.LOW], v2[fmt.LOW]) and np.array_equal(v3[fmt.LOW_OFFSETS], v2[fmt.LOW_OFFSETS])
     assert v3[fmt.CODE].size < v2[fmt.CODE].size * 1.01  # the hi halves code as well as before
     for parts in (v3, v2):
@@ -304,7 +304,7 @@ def test_fp32_version_3_stores_a_chunk_that_does_not_code_raw(monkeypatch):
     monkeypatch.setattr(fmt, "CHUNK_WEIGHTS", 1000)
     t = _fp32_with_low_blocks(np.random.default_rng(2), 1, 1030)
     parts = {"w" + k: torch.from_numpy(v) for k, v in fmt.encode_streams(t).items()}
-    assert int(parts["w" + fmt.HEAD][fmt._F["version"]]) == 3 and parts["w" + fmt.MODES].tolist() == [0, 1]
+    assert int(parts["w" + fmt.HEAD][fmt._F["version"]]) == 4 and parts["w" + fmt.MODES].tolist() == [0, 1]
     assert torch.equal(decode_tensor(parts, "w").view(torch.int32), t.view(torch.int32))
 
 
@@ -324,3 +324,25 @@ def test_join_low_joins_what_unpack_low_unpacks(seed, n):
     if seg.size:  # a segment one byte short or long is refused
         assert not fields.join_low(seg[:-1], n, hw, out, np.zeros(fields.LOW_BLOCK, np.uint16))
         assert not fields.join_low(np.r_[seg, np.uint8(0)], n, hw, out, np.zeros(fields.LOW_BLOCK, np.uint16))
+
+
+@settings(max_examples=200, deadline=None)
+@given(data=st.binary(min_size=0, max_size=3000), offset=st.integers(0, 7))
+def test_xxh3_matches_the_reference_library(data, offset):
+    """Every length class of XXH3-64 (0, 1-3, 4-8, 9-16, 17-128, 129-240, longer; a partial last
+    block and stripe), at any alignment, against the ``xxhash`` package."""
+    xxhash = pytest.importorskip("xxhash")
+    buf = np.frombuffer(bytes(offset) + data, np.uint8)
+    assert int(hashing.xxh3_64(buf, offset, len(data))) == xxhash.xxh3_64_intdigest(data)
+
+
+def test_xxh3_known_values_and_long_inputs():
+    """Known digests of the reference (no library needed), and inputs over many 1,024-byte blocks."""
+    assert int(hashing.xxh3_64(np.zeros(0, np.uint8), 0, 0)) == 0x2D06800538D394C2
+    ramp = (np.arange(16) % 251).astype(np.uint8)
+    assert int(hashing.xxh3_64(ramp, 0, 9)) == 0xE9612598145BB9DC
+    xxhash = pytest.importorskip("xxhash")
+    rng = np.random.default_rng(0)
+    for n in (1024 * 5, 1024 * 5 + 1, 1 << 20, (1 << 20) + 63):
+        data = rng.integers(0, 256, n, dtype=np.uint8)
+        assert int(hashing.xxh3_64(data, 0, n)) == xxhash.xxh3_64_intdigest(data.tobytes())

@@ -17,7 +17,7 @@ from numba import njit
 from unweight.jit_cache import source_stamp
 from unweight.lossless import fields, hashing, lanes16, planes, rans, rans32, simd
 from unweight.lossless.fields import join_low, pack_low, unpack_low
-from unweight.lossless.hashing import xxh64
+from unweight.lossless.hashing import xxh3_64, xxh64
 
 MODE_CODED = 0
 MODE_RAW = 1
@@ -243,6 +243,12 @@ def _place(syms, m, a, b, k, rot, emax, pls, mp, r, zeros, out, wide):
 
 
 @njit(inline="always")
+def _checksum(data, start, length, use_xxh3):
+    """A chunk's checksum: XXH3-64 (version 4; 0.018 against XXH64's 0.086 ns per byte here) or XXH64."""
+    return xxh3_64(data, start, length) if use_xxh3 else xxh64(data, start, length)
+
+
+@njit(inline="always")
 def _phase_starts(counts, at):
     """``at[ph]`` = where phase ``ph``'s run starts in a chunk's coding order."""
     acc = 0
@@ -322,7 +328,7 @@ def _make_ranges_v3(stamp, ebits):
     wide = ebits < 8  # FP16: r = 8 raw bits, four bit planes
     @njit(cache=True, nogil=True)
     def encode_range(vals, vals_u8, lo, hi, chunk_w, numel, row_len, q, nph, k, coded, ent, code, code_base,
-                     code_sizes, modes, check, low, low_base, low_sizes, keys, scratch, hw):
+                     code_sizes, modes, check, low, low_base, low_sizes, keys, scratch, hw, use_xxh3):
         """Chunks ``lo .. hi``; ``vals`` are 16-bit words (BF16, FP16: ``ebits`` exponent bits) or FP32
         values (uint32, their low halves packed into ``low`` from ``low_base``, their hi halves split
         into ``hw`` first)."""
@@ -332,7 +338,7 @@ def _make_ranges_v3(stamp, ebits):
         for c in range(lo, hi):
             c0 = c * chunk_w
             n = min(chunk_w, numel - c0)
-            check[c] = xxh64(vals_u8, c0 * vals.itemsize, n * vals.itemsize)
+            check[c] = _checksum(vals_u8, c0 * vals.itemsize, n * vals.itemsize, use_xxh3)
             size = 0
             if coded:
                 if is32:
@@ -355,7 +361,7 @@ def _make_ranges_v3(stamp, ebits):
 
     @njit(cache=True, nogil=True)
     def decode_range(code, code_off, modes, check, low, low_off, lo, hi, chunk_w, numel, row_len, q, nph, k,
-                     dec, off, out, out_u8, syms, zeros, hw, low_words, status):
+                     dec, off, out, out_u8, syms, zeros, hw, low_words, status, use_xxh3):
         """Chunks ``lo .. hi`` into ``out``: 16-bit words (uint16) or FP32 values (uint32, their hi
         halves decoded into ``hw`` first, then joined with their low halves; ``low_words`` is
         :func:`fields.join_low`'s scratch)."""
@@ -388,7 +394,7 @@ def _make_ranges_v3(stamp, ebits):
             if rc == rans.OK and is32 and not join_low(low[low_off[c]:low_off[c + 1]], n, hw, out[c0:c0 + n],
                                                         low_words):
                 rc = ERR_LOW
-            if rc == rans.OK and xxh64(out_u8, c0 * out.itemsize, n * out.itemsize) != check[c]:
+            if rc == rans.OK and _checksum(out_u8, c0 * out.itemsize, n * out.itemsize, use_xxh3) != check[c]:
                 rc = ERR_CHECKSUM
             status[c] = rc
 

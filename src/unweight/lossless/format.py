@@ -20,8 +20,9 @@ from unweight.lossless import chunks, model, planes, pool, rans, rans32
 from unweight.lossless.fields import BY_CODE, LOW_BLOCK, FloatLayout, as_words, layout_of, part_array
 from unweight.lossless.hashing import meta_hash
 
-FORMAT_VERSION = 3  # written for BF16, FP16 and FP32; FP8 is written as version 2
-READ_VERSIONS = (2, 3)
+FORMAT_VERSION = 4  # written for BF16, FP16 and FP32; FP8 is written as version 2
+READ_VERSIONS = (2, 3, 4)
+LANES32 = (3, 4)  # the versions of 32 rANS lanes, raw bits in planes; 4 checks its chunks with XXH3-64, 3 XXH64
 MAGIC = 0x4C4C5755  # "UWLL" little-endian
 CHUNK_WEIGHTS = 1 << 20  # values per chunk (see docs/format.md: each chunk costs 128 bytes of flushed states)
 
@@ -167,8 +168,9 @@ V3_DTYPES = (torch.bfloat16, torch.float16, torch.float32)  # the dtypes version
 
 
 def written_version(dtype: torch.dtype) -> int:
-    """The tensor format version this unweight writes for ``dtype``: 3 (32-bit rANS lanes, raw bits in
-    planes) for BF16, FP16 and FP32 (whose hi words are BF16's), whose raw bits fit a byte; 2 for FP8."""
+    """The tensor format version this unweight writes for ``dtype``: 4 (32-bit rANS lanes, raw bits in
+    planes, XXH3-64 chunk checksums) for BF16, FP16 and FP32 (whose hi words are BF16's), whose raw bits fit
+    a byte; 2 for FP8."""
     return FORMAT_VERSION if dtype in V3_DTYPES else 2
 
 
@@ -188,12 +190,12 @@ def encode_streams(t: torch.Tensor, threads: int | None = None, shrink: bool = T
     view of the start of its work buffer (one raw tensor's size, its untouched pages never resident),
     into which a folder's writer packs the other streams after it without copying the code
     (``unweight.lossless.register.pack_streams``). ``version`` (default :func:`written_version`) may
-    ask for version 2 for BF16, FP16 or FP32 (what older unweights read)."""
+    ask for version 2 or 3 for BF16, FP16 or FP32 (what older unweights read)."""
     lay = layout_of(t.dtype)
     if lay is None:
         raise UnweightError(f"dtype {t.dtype} is not encoded by unweight-lossless; copy it as it is")
     version = written_version(t.dtype) if version is None else version
-    if version not in READ_VERSIONS or (version == 3 and lay.dtype not in V3_DTYPES):
+    if version not in READ_VERSIONS or (version in LANES32 and lay.dtype not in V3_DTYPES):
         raise ValueError(f"format version {version} is not written for {t.dtype}")
     threads = pool.resolve(threads)
     vals = as_words(t)
@@ -201,15 +203,15 @@ def encode_streams(t: torch.Tensor, threads: int | None = None, shrink: bool = T
     chunk_w = CHUNK_WEIGHTS
     nchunks = -(-numel // chunk_w)
     shape = tuple(t.shape)
-    plan = model.plan(vals, lay, shape, nchunks, threads, zero_apart=version == 3) if numel else None
-    if version == 3 and plan is None and numel:
+    plan = model.plan(vals, lay, shape, nchunks, threads, zero_apart=version in LANES32) if numel else None
+    if version in LANES32 and plan is None and numel:
         # no plan whose symbols have version 3's one-byte codes (model.codes): version 2, if it codes them
         plan = model.plan(vals, lay, shape, nchunks, threads)
-        version = 3 if plan is None else 2
+        version = version if plan is None else 2
     hbits, hbytes = lay.hi_bits, lay.hi_bits // 8
     rb = plan.raw_bits if plan else _default_raw_bits(lay)
-    if version == 3:
-        return _encode_v3(vals, lay, shape, plan, nchunks, chunk_w, rb, threads, shrink)
+    if version in LANES32:
+        return _encode_v3(vals, lay, shape, plan, nchunks, chunk_w, rb, threads, shrink, version)
     encode_range = chunks.range_kernels(hbits)[0]
 
     if plan is not None:
@@ -262,8 +264,8 @@ def _add_low(parts, low, ranges, region, sizes) -> None:
     parts[LOW_OFFSETS] = offsets
 
 
-def _encode_v3(vals, lay, shape, plan, nchunks, chunk_w, rb, threads, shrink) -> dict[str, np.ndarray]:
-    """Version 3's parts (BF16 and FP16 words, or FP32 values whose hi halves are coded as BF16 words
+def _encode_v3(vals, lay, shape, plan, nchunks, chunk_w, rb, threads, shrink, version) -> dict[str, np.ndarray]:
+    """Version 3 or 4's parts (BF16 and FP16 words, or FP32 values whose hi halves are coded as BF16 words
     and whose low halves are packed as version 2 packs them)."""
     numel = vals.size
     if plan is not None:
@@ -292,11 +294,11 @@ def _encode_v3(vals, lay, shape, plan, nchunks, chunk_w, rb, threads, shrink) ->
         hw = _scratch("enc_hi", cw if is32 else 0, np.uint16)
         encode_range(vals, vals.view(np.uint8), lo, hi, chunk_w, numel, row_len, q, nph, k, plan is not None,
                      ent, code, lo * region, code_sizes, modes, check, low, lo * low_region, low_sizes, keys,
-                     scratch, hw)
+                     scratch, hw, version == 4)
 
     ranges = pool.run_ranges(task, nchunks, threads)
     code, offsets = _close_code(code, ranges, region, code_sizes, shrink)
-    parts = _finish(shape, lay, plan, 3, chunk_w, rb, code, offsets, modes, check)
+    parts = _finish(shape, lay, plan, version, chunk_w, rb, code, offsets, modes, check)
     if is32:
         _add_low(parts, low, ranges, low_region, low_sizes)
     return parts
@@ -315,7 +317,7 @@ def _finish(shape, lay, plan, version, chunk_w, rb, code, offsets, modes, check)
     head[_F["dtype"]] = lay.code
     head[_F["numel"]] = numel
     head[_F["chunk"]] = chunk_w
-    head[_F["lanes"]] = rans32.LANES if version == 3 else rans.LANES
+    head[_F["lanes"]] = rans32.LANES if version in LANES32 else rans.LANES
     head[_F["prob_bits"]] = rans.PROB_BITS
     head[_F["k"]] = plan.k if coded else 0
     head[_F["raw_bits"]] = rb if coded else 0
@@ -377,9 +379,9 @@ def decode_tensor(parts, name: str, threads: int | None = None) -> torch.Tensor:
     size = 1
     for s in shape:
         size *= s
-    lanes = rans32.LANES if version == 3 else rans.LANES
+    lanes = rans32.LANES if version in LANES32 else rans.LANES
     if (min(shape, default=0) < 0 or size != numel or chunk_w <= 0 or h["lanes"] != lanes
-            or h["prob_bits"] != rans.PROB_BITS or (version == 3 and lay.dtype not in V3_DTYPES)):
+            or h["prob_bits"] != rans.PROB_BITS or (version in LANES32 and lay.dtype not in V3_DTYPES)):
         raise _fail(name, "header is inconsistent (shape, chunk size, lanes, precision or version)")
     threads = pool.resolve(threads)
     nchunks = -(-numel // chunk_w)
@@ -408,7 +410,7 @@ def decode_tensor(parts, name: str, threads: int | None = None) -> torch.Tensor:
     if coded:
         row_len, nrows = h["row_len"], h["nrows"]
         if (not 1 <= nph <= max(model.PHASES) or rb != lay.hi_man_bits + 1 - k
-                or k not in (model.K_CHOICES_V3 if version == 3 else model.K_CHOICES)[lay.name]
+                or k not in (model.K_CHOICES_V3 if version in LANES32 else model.K_CHOICES)[lay.name]
                 or nsym > model.MAX_SYMBOLS or row_len < 1
                 or numel % row_len or nrows not in (0, numel // row_len)):
             raise _fail(name, "header describes an invalid code table")
@@ -417,7 +419,7 @@ def decode_tensor(parts, name: str, threads: int | None = None) -> torch.Tensor:
         space = 1 << (lay.exp_bits + k)
         if not model.parse_tables(tables, nsym, nph, alphabet, freq) or alphabet[-1] >= space:
             raise _fail(name, "code tables are malformed")
-        if version == 3:  # build_tables fills every slot or fails
+        if version in LANES32:  # build_tables fills every slot or fails
             coding = model.codes(alphabet, k)
             if coding is None:
                 raise _fail(name, "code tables are malformed (symbols too spread for version 3's codes)")
@@ -438,7 +440,7 @@ def decode_tensor(parts, name: str, threads: int | None = None) -> torch.Tensor:
     else:
         rb = _default_raw_bits(lay)
         k, off = lay.hi_man_bits + 1 - rb, 0
-        dec = np.zeros((1, rans.PROB_SCALE), np.uint32 if version == 3 else np.uint64)
+        dec = np.zeros((1, rans.PROB_SCALE), np.uint32 if version in LANES32 else np.uint64)
         q, row_len, nph = np.zeros(1, np.int8), max(numel, 1), 1
         coded_chunks = np.flatnonzero(modes != chunks.MODE_RAW)
         if coded_chunks.size:
@@ -449,7 +451,7 @@ def decode_tensor(parts, name: str, threads: int | None = None) -> torch.Tensor:
     out_u8 = _output_buffer(-(-nbytes // 8) * 8)
     out = out_u8[:nbytes].view(lay.word_dtype)
     status = np.zeros(nchunks, np.int32)
-    if version == 3:
+    if version in LANES32:
         decode_v3 = chunks.range_kernels_v3(lay.exp_bits)[1]
         zeros = np.zeros(planes.padded(min(chunk_w, numel)) // 8 + 1, np.uint8)
 
@@ -459,7 +461,7 @@ def decode_tensor(parts, name: str, threads: int | None = None) -> torch.Tensor:
             hw = _scratch("dec_hi", cw if is32 else 0, np.uint16)
             low_words = _scratch("dec_low", LOW_BLOCK if is32 else 0, np.uint16)
             decode_v3(code, offsets, modes, check, low, low_offsets, lo, hi, chunk_w, numel, row_len, q, nph, k,
-                      dec, off, out, out_u8, syms, zeros, hw, low_words, status)
+                      dec, off, out, out_u8, syms, zeros, hw, low_words, status, version == 4)
 
         pool.run_ranges(task3, nchunks, threads)
         return _decoded(name, status, nchunks, nbytes, out_u8, shape, lay)
