@@ -1,6 +1,7 @@
-"""Format versions 3 and 4's parts (4 is 3 with XXH3-64 chunk checksums): the 32-lane rANS coder (vector loops against the scalar reference), the bit
-planes, the exponent rotation that keeps exponent 0 apart, the one-byte codes, and the fallback of
-tensors whose symbols do not fit them to version 2."""
+"""Format versions 3 and 4's parts (4 is 3 with XXH3-64 chunk checksums): the 32-lane rANS coder (vector loops
+against the scalar reference), the bit planes, the exponent rotation that keeps exponent 0 apart, the one-byte
+codes, and the fallback of tensors whose symbols do not fit them to version 2.
+"""
 
 import numpy as np
 import pytest

@@ -1,8 +1,8 @@
 """Chunk-range drivers: everything one thread does for a run of chunks, in one compiled call.
 
-A tensor's values are cut into chunks of ``chunk_w`` values. For each chunk the encoder records the
-XXH64 of its original bytes, rANS-codes its hi words (or stores them raw when coding does not
-shrink them), and for FP32 packs the low halves. The decoder does the reverse and checks the hash.
+A tensor's values are cut into chunks of ``chunk_w`` values. For each chunk the encoder records the checksum
+of its original bytes (XXH64; XXH3-64 in version 4), rANS-codes its hi words (or stores them raw when coding
+does not shrink them), and for FP32 packs the low halves. The decoder does the reverse and checks the hash.
 Chunks are independent, so a thread pool hands each worker a contiguous range of chunks; the output
 does not depend on how the ranges are cut. A range writes its chunks one after another from the
 start of its own region of the output (a chunk never takes more than its raw size), and the

@@ -2,9 +2,10 @@
 
 ``encode_tensor(t)`` returns ``{suffix: tensor}`` (U8 streams, I64 offsets and checksums, a U8 code
 table, an I64 header); the caller stores each under ``name + suffix``. ``decode_tensor(parts, name)``
-rebuilds the tensor and checks every chunk's XXH64; any corrupt, truncated or inconsistent input
-raises :class:`~unweight.errors.UnweightError` naming the tensor and, where one is at fault, the
-chunk. The written specification is ``docs/format.md``; ``FORMAT_VERSION`` lives here only.
+rebuilds the tensor and checks every chunk's checksum (XXH3-64, or XXH64 before version 4); any corrupt,
+truncated or inconsistent input raises :class:`~unweight.errors.UnweightError` naming the tensor and, where
+one is at fault, the chunk. The written specification is ``docs/format.md``; ``FORMAT_VERSION`` lives here
+only.
 """
 
 import ctypes

@@ -1,9 +1,11 @@
-"""XXH64 (Yann Collet's xxHash, 64-bit variant, seed 0), compiled with numba.
+"""XXH64 and XXH3-64 (Yann Collet's xxHash, seed 0), compiled with numba.
 
-Every chunk of an entropy-coded tensor carries the XXH64 of its original bytes, checked on decode.
-CRC32 from zlib runs at ~1 GB/s here, slower than the decoder it would guard; XXH64 reads eight
-bytes per step and runs at memory speed. The implementation follows the reference specification
-(github.com/Cyan4973/xxHash/blob/dev/doc/xxhash_spec.md) and is tested against its known values.
+Every chunk of an entropy-coded tensor carries a checksum of its original bytes, checked on decode:
+XXH3-64 from format version 4, XXH64 before; the metadata checksum is XXH64. CRC32 from zlib runs at
+~1 GB/s here, slower than the decoder it would guard; XXH64 reads eight bytes per step (0.086 ns per
+byte), XXH3-64 64 bytes per vector step (0.018). Both follow the reference specification
+(github.com/Cyan4973/xxHash/blob/dev/doc/xxhash_spec.md): XXH64 is tested against its known values,
+XXH3-64 against the ``xxhash`` package.
 """
 
 import numpy as np

@@ -3,13 +3,13 @@
 Every floating-point tensor of the checkpoint is encoded (norms and embeddings too); integer tensors are
 stored as they are. All of a tensor's streams are packed into one U8 part, ``NAME.ul.pack``, compactly
 (folder version 5: the header as varints, offsets as varint differences, code tables zstd-coded, a
-directory of a byte and a varint or two per stream). Each stored part costs an entry of ~100 bytes in
-the safetensors JSON header: bf16 minilm-l6's file came to 0.6596 of the original's with every stream
-a part of its own (version 2), 0.6587 with the small streams packed into ``NAME.ul.meta`` beside
-``NAME.ul.code`` (version 3), 0.6585 with one part per tensor (version 4; its tensor bytes: 0.6581), and
-0.65776 with version 5's compact pack and chunks of 2^20 values. Folder version 6 keeps version 5's
-layout, its BF16 tensors in tensor format version 3 (``unweight.lossless.rans32``); version 7 its FP16
-and FP32 tensors too. Versions 2-6 are still read. See ``docs/format.md``.
+directory of a byte and a varint or two per stream). Each stored part costs an entry of ~100 bytes in the
+safetensors JSON header: bf16 minilm-l6's file came to 0.6596 of the original's with every stream a part of
+its own (version 2), 0.6587 with the small streams packed into ``NAME.ul.meta`` beside ``NAME.ul.code``
+(version 3), 0.6585 with one part per tensor (version 4; its tensor bytes: 0.6581), and 0.65776 with version
+5's compact pack and chunks of 2^20 values. Folder version 6 keeps version 5's layout, its BF16 tensors in
+tensor format version 3 (``unweight.lossless.rans32``); version 7 its BF16, FP16 and FP32 tensors in version 4
+(version 3 with XXH3-64 chunk checksums). Versions 2-6 are still read. See ``docs/format.md``.
 """
 
 from __future__ import annotations
@@ -27,7 +27,7 @@ TAG = "ul"
 PREFIX = f".{TAG}."
 FOLDER_VERSION = 7  # 2: every stream a part; 3: the small ones in `meta`; 4: all in `pack`; 5: `pack`, compact;
 # 6: as 5, its BF16 tensors in tensor format version 3 (32-bit rANS lanes; unweight.lossless.rans32); 7: as 6,
-# its FP16 and FP32 tensors in version 3 too
+# its BF16, FP16 and FP32 tensors in version 4 (version 3 with XXH3-64 chunk checksums)
 STREAMS = ("head", "offsets", "modes", "check", "tables", "rows", "low_offsets", "code", "low")
 WIDE = frozenset({"head", "offsets", "check", "low_offsets"})  # I64 streams; the others are U8
 PACKED = ("pack", "meta")  # the part holding a tensor's packed streams: versions 4 and 5's, version 3's
