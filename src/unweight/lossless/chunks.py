@@ -207,13 +207,13 @@ _V3 = {}
 
 
 def range_kernels_v3(ebits: int):
-    """(encode_range, decode_range) of format version 3 for words of ``ebits`` exponent bits: 16-bit
-    words (BF16, FP16) and FP32 values (whose hi words are BF16's; their low halves packed apart as in
-    version 2). A word is a symbol (``ebits`` exponent bits and ``k`` mantissa bits) above
-    ``r = 16 - ebits - k`` raw bits, the sign and the low mantissa bits. numba compiles each for the word
-    type it is given. The exponent width is a constant of the kernels: BF16's decoder, which reads at
-    most two bit planes beyond the nibbles, then holds no code for FP16's four (with both in one kernel
-    it ran 6% slower on minilm-l6's embedding)."""
+    """(encode_range, decode_range) of format versions 3 and 4 (which differ in the chunk checksum only,
+    ``use_xxh3``) for words of ``ebits`` exponent bits: 16-bit words (BF16, FP16) and FP32 values (whose
+    hi words are BF16's; their low halves packed apart as in version 2). A word is a symbol (``ebits``
+    exponent bits and ``k`` mantissa bits) above ``r = 16 - ebits - k`` raw bits, the sign and the low
+    mantissa bits. numba compiles each for the word type it is given. The exponent width is a constant of
+    the kernels: BF16's decoder, which reads at most two bit planes beyond the nibbles, then holds no code
+    for FP16's four (with both in one kernel it ran 6% slower on minilm-l6's embedding)."""
     if ebits not in _V3:
         _V3[ebits] = _make_ranges_v3(_STAMP, ebits)
     return _V3[ebits]
