@@ -206,17 +206,18 @@ def _make_ranges(hbits, stamp):
 _V3 = {}
 
 
-def range_kernels_v3(ebits: int):
-    """(encode_range, decode_range) of format versions 3 and 4 (which differ in the chunk checksum only,
-    ``use_xxh3``) for words of ``ebits`` exponent bits: 16-bit words (BF16, FP16) and FP32 values (whose
-    hi words are BF16's; their low halves packed apart as in version 2). A word is a symbol (``ebits``
-    exponent bits and ``k`` mantissa bits) above ``r = 16 - ebits - k`` raw bits, the sign and the low
-    mantissa bits. numba compiles each for the word type it is given. The exponent width is a constant of
-    the kernels: BF16's decoder, which reads at most two bit planes beyond the nibbles, then holds no code
-    for FP16's four (with both in one kernel it ran 6% slower on minilm-l6's embedding)."""
-    if ebits not in _V3:
-        _V3[ebits] = _make_ranges_v3(_STAMP, ebits)
-    return _V3[ebits]
+def range_kernels_v3(ebits: int, version: int):
+    """(encode_range, decode_range) of format ``version`` 3 or 4 (which differ in the chunk checksum only:
+    XXH64 or XXH3-64, a constant of the kernels, so that each holds one) for words of ``ebits`` exponent
+    bits: 16-bit words (BF16, FP16) and FP32 values (whose hi words are BF16's; their low halves packed
+    apart as in version 2). A word is a symbol (``ebits`` exponent bits and ``k`` mantissa bits) above ``r =
+    16 - ebits - k`` raw bits, the sign and the low mantissa bits. numba compiles each for the word type it
+    is given. The exponent width is a constant of the kernels: BF16's decoder, which reads at most two bit
+    planes beyond the nibbles, then holds no code for FP16's four (with both in one kernel it ran 6% slower
+    on minilm-l6's embedding)."""
+    if (ebits, version) not in _V3:
+        _V3[ebits, version] = _make_ranges_v3(_STAMP, ebits, version == 4)
+    return _V3[ebits, version]
 
 
 @njit(inline="always")
@@ -240,12 +241,6 @@ def _place(syms, m, a, b, k, rot, emax, pls, mp, r, zeros, out, wide):
                       rot, emax, wide)
         m += cnt
         a = end
-
-
-@njit(inline="always")
-def _checksum(data, start, length, use_xxh3):
-    """A chunk's checksum: XXH3-64 (version 4; 0.018 against XXH64's 0.086 ns per byte here) or XXH64."""
-    return xxh3_64(data, start, length) if use_xxh3 else xxh64(data, start, length)
 
 
 @njit(inline="always")
@@ -324,11 +319,11 @@ def _split_hi(vals, c0, n, hw):
         hw[i] = np.uint16(src[i] >> np.uint32(16))
 
 
-def _make_ranges_v3(stamp, ebits):
+def _make_ranges_v3(stamp, ebits, use_xxh3):
     wide = ebits < 8  # FP16: r = 8 raw bits, four bit planes
     @njit(cache=True, nogil=True)
     def encode_range(vals, vals_u8, lo, hi, chunk_w, numel, row_len, q, nph, k, coded, ent, code, code_base,
-                     code_sizes, modes, check, low, low_base, low_sizes, keys, scratch, hw, use_xxh3):
+                     code_sizes, modes, check, low, low_base, low_sizes, keys, scratch, hw):
         """Chunks ``lo .. hi``; ``vals`` are 16-bit words (BF16, FP16: ``ebits`` exponent bits) or FP32
         values (uint32, their low halves packed into ``low`` from ``low_base``, their hi halves split
         into ``hw`` first)."""
@@ -338,7 +333,10 @@ def _make_ranges_v3(stamp, ebits):
         for c in range(lo, hi):
             c0 = c * chunk_w
             n = min(chunk_w, numel - c0)
-            check[c] = _checksum(vals_u8, c0 * vals.itemsize, n * vals.itemsize, use_xxh3)
+            if use_xxh3:  # a constant of the closure: numba prunes the other branch before compiling it
+                check[c] = xxh3_64(vals_u8, c0 * vals.itemsize, n * vals.itemsize)
+            else:
+                check[c] = xxh64(vals_u8, c0 * vals.itemsize, n * vals.itemsize)
             size = 0
             if coded:
                 if is32:
@@ -361,7 +359,7 @@ def _make_ranges_v3(stamp, ebits):
 
     @njit(cache=True, nogil=True)
     def decode_range(code, code_off, modes, check, low, low_off, lo, hi, chunk_w, numel, row_len, q, nph, k,
-                     dec, off, out, out_u8, syms, zeros, hw, low_words, status, use_xxh3):
+                     dec, off, out, out_u8, syms, zeros, hw, low_words, status):
         """Chunks ``lo .. hi`` into ``out``: 16-bit words (uint16) or FP32 values (uint32, their hi
         halves decoded into ``hw`` first, then joined with their low halves; ``low_words`` is
         :func:`fields.join_low`'s scratch)."""
@@ -394,8 +392,13 @@ def _make_ranges_v3(stamp, ebits):
             if rc == rans.OK and is32 and not join_low(low[low_off[c]:low_off[c + 1]], n, hw, out[c0:c0 + n],
                                                         low_words):
                 rc = ERR_LOW
-            if rc == rans.OK and _checksum(out_u8, c0 * out.itemsize, n * out.itemsize, use_xxh3) != check[c]:
-                rc = ERR_CHECKSUM
+            if rc == rans.OK:
+                if use_xxh3:
+                    h = xxh3_64(out_u8, c0 * out.itemsize, n * out.itemsize)
+                else:
+                    h = xxh64(out_u8, c0 * out.itemsize, n * out.itemsize)
+                if h != check[c]:
+                    rc = ERR_CHECKSUM
             status[c] = rc
 
     return encode_range, decode_range

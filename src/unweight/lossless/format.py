@@ -287,7 +287,7 @@ def _encode_v3(vals, lay, shape, plan, nchunks, chunk_w, rb, threads, shrink, ve
     check = np.zeros(nchunks, np.uint64)
     is32 = lay.low_bits > 0
     low, low_region, low_sizes = _low_buffers(cw, nchunks, is32)
-    encode_range = chunks.range_kernels_v3(lay.exp_bits)[0]
+    encode_range = chunks.range_kernels_v3(lay.exp_bits, version)[0]
 
     def task(lo: int, hi: int) -> None:
         keys = _scratch("enc_keys", cw, np.uint16)
@@ -295,7 +295,7 @@ def _encode_v3(vals, lay, shape, plan, nchunks, chunk_w, rb, threads, shrink, ve
         hw = _scratch("enc_hi", cw if is32 else 0, np.uint16)
         encode_range(vals, vals.view(np.uint8), lo, hi, chunk_w, numel, row_len, q, nph, k, plan is not None,
                      ent, code, lo * region, code_sizes, modes, check, low, lo * low_region, low_sizes, keys,
-                     scratch, hw, version == 4)
+                     scratch, hw)
 
     ranges = pool.run_ranges(task, nchunks, threads)
     code, offsets = _close_code(code, ranges, region, code_sizes, shrink)
@@ -453,7 +453,7 @@ def decode_tensor(parts, name: str, threads: int | None = None) -> torch.Tensor:
     out = out_u8[:nbytes].view(lay.word_dtype)
     status = np.zeros(nchunks, np.int32)
     if version in LANES32:
-        decode_v3 = chunks.range_kernels_v3(lay.exp_bits)[1]
+        decode_v3 = chunks.range_kernels_v3(lay.exp_bits, version)[1]
         zeros = np.zeros(planes.padded(min(chunk_w, numel)) // 8 + 1, np.uint8)
 
         def task3(lo: int, hi: int) -> None:
@@ -462,7 +462,7 @@ def decode_tensor(parts, name: str, threads: int | None = None) -> torch.Tensor:
             hw = _scratch("dec_hi", cw if is32 else 0, np.uint16)
             low_words = _scratch("dec_low", LOW_BLOCK if is32 else 0, np.uint16)
             decode_v3(code, offsets, modes, check, low, low_offsets, lo, hi, chunk_w, numel, row_len, q, nph, k,
-                      dec, off, out, out_u8, syms, zeros, hw, low_words, status, version == 4)
+                      dec, off, out, out_u8, syms, zeros, hw, low_words, status)
 
         pool.run_ranges(task3, nchunks, threads)
         return _decoded(name, status, nchunks, nbytes, out_u8, shape, lay)
