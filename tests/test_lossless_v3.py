@@ -6,6 +6,7 @@ codes, and the fallback of tensors whose symbols do not fit them to version 2.
 import numpy as np
 import pytest
 import torch
+import xxhash  # the reference XXH3 (a test extra)
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from numba import njit
@@ -332,7 +333,6 @@ def test_join_low_joins_what_unpack_low_unpacks(seed, n):
 def test_xxh3_matches_the_reference_library(data, offset):
     """Every length class of XXH3-64 (0, 1-3, 4-8, 9-16, 17-128, 129-240, longer; a partial last
     block and stripe), at any alignment, against the ``xxhash`` package."""
-    xxhash = pytest.importorskip("xxhash")
     buf = np.frombuffer(bytes(offset) + data, np.uint8)
     assert int(hashing.xxh3_64(buf, offset, len(data))) == xxhash.xxh3_64_intdigest(data)
 
@@ -342,7 +342,6 @@ def test_xxh3_known_values_and_long_inputs():
     assert int(hashing.xxh3_64(np.zeros(0, np.uint8), 0, 0)) == 0x2D06800538D394C2
     ramp = (np.arange(16) % 251).astype(np.uint8)
     assert int(hashing.xxh3_64(ramp, 0, 9)) == 0xE9612598145BB9DC
-    xxhash = pytest.importorskip("xxhash")
     rng = np.random.default_rng(0)
     for n in (1024 * 5, 1024 * 5 + 1, 1 << 20, (1 << 20) + 63):
         data = rng.integers(0, 256, n, dtype=np.uint8)
