@@ -21,7 +21,8 @@ Decode times stop when the method has returned its output; comparing it with the
 after the clock (it used to be inside it, which charged each method its own comparison's speed).
 Every method's output is decoded and compared with the input; one that does not round-trip is
 reported with ``roundtrip: false`` (ZipNN 0.5.4 returns BF16/FP32 bytes with the sign-bit
-reordering left in place). Writes ``bench/results/lossless.json``.
+reordering left in place). Method ``unweight-v2`` (BF16, FP16, FP32) is unweight writing format version
+2, for a comparison in one process. Writes ``bench/results/lossless.json``.
 """
 
 import argparse
@@ -106,7 +107,8 @@ def blob(tensors: dict[str, torch.Tensor]) -> bytes:
 
 
 def m_unweight(tensors, threads, version=None):
-    """unweight's tensor format: the version it writes, or (``version=2``) the one before for BF16."""
+    """unweight's tensor format: the version it writes (4), or (``version=2``, method ``unweight-v2``) the
+    16-lane one that BF16, FP16 and FP32 were written in before version 3."""
     def encode(t, threads=None):
         return {k: torch.from_numpy(v) for k, v in encode_streams(t, threads, version=version).items()}
 
