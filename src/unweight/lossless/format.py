@@ -165,7 +165,7 @@ def _default_raw_bits(lay: FloatLayout) -> int:
 # encode
 
 
-V3_DTYPES = (torch.bfloat16, torch.float16, torch.float32)  # the dtypes version 3 is defined for
+V3_DTYPES = (torch.bfloat16, torch.float16, torch.float32)  # the dtypes versions 3 and 4 are defined for
 
 
 def written_version(dtype: torch.dtype) -> int:
