@@ -194,10 +194,12 @@ def test_written_bytes_are_pinned_for_each_format_version(dtype, version, monkey
     assert fmt.FORMAT_VERSION == 4  # a new version writes other bytes: pin them anew
     monkeypatch.setattr(fmt, "CHUNK_WEIGHTS", 1 << 18)  # the head records the chunk size (2^20 since 2026-11-28)
     # ragged rows and lane groups; version 3 codes zeros and subnormals, not NaN and infinities (below)
-    parts = encode(make(dtype, (300, 257), "zeros" if version >= 3 else "special", 7), version=version)
+    t = make(dtype, (300, 257), "zeros" if version >= 3 else "special", 7)
+    parts = encode(t, version=version)
     assert int(parts["w" + fmt.HEAD][fmt._F["version"]]) == version
     blob = np.concatenate([parts[k].numpy().view(np.uint8).reshape(-1) for k in sorted(parts)])
     assert int(xxh64(blob, 0, blob.size)) == PINNED[dtype, version]
+    assert same(decode_tensor(parts, "w"), t)  # and every version is still read
 
 
 @njit
