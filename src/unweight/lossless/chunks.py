@@ -200,7 +200,7 @@ def _make_ranges(hbits, stamp):
 
 
 # ---------------------------------------------------------------------------------------------
-# format version 3 (BF16): keys coded by rans32, raw bits in planes after the words
+# format versions 3 and 4 (BF16, FP16, FP32): keys coded by rans32, raw bits in planes after the words
 
 
 _V3 = {}

@@ -227,12 +227,7 @@ def encode_streams(t: torch.Tensor, threads: int | None = None, shrink: bool = T
 
     cw = min(chunk_w, numel)  # the longest chunk
     region = cw * hbytes  # a chunk never takes more than its raw hi words
-    code = np.empty(nchunks * region + rans.STREAM_PAD, np.uint8)
-    code_sizes = np.zeros(nchunks, np.int64)
-    modes = np.zeros(nchunks, np.uint8)
-    check = np.zeros(nchunks, np.uint64)
-    is32 = lay.low_bits > 0
-    low, low_region, low_sizes = _low_buffers(cw, nchunks, is32)
+    code, code_sizes, modes, check, low, low_region, low_sizes = bufs = _chunk_buffers(nchunks, cw, region, lay)
     vals_u8 = vals.view(np.uint8)
 
     def task(lo: int, hi: int) -> None:
@@ -243,26 +238,32 @@ def encode_streams(t: torch.Tensor, threads: int | None = None, shrink: bool = T
                      code_sizes, modes, low, lo * low_region, low_sizes, check, words, scratch)
 
     ranges = pool.run_ranges(task, nchunks, threads)
+    return _assembled(shape, lay, plan, 2, chunk_w, rb, ranges, region, bufs, shrink)
+
+
+def _chunk_buffers(nchunks: int, cw: int, region: int, lay: FloatLayout):
+    """The chunk ranges' output: (code, code sizes, modes, checksums, low, low region, low sizes), each
+    range writing from ``lo * region`` of the code (``lo * low region`` of the low halves). FP32's low
+    halves (:func:`fields.pack_low`) never take more than ``2 cw`` bytes and a byte per block; other
+    dtypes have none."""
+    low_region = cw * 2 + -(-cw // LOW_BLOCK) if lay.low_bits else 0
+    return (np.empty(nchunks * region + rans.STREAM_PAD, np.uint8), np.zeros(nchunks, np.int64),
+            np.zeros(nchunks, np.uint8), np.zeros(nchunks, np.uint64), np.empty(nchunks * low_region, np.uint8),
+            low_region, np.zeros(nchunks, np.int64))
+
+
+def _assembled(shape, lay, plan, version, chunk_w, rb, ranges, region, bufs, shrink) -> dict[str, np.ndarray]:
+    """The parts of an encoded tensor from its chunk ranges' :func:`_chunk_buffers`, each stream's
+    segments moved together (:func:`_close_gaps`)."""
+    code, code_sizes, modes, check, low, low_region, low_sizes = bufs
     code, offsets = _close_code(code, ranges, region, code_sizes, shrink)
-    parts = _finish(shape, lay, plan, 2, chunk_w, rb, code, offsets, modes, check)
-    if is32:
-        _add_low(parts, low, ranges, low_region, low_sizes)
+    parts = _finish(shape, lay, plan, version, chunk_w, rb, code, offsets, modes, check)
+    if lay.low_bits:
+        low_offsets = _close_gaps(low, ranges, low_region, low_sizes)
+        low.resize(low_offsets[-1], refcheck=False)
+        parts[LOW] = low
+        parts[LOW_OFFSETS] = low_offsets
     return parts
-
-
-def _low_buffers(cw: int, nchunks: int, is32: bool):
-    """(buffer, region per chunk, sizes) for FP32's low halves (:func:`fields.pack_low`; a chunk of
-    ``cw`` values never takes more than ``2 cw`` bytes and a byte per block); empty for other dtypes."""
-    region = cw * 2 + -(-cw // LOW_BLOCK) if is32 else 0
-    return np.empty(nchunks * region, np.uint8), region, np.zeros(nchunks, np.int64)
-
-
-def _add_low(parts, low, ranges, region, sizes) -> None:
-    """The low halves' stream and offsets into ``parts``, the ranges' segments moved together."""
-    offsets = _close_gaps(low, ranges, region, sizes)
-    low.resize(offsets[-1], refcheck=False)
-    parts[LOW] = low
-    parts[LOW_OFFSETS] = offsets
 
 
 def _encode_v3(vals, lay, shape, plan, nchunks, chunk_w, rb, threads, shrink, version) -> dict[str, np.ndarray]:
@@ -281,12 +282,8 @@ def _encode_v3(vals, lay, shape, plan, nchunks, chunk_w, rb, threads, shrink, ve
         q, row_len, nph, k = np.zeros(1, np.int8), max(numel, 1), 1, model.K_CHOICES_V3[lay.name][0]
     cw = min(chunk_w, numel)
     region = cw * 2
-    code = np.empty(nchunks * region + rans.STREAM_PAD, np.uint8)
-    code_sizes = np.zeros(nchunks, np.int64)
-    modes = np.zeros(nchunks, np.uint8)
-    check = np.zeros(nchunks, np.uint64)
+    code, code_sizes, modes, check, low, low_region, low_sizes = bufs = _chunk_buffers(nchunks, cw, region, lay)
     is32 = lay.low_bits > 0
-    low, low_region, low_sizes = _low_buffers(cw, nchunks, is32)
     encode_range = chunks.range_kernels_v3(lay.exp_bits, version)[0]
 
     def task(lo: int, hi: int) -> None:
@@ -298,11 +295,7 @@ def _encode_v3(vals, lay, shape, plan, nchunks, chunk_w, rb, threads, shrink, ve
                      scratch, hw)
 
     ranges = pool.run_ranges(task, nchunks, threads)
-    code, offsets = _close_code(code, ranges, region, code_sizes, shrink)
-    parts = _finish(shape, lay, plan, version, chunk_w, rb, code, offsets, modes, check)
-    if is32:
-        _add_low(parts, low, ranges, low_region, low_sizes)
-    return parts
+    return _assembled(shape, lay, plan, version, chunk_w, rb, ranges, region, bufs, shrink)
 
 
 def _finish(shape, lay, plan, version, chunk_w, rb, code, offsets, modes, check) -> dict[str, np.ndarray]:
