@@ -1,8 +1,8 @@
-"""Format version 3's passes over BF16 words, sixteen words per vector in 16-bit lanes (LLVM IR).
+"""Format version 3's passes over BF16 words, 16 or 32 words per vector in 16-bit lanes (LLVM IR).
 
 numba types arithmetic on uint16 values as int64, so its own loops over a chunk's words run in 64-bit
 lanes, four or eight per vector: putting a word together from its symbol and raw bits took 0.42 ns per
-value that way against 0.12 here. Each function below is a vector loop over whole groups of sixteen
+value that way against 0.12 here. Each function below is a vector loop over whole groups of W
 and a scalar tail written in numba, which is also the loop's reference (tested word for word):
 
 * :func:`keys`: a row's words to the encoder's keys (phase and lowered symbol, ``model.lower``);
@@ -17,7 +17,9 @@ from numba.extending import intrinsic
 
 from unweight.lossless import planes, simd
 
-W = 16  # 16-bit words per vector
+# 16-bit words per vector: 32 with AVX512-BW (the words of minilm-l6's BF16 embedding 0.222 against
+# 0.249 ns per value on Zen 5, bench/lossless_parts.py), else 16
+W = 32 if simd.AVX512BW else 16
 _I8, _I16, _I32, _I64 = ir.IntType(8), ir.IntType(16), ir.IntType(32), ir.IntType(64)
 _VW, _VB = ir.VectorType(_I16, W), ir.VectorType(_I8, W)
 

@@ -30,6 +30,8 @@ from numba.extending import intrinsic
 # numba compiles for this machine unless NUMBA_CPU_NAME / NUMBA_CPU_FEATURES name another target
 AVAILABLE = (numba.config.CPU_NAME in (None, "host") and numba.config.CPU_FEATURES is None
              and bool(llvm.get_host_cpu_features().get("avx2", False)))
+# 512-bit vectors of 16-bit lanes (AVX512-BW): the word loops (lanes16) then take 32 words at a time
+AVX512BW = AVAILABLE and bool(llvm.get_host_cpu_features().get("avx512bw", False))
 
 _I16, _I32, _I64 = ir.IntType(16), ir.IntType(32), ir.IntType(64)
 _V4I64, _V4I32, _V4I16 = ir.VectorType(_I64, 4), ir.VectorType(_I32, 4), ir.VectorType(_I16, 4)
