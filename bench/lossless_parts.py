@@ -6,9 +6,10 @@ planes, the chunk checksum (XXH3-64, and XXH64 on the same output for comparison
     .venv/bin/python bench/lossless_parts.py --model smollm2-135m --tensor model.embed_tokens.weight
 
 The parts are timed by calling the kernels' own pieces (``rans32.decode_keys``, ``chunks._place``, the
-hashes) over every chunk, one piece at a time (the loop and the words also together, chunk by chunk, as
-``chunks.range_kernels_v3`` does, which rebuilds the tensor: checked); against the whole decode they show
-what the rest (tables, headers, output memory) costs. BF16 only (the parts are BF16's).
+hashes) over every chunk, one piece at a time, and then the chunk decode as ``chunks.range_kernels_v3`` runs it
+(``chunks._decode_hi``: with AVX2 the rANS loop puts most words together itself, ``_place`` the rest; it
+rebuilds the tensor: checked); against the whole decode they show what the rest (tables, headers, output
+memory) costs. BF16 only (the parts are BF16's).
 """
 
 import argparse
@@ -29,7 +30,7 @@ from lossless import load_model  # noqa: E402
 
 
 @njit
-def _parts(code, off, nch, cw, numel, row_len, q, nph, k, dec, offv, syms, out, out_u8, what, zeros):
+def _parts(code, off, nch, cw, numel, row_len, q, nph, k, dec, offv, syms, out, out_u8, what, zeros, plan, fix):
     counts, at = np.zeros(nph, np.int64), np.zeros(nph, np.int64)
     r = 8 - k
     acc = np.uint64(0)
@@ -41,10 +42,13 @@ def _parts(code, off, nch, cw, numel, row_len, q, nph, k, dec, offv, syms, out, 
         pb = mp * r // 8
         wb = seglen - pb - (pb & 1)
         rans.phase_counts(c0, n, row_len, q, nph, counts)
-        if what == 0 or what == 4:
+        if what == 4:  # the kernel's own chunk decode: the loop placing the words it may, then the rest
+            acc += chunks._decode_hi(code, s0, seglen, c0, n, row_len, q, nph, 8, k, dec, offv, out[c0:c0 + n], syms,
+                                     zeros, counts, at, False, plan, fix)
+        if what == 0:
             rans32.decode_keys(code[s0:s0 + wb + rans.STREAM_PAD].view(np.uint16), wb // 2, n, counts, dec, 1 << k,
                                offv, syms)
-        if what == 1 or what == 4:
+        if what == 1:
             chunks._phase_starts(counts, at)
             for row in range(c0 // row_len, (c0 + n - 1) // row_len + 1):
                 qr = np.int64(q[row])
@@ -85,20 +89,21 @@ def main():
     code, off = p[fmt.CODE], p[fmt.OFFSETS]
     nch = off.size - 1
     syms, zeros = np.empty(cw, np.uint16), np.zeros(cw, np.uint8)
+    plan, fix = np.empty(cw // rans32.LANES + 1, np.int32), np.empty(4 * (cw // 16 + 16), np.int32)
     out_u8 = np.empty(numel * 2, np.uint8)
     out = out_u8.view(np.uint16)
     parts = {"w" + s: torch.from_numpy(a) for s, a in p.items()}
-    labels = ("rANS loop", "words", "XXH3-64", "XXH64 (version 3's)", "loop + words by chunk", "whole decode_tensor")
+    labels = ("rANS loop", "words", "XXH3-64", "XXH64 (version 3's)", "chunk decode (fused)", "whole decode_tensor")
     best = [float("inf")] * len(labels)
     for _ in range(args.reps):
         for what in range(5):
             t0 = time.perf_counter()
-            _parts(code, off, nch, cw, numel, row_len, q, nph, k, dec, offv, syms, out, out_u8, what, zeros)
+            _parts(code, off, nch, cw, numel, row_len, q, nph, k, dec, offv, syms, out, out_u8, what, zeros, plan, fix)
             best[what] = min(best[what], time.perf_counter() - t0)
         t0 = time.perf_counter()
         fmt.decode_tensor(parts, "w", threads=1)
         best[5] = min(best[5], time.perf_counter() - t0)
-    # the last pass ran loop and words chunk by chunk, as the kernel does: it rebuilt the tensor
+    # the last pass decoded chunk by chunk as the kernel does: it rebuilt the tensor
     assert np.array_equal(out, t.view(torch.int16).numpy().reshape(-1).view(np.uint16)), "the parts did not rebuild it"
     print(f"{args.model} {name} in bf16: {numel:,} values, {nch} chunks, k = {k}, {nph} phase(s); ns per value:")
     for label, b in zip(labels, best):

@@ -12,7 +12,7 @@ from hypothesis import strategies as st
 from numba import njit
 
 from unweight.errors import UnweightError
-from unweight.lossless import decode_tensor, fields, hashing, lanes16, model, planes, rans, rans32, simd
+from unweight.lossless import chunks, decode_tensor, fields, hashing, lanes16, model, planes, rans, rans32, simd
 from unweight.lossless import format as fmt
 
 
@@ -308,6 +308,69 @@ def test_fp32_version_3_stores_a_chunk_that_does_not_code_raw(monkeypatch):
     parts = {"w" + k: torch.from_numpy(v) for k, v in fmt.encode_streams(t).items()}
     assert int(parts["w" + fmt.HEAD][fmt._F["version"]]) == 4 and parts["w" + fmt.MODES].tolist() == [0, 1]
     assert torch.equal(decode_tensor(parts, "w").view(torch.int32), t.view(torch.int32))
+
+
+@njit
+def _plan(c0, n, row_len, q, nph, e):
+    counts, at = np.zeros(nph, np.int64), np.zeros(nph, np.int64)
+    rans.phase_counts(c0, n, row_len, q, nph, counts)
+    plan = np.full(n // rans32.LANES + 1, 7, np.int32)
+    fix = np.full(4 * (n // 16 + 16), -7, np.int32)
+    nfix = chunks._plan_groups(plan, fix, c0, n, row_len, q, nph, counts, at, e)
+    return counts, plan[:n // rans32.LANES], fix[:4 * nfix].reshape(-1, 4)
+
+
+@settings(max_examples=150, deadline=None)
+@given(seed=st.integers(0, 2**32 - 1), row_len=st.integers(32, 700), c0=st.integers(0, 3000),
+       n=st.integers(256, 5000), nph=st.integers(1, 4))
+def test_the_plan_of_a_chunk_places_every_value_once_in_coding_order(seed, row_len, c0, n, nph):
+    """The groups the rANS loop puts together (a whole group of 32 in one row, its raw bits in one byte of
+    each bit plane) and the runs left to the pass after it cover each value of the chunk once, where the
+    decoder's coding order (rows in order, each phase's run after the last) puts it, with its row's
+    rotation: the plan decides nothing the words depend on."""
+    rng = np.random.default_rng(seed)
+    rows = (c0 + n - 1) // row_len + 1
+    q = rng.integers(-128, 128, rows).astype(np.int8)
+    e = planes.padded(n) // 8
+    counts, plan, fix = _plan(c0, n, row_len, q, nph, e)
+    where, rot = np.full(n, -1), np.zeros(n, np.int64)  # value of coding position i, its rotation
+    at = np.r_[0, np.cumsum(counts)[:-1]]
+    for r in range(c0 // row_len, rows):
+        s, t = max(c0, r * row_len) - c0, min(c0 + n, (r + 1) * row_len) - c0
+        ph = int(q[r]) % nph
+        where[at[ph]:at[ph] + t - s], rot[at[ph]:at[ph] + t - s] = np.arange(s, t), (int(q[r]) // nph) % 255
+        at[ph] += t - s
+    placed = np.zeros(n, np.int64)
+    for g in np.flatnonzero(plan != -1):
+        a, ro = int(plan[g]) & 0xFFFFFF, (int(plan[g]) & 0xFFFFFFFF) >> 24
+        span = slice(g * rans32.LANES, (g + 1) * rans32.LANES)
+        assert np.array_equal(where[span], a + np.arange(rans32.LANES)) and (rot[span] == ro).all()
+        assert a // e == (a + rans32.LANES - 1) // e  # one byte of each bit plane
+        placed[a:a + rans32.LANES] += 1
+    for m, a, cnt, ro in fix.tolist():
+        assert cnt > 0 and np.array_equal(where[m:m + cnt], a + np.arange(cnt)) and (rot[m:m + cnt] == ro).all()
+        placed[a:a + cnt] += 1
+    assert (placed == 1).all()
+    if row_len % rans32.LANES == 0 and c0 % row_len == 0 and nph == 1:
+        assert (plan != -1).sum() >= n // rans32.LANES - 7  # all but the groups across a plane's bytes
+
+
+@settings(max_examples=25, deadline=None)
+@given(seed=st.integers(0, 2**32 - 1), row_len=st.sampled_from([32, 40, 64, 100, 384, 1000]),
+       rows=st.integers(1, 40), chunk=st.sampled_from([700, 2048, 5000, 1 << 20]), wide=st.booleans())
+def test_words_the_rans_loop_places_rebuild_the_tensor(seed, row_len, rows, chunk, wide):
+    """BF16 (whose words the rANS loop puts together where the chunk's plan lets it) and FP32 (its hi halves
+    the same way) round-trip through chunks that cut rows, rows of every scale (row contexts, several phases),
+    rows that are no multiple of 32."""
+    rng = np.random.default_rng(seed)
+    x = rng.standard_normal((rows, row_len)) * 2.0 ** rng.integers(-12, 4, (rows, 1))
+    t = torch.from_numpy(x).to(torch.float32 if wide else torch.bfloat16)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(fmt, "CHUNK_WEIGHTS", chunk)
+        parts = {"w" + k: torch.from_numpy(v) for k, v in fmt.encode_streams(t).items()}
+    assert int(parts["w" + fmt.HEAD][fmt._F["version"]]) == 4
+    bits = torch.int32 if wide else torch.int16
+    assert torch.equal(decode_tensor(parts, "w", threads=2).view(bits), t.view(bits))
 
 
 @settings(max_examples=60, deadline=None)

@@ -281,9 +281,58 @@ def _encode_hi(hw, c0, n, row_len, q, nph, ebits, k, ent, code, dst, keys, scrat
 
 
 @njit(inline="always")
-def _decode_hi(code, s0, seglen, c0, n, row_len, q, nph, ebits, k, dec, off, hw, syms, zeros, counts, at, wide):
+def _plan_groups(plan, fix, c0, n, row_len, q, nph, counts, at, e):
+    """Which of a chunk's groups of ``LANES`` values (in coding order) the decoder's loop puts together
+    itself (:func:`rans32.decode_keys_placed`): each group wholly inside one row, unless it spans a multiple
+    of ``e`` (its values' raw bits would not share a byte of each bit plane, :mod:`planes`). ``plan[g]`` =
+    where group ``g``'s first value lies in the chunk | its row's rotation << 24, or -1. Returns how many
+    runs of values that leaves to :func:`_place`, each ``fix[4 j:4 j + 4]`` = (its first value in coding
+    order, in the chunk, how many, its row's rotation): at most two per row, and the seven groups that may
+    span a multiple of ``e`` (the caller sees to ``row_len >= LANES``, ``e >= LANES``, ``n < 2^24``)."""
+    lanes = rans32.LANES
+    plan[:n // lanes] = -1
+    nfix = 0
+    cut = e  # the next multiple of e (value a and a - 1 in different bytes of the planes) from the rows' start
+    _phase_starts(counts, at)
+    for row in range(c0 // row_len, (c0 + n - 1) // row_len + 1):
+        qr = np.int64(q[row])
+        ph = qr % nph
+        s, end = max(c0, row * row_len) - c0, min(c0 + n, (row + 1) * row_len) - c0
+        m = at[ph]
+        at[ph] += end - s
+        rot = (qr // nph) % 255
+        stop = m + end - s
+        g0, g1 = -(-m // lanes), stop // lanes  # the row's whole groups, in coding order
+        head, tail = g0 * lanes, g1 * lanes
+        if g1 <= g0:  # none: the row goes to _place whole
+            g1, head, tail = g0, stop, stop
+        first = s + head - m
+        tag = rot << 24
+        for g in range(g0, g1):
+            plan[g] = first + (g - g0) * lanes | tag
+        for lo, hi in ((m, head), (tail, stop)):  # the row's ends
+            if hi > lo:
+                fix[4 * nfix:4 * nfix + 4] = (lo, s + lo - m, hi - lo, rot)
+                nfix += 1
+        while cut < end:  # a multiple of e inside the row: the group that holds cut - 1 and cut, if any
+            if cut > s:
+                cp = m + cut - 1 - s
+                g = cp // lanes
+                if g0 <= g < g1 and cp % lanes != lanes - 1:
+                    plan[g] = -1
+                    fix[4 * nfix:4 * nfix + 4] = (g * lanes, s + g * lanes - m, lanes, rot)
+                    nfix += 1
+            cut += e
+    return nfix
+
+
+@njit(inline="always")
+def _decode_hi(code, s0, seglen, c0, n, row_len, q, nph, ebits, k, dec, off, hw, syms, zeros, counts, at, wide, plan,
+               fix):
     """A chunk's coded segment ``code[s0:s0 + seglen]`` back to its hi words ``hw`` (``hw[i]`` is value
-    ``c0 + i``; ``ebits`` exponent bits); returns a status (``rans.OK`` or an error code)."""
+    ``c0 + i``; ``ebits`` exponent bits); returns a status (``rans.OK`` or an error code). BF16's words
+    (``wide`` false, a constant of the kernel) are put together in the rANS loop where ``plan`` lets it
+    (:func:`_plan_groups`, with ``fix``; both scratch), the rest after it."""
     r = 16 - ebits - k
     emax = (1 << ebits) - 1
     mp = planes.padded(n)
@@ -296,6 +345,19 @@ def _decode_hi(code, s0, seglen, c0, n, row_len, q, nph, ebits, k, dec, off, hw,
     rans.phase_counts(c0, n, row_len, q, nph, counts)
     words = code[s0:s0 + words_bytes + rans.STREAM_PAD].view(np.uint16)
     pls = code[s0 + words_bytes:s0 + words_bytes + pb]
+    h, e = mp // 2, mp // 8
+    if simd.AVAILABLE and not wide and row_len >= rans32.LANES and e >= rans32.LANES and n < 1 << 24:
+        nfix = _plan_groups(plan, fix, c0, n, row_len, q, nph, counts, at, e)
+        p4 = pls[h:] if r > 4 else zeros
+        p5 = pls[h + e:] if r > 5 else zeros
+        rc = rans32.decode_keys_placed(words, words_bytes // 2, n, counts, dec, 1 << k, off, syms,
+                                       (plan, hw, pls, p4, p5, np.int64(k), np.int64(h), np.int64(e)))
+        if rc != rans.OK:
+            return rc
+        for j in range(nfix):
+            m, a, cnt, rot = fix[4 * j], fix[4 * j + 1], fix[4 * j + 2], fix[4 * j + 3]
+            _place(syms, m, a, a + cnt, k, rot, emax, pls, mp, r, zeros, hw, wide)
+        return rans.OK
     rc = rans32.decode_keys(words, words_bytes // 2, n, counts, dec, 1 << k, off, syms)
     if rc != rans.OK:
         return rc
@@ -359,7 +421,7 @@ def _make_ranges_v3(stamp, ebits, use_xxh3):
 
     @njit(cache=True, nogil=True)
     def decode_range(code, code_off, modes, check, low, low_off, lo, hi, chunk_w, numel, row_len, q, nph, k,
-                     dec, off, out, out_u8, syms, zeros, hw, low_words, status):
+                     dec, off, out, out_u8, syms, zeros, hw, low_words, plan, fix, status):
         """Chunks ``lo .. hi`` into ``out``: 16-bit words (uint16) or FP32 values (uint32, their hi
         halves decoded into ``hw`` first, then joined with their low halves; ``low_words`` is
         :func:`fields.join_low`'s scratch)."""
@@ -383,10 +445,10 @@ def _make_ranges_v3(stamp, ebits, use_xxh3):
             elif mode == MODE_CODED:
                 if is32:
                     rc = _decode_hi(code, s0, seglen, c0, n, row_len, q, nph, ebits, k, dec, off, hw[:n], syms,
-                                    zeros, counts, at, wide)
+                                    zeros, counts, at, wide, plan, fix)
                 else:
                     rc = _decode_hi(code, s0, seglen, c0, n, row_len, q, nph, ebits, k, dec, off, out[c0:c0 + n],
-                                    syms, zeros, counts, at, wide)
+                                    syms, zeros, counts, at, wide, plan, fix)
             else:
                 rc = ERR_MODE
             if rc == rans.OK and is32 and not join_low(low[low_off[c]:low_off[c + 1]], n, hw, out[c0:c0 + n],

@@ -458,8 +458,10 @@ def decode_tensor(parts, name: str, threads: int | None = None) -> torch.Tensor:
             syms = _scratch("dec_words", cw, np.uint16)
             hw = _scratch("dec_hi", cw if is32 else 0, np.uint16)
             low_words = _scratch("dec_low", LOW_BLOCK if is32 else 0, np.uint16)
+            plan = _scratch("dec_plan", cw // rans32.LANES + 1, np.int32)
+            fix = _scratch("dec_fix", 4 * (cw // 16 + 16), np.int32)  # chunks._plan_groups' bound
             decode_v3(code, offsets, modes, check, low, low_offsets, lo, hi, chunk_w, numel, row_len, q, nph, k,
-                      dec, off, out, out_u8, syms, zeros, hw, low_words, status)
+                      dec, off, out, out_u8, syms, zeros, hw, low_words, plan, fix, status)
 
         pool.run_ranges(task3, nchunks, threads)
         return _decoded(name, status, nchunks, nbytes, out_u8, shape, lay)

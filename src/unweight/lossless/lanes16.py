@@ -30,11 +30,7 @@ def _c(x):
 
 def _splats(b, values):
     """Run-time i64 scalars in every 16-bit lane."""
-    out = []
-    for v in values:
-        vec = b.insert_element(ir.Constant(_VW, ir.Undefined), b.trunc(v, _I16), ir.Constant(_I32, 0))
-        out.append(b.shuffle_vector(vec, vec, ir.Constant(ir.VectorType(_I32, W), [0] * W)))
-    return out
+    return [splat(b, v, _VW) for v in values]
 
 
 def _loop(b, n_v, body):
@@ -174,6 +170,32 @@ def pack_words(src, r, out):
 # symbols and planes to words
 
 
+def splat(b, v, vt):
+    """The run-time i64 scalar ``v`` in every lane of the integer vector type ``vt``."""
+    vec = b.insert_element(ir.Constant(vt, ir.Undefined), b.trunc(v, vt.element), ir.Constant(_I32, 0))
+    return b.shuffle_vector(vec, vec, ir.Constant(ir.VectorType(_I32, vt.count), [0] * vt.count))
+
+
+def words_ir(b, s, nib, bits, nsh, sj, k, kmask, rot, rs, keep, sb, emax):
+    """The words of the symbols ``s`` (a vector of i16, any width; the rest as :func:`place` names them,
+    ``nsh`` .. ``emax`` splat to that width): their raw bits from the nibble bytes ``nib`` and the bit-plane
+    bytes ``bits`` (vectors of i8, raw bits 4, 5, ...). The body of :func:`place`'s loop, and of the rANS
+    decoder's loop that places its words itself (``rans32``)."""
+    vt = s.type
+
+    def c(x):
+        return ir.Constant(vt, [x] * vt.count)
+
+    v = b.and_(b.lshr(b.zext(nib, vt), nsh), c(15))
+    for j, q in enumerate(bits):
+        v = b.or_(v, b.shl(b.and_(b.lshr(b.zext(q, vt), sj), c(1)), c(4 + j)))
+    ex = b.lshr(s, k)  # the exponent raised back (model.lower's inverse)
+    t = b.add(ex, rot)
+    t = b.select(b.icmp_unsigned(">", t, emax), b.sub(t, emax), t)
+    sym = b.select(b.icmp_unsigned("==", ex, c(0)), s, b.or_(b.shl(t, k), b.and_(s, kmask)))
+    return b.or_(b.or_(b.shl(sym, rs), b.and_(v, keep)), b.shl(b.and_(b.lshr(v, sb), c(1)), c(15)))
+
+
 def _place_intrinsic(nbits):
     """The vector loop of :func:`place` that reads ``nbits`` bit planes (raw bits 4 .. 3 + nbits)."""
     @intrinsic
@@ -186,17 +208,9 @@ def _place_intrinsic(nbits):
             k, kmask, rot, rs, nsh, sj, keep, sb, emax = _splats(b, args[8:])
 
             def body(i):
-                s = _load(b, sp, i, _VW)
-                v = b.and_(b.lshr(b.zext(_load(b, np_, i, _VB), _VW), nsh), _c(15))
-                for j, p in enumerate(bp[:nbits]):
-                    q = b.zext(_load(b, p, i, _VB), _VW)
-                    v = b.or_(v, b.shl(b.and_(b.lshr(q, sj), _c(1)), _c(4 + j)))
-                ex = b.lshr(s, k)  # the exponent raised back (model.lower's inverse)
-                t = b.add(ex, rot)
-                t = b.select(b.icmp_unsigned(">", t, emax), b.sub(t, emax), t)
-                sym = b.select(b.icmp_unsigned("==", ex, _c(0)), s, b.or_(b.shl(t, k), b.and_(s, kmask)))
-                _store(b, b.or_(b.or_(b.shl(sym, rs), b.and_(v, keep)), b.shl(b.and_(b.lshr(v, sb), _c(1)), _c(15))),
-                       dp, i)
+                bits = [_load(b, p, i, _VB) for p in bp[:nbits]]
+                _store(b, words_ir(b, _load(b, sp, i, _VW), _load(b, np_, i, _VB), bits, nsh, sj, k, kmask, rot, rs,
+                                   keep, sb, emax), dp, i)
 
             return _loop(b, args[7], body)
 
