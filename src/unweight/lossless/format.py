@@ -124,6 +124,28 @@ def _scratch(key: str, n: int, dtype) -> np.ndarray:
     return buf[:nbytes].view(dtype)[:n]
 
 
+def _v3_buffers(cw: int) -> tuple[np.ndarray, ...]:
+    """The version 3/4 decoder's work buffers for chunks of up to ``cw`` values, kept per thread, passed whole
+    (the kernels use what a chunk needs): the symbols, FP32's hi halves, :func:`fields.join_low`'s block,
+    ``chunks._plan_groups``' plan and runs (its bound)."""
+    bufs = getattr(_LOCAL, "dec_v3", None)
+    if bufs is None or bufs[0].size < cw:
+        bufs = _LOCAL.dec_v3 = (np.empty(cw, np.uint16), np.empty(cw, np.uint16), np.empty(LOW_BLOCK, np.uint16),
+                                np.empty(cw // rans32.LANES + 1, np.int32), np.empty(4 * (cw // 16 + 16), np.int32))
+    return bufs
+
+
+_ZEROS = np.zeros(0, np.uint8)
+
+
+def _zeros(n: int) -> np.ndarray:
+    """At least ``n`` zero bytes that no kernel writes, shared (a new one per tensor cost a fresh mapping)."""
+    global _ZEROS
+    if _ZEROS.size < n:
+        _ZEROS = np.zeros(max(n, 2 * _ZEROS.size), np.uint8)
+    return _ZEROS
+
+
 def _close_code(code: np.ndarray, ranges, region: int, sizes: np.ndarray, shrink: bool):
     """(code stream, offsets): the ranges' segments moved together (:func:`_close_gaps`), then the
     padding; with ``shrink`` the buffer is cut to that length, else the stream is a view of its start."""
@@ -412,19 +434,20 @@ def decode_tensor(parts, name: str, threads: int | None = None) -> torch.Tensor:
                 or nsym > model.MAX_SYMBOLS or row_len < 1
                 or numel % row_len or nrows not in (0, numel // row_len)):
             raise _fail(name, "header describes an invalid code table")
-        alphabet = np.zeros(nsym, np.int64)
-        freq = np.zeros((nph, nsym), np.uint32)
         space = 1 << (lay.exp_bits + k)
-        if not model.parse_tables(tables, nsym, nph, alphabet, freq) or alphabet[-1] >= space:
-            raise _fail(name, "code tables are malformed")
-        if version in LANES32:  # build_tables fills every slot or fails
-            coding = model.codes(alphabet, k)
-            if coding is None:
-                raise _fail(name, "code tables are malformed (symbols too spread for version 3's codes)")
-            codes, off = coding
+        if version in LANES32:  # tables, codes and the decode table (every slot filled, or refused) in one call
             dec = np.empty((nph, rans32.PROB_SCALE), np.uint32)
-            bad = rans32.build_tables(alphabet, freq, space, codes, np.zeros(0, np.uint32), dec)
+            status, off = model.decode_tables_v3(tables, nsym, nph, k, space, dec)
+            if status == 1:
+                raise _fail(name, "code tables are malformed")
+            if status == 2:
+                raise _fail(name, "code tables are malformed (symbols too spread for version 3's codes)")
+            bad = status - 3 if status else -1
         else:
+            alphabet = np.zeros(nsym, np.int64)
+            freq = np.zeros((nph, nsym), np.uint32)
+            if not model.parse_tables(tables, nsym, nph, alphabet, freq) or alphabet[-1] >= space:
+                raise _fail(name, "code tables are malformed")
             dec = np.empty((nph, rans.PROB_SCALE), np.uint64)
             bad = rans.build_tables(alphabet, freq, rb, np.zeros((rans.ENC_ROWS, 0, 0), np.uint64), dec)
         if bad != -1:
@@ -451,15 +474,11 @@ def decode_tensor(parts, name: str, threads: int | None = None) -> torch.Tensor:
     status = np.zeros(nchunks, np.int32)
     if version in LANES32:
         decode_v3 = chunks.range_kernels_v3(lay.exp_bits, version)[1]
-        zeros = np.zeros(planes.padded(min(chunk_w, numel)) // 8 + 1, np.uint8)
+        cw = min(chunk_w, numel)
+        zeros = _zeros(planes.padded(cw) // 8 + 1)
 
         def task3(lo: int, hi: int) -> None:
-            cw = min(chunk_w, numel)
-            syms = _scratch("dec_words", cw, np.uint16)
-            hw = _scratch("dec_hi", cw if is32 else 0, np.uint16)
-            low_words = _scratch("dec_low", LOW_BLOCK if is32 else 0, np.uint16)
-            plan = _scratch("dec_plan", cw // rans32.LANES + 1, np.int32)
-            fix = _scratch("dec_fix", 4 * (cw // 16 + 16), np.int32)  # chunks._plan_groups' bound
+            syms, hw, low_words, plan, fix = _v3_buffers(cw)
             decode_v3(code, offsets, modes, check, low, low_offsets, lo, hi, chunk_w, numel, row_len, q, nph, k,
                       dec, off, out, out_u8, syms, zeros, hw, low_words, plan, fix, status)
 

@@ -99,7 +99,8 @@ def meta_hash(head: np.ndarray, field: int, tables, rows=b"") -> int:
     parts = [h.view(np.uint8)] + [np.frombuffer(p, np.uint8) if isinstance(p, (bytes, bytearray)) else
                                   np.asarray(p, np.uint8).reshape(-1) for p in (tables, rows)]
     buf = np.concatenate(parts)
-    return int(np.array([xxh64(buf, 0, buf.size)], np.uint64).view(np.int64)[0])
+    v = int(xxh64(buf, 0, buf.size))
+    return v - (1 << 64) if v >> 63 else v  # as int64
 
 
 # ---------------------------------------------------------------------------------------------

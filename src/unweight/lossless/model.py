@@ -25,7 +25,7 @@ import numpy as np
 import zstandard
 from numba import njit
 
-from unweight.lossless import pool, rans
+from unweight.lossless import pool, rans, rans32
 from unweight.lossless.fields import FloatLayout
 
 MIN_VALUES = 256  # smaller tensors are stored raw: a code table would cost more than it saves
@@ -160,11 +160,43 @@ def codes(alphabet: np.ndarray, k: int) -> tuple[np.ndarray, int] | None:
     subnormals) are their own codes ``0 .. 2^k - 1``, any other symbol ``s`` has code ``s - off``
     (``off = base - 2^k``, ``base`` the first of them). None when that does not fit a byte (the others
     span more than ``256 - 2^k`` values)."""
-    nz = int(np.searchsorted(alphabet, 1 << k))  # the alphabet ascends: exponent 0's symbols first
+    off = code_offset(alphabet, k)
+    if off < 0:
+        return None
     out = alphabet.copy()
-    off = int(alphabet[nz]) - (1 << k) if nz < alphabet.size else 0
-    out[nz:] -= off
-    return (out, off) if out.size == 0 or out[-1] < 256 else None
+    out[alphabet >= 1 << k] -= off
+    return out, off
+
+
+@njit(cache=True, nogil=True)
+def code_offset(alphabet, k):
+    """:func:`codes`' ``off`` for the ascending ``alphabet``, or -1 when the codes do not fit a byte."""
+    nz = np.searchsorted(alphabet, 1 << k)  # exponent 0's symbols first
+    if nz == alphabet.size:
+        return 0
+    off = alphabet[nz] - (1 << k)
+    return off if alphabet[alphabet.size - 1] - off < 256 else -1
+
+
+@njit(cache=True, nogil=True)
+def decode_tables_v3(data, nsym, nph, k, space, dec):
+    """Version 3's decode tables ``dec`` (``nph`` x 4096, :func:`rans32.build_tables`) from a tensor's stored
+    tables ``data`` (:func:`serialize_tables`), in one call. Returns (status, off): 0 and :func:`codes`'
+    ``off``; 1 when the tables are malformed or hold a symbol from ``space`` up; 2 when the symbols do not fit
+    one-byte codes; 3 + ph when phase ph's frequencies do not make a table."""
+    alphabet = np.zeros(nsym, np.int64)
+    freq = np.zeros((nph, nsym), np.uint32)
+    if not parse_tables(data, nsym, nph, alphabet, freq) or alphabet[nsym - 1] >= space:
+        return 1, 0
+    off = code_offset(alphabet, k)
+    if off < 0:
+        return 2, 0
+    code = alphabet.copy()
+    for j in range(nsym):
+        if code[j] >= 1 << k:
+            code[j] -= off
+    bad = rans32.build_tables(alphabet, freq, space, code, np.zeros(0, np.uint32), dec)
+    return (0, off) if bad == -1 else (3 + bad, 0)
 
 
 @njit(inline="always")
