@@ -311,19 +311,19 @@ def test_fp32_version_3_stores_a_chunk_that_does_not_code_raw(monkeypatch):
 
 
 @njit
-def _plan(c0, n, row_len, q, nph, e):
+def _plan(c0, n, row_len, q, nph, e, emax):
     counts, at = np.zeros(nph, np.int64), np.zeros(nph, np.int64)
     rans.phase_counts(c0, n, row_len, q, nph, counts)
     plan = np.full(n // rans32.LANES + 1, 7, np.int32)
     fix = np.full(4 * (n // 16 + 16), -7, np.int32)
-    nfix = chunks._plan_groups(plan, fix, c0, n, row_len, q, nph, counts, at, e)
+    nfix = chunks._plan_groups(plan, fix, c0, n, row_len, q, nph, counts, at, e, emax)
     return counts, plan[:n // rans32.LANES], fix[:4 * nfix].reshape(-1, 4)
 
 
 @settings(max_examples=150, deadline=None)
 @given(seed=st.integers(0, 2**32 - 1), row_len=st.integers(32, 700), c0=st.integers(0, 3000),
-       n=st.integers(256, 5000), nph=st.integers(1, 4))
-def test_the_plan_of_a_chunk_places_every_value_once_in_coding_order(seed, row_len, c0, n, nph):
+       n=st.integers(256, 5000), nph=st.integers(1, 4), emax=st.sampled_from([31, 255]))
+def test_the_plan_of_a_chunk_places_every_value_once_in_coding_order(seed, row_len, c0, n, nph, emax):
     """The groups the rANS loop puts together (a whole group of 32 in one row, its raw bits in one byte of
     each bit plane) and the runs left to the pass after it cover each value of the chunk once, where the
     decoder's coding order (rows in order, each phase's run after the last) puts it, with its row's
@@ -332,13 +332,13 @@ def test_the_plan_of_a_chunk_places_every_value_once_in_coding_order(seed, row_l
     rows = (c0 + n - 1) // row_len + 1
     q = rng.integers(-128, 128, rows).astype(np.int8)
     e = planes.padded(n) // 8
-    counts, plan, fix = _plan(c0, n, row_len, q, nph, e)
+    counts, plan, fix = _plan(c0, n, row_len, q, nph, e, emax)
     where, rot = np.full(n, -1), np.zeros(n, np.int64)  # value of coding position i, its rotation
     at = np.r_[0, np.cumsum(counts)[:-1]]
     for r in range(c0 // row_len, rows):
         s, t = max(c0, r * row_len) - c0, min(c0 + n, (r + 1) * row_len) - c0
         ph = int(q[r]) % nph
-        where[at[ph]:at[ph] + t - s], rot[at[ph]:at[ph] + t - s] = np.arange(s, t), (int(q[r]) // nph) % 255
+        where[at[ph]:at[ph] + t - s], rot[at[ph]:at[ph] + t - s] = np.arange(s, t), (int(q[r]) // nph) % emax
         at[ph] += t - s
     placed = np.zeros(n, np.int64)
     for g in np.flatnonzero(plan != -1):
@@ -357,19 +357,20 @@ def test_the_plan_of_a_chunk_places_every_value_once_in_coding_order(seed, row_l
 
 @settings(max_examples=25, deadline=None)
 @given(seed=st.integers(0, 2**32 - 1), row_len=st.sampled_from([32, 40, 64, 100, 384, 1000]),
-       rows=st.integers(1, 40), chunk=st.sampled_from([700, 2048, 5000, 1 << 20]), wide=st.booleans())
-def test_words_the_rans_loop_places_rebuild_the_tensor(seed, row_len, rows, chunk, wide):
-    """BF16 (whose words the rANS loop puts together where the chunk's plan lets it) and FP32 (its hi halves
-    the same way) round-trip through chunks that cut rows, rows of every scale (row contexts, several phases),
-    rows that are no multiple of 32."""
+       rows=st.integers(1, 40), chunk=st.sampled_from([700, 2048, 5000, 1 << 20]),
+       dtype=st.sampled_from([torch.bfloat16, torch.float16, torch.float32]))
+def test_words_the_rans_loop_places_rebuild_the_tensor(seed, row_len, rows, chunk, dtype):
+    """BF16 and FP16 (whose words the rANS loop puts together where the chunk's plan lets it) and FP32 (its hi
+    halves the same way) round-trip through chunks that cut rows, rows of every scale (row contexts, several
+    phases), rows that are no multiple of 32."""
     rng = np.random.default_rng(seed)
     x = rng.standard_normal((rows, row_len)) * 2.0 ** rng.integers(-12, 4, (rows, 1))
-    t = torch.from_numpy(x).to(torch.float32 if wide else torch.bfloat16)
+    t = torch.from_numpy(x).to(dtype)
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(fmt, "CHUNK_WEIGHTS", chunk)
         parts = {"w" + k: torch.from_numpy(v) for k, v in fmt.encode_streams(t).items()}
     assert int(parts["w" + fmt.HEAD][fmt._F["version"]]) == 4
-    bits = torch.int32 if wide else torch.int16
+    bits = torch.int32 if dtype == torch.float32 else torch.int16
     assert torch.equal(decode_tensor(parts, "w", threads=2).view(bits), t.view(bits))
 
 

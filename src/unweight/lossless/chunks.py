@@ -281,7 +281,7 @@ def _encode_hi(hw, c0, n, row_len, q, nph, ebits, k, ent, code, dst, keys, scrat
 
 
 @njit(inline="always")
-def _plan_groups(plan, fix, c0, n, row_len, q, nph, counts, at, e):
+def _plan_groups(plan, fix, c0, n, row_len, q, nph, counts, at, e, emax):
     """Which of a chunk's groups of ``LANES`` values (in coding order) the decoder's loop puts together
     itself (:func:`rans32.decode_keys_placed`): each group wholly inside one row, unless it spans a multiple
     of ``e`` (its values' raw bits would not share a byte of each bit plane, :mod:`planes`). ``plan[g]`` =
@@ -300,7 +300,7 @@ def _plan_groups(plan, fix, c0, n, row_len, q, nph, counts, at, e):
         s, end = max(c0, row * row_len) - c0, min(c0 + n, (row + 1) * row_len) - c0
         m = at[ph]
         at[ph] += end - s
-        rot = (qr // nph) % 255
+        rot = (qr // nph) % emax
         stop = m + end - s
         g0, g1 = -(-m // lanes), stop // lanes  # the row's whole groups, in coding order
         head, tail = g0 * lanes, g1 * lanes
@@ -330,9 +330,9 @@ def _plan_groups(plan, fix, c0, n, row_len, q, nph, counts, at, e):
 def _decode_hi(code, s0, seglen, c0, n, row_len, q, nph, ebits, k, dec, off, hw, syms, zeros, counts, at, wide, plan,
                fix):
     """A chunk's coded segment ``code[s0:s0 + seglen]`` back to its hi words ``hw`` (``hw[i]`` is value
-    ``c0 + i``; ``ebits`` exponent bits); returns a status (``rans.OK`` or an error code). BF16's words
-    (``wide`` false, a constant of the kernel) are put together in the rANS loop where ``plan`` lets it
-    (:func:`_plan_groups`, with ``fix``; both scratch), the rest after it."""
+    ``c0 + i``; ``ebits`` exponent bits); returns a status (``rans.OK`` or an error code). The words are put
+    together in the rANS loop where ``plan`` lets it (:func:`_plan_groups`, with ``fix``; both scratch), the
+    rest after it. ``wide`` (FP16: four bit planes) is a constant of the kernel."""
     r = 16 - ebits - k
     emax = (1 << ebits) - 1
     mp = planes.padded(n)
@@ -346,12 +346,17 @@ def _decode_hi(code, s0, seglen, c0, n, row_len, q, nph, ebits, k, dec, off, hw,
     words = code[s0:s0 + words_bytes + rans.STREAM_PAD].view(np.uint16)
     pls = code[s0 + words_bytes:s0 + words_bytes + pb]
     h, e = mp // 2, mp // 8
-    if simd.AVAILABLE and not wide and row_len >= rans32.LANES and e >= rans32.LANES and n < 1 << 24:
-        nfix = _plan_groups(plan, fix, c0, n, row_len, q, nph, counts, at, e)
+    if simd.AVAILABLE and row_len >= rans32.LANES and e >= rans32.LANES and n < 1 << 24:
+        nfix = _plan_groups(plan, fix, c0, n, row_len, q, nph, counts, at, e, emax)
         p4 = pls[h:] if r > 4 else zeros
         p5 = pls[h + e:] if r > 5 else zeros
-        rc = rans32.decode_keys_placed(words, words_bytes // 2, n, counts, dec, 1 << k, off, syms,
-                                       (plan, hw, pls, p4, p5, np.int64(k), np.int64(h), np.int64(e)))
+        if wide:  # FP16's planes of raw bits 4 .. 7 (the loop then a kernel of its own)
+            bits = (p4, p5, pls[h + 2 * e:] if r > 6 else zeros, pls[h + 3 * e:] if r > 7 else zeros)
+            rc = rans32.decode_keys_placed(words, words_bytes // 2, n, counts, dec, 1 << k, off, syms,
+                                           (plan, hw, pls, bits, k, h, e, r, emax))
+        else:
+            rc = rans32.decode_keys_placed(words, words_bytes // 2, n, counts, dec, 1 << k, off, syms,
+                                           (plan, hw, pls, (p4, p5), k, h, e, r, emax))
         if rc != rans.OK:
             return rc
         for j in range(nfix):

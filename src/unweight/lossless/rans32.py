@@ -210,25 +210,27 @@ def _decode_intrinsic(place: bool):
 
 
 class _Placer:
-    """The words of a group of ``LANES`` decoded BF16 symbols, put together in the decoder's loop where the
-    chunk's plan says so (:func:`decode_keys_placed`; on Zen 5 this costs the loop 0.13 ns per value
-    against 0.22 for the separate pass). ``extra`` = (plan, dst, nib, p4, p5, k, h, e): the plan (int32 per
-    group: its first value's place ``a`` in ``dst`` | its row's rotation << 24, or -1), the words' array, the
-    nibble plane, the planes of raw bits 4 and 5 (zeros where ``r = 8 - k`` lacks them), and the planes'
-    geometry (:mod:`planes`: value ``a``'s nibble in byte ``a % h``, its bits in byte ``a % e`` at bit
-    ``a // e``, ``h = 4 e``)."""
+    """The words of a group of ``LANES`` decoded symbols (BF16, FP16, FP32's hi halves), put together in the
+    decoder's loop where the chunk's plan says so (:func:`decode_keys_placed`; on Zen 5 this costs the BF16
+    loop 0.13 ns per value against 0.22 for the separate pass). ``extra`` = (plan, dst, nib, bits, k, h, e, r,
+    emax): the plan (int32 per group: its first value's place ``a`` in ``dst`` | its row's rotation << 24, or
+    -1), the words' array, the nibble plane, a tuple of the bit planes of raw bits 4, 5, ... (two for BF16,
+    four for FP16; zeros where ``r`` lacks them), the symbol's mantissa bits, the planes' geometry
+    (:mod:`planes`: value ``a``'s nibble in byte ``a % h``, its bits in byte ``a % e`` at bit ``a // e``,
+    ``h = 4 e``), the raw bits ``r`` and the top exponent ``emax``."""
 
     def __init__(self, context, b, ety, extra):
         self.b = b
-        arrs = [simd.array_data(context, b, t, b.extract_value(extra, j)) for j, t in enumerate(ety.types[:5])]
-        self.plan, self.dst, self.nib, self.p4, self.p5 = arrs
-        k, self.h, self.e = (b.extract_value(extra, j) for j in (5, 6, 7))
+        self.plan, self.dst, self.nib = (simd.array_data(context, b, t, b.extract_value(extra, j))
+                                         for j, t in enumerate(ety.types[:3]))
+        bits = b.extract_value(extra, 3)
+        self.bits = [simd.array_data(context, b, t, b.extract_value(bits, j)) for j, t in enumerate(ety.types[3])]
+        k, self.h, self.e, r, emax = (b.extract_value(extra, j) for j in range(4, 9))
         self.vt = ir.VectorType(ir.IntType(16), LANES)
-        rs = b.sub(ir.Constant(_I64, 7), k)  # BF16: r = 8 - k raw bits, the sign the top one
         one = ir.Constant(_I64, 1)
+        rs = b.sub(r, one)  # the sign, the top raw bit
         self.k, self.kmask, self.rs, self.keep, self.emax = (
-            lanes16.splat(b, v, self.vt) for v in (k, b.sub(b.shl(one, k), one), rs, b.sub(b.shl(one, rs), one),
-                                                    ir.Constant(_I64, 255)))
+            lanes16.splat(b, v, self.vt) for v in (k, b.sub(b.shl(one, k), one), rs, b.sub(b.shl(one, rs), one), emax))
 
     def place(self, base, syms):
         b, vt = self.b, self.vt
@@ -255,8 +257,8 @@ class _Placer:
         def load(ptr, i):
             return b.load(b.bitcast(b.gep(ptr, [i]), bt.as_pointer()), align=1)
 
-        word = lanes16.words_ir(b, s, load(self.nib, ah), [load(self.p4, ae), load(self.p5, ae)], nsh, sj,
-                                self.k, self.kmask, rot, self.rs, self.keep, self.rs, self.emax)
+        word = lanes16.words_ir(b, s, load(self.nib, ah), [load(p, ae) for p in self.bits], nsh, sj, self.k,
+                                self.kmask, rot, self.rs, self.keep, self.rs, self.emax)
         b.store(word, b.bitcast(b.gep(self.dst, [a]), vt.as_pointer()), align=2)
         b.branch(after)
         b.position_at_end(after)
@@ -398,5 +400,5 @@ def _decoder(groups):
 encode_keys_scalar, decode_keys_scalar = _encoder(False), _decoder(_decode_groups_scalar)
 encode_keys = _encoder(True) if simd.AVAILABLE else encode_keys_scalar
 decode_keys = _decoder(_decode_groups_vector) if simd.AVAILABLE else decode_keys_scalar
-# BF16's words put together in the loop where the plan says so (extra: see _Placer); without AVX2, nowhere
+# the words put together in the loop where the plan says so (extra: see _Placer); without AVX2, nowhere
 decode_keys_placed = _decoder(_decode_place_groups_vector) if simd.AVAILABLE else decode_keys_scalar
