@@ -21,7 +21,9 @@ bits, row-lowered by ``model.lower``) is coded, keyed by ``phase * space + symbo
   ``vpermd`` chosen by the 8-bit mask of needy lanes, the encoder packs them the same way.
 
 The raw bits travel apart, in bit planes (:mod:`planes`). The scalar loops are the reference; the
-vector loops (:data:`simd.AVAILABLE`) give the same words and keys (tested). Measured before it was
+vector loops (:data:`simd.AVAILABLE`) give the same words and keys (tested). :func:`decode_keys_placed` is the
+vector decoder that also puts whole groups' words together from their symbols and raw bits, off the loop's
+chain of dependent steps (``chunks._plan_groups`` says which; :class:`_Placer`). Measured before it was
 built (``bench/rans32_prototype.py``): 1.4-2.0x version 2's decode loop, 1.9-2.3x its encode loop. As
 built, on minilm-l6's BF16 embedding (Zen 4, one thread): the decode loop 0.57 ns per value (64 lanes:
 0.54; eight scalar table loads instead of the gather: 0.58), the encode loop 0.77.
@@ -234,7 +236,7 @@ class _Placer:
 
     def place(self, base, syms):
         b, vt = self.b, self.vt
-        entry = b.load(b.gep(self.plan, [b.lshr(base, ir.Constant(_I64, 5))]))
+        entry = b.load(b.gep(self.plan, [b.lshr(base, ir.Constant(_I64, LANES.bit_length() - 1))]))  # base / LANES
         yes, after = b.function.append_basic_block("place"), b.function.append_basic_block("place.done")
         b.cbranch(b.icmp_signed("!=", entry, ir.Constant(_I32, -1)), yes, after)
         b.position_at_end(yes)
