@@ -74,6 +74,7 @@ if _LIBC is not None:
     _LIBC.mincore.argtypes = (ctypes.c_void_p, ctypes.c_size_t, ctypes.c_char_p)
 POPULATE_BYTES = 1 << 18  # new outputs from this size get their pages mapped up front
 
+
 def _output_buffer(nbytes: int) -> np.ndarray:
     """``nbytes`` of memory for a decoded tensor, its pages mapped before the kernels write them.
 
