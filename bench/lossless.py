@@ -20,9 +20,11 @@ other jobs share the machine).
 Decode times stop when the method has returned its output; comparing it with the input comes
 after the clock (it used to be inside it, which charged each method its own comparison's speed).
 Every method's output is decoded and compared with the input; one that does not round-trip is
-reported with ``roundtrip: false`` (ZipNN 0.5.4 returns BF16/FP32 bytes with the sign-bit
-reordering left in place). Method ``unweight-v2`` (BF16, FP16, FP32) is unweight writing format version
-2, for a comparison in one process. Writes ``bench/results/lossless.json``.
+reported with ``roundtrip: false``. (ZipNN 0.5.4's compress rewrites its BF16 and FP32 input in place, which
+earlier runs read as its output failing the round trip; it now compresses a fresh copy each time.) Method
+``unweight-v2`` (BF16, FP16, FP32) is unweight writing format version 2, for a comparison in one process.
+Writes ``bench/results/lossless.json``. The repetitions decode into memory the process has used before;
+``bench/lossless_fresh.py`` times one decode in a fresh process, as a loader does.
 """
 
 import argparse
