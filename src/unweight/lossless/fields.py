@@ -90,17 +90,18 @@ def as_words(t: torch.Tensor) -> np.ndarray:
     return kernel_array(flat.view(lay.int_dtype).numpy().view(lay.word_dtype))
 
 
-def part_array(parts, key: str, dtype: torch.dtype, what: str, required: bool = True) -> np.ndarray:
+def part_array(parts, key: str, dtype: torch.dtype, what, required: bool = True) -> np.ndarray:
     """The stored part ``parts[key]``, a 1-D ``dtype`` tensor, as an array the kernels take
-    (:func:`kernel_array`); an empty one when it is absent and not ``required``. ``what`` names the part
-    in errors (``"tensor 'w': part 'w.ul.code'"``). Shared by float tensors and symbol streams."""
+    (:func:`kernel_array`); an empty one when it is absent and not ``required``. ``what()`` names the part
+    in errors (``"tensor 'w': part 'w.ul.code'"``), built only when there is one: a decode reads seven or more
+    parts per tensor. Shared by float tensors and symbol streams."""
     t = parts.get(key)
     if t is None:
         if required:
-            raise UnweightError(f"{what} is missing")
+            raise UnweightError(f"{what()} is missing")
         return np.zeros(0, np.uint8 if dtype == torch.uint8 else np.int64)
     if not isinstance(t, torch.Tensor) or t.dtype != dtype or t.dim() != 1:
-        raise UnweightError(f"{what} must be a 1-D {dtype} tensor")
+        raise UnweightError(f"{what()} must be a 1-D {dtype} tensor")
     try:  # a CPU tensor without grad, the usual case: no further checks (kernel_array copies a strided one)
         return kernel_array(t.numpy())
     except (RuntimeError, TypeError):  # needs grad, or lives on another device

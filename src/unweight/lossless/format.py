@@ -362,13 +362,7 @@ def _meta_hash(head: np.ndarray, tables, rows) -> int:
 
 
 def _part(parts, name: str, suffix: str, dtype: torch.dtype, required: bool = True) -> np.ndarray:
-    t = parts.get(name + suffix)
-    # the usual part, a 1-D CPU tensor of the dtype without grad, straight to numpy (2.1 against 0.7 us; a tensor
-    # has seven or more); anything else goes through part_array's checks and errors
-    if type(t) is torch.Tensor and t.dtype == dtype and t.dim() == 1 and not t.requires_grad and t.is_cpu:
-        if (a := t.numpy()).flags.carray:
-            return a
-    return part_array(parts, name + suffix, dtype, f"tensor {name!r}: part {name + suffix!r}", required)
+    return part_array(parts, name + suffix, dtype, lambda: f"tensor {name!r}: part {name + suffix!r}", required)
 
 
 def _fail(name: str, what: str) -> UnweightError:

@@ -286,7 +286,7 @@ def encode_symbols(u8: torch.Tensor, width: int = 8) -> dict[str, torch.Tensor]:
 
 def _part(parts: Mapping[str, torch.Tensor], name: str, suffix: str, dtype: torch.dtype,
           required: bool = True) -> np.ndarray:
-    return part_array(parts, suffix, dtype, f"tensor {name!r}: symbol stream part {suffix!r}", required)
+    return part_array(parts, suffix, dtype, lambda: f"tensor {name!r}: symbol stream part {suffix!r}", required)
 
 
 def decode_symbols(parts: Mapping[str, torch.Tensor], n: int, name: str) -> torch.Tensor:
