@@ -161,11 +161,7 @@ def codes(alphabet: np.ndarray, k: int) -> tuple[np.ndarray, int] | None:
     (``off = base - 2^k``, ``base`` the first of them). None when that does not fit a byte (the others
     span more than ``256 - 2^k`` values)."""
     off = code_offset(alphabet, k)
-    if off < 0:
-        return None
-    out = alphabet.copy()
-    out[alphabet >= 1 << k] -= off
-    return out, off
+    return None if off < 0 else (_codes(alphabet, k, off), off)
 
 
 @njit(cache=True, nogil=True)
@@ -176,6 +172,16 @@ def code_offset(alphabet, k):
         return 0
     off = alphabet[nz] - (1 << k)
     return off if alphabet[alphabet.size - 1] - off < 256 else -1
+
+
+@njit(cache=True, nogil=True)
+def _codes(alphabet, k, off):
+    """:func:`codes`' codes, given its ``off`` (:func:`code_offset`)."""
+    code = alphabet.copy()
+    for j in range(code.size):
+        if code[j] >= 1 << k:
+            code[j] -= off
+    return code
 
 
 @njit(cache=True, nogil=True)
@@ -191,11 +197,7 @@ def decode_tables_v3(data, nsym, nph, k, space, dec):
     off = code_offset(alphabet, k)
     if off < 0:
         return 2, 0
-    code = alphabet.copy()
-    for j in range(nsym):
-        if code[j] >= 1 << k:
-            code[j] -= off
-    bad = rans32.build_tables(alphabet, freq, space, code, np.zeros(0, np.uint32), dec)
+    bad = rans32.build_tables(alphabet, freq, space, _codes(alphabet, k, off), np.zeros(0, np.uint32), dec)
     return (0, off) if bad == -1 else (3 + bad, 0)
 
 
