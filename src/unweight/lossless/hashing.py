@@ -40,6 +40,26 @@ def _merge(acc, val):
     return acc * _P1 + _P4
 
 
+@njit(inline="always")
+def _r64(a, p):
+    return a[p:p + 8].view(np.uint64)[0]
+
+
+@njit(inline="always")
+def _r32(a, p):
+    return np.uint64(a[p:p + 4].view(np.uint32)[0])
+
+
+@njit(inline="always")
+def _avalanche64(h):
+    """XXH64's final mix, which XXH3 uses too."""
+    h = h ^ (h >> np.uint64(33))
+    h = h * _P2
+    h = h ^ (h >> np.uint64(29))
+    h = h * _P3
+    return h ^ (h >> np.uint64(32))
+
+
 @njit(cache=True, nogil=True)
 def xxh64(data, start, length):
     """XXH64 with seed 0 of ``data[start:start + length]`` (``data`` a uint8 array)."""
@@ -67,26 +87,18 @@ def xxh64(data, start, length):
         h = _P5
     h = h + np.uint64(length)
     while p + 8 <= end:
-        w = data[p:p + 8].view(np.uint64)[0]
-        h = h ^ _round(np.uint64(0), w)
+        h = h ^ _round(np.uint64(0), _r64(data, p))
         h = _rotl(h, 27) * _P1 + _P4
         p += 8
     if p + 4 <= end:
-        w = (np.uint64(data[p]) | (np.uint64(data[p + 1]) << np.uint64(8))
-             | (np.uint64(data[p + 2]) << np.uint64(16)) | (np.uint64(data[p + 3]) << np.uint64(24)))
-        h = h ^ (w * _P1)
+        h = h ^ (_r32(data, p) * _P1)
         h = _rotl(h, 23) * _P2 + _P3
         p += 4
     while p < end:
         h = h ^ (np.uint64(data[p]) * _P5)
         h = _rotl(h, 11) * _P1
         p += 1
-    h = h ^ (h >> np.uint64(33))
-    h = h * _P2
-    h = h ^ (h >> np.uint64(29))
-    h = h * _P3
-    h = h ^ (h >> np.uint64(32))
-    return h
+    return _avalanche64(h)
 
 
 def meta_hash(head: np.ndarray, field: int, tables, rows=b"") -> int:
@@ -130,16 +142,6 @@ _BLOCK = 1024  # 16 stripes of 64 bytes between scrambles (a 192-byte secret)
 
 
 @njit(inline="always")
-def _r64(a, p):
-    return a[p:p + 8].view(np.uint64)[0]
-
-
-@njit(inline="always")
-def _r32(a, p):
-    return np.uint64(a[p:p + 4].view(np.uint32)[0])
-
-
-@njit(inline="always")
 def _mul_fold(a, b):
     """The 128-bit product of ``a`` and ``b``, its halves XORed."""
     a0, a1, b0, b1 = a & _M32, a >> np.uint64(32), b & _M32, b >> np.uint64(32)
@@ -154,15 +156,6 @@ def _mul_fold(a, b):
 def _avalanche3(h):
     h = h ^ (h >> np.uint64(37))
     h = h * _MX1
-    return h ^ (h >> np.uint64(32))
-
-
-@njit(inline="always")
-def _avalanche64(h):
-    h = h ^ (h >> np.uint64(33))
-    h = h * _P2
-    h = h ^ (h >> np.uint64(29))
-    h = h * _P3
     return h ^ (h >> np.uint64(32))
 
 
