@@ -170,9 +170,7 @@ def _decode_intrinsic(place: bool):
             data = lambda t, v: simd.array_data(context, b, t, v)  # noqa: E731
             wbase, obase = data(ty[0], words_a), data(ty[7], out_a)
             dptr = b.bitcast(b.gep(data(ty[3], dec_a), [tb_v]), _I8.as_pointer())
-            kz, off = (b.shuffle_vector(b.insert_element(ir.Constant(_V8I32, ir.Undefined), b.trunc(v, _I32),
-                                                         ir.Constant(_I32, 0)),
-                                        ir.Constant(_V8I32, ir.Undefined), _splat(0)) for v in (kz_v, off_v))
+            kz, off = (lanes16.splat(b, v, _V8I32) for v in (kz_v, off_v))
             gather, permd, ctpop = _avx2(b.module)
             lut = simd.constant_table(b.module, "unweight_rans32_word_ranks", simd.word_ranks(8))
             placer = _Placer(context, b, ty[11], extra_v) if place else None
