@@ -109,6 +109,20 @@ def blob(tensors: dict[str, torch.Tensor]) -> bytes:
 # may carry a `before` attribute, called untimed before each repetition
 
 
+def warm_sample(t: torch.Tensor) -> torch.Tensor:
+    """A small piece of ``t`` (its first 4096 values as rows of 64) whose encoding and decoding load the
+    compiled kernels that ``t``'s own will use."""
+    return t.reshape(-1)[:4096].reshape(-1, 64) if t.numel() >= 4096 else t
+
+
+def zipnn_codec(dtype_name: str, threads: int):
+    """ZipNN 0.5.4 set up for ``dtype_name`` as this benchmark runs it, or None (it has no FP8)."""
+    from zipnn import ZipNN
+    name = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16", "fp8_e4m3": None}[dtype_name]
+    return None if name is None else ZipNN(method="HUFFMAN" if dtype_name != "fp32" else "AUTO", input_format="byte",
+                                           bytearray_dtype=name, threads=threads)
+
+
 def m_unweight(tensors, threads, version=None):
     """unweight's tensor format: the version it writes (4), or (``version=2``, method ``unweight-v2``) the
     16-lane one that BF16, FP16 and FP32 were written in before version 3."""
@@ -117,8 +131,7 @@ def m_unweight(tensors, threads, version=None):
 
     for t in tensors.values():  # load the compiled kernels (numba's disk cache) before timing
         if t.numel():
-            sample = t.reshape(-1)[:4096].reshape(-1, 64) if t.numel() >= 4096 else t
-            p = {"warm" + k: v for k, v in encode(sample).items()}
+            p = {"warm" + k: v for k, v in encode(warm_sample(t)).items()}
             decode_tensor(p, "warm")
 
     def enc():
@@ -168,13 +181,10 @@ def m_bytesplit_zstd(tensors, threads):
 
 
 def m_zipnn(tensors, threads, dtype_name):
-    from zipnn import ZipNN
-    raw = blob(tensors)
-    name = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16", "fp8_e4m3": None}[dtype_name]
-    if name is None:
+    z = zipnn_codec(dtype_name, threads)
+    if z is None:
         return None
-    z = ZipNN(method="HUFFMAN" if dtype_name != "fp32" else "AUTO", input_format="byte",
-              bytearray_dtype=name, threads=threads)
+    raw = blob(tensors)
     # ZipNN 0.5.4's compress rewrites its input in place for bf16 and fp32 (the exponent byte rotated; even a
     # `bytes` object), so each repetition compresses a fresh copy, made before the clock starts
     work = bytearray(raw)

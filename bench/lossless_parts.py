@@ -79,11 +79,9 @@ def main():
     if h["version"] != fmt.FORMAT_VERSION or not h["nsym"]:
         raise SystemExit(f"{name}: written as version {h['version']} with {h['nsym']} symbols; pick a coded tensor")
     k, nph, numel, cw, row_len = h["k"], h["phases"], t.numel(), h["chunk"], h["row_len"]
-    alphabet, freq = np.zeros(h["nsym"], np.int64), np.zeros((nph, h["nsym"]), np.uint32)
-    model.parse_tables(p[fmt.TABLES], h["nsym"], nph, alphabet, freq)
-    codes, offv = model.codes(alphabet, k)
     dec = np.empty((nph, rans32.PROB_SCALE), np.uint32)
-    rans32.build_tables(alphabet, freq, 1 << (8 + k), codes, np.zeros(0, np.uint32), dec)
+    status, offv = model.decode_tables_v3(p[fmt.TABLES], h["nsym"], nph, k, 1 << (8 + k), dec)  # as decode_tensor
+    assert status == 0, status
     q = (model.parse_rows(h["rows_codec"], p[fmt.ROWS].tobytes(), h["nrows"]) if h["nrows"]
          else np.zeros(numel // row_len, np.int8))
     code, off = p[fmt.CODE], p[fmt.OFFSETS]
