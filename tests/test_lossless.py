@@ -179,14 +179,15 @@ def test_the_codec_follows_torchs_thread_count_unless_told():
 
 # XXH64 of every part (sorted by suffix) of ``make(dtype, (300, 257), kind, 7)`` as each format version
 # wrote them (version 2, of "special" values: 16 lanes, chunks of 2^18, BF16 k in {2, 3, 4}; versions 3 and
-# 4, BF16, FP16 and FP32, of "zeros": 32 lanes of 32-bit states; 4 with XXH3-64 chunk checksums): a rewrite for
-# speed must write the same bytes
+# 4, BF16, FP16 and FP32 (and in 4 FP8), of "zeros": 32 lanes of 32-bit states; 4 with XXH3-64 chunk checksums):
+# a rewrite for speed must write the same bytes
 PINNED = {(torch.bfloat16, 2): 0xA5A814D5E3324B09, (torch.float16, 2): 0x26FBC32B6296384F,
           (torch.float32, 2): 0x033C7E63944C5183, (torch.float8_e4m3fn, 2): 0x319F9483FFE612E0,
           (torch.float8_e5m2, 2): 0x5842CF99D7BDE476, (torch.bfloat16, 3): 0xBC7527E7B65A3524,
           (torch.float32, 3): 0x71B112B3ED04A689, (torch.float16, 3): 0xD94A23C48D7B3EBF,
           (torch.bfloat16, 4): 0x8BCA28700BEF7D1D, (torch.float32, 4): 0x7819B1504688B06C,
-          (torch.float16, 4): 0x30751637168FC11A}
+          (torch.float16, 4): 0x30751637168FC11A, (torch.float8_e4m3fn, 4): 0x593E0A57CE9A76EE,
+          (torch.float8_e5m2, 4): 0x1472C8E10E6D8218}
 
 
 @pytest.mark.parametrize("dtype, version", sorted(PINNED, key=str))
@@ -372,7 +373,8 @@ def test_unsupported_dtype_and_names():
 
 @pytest.fixture(scope="module", params=[(torch.bfloat16, None), (torch.bfloat16, 3), (torch.bfloat16, 2),
                                         (torch.float32, None), (torch.float32, 2), (torch.float16, None),
-                                        (torch.float8_e4m3fn, None)], ids=str)
+                                        (torch.float8_e4m3fn, None), (torch.float8_e4m3fn, 2),
+                                        (torch.float8_e5m2, None)], ids=str)
 def coded(request):
     dtype, version = request.param
     old, fmt.CHUNK_WEIGHTS = fmt.CHUNK_WEIGHTS, 1024

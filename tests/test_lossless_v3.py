@@ -246,12 +246,25 @@ def test_a_tensor_whose_symbols_do_not_fit_one_byte_codes_is_written_as_version_
     assert torch.equal(decode_tensor(parts, "w").view(torch.int16), t.view(torch.int16))
 
 
-def test_version_4_is_written_for_every_dtype_but_fp8():
-    for dtype in (torch.float8_e4m3fn, torch.float8_e5m2):
-        with pytest.raises(ValueError, match="version 3"):
-            fmt.encode_streams(torch.zeros(10, dtype=dtype), version=3)
-        assert fmt.written_version(dtype) == 2
-    assert all(fmt.written_version(d) == 4 for d in (torch.bfloat16, torch.float16, torch.float32))
+def test_version_4_is_written_for_every_dtype():
+    assert all(fmt.written_version(d) == 4 for d in (torch.bfloat16, torch.float16, torch.float32,
+                                                     torch.float8_e4m3fn, torch.float8_e5m2))
+
+
+@pytest.mark.parametrize("dtype", [torch.float8_e4m3fn, torch.float8_e5m2], ids=str)
+def test_fp8_in_version_4_keeps_version_2s_code_and_reads_back(dtype):
+    """FP8 in version 4 codes the same symbols with the same tables as version 2 (the byte less its sign, its
+    exponent lowered by the row's binades): the rANS words and the sign plane take what version 2's 64-bit
+    lanes did, within the states and padding of a chunk; and older version 2 files still read."""
+    t = (torch.randn(96, 700, generator=torch.Generator().manual_seed(3)) * 0.05).to(dtype)
+    t.view(torch.uint8)[5, :9] = torch.tensor([0, 0x80, 1, 0x81, 0x7F, 0xFF, 0x7E, 0x08, 0x88], dtype=torch.uint8)
+    p4, p2 = ({"w" + k: torch.from_numpy(v) for k, v in fmt.encode_streams(t, version=v).items()} for v in (4, 2))
+    assert int(p4["w" + fmt.HEAD][fmt._F["version"]]) == 4 and int(p2["w" + fmt.HEAD][fmt._F["version"]]) == 2
+    assert int(p4["w" + fmt.HEAD][fmt._F["nsym"]]) > 0 and (p4["w" + fmt.MODES].numpy() == 0).all()  # coded
+    for parts in (p4, p2):
+        assert torch.equal(decode_tensor(parts, "w").view(torch.uint8), t.view(torch.uint8))
+    nchunks = p4["w" + fmt.MODES].numel()
+    assert abs(p4["w" + fmt.CODE].numel() - p2["w" + fmt.CODE].numel()) <= nchunks * (2 * rans32.STATE_WORDS + 8)
 
 
 def test_a_segments_pad_byte_is_checked(monkeypatch):

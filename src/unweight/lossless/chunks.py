@@ -220,6 +220,191 @@ def range_kernels_v3(ebits: int, version: int):
     return _V3[ebits, version]
 
 
+def range_kernels_fp8(ebits: int, version: int):
+    """:func:`range_kernels_v3` for FP8 bytes (E4M3, E5M2): the byte less its sign is the symbol (``k`` = all
+    the mantissa bits), the sign its one raw bit (:func:`_encode_fp8`). Same arguments as the 16-bit
+    kernels; ``zeros``, ``hw``, ``low_words``, ``plan`` and ``fix`` are not used."""
+    if (ebits, version, 8) not in _V3:
+        _V3[ebits, version, 8] = _make_ranges_fp8(_STAMP, version == 4)
+    return _V3[ebits, version, 8]
+
+
+@njit(inline="always")
+def _chunk_at(c, chunk_w, numel, code_off):
+    """Chunk ``c``'s first value, its length, and its segment's start and length in the code stream."""
+    c0 = c * chunk_w
+    return c0, min(chunk_w, numel - c0), code_off[c], code_off[c + 1] - code_off[c]
+
+
+@njit(inline="always")
+def _fp8_keys(src, dst, tag, k, rot, emax):
+    """``dst[i]`` = ``tag`` + the symbol of FP8 byte ``src[i]`` (the byte less its sign) with the exponent
+    lowered by ``rot`` binades (``model.lower``, version 3: exponent 0 stays, the others rotate over
+    1 .. ``emax``)."""
+    kmask = (1 << k) - 1
+    for i in range(src.size):
+        sym = np.int64(src[i]) & 0x7F
+        ex = sym >> k
+        t = ex - rot
+        t = t + emax if t < 1 else t
+        dst[i] = np.uint16(tag | (sym if ex == 0 else (t << k) | (sym & kmask)))
+
+
+@njit(inline="always")
+def _fp8_bytes(syms, src_sign, dst, sj, k, rot, emax):
+    """Inverse of :func:`_fp8_keys` (less the tag): ``dst[i]`` = symbol ``syms[i]`` raised by ``rot`` binades,
+    with bit ``sj`` of ``src_sign[i]`` as its sign."""
+    kmask = (1 << k) - 1
+    for i in range(dst.size):
+        sym = np.int64(syms[i])
+        ex = sym >> k
+        t = ex + rot
+        t = t - emax if t > emax else t
+        sym = sym if ex == 0 else (t << k) | (sym & kmask)
+        dst[i] = np.uint8(sym | (((np.int64(src_sign[i]) >> sj) & 1) << 7))
+
+
+@njit(inline="always")
+def _pack_signs(src, out):
+    """The sign plane of FP8 bytes ``src`` (:mod:`planes` with ``r = 1``: bit ``j`` of byte ``i`` is the sign of
+    value ``i + j e``, ``e = padded(n) / 8``, zeros after ``src``) into ``out[:e]``."""
+    n = src.size
+    e = planes.padded(n) // 8
+    whole = min(e, max(n - 7 * e, 0))  # bytes whose eight values all lie inside src
+    for i in range(whole):
+        acc = 0
+        for j in range(8):
+            acc |= (np.int64(src[i + j * e]) >> 7) << j
+        out[i] = np.uint8(acc)
+    for i in range(whole, e):
+        acc = 0
+        for j in range(8):
+            if i + j * e < n:
+                acc |= (np.int64(src[i + j * e]) >> 7) << j
+        out[i] = np.uint8(acc)
+
+
+@njit(inline="always")
+def _encode_fp8(hw, c0, n, row_len, q, nph, ebits, k, ent, code, dst, keys, scratch, counts, at):
+    """:func:`_encode_hi` for FP8 bytes ``hw``: the rANS words of their symbols, then the sign plane (``m / 8``
+    bytes, ``m`` = ``n`` padded to 8), then a zero pad byte to an even length; returns its length, or 0 when it
+    would not be shorter than the raw bytes (nothing written)."""
+    space, emax = 1 << (ebits + k), (1 << ebits) - 1
+    rans.phase_counts(c0, n, row_len, q, nph, counts)
+    _phase_starts(counts, at)
+    for row in range(c0 // row_len, (c0 + n - 1) // row_len + 1):  # as _encode_hi
+        qr = np.int64(q[row])
+        ph = qr % nph
+        s, e = max(c0, row * row_len), min(c0 + n, (row + 1) * row_len)
+        _fp8_keys(hw[s - c0:e - c0], keys[at[ph]:at[ph] + (e - s)], ph * space, k, (qr // nph) % emax, emax)
+        at[ph] += e - s
+    p = rans32.encode_keys(keys, n, ent, scratch)
+    nw = scratch.size - p
+    pb = planes.padded(n) // 8
+    nbytes = 2 * nw + pb + (pb & 1)
+    if nbytes >= n:
+        return 0
+    code[dst:dst + 2 * nw] = scratch[p:].view(np.uint8)
+    _pack_signs(hw, code[dst + 2 * nw:dst + 2 * nw + pb])
+    if pb & 1:
+        code[dst + nbytes - 1] = 0
+    return nbytes
+
+
+@njit(inline="always")
+def _decode_fp8(code, s0, seglen, c0, n, row_len, q, nph, ebits, k, dec, off, hw, syms, counts, at):
+    """Inverse of :func:`_encode_fp8`: a chunk's segment back to its FP8 bytes ``hw``; returns a status."""
+    emax = (1 << ebits) - 1
+    mp = planes.padded(n)
+    pb = mp // 8
+    words_bytes = seglen - pb - (pb & 1)
+    if words_bytes < 0 or words_bytes % 2 or s0 % 2:
+        return rans.ERR_OVERRUN
+    if pb & 1 and code[s0 + seglen - 1] != 0:
+        return ERR_PAD
+    rans.phase_counts(c0, n, row_len, q, nph, counts)
+    words = code[s0:s0 + words_bytes + rans.STREAM_PAD].view(np.uint16)
+    signs = code[s0 + words_bytes:s0 + words_bytes + pb]
+    rc = rans32.decode_keys(words, words_bytes // 2, n, counts, dec, 1 << k, off, syms)
+    if rc != rans.OK:
+        return rc
+    _phase_starts(counts, at)
+    e = mp // 8
+    for row in range(c0 // row_len, (c0 + n - 1) // row_len + 1):  # rows in tensor order, as _decode_hi
+        qr = np.int64(q[row])
+        ph = qr % nph
+        rot = (qr // nph) % emax
+        a, b = max(c0, row * row_len) - c0, min(c0 + n, (row + 1) * row_len) - c0
+        m = at[ph]
+        at[ph] += b - a
+        while a < b:  # the values whose sign is bit j of the plane's bytes
+            j = a // e
+            end = min(b, (j + 1) * e)
+            _fp8_bytes(syms[m:m + end - a], signs[a - j * e:end - j * e], hw[a:end], j, k, rot, emax)
+            m += end - a
+            a = end
+    return rans.OK
+
+
+def _make_ranges_fp8(stamp, use_xxh3):
+    @njit(cache=True, nogil=True)
+    def encode_range(vals, vals_u8, lo, hi, chunk_w, numel, row_len, q, nph, k, coded, ent, code, code_base,
+                     code_sizes, modes, check, low, low_base, low_sizes, keys, scratch, hw):
+        """Chunks ``lo .. hi`` of FP8 bytes ``vals`` (uint8) with ``ebits = 7 - k`` exponent bits."""
+        assert stamp != 0
+        ebits = 7 - k
+        counts, at = np.zeros(nph, np.int64), np.zeros(nph, np.int64)
+        for c in range(lo, hi):
+            c0 = c * chunk_w
+            n = min(chunk_w, numel - c0)
+            if use_xxh3:
+                check[c] = xxh3_64(vals_u8, c0, n)
+            else:
+                check[c] = xxh64(vals_u8, c0, n)
+            size = 0
+            if coded:
+                size = _encode_fp8(vals[c0:c0 + n], c0, n, row_len, q, nph, ebits, k, ent, code, code_base, keys,
+                                   scratch, counts, at)
+            modes[c] = MODE_CODED if size else MODE_RAW
+            if not size:
+                size = n
+                code[code_base:code_base + n] = vals[c0:c0 + n]
+            code_sizes[c] = size
+            code_base += size
+
+    @njit(cache=True, nogil=True)
+    def decode_range(code, code_off, modes, check, low, low_off, lo, hi, chunk_w, numel, row_len, q, nph, k,
+                     dec, off, out, out_u8, syms, zeros, hw, low_words, plan, fix, status):
+        """Chunks ``lo .. hi`` into the FP8 bytes ``out`` (uint8)."""
+        assert stamp != 0
+        ebits = 7 - k
+        counts, at = np.zeros(nph, np.int64), np.zeros(nph, np.int64)
+        for c in range(lo, hi):
+            c0, n, s0, seglen = _chunk_at(c, chunk_w, numel, code_off)
+            mode = modes[c]
+            rc = rans.OK
+            if mode == MODE_RAW:
+                if seglen != n:
+                    rc = ERR_RAW_SIZE
+                else:
+                    out[c0:c0 + n] = code[s0:s0 + n]
+            elif mode == MODE_CODED:
+                rc = _decode_fp8(code, s0, seglen, c0, n, row_len, q, nph, ebits, k, dec, off, out[c0:c0 + n], syms,
+                                 counts, at)
+            else:
+                rc = ERR_MODE
+            if rc == rans.OK:
+                if use_xxh3:
+                    h = xxh3_64(out_u8, c0, n)
+                else:
+                    h = xxh64(out_u8, c0, n)
+                if h != check[c]:
+                    rc = ERR_CHECKSUM
+            status[c] = rc
+
+    return encode_range, decode_range
+
+
 @njit(inline="always")
 def _place(syms, m, a, b, k, rot, emax, pls, mp, r, zeros, out, wide):
     """``out[a:b]`` (one row's part of a chunk's words) from the decoded symbols ``syms[m:]`` (raised
@@ -434,10 +619,7 @@ def _make_ranges_v3(stamp, ebits, use_xxh3):
         is32 = out.itemsize == 4
         counts, at = np.zeros(nph, np.int64), np.zeros(nph, np.int64)
         for c in range(lo, hi):
-            c0 = c * chunk_w
-            n = min(chunk_w, numel - c0)
-            s0 = code_off[c]
-            seglen = code_off[c + 1] - s0
+            c0, n, s0, seglen = _chunk_at(c, chunk_w, numel, code_off)
             mode = modes[c]
             rc = rans.OK
             if mode == MODE_RAW:

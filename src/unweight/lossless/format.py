@@ -21,7 +21,7 @@ from unweight.lossless import chunks, model, planes, pool, rans, rans32
 from unweight.lossless.fields import BY_CODE, LOW_BLOCK, FloatLayout, as_words, layout_of, part_array
 from unweight.lossless.hashing import meta_hash
 
-FORMAT_VERSION = 4  # written for BF16, FP16 and FP32; FP8 is written as version 2
+FORMAT_VERSION = 4  # written for every dtype (FP8 since 2026-11-28; before, as version 2)
 READ_VERSIONS = (2, 3, 4)
 LANES32 = (3, 4)  # the versions of 32 rANS lanes, raw bits in planes; 4 checks its chunks with XXH3-64, 3 XXH64
 MAGIC = 0x4C4C5755  # "UWLL" little-endian
@@ -186,13 +186,14 @@ def _default_raw_bits(lay: FloatLayout) -> int:
 # encode
 
 
-V3_DTYPES = (torch.bfloat16, torch.float16, torch.float32)  # the dtypes versions 3 and 4 are defined for
+V3_DTYPES = (torch.bfloat16, torch.float16, torch.float32,  # the dtypes versions 3 and 4 are defined for
+             torch.float8_e4m3fn, torch.float8_e5m2)
 
 
 def written_version(dtype: torch.dtype) -> int:
     """The tensor format version this unweight writes for ``dtype``: 4 (32-bit rANS lanes, raw bits in
-    planes, XXH3-64 chunk checksums) for BF16, FP16 and FP32 (whose hi words are BF16's), whose raw bits fit
-    a byte; 2 for FP8."""
+    planes, XXH3-64 chunk checksums) for every dtype it encodes: BF16, FP16, FP32 (whose hi words are BF16's)
+    and FP8 (whose one raw bit is the sign)."""
     return FORMAT_VERSION if dtype in V3_DTYPES else 2
 
 
@@ -302,10 +303,12 @@ def _encode_v3(vals, lay, shape, plan, nchunks, chunk_w, rb, threads, shrink, ve
         ent = np.zeros(1, np.uint32)
         q, row_len, nph, k = np.zeros(1, np.int8), max(numel, 1), 1, model.K_CHOICES_V3[lay.name][0]
     cw = min(chunk_w, numel)
-    region = cw * 2
+    region = cw * lay.hi_bits // 8
     code, code_sizes, modes, check, low, low_region, low_sizes = bufs = _chunk_buffers(nchunks, cw, region, lay)
     is32 = lay.low_bits > 0
-    encode_range = chunks.range_kernels_v3(lay.exp_bits, version)[0]
+    encode_range = _range_kernels(lay, version)[0]
+    # FP8's raw segments are a chunk's bytes: an even chunk keeps every coded segment's 16-bit words aligned
+    assert lay.hi_bits == 16 or chunk_w % 2 == 0
 
     def task(lo: int, hi: int) -> None:
         keys = _scratch("enc_keys", cw, np.uint16)
@@ -317,6 +320,13 @@ def _encode_v3(vals, lay, shape, plan, nchunks, chunk_w, rb, threads, shrink, ve
 
     ranges = pool.run_ranges(task, nchunks, threads)
     return _assembled(shape, lay, plan, version, chunk_w, rb, ranges, region, bufs, shrink)
+
+
+def _range_kernels(lay: FloatLayout, version: int):
+    """Version 3 or 4's (encode_range, decode_range) for ``lay``: FP8's bytes, or 16-bit words."""
+    if lay.hi_bits == 8:
+        return chunks.range_kernels_fp8(lay.exp_bits, version)
+    return chunks.range_kernels_v3(lay.exp_bits, version)
 
 
 def _finish(shape, lay, plan, version, chunk_w, rb, code, offsets, modes, check) -> dict[str, np.ndarray]:
@@ -468,7 +478,7 @@ def decode_tensor(parts, name: str, threads: int | None = None) -> torch.Tensor:
     out = out_u8[:nbytes].view(lay.word_dtype)
     status = np.zeros(nchunks, np.int32)
     if version in LANES32:
-        decode_v3 = chunks.range_kernels_v3(lay.exp_bits, version)[1]
+        decode_v3 = _range_kernels(lay, version)[1]
         cw = min(chunk_w, numel)
         zeros = _zeros(planes.padded.py_func(cw) // 8 + 1)  # from Python: the plain function, nothing to compile
 

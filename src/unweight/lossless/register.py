@@ -25,9 +25,10 @@ from unweight.lossless.format import decode_tensor, encode_streams, is_supported
 
 TAG = "ul"
 PREFIX = f".{TAG}."
-FOLDER_VERSION = 7  # 2: every stream a part; 3: the small ones in `meta`; 4: all in `pack`; 5: `pack`, compact;
+FOLDER_VERSION = 8  # 2: every stream a part; 3: the small ones in `meta`; 4: all in `pack`; 5: `pack`, compact;
 # 6: as 5, its BF16 tensors in tensor format version 3 (32-bit rANS lanes; unweight.lossless.rans32); 7: as 6,
-# its BF16, FP16 and FP32 tensors in version 4 (version 3 with XXH3-64 chunk checksums)
+# its BF16, FP16 and FP32 tensors in version 4 (version 3 with XXH3-64 chunk checksums); 8: as 7, its FP8
+# tensors in version 4 too (an unweight that reads 7 would refuse them tensor by tensor, so it refuses the folder)
 STREAMS = ("head", "offsets", "modes", "check", "tables", "rows", "low_offsets", "code", "low")
 WIDE = frozenset({"head", "offsets", "check", "low_offsets"})  # I64 streams; the others are U8
 PACKED = ("pack", "meta")  # the part holding a tensor's packed streams: versions 4 and 5's, version 3's
