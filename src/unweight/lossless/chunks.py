@@ -267,21 +267,17 @@ def _fp8_bytes(syms, src_sign, dst, sj, k, rot, emax):
 @njit(inline="always")
 def _pack_signs(src, out):
     """The sign plane of FP8 bytes ``src`` (:mod:`planes` with ``r = 1``: bit ``j`` of byte ``i`` is the sign of
-    value ``i + j e``, ``e = padded(n) / 8``, zeros after ``src``) into ``out[:e]``."""
+    value ``i + j e``, ``e = padded(n) / 8``, zeros after ``src``) into ``out[:e]``. Plane bit by plane bit,
+    each a contiguous pass: alone, 0.08 ns per value against 0.36 value by value (eight strided loads each);
+    minilm-l6's whole E4M3 encode the same (540-549 MB/s against 535-545)."""
     n = src.size
     e = planes.padded(n) // 8
-    whole = min(e, max(n - 7 * e, 0))  # bytes whose eight values all lie inside src
-    for i in range(whole):
-        acc = 0
-        for j in range(8):
-            acc |= (np.int64(src[i + j * e]) >> 7) << j
-        out[i] = np.uint8(acc)
-    for i in range(whole, e):
-        acc = 0
-        for j in range(8):
-            if i + j * e < n:
-                acc |= (np.int64(src[i + j * e]) >> 7) << j
-        out[i] = np.uint8(acc)
+    out[:e] = 0
+    for j in range(8):
+        part = src[min(j * e, n):min((j + 1) * e, n)]
+        sj = np.uint8(j)
+        for i in range(part.size):
+            out[i] |= (part[i] >> np.uint8(7)) << sj
 
 
 @njit(inline="always")
