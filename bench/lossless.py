@@ -42,7 +42,7 @@ import torch
 import zstandard
 from safetensors.torch import save
 
-from unweight.lossless import decode_tensor, encode_tensor, order0_bits, split_fields
+from unweight.lossless import decode_tensor, decode_tensors, encode_tensor, encode_tensors, order0_bits, split_fields
 from unweight.lossless.format import encode_streams
 from unweight.lossless.register import folder_parts
 
@@ -135,10 +135,14 @@ def m_unweight(tensors, threads, version=None):
             decode_tensor(p, "warm")
 
     def enc():
+        if version is None:  # the model's tensors spread over the threads (encode_tensors)
+            return encode_tensors(tensors, threads)
         return {k: encode(t, threads=threads) for k, t in tensors.items()}
 
     def dec(payload):
         parts = {k + s: v for k, p in payload.items() for s, v in p.items()}
+        if version is None:
+            return decode_tensors(parts, tensors, threads)
         return {k: decode_tensor(parts, k, threads=threads) for k in tensors}
 
     def check(out):

@@ -6,6 +6,8 @@ import ctypes
 import functools
 import gc
 import mmap
+import threading
+import time
 
 import numpy as np
 import pytest
@@ -130,6 +132,57 @@ def test_many_default_chunks_threads_give_identical_output(dtype):
     assert one.keys() == two.keys() and all(torch.equal(one[k], two[k]) for k in one)
     assert same(decode_tensor(one, "w", threads=2), t)
     assert same(decode_tensor(one, "w", threads=1), t)
+
+
+def test_a_models_tensors_spread_over_threads_give_what_one_by_one_gives(monkeypatch):
+    """encode_tensors / decode_tensors: tensors of at least as many chunks as threads on all threads, the rest
+    side by side; the same parts and tensors as encode_tensor / decode_tensor, and a corrupt tensor is named
+    as the one-by-one decode names it (the first in the caller's order)."""
+    from unweight.lossless import decode_tensors, encode_tensors
+    monkeypatch.setattr(fmt, "CHUNK_WEIGHTS", 4096)
+    tensors = {f"m{i}": make(dtype, shape, "weights", i) for i, (dtype, shape) in enumerate(
+        [(torch.bfloat16, (64, 300)), (torch.float16, (7, 33)), (torch.float32, (40, 128)), (torch.bfloat16, (0, 8)),
+         (torch.float8_e4m3fn, (96, 100)), (torch.bfloat16, (3,))])}
+    one = {n: encode_tensor(t, threads=1) for n, t in tensors.items()}
+    for threads in (1, 3):
+        many = encode_tensors(tensors, threads)
+        assert list(many) == list(tensors)
+        assert all(many[n].keys() == one[n].keys() and all(torch.equal(many[n][k], one[n][k]) for k in one[n])
+                   for n in tensors)
+        parts = {n + k: v for n, p in many.items() for k, v in p.items()}
+        out = decode_tensors(parts, list(tensors), threads)
+        assert list(out) == list(tensors) and all(same(out[n], t) for n, t in tensors.items())
+    parts = {n + k: v for n, p in one.items() for k, v in p.items()}
+    for n in ("m2", "m4"):  # m4 (9600 values) is larger than m2 (5120): decoded first when side by side
+        parts[n + fmt.CODE] = parts[n + fmt.CODE].clone()
+        parts[n + fmt.CODE][40] ^= 0xFF
+    for threads in (1, 3):
+        with pytest.raises(UnweightError, match="'m2'"):
+            decode_tensors(parts, list(tensors), threads)
+
+
+def test_the_pool_runs_tasks_in_order_on_at_most_the_threads_asked_for():
+    from unweight.lossless import pool
+    lock, running, peak = threading.Lock(), [0], [0]
+
+    def task(i):
+        with lock:
+            running[0] += 1
+            peak[0] = max(peak[0], running[0])
+        time.sleep(0.002)
+        with lock:
+            running[0] -= 1
+        if i in (5, 9):
+            raise ValueError(i)
+        return i * i
+
+    for threads in (1, 2, 3):
+        peak[0] = 0
+        assert pool.run_tasks([lambda i=i: task(i) for i in range(12) if i not in (5, 9)], threads) == \
+            [i * i for i in range(12) if i not in (5, 9)]
+        assert 1 <= peak[0] <= threads
+        with pytest.raises(ValueError, match="5"):
+            pool.run_tasks([lambda i=i: task(i) for i in range(12)], threads)
 
 
 def test_decoded_tensors_own_writable_memory_that_outlives_the_parts():

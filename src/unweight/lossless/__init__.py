@@ -7,8 +7,8 @@ contexts, frequency tables), ``rans`` (the entropy coder), ``chunks`` (per-chunk
 """
 
 from unweight.lossless.fields import order0_bits, split_fields, merge_fields
-from unweight.lossless.format import (CHUNK_WEIGHTS, FORMAT_VERSION, decode_tensor, encode_tensor,
-                                      encoded_names, is_supported)
+from unweight.lossless.format import (CHUNK_WEIGHTS, FORMAT_VERSION, decode_tensor, decode_tensors, encode_tensor,
+                                      encode_tensors, encoded_names, is_supported)
 
-__all__ = ["CHUNK_WEIGHTS", "FORMAT_VERSION", "decode_tensor", "encode_tensor", "encoded_names",
-           "is_supported", "merge_fields", "order0_bits", "split_fields"]
+__all__ = ["CHUNK_WEIGHTS", "FORMAT_VERSION", "decode_tensor", "decode_tensors", "encode_tensor", "encode_tensors",
+           "encoded_names", "is_supported", "merge_fields", "order0_bits", "split_fields"]

@@ -207,6 +207,19 @@ def encode_tensor(t: torch.Tensor, threads: int | None = None) -> dict[str, torc
     return {k: torch.from_numpy(v) for k, v in encode_streams(t, threads).items()}
 
 
+def encode_tensors(tensors: dict[str, torch.Tensor], threads: int | None = None) -> dict[str, dict[str, torch.Tensor]]:
+    """:func:`encode_tensor` of each of ``tensors`` (name to its parts), the work spread over up to ``threads``
+    threads (default: torch's): a tensor of at least ``threads`` chunks with its chunks on all of them, the
+    others side by side, one thread each, the largest first (most matrices are one chunk, which one thread
+    codes). The output does not depend on ``threads``."""
+    threads = pool.resolve(threads)
+    wide = {n for n, t in tensors.items() if -(-t.numel() // CHUNK_WEIGHTS) >= threads > 1}
+    out = {n: encode_tensor(tensors[n], threads) for n in tensors if n in wide}
+    rest = sorted((n for n in tensors if n not in wide), key=lambda n: -tensors[n].numel())
+    out.update(zip(rest, pool.run_tasks([lambda n=n: encode_tensor(tensors[n], 1) for n in rest], threads)))
+    return {n: out[n] for n in tensors}
+
+
 def encode_streams(t: torch.Tensor, threads: int | None = None, shrink: bool = True,
                    version: int | None = None) -> dict[str, np.ndarray]:
     """:func:`encode_tensor`'s streams as numpy arrays. With ``shrink=False`` the code stream is a
@@ -377,6 +390,32 @@ def _part(parts, name: str, suffix: str, dtype: torch.dtype, required: bool = Tr
 
 def _fail(name: str, what: str) -> UnweightError:
     return UnweightError(f"tensor {name!r}: {what}")
+
+
+def decode_tensors(parts, names, threads: int | None = None) -> dict[str, torch.Tensor]:
+    """:func:`decode_tensor` of each of ``names`` (from the same ``parts``), spread over up to ``threads``
+    threads as :func:`encode_tensors` spreads its work; the first tensor (in ``names``' order) that fails
+    raises. The same tensors as one by one."""
+    threads, names = pool.resolve(threads), list(names)
+
+    def size(name: str) -> tuple[int, int]:  # (values, chunks); a header decode_tensor refuses counts as small
+        head = parts.get(name + HEAD)
+        if not isinstance(head, torch.Tensor) or head.dtype != torch.int64 or head.numel() < len(HEAD_FIELDS):
+            return 0, 1
+        numel, chunk = int(head[_F["numel"]]), int(head[_F["chunk"]])
+        return numel, -(-numel // chunk) if chunk > 0 else 1
+
+    sizes = {n: size(n) for n in names}
+    wide = {n for n in names if sizes[n][1] >= threads > 1}
+    rest = sorted((n for n in names if n not in wide), key=lambda n: -sizes[n][0])
+    try:
+        out = {n: decode_tensor(parts, n, threads) for n in names if n in wide}
+        out.update(zip(rest, pool.run_tasks([lambda n=n: decode_tensor(parts, n, 1) for n in rest], threads)))
+    except UnweightError:  # name the first tensor that fails in the caller's order, as one by one would
+        for n in names:
+            decode_tensor(parts, n, 1)
+        raise
+    return {n: out[n] for n in names}
 
 
 def decode_tensor(parts, name: str, threads: int | None = None) -> torch.Tensor:
