@@ -230,6 +230,26 @@ def range_kernels_fp8(ebits: int, version: int):
 
 
 @njit(inline="always")
+def _segment(code, s0, seglen, n, r):
+    """A chunk's coded segment ``code[s0:s0 + seglen]`` of ``n`` values with ``r`` raw bits each, split: (status,
+    its rANS words, how many, its bit planes, the planes' value count ``m``: ``n`` padded to 8). The words must
+    start at an even offset and the pad byte after odd-length planes must be zero, so that no byte goes
+    unchecked."""
+    mp = planes.padded(n)
+    pb = planes.plane_bytes(mp, r)
+    words_bytes = seglen - pb - (pb & 1)
+    rc = rans.OK
+    if words_bytes < 0 or words_bytes % 2 or s0 % 2:
+        rc = rans.ERR_OVERRUN
+    elif pb & 1 and code[s0 + seglen - 1] != 0:
+        rc = ERR_PAD
+    if rc != rans.OK:
+        return rc, code[:0].view(np.uint16), 0, code[:0], mp
+    return (rc, code[s0:s0 + words_bytes + rans.STREAM_PAD].view(np.uint16), words_bytes // 2,
+            code[s0 + words_bytes:s0 + words_bytes + pb], mp)
+
+
+@njit(inline="always")
 def _chunk_at(c, chunk_w, numel, code_off):
     """Chunk ``c``'s first value, its length, and its segment's start and length in the code stream."""
     c0 = c * chunk_w
@@ -311,17 +331,11 @@ def _encode_fp8(hw, c0, n, row_len, q, nph, ebits, k, ent, code, dst, keys, scra
 def _decode_fp8(code, s0, seglen, c0, n, row_len, q, nph, ebits, k, dec, off, hw, syms, counts, at):
     """Inverse of :func:`_encode_fp8`: a chunk's segment back to its FP8 bytes ``hw``; returns a status."""
     emax = (1 << ebits) - 1
-    mp = planes.padded(n)
-    pb = mp // 8
-    words_bytes = seglen - pb - (pb & 1)
-    if words_bytes < 0 or words_bytes % 2 or s0 % 2:
-        return rans.ERR_OVERRUN
-    if pb & 1 and code[s0 + seglen - 1] != 0:
-        return ERR_PAD
+    rc, words, limit, signs, mp = _segment(code, s0, seglen, n, 1)
+    if rc != rans.OK:
+        return rc
     rans.phase_counts(c0, n, row_len, q, nph, counts)
-    words = code[s0:s0 + words_bytes + rans.STREAM_PAD].view(np.uint16)
-    signs = code[s0 + words_bytes:s0 + words_bytes + pb]
-    rc = rans32.decode_keys(words, words_bytes // 2, n, counts, dec, 1 << k, off, syms)
+    rc = rans32.decode_keys(words, limit, n, counts, dec, 1 << k, off, syms)
     if rc != rans.OK:
         return rc
     _phase_starts(counts, at)
@@ -516,16 +530,10 @@ def _decode_hi(code, s0, seglen, c0, n, row_len, q, nph, ebits, k, dec, off, hw,
     rest after it. ``wide`` (FP16: four bit planes) is a constant of the kernel."""
     r = 16 - ebits - k
     emax = (1 << ebits) - 1
-    mp = planes.padded(n)
-    pb = planes.plane_bytes(mp, r)
-    words_bytes = seglen - pb - (pb & 1)
-    if words_bytes < 0 or words_bytes % 2 or s0 % 2:
-        return rans.ERR_OVERRUN
-    if pb & 1 and code[s0 + seglen - 1] != 0:  # the pad byte: zero, so that no byte goes unchecked
-        return ERR_PAD
+    rc, words, limit, pls, mp = _segment(code, s0, seglen, n, r)
+    if rc != rans.OK:
+        return rc
     rans.phase_counts(c0, n, row_len, q, nph, counts)
-    words = code[s0:s0 + words_bytes + rans.STREAM_PAD].view(np.uint16)
-    pls = code[s0 + words_bytes:s0 + words_bytes + pb]
     h, e = mp // 2, mp // 8
     if simd.AVAILABLE and row_len >= rans32.LANES and e >= rans32.LANES and n < 1 << 24:
         nfix = _plan_groups(plan, fix, c0, n, row_len, q, nph, counts, at, e, emax)
@@ -533,10 +541,10 @@ def _decode_hi(code, s0, seglen, c0, n, row_len, q, nph, ebits, k, dec, off, hw,
         p5 = pls[h + e:] if r > 5 else zeros
         if wide:  # FP16's planes of raw bits 4 .. 7 (the loop then a kernel of its own)
             bits = (p4, p5, pls[h + 2 * e:] if r > 6 else zeros, pls[h + 3 * e:] if r > 7 else zeros)
-            rc = rans32.decode_keys_placed(words, words_bytes // 2, n, counts, dec, 1 << k, off, syms,
+            rc = rans32.decode_keys_placed(words, limit, n, counts, dec, 1 << k, off, syms,
                                            (plan, hw, pls, bits, k, h, e, r, emax))
         else:
-            rc = rans32.decode_keys_placed(words, words_bytes // 2, n, counts, dec, 1 << k, off, syms,
+            rc = rans32.decode_keys_placed(words, limit, n, counts, dec, 1 << k, off, syms,
                                            (plan, hw, pls, (p4, p5), k, h, e, r, emax))
         if rc != rans.OK:
             return rc
@@ -544,7 +552,7 @@ def _decode_hi(code, s0, seglen, c0, n, row_len, q, nph, ebits, k, dec, off, hw,
             m, a, cnt, rot = fix[4 * j], fix[4 * j + 1], fix[4 * j + 2], fix[4 * j + 3]
             _place(syms, m, a, a + cnt, k, rot, emax, pls, mp, r, zeros, hw, wide)
         return rans.OK
-    rc = rans32.decode_keys(words, words_bytes // 2, n, counts, dec, 1 << k, off, syms)
+    rc = rans32.decode_keys(words, limit, n, counts, dec, 1 << k, off, syms)
     if rc != rans.OK:
         return rc
     # rows in tensor order, each phase's symbols read from where its run has got to

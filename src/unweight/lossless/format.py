@@ -212,12 +212,19 @@ def encode_tensors(tensors: dict[str, torch.Tensor], threads: int | None = None)
     threads (default: torch's): a tensor of at least ``threads`` chunks with its chunks on all of them, the
     others side by side, one thread each, the largest first (most matrices are one chunk, which one thread
     codes). The output does not depend on ``threads``."""
-    threads = pool.resolve(threads)
-    wide = {n for n, t in tensors.items() if -(-t.numel() // CHUNK_WEIGHTS) >= threads > 1}
-    out = {n: encode_tensor(tensors[n], threads) for n in tensors if n in wide}
-    rest = sorted((n for n in tensors if n not in wide), key=lambda n: -tensors[n].numel())
-    out.update(zip(rest, pool.run_tasks([lambda n=n: encode_tensor(tensors[n], 1) for n in rest], threads)))
-    return {n: out[n] for n in tensors}
+    sizes = {n: (t.numel(), -(-t.numel() // CHUNK_WEIGHTS)) for n, t in tensors.items()}
+    return _spread(sizes, pool.resolve(threads), lambda n, th: encode_tensor(tensors[n], th))
+
+
+def _spread(sizes: dict[str, tuple[int, int]], threads: int, one) -> dict:
+    """``one(name, threads)`` for each name of ``sizes`` (its values and chunks), in that order: a tensor of at
+    least ``threads`` chunks on all the threads, then the others side by side, ``one(name, 1)`` each, the
+    largest first."""
+    wide = [n for n in sizes if sizes[n][1] >= threads > 1]
+    out = {n: one(n, threads) for n in wide}
+    rest = sorted((n for n in sizes if n not in out), key=lambda n: -sizes[n][0])
+    out.update(zip(rest, pool.run_tasks([lambda n=n: one(n, 1) for n in rest], threads)))
+    return {n: out[n] for n in sizes}
 
 
 def encode_streams(t: torch.Tensor, threads: int | None = None, shrink: bool = True,
@@ -405,17 +412,12 @@ def decode_tensors(parts, names, threads: int | None = None) -> dict[str, torch.
         numel, chunk = int(head[_F["numel"]]), int(head[_F["chunk"]])
         return numel, -(-numel // chunk) if chunk > 0 else 1
 
-    sizes = {n: size(n) for n in names}
-    wide = {n for n in names if sizes[n][1] >= threads > 1}
-    rest = sorted((n for n in names if n not in wide), key=lambda n: -sizes[n][0])
     try:
-        out = {n: decode_tensor(parts, n, threads) for n in names if n in wide}
-        out.update(zip(rest, pool.run_tasks([lambda n=n: decode_tensor(parts, n, 1) for n in rest], threads)))
+        return _spread({n: size(n) for n in names}, threads, lambda n, th: decode_tensor(parts, n, th))
     except UnweightError:  # name the first tensor that fails in the caller's order, as one by one would
         for n in names:
             decode_tensor(parts, n, 1)
         raise
-    return {n: out[n] for n in names}
 
 
 def decode_tensor(parts, name: str, threads: int | None = None) -> torch.Tensor:
