@@ -160,6 +160,31 @@ def test_keys_are_the_lowered_symbols_of_the_words_tagged_with_the_phase(seed, l
     assert dst.tolist() == [ph * space + _lower(int(x), s, k, True, ebits) for x in sym]
 
 
+@njit
+def _fp8_bytes(dst, src, signs, sj, k, rot, emax):
+    lanes16.fp8_bytes(dst, src, signs, sj, k, rot, emax)
+
+
+@settings(max_examples=60, deadline=None)
+@given(seed=st.integers(0, 2**32 - 1), k=st.sampled_from([3, 2]), n=st.integers(0, 200), s=st.integers(-128, 127),
+       ph=st.integers(0, 3), sj=st.integers(0, 7))
+def test_fp8_keys_are_lowered_symbols_and_fp8_bytes_raise_them_back_with_their_signs(seed, k, n, s, ph, sj):
+    """FP8 (E4M3: k = 3, E5M2: k = 2): the vector loops (whole vectors) and their tails, against model.lower
+    and the bytes themselves."""
+    ebits = 7 - k
+    emax, space = (1 << ebits) - 1, 1 << 7
+    rng = np.random.default_rng(seed)
+    b = rng.integers(0, 256, n).astype(np.uint8)
+    b[rng.random(n) < 0.2] &= 0x80 | ((1 << k) - 1)  # exponent 0
+    keys = np.zeros(n, np.uint16)
+    _keys(keys, b, 1, k, s % emax, ph * space, emax)
+    assert keys.tolist() == [ph * space + _lower(int(x) & 0x7F, s, k, True, ebits) for x in b]
+    signs = (rng.integers(0, 256, n) & ~(1 << sj) | (b.astype(np.int64) >> 7) << sj).astype(np.uint8)
+    out = np.zeros(n, np.uint8)
+    _fp8_bytes(out, (keys - ph * space).astype(np.uint16), signs, sj, k, s % emax, emax)
+    assert np.array_equal(out, b)
+
+
 @settings(max_examples=60, deadline=None)
 @given(seed=st.integers(0, 2**32 - 1), r=st.integers(4, 8), n=st.integers(1, 900))
 def test_words_pack_into_the_planes_of_their_raw_bits(seed, r, n):

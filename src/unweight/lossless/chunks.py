@@ -257,34 +257,6 @@ def _chunk_at(c, chunk_w, numel, code_off):
 
 
 @njit(inline="always")
-def _fp8_keys(src, dst, tag, k, rot, emax):
-    """``dst[i]`` = ``tag`` + the symbol of FP8 byte ``src[i]`` (the byte less its sign) with the exponent
-    lowered by ``rot`` binades (``model.lower``, version 3: exponent 0 stays, the others rotate over
-    1 .. ``emax``)."""
-    kmask = (1 << k) - 1
-    for i in range(src.size):
-        sym = np.int64(src[i]) & 0x7F
-        ex = sym >> k
-        t = ex - rot
-        t = t + emax if t < 1 else t
-        dst[i] = np.uint16(tag | (sym if ex == 0 else (t << k) | (sym & kmask)))
-
-
-@njit(inline="always")
-def _fp8_bytes(syms, src_sign, dst, sj, k, rot, emax):
-    """Inverse of :func:`_fp8_keys` (less the tag): ``dst[i]`` = symbol ``syms[i]`` raised by ``rot`` binades,
-    with bit ``sj`` of ``src_sign[i]`` as its sign."""
-    kmask = (1 << k) - 1
-    for i in range(dst.size):
-        sym = np.int64(syms[i])
-        ex = sym >> k
-        t = ex + rot
-        t = t - emax if t > emax else t
-        sym = sym if ex == 0 else (t << k) | (sym & kmask)
-        dst[i] = np.uint8(sym | (((np.int64(src_sign[i]) >> sj) & 1) << 7))
-
-
-@njit(inline="always")
 def _pack_signs(src, out):
     """The sign plane of FP8 bytes ``src`` (:mod:`planes` with ``r = 1``: bit ``j`` of byte ``i`` is the sign of
     value ``i + j e``, ``e = padded(n) / 8``, zeros after ``src``) into ``out[:e]``. Plane bit by plane bit,
@@ -312,7 +284,7 @@ def _encode_fp8(hw, c0, n, row_len, q, nph, ebits, k, ent, code, dst, keys, scra
         qr = np.int64(q[row])
         ph = qr % nph
         s, e = max(c0, row * row_len), min(c0 + n, (row + 1) * row_len)
-        _fp8_keys(hw[s - c0:e - c0], keys[at[ph]:at[ph] + (e - s)], ph * space, k, (qr // nph) % emax, emax)
+        lanes16.keys(keys[at[ph]:at[ph] + (e - s)], hw[s - c0:e - c0], 1, k, (qr // nph) % emax, ph * space, emax)
         at[ph] += e - s
     p = rans32.encode_keys(keys, n, ent, scratch)
     nw = scratch.size - p
@@ -350,7 +322,7 @@ def _decode_fp8(code, s0, seglen, c0, n, row_len, q, nph, ebits, k, dec, off, hw
         while a < b:  # the values whose sign is bit j of the plane's bytes
             j = a // e
             end = min(b, (j + 1) * e)
-            _fp8_bytes(syms[m:m + end - a], signs[a - j * e:end - j * e], hw[a:end], j, k, rot, emax)
+            lanes16.fp8_bytes(hw[a:end], syms[m:m + end - a], signs[a - j * e:end - j * e], j, k, rot, emax)
             m += end - a
             a = end
     return rans.OK

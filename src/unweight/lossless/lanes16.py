@@ -1,4 +1,4 @@
-"""Format version 3's passes over BF16 words, 16 or 32 words per vector in 16-bit lanes (LLVM IR).
+"""Format version 3's passes over BF16 words (and FP8 bytes), 16 or 32 words per vector in 16-bit lanes (LLVM IR).
 
 numba types arithmetic on uint16 values as int64, so its own loops over a chunk's words run in 64-bit
 lanes, four or eight per vector: putting a word together from its symbol and raw bits took 0.42 ns per
@@ -72,12 +72,15 @@ def _keys_vec(typingctx, dst, src, n, rs, k, kmask, rot, tag, emax):
     i64 = types.int64
     sig = i64(dst, src, i64, i64, i64, i64, i64, i64, i64)
 
+    byte = src.dtype.bitwidth == 8  # FP8 bytes: widened, their sign bit 7
+
     def codegen(context, b, signature, args):
         dp, sp = (simd.array_data(context, b, t, v) for t, v in zip(signature.args[:2], args[:2]))
         rs, k, kmask, rot, tag, emax = _splats(b, args[3:])
 
         def body(i):
-            sym = b.lshr(b.and_(_load(b, sp, i, _VW), _c(0x7FFF)), rs)
+            w = b.zext(_load(b, sp, i, _VB), _VW) if byte else _load(b, sp, i, _VW)
+            sym = b.lshr(b.and_(w, _c(0x7F if byte else 0x7FFF)), rs)
             ex = b.lshr(sym, k)
             t = b.sub(ex, rot)
             t = b.select(b.icmp_signed("<", t, _c(1)), b.add(t, emax), t)
@@ -92,13 +95,14 @@ def _keys_vec(typingctx, dst, src, n, rs, k, kmask, rot, tag, emax):
 @njit(inline="always")
 def keys(dst, src, r, k, rot, tag, emax=255):
     """``dst[i]`` = ``tag`` + the symbol of 16-bit float word ``src[i]`` (its exponent and top ``k``
-    mantissa bits, above ``r`` raw bits: BF16 ``r = 8 - k``, FP16 ``11 - k``) with the exponent lowered by
-    ``rot`` binades (``0 <= rot < emax``, ``emax = 2^E - 1``) as ``model.lower`` does it for version 3:
-    exponent 0 stays, the others rotate over 1 .. emax."""
+    mantissa bits, above ``r`` raw bits: BF16 ``r = 8 - k``, FP16 ``11 - k``; an FP8 byte, uint8, ``r = 1``)
+    with the exponent lowered by ``rot`` binades (``0 <= rot < emax``, ``emax = 2^E - 1``) as ``model.lower``
+    does it for version 3: exponent 0 stays, the others rotate over 1 .. emax."""
     n = src.size
+    body = (1 << (8 * src.itemsize - 1)) - 1  # all but the sign
     i = _keys_vec(dst, src, n, r - 1, k, (1 << k) - 1, rot, tag, emax)
     for i in range(i, n):
-        sym = (np.int64(src[i]) & 0x7FFF) >> (r - 1)
+        sym = (np.int64(src[i]) & body) >> (r - 1)
         ex = sym >> k
         t = ex - rot
         t = t + emax if t < 1 else t
@@ -247,3 +251,47 @@ def place(dst, src, nib, p4, p5, p6, p7, nsh, sj, r, k, rot, emax, wide):
             t = ex + rot
             sym = ((t - emax if t > emax else t) << k) | (sym & ((1 << k) - 1))
         dst[i] = (sym << (r - 1)) | (v & keep) | (((v >> (r - 1)) & 1) << 15)
+
+
+# ---------------------------------------------------------------------------------------------
+# FP8: symbols and the sign plane to bytes
+
+
+@intrinsic
+def _fp8_bytes_vec(typingctx, dst, src, signs, n, sj, k, kmask, rot, emax):
+    i64 = types.int64
+    sig = i64(dst, src, signs, i64, i64, i64, i64, i64, i64)
+
+    def codegen(context, b, signature, args):
+        dp, sp, gp = (simd.array_data(context, b, t, v) for t, v in zip(signature.args[:3], args[:3]))
+        sj, k, kmask, rot, emax = _splats(b, args[4:])
+
+        def body(i):
+            s = _load(b, sp, i, _VW)
+            ex = b.lshr(s, k)
+            t = b.add(ex, rot)
+            t = b.select(b.icmp_unsigned(">", t, emax), b.sub(t, emax), t)
+            sym = b.select(b.icmp_unsigned("==", ex, _c(0)), s, b.or_(b.shl(t, k), b.and_(s, kmask)))
+            sign = b.shl(b.and_(b.lshr(b.zext(_load(b, gp, i, _VB), _VW), sj), _c(1)), _c(7))
+            _store(b, b.trunc(b.or_(sym, sign), _VB), dp, i)
+
+        return _loop(b, args[3], body)
+
+    return sig, codegen
+
+
+@njit(inline="always")
+def fp8_bytes(dst, src, signs, sj, k, rot, emax):
+    """``dst[i]`` = the FP8 byte of symbol ``src[i]`` (its exponent raised by ``rot`` binades, as
+    :func:`place` raises it) with bit ``sj`` of ``signs[i]`` as its sign: the inverse of :func:`keys` for
+    bytes, less the tag."""
+    n = dst.size
+    kmask = (1 << k) - 1
+    i = _fp8_bytes_vec(dst, src, signs, n, sj, k, kmask, rot, emax)
+    for i in range(i, n):
+        sym = np.int64(src[i])
+        ex = sym >> k
+        t = ex + rot
+        t = t - emax if t > emax else t
+        sym = sym if ex == 0 else (t << k) | (sym & kmask)
+        dst[i] = np.uint8(sym | (((np.int64(signs[i]) >> sj) & 1) << 7))
