@@ -25,6 +25,11 @@ earlier runs read as its output failing the round trip; it now compresses a fres
 ``unweight-v2`` (BF16, FP16, FP32) is unweight writing format version 2, for a comparison in one process.
 Writes ``bench/results/lossless.json``. The repetitions decode into memory the process has used before;
 ``bench/lossless_fresh.py`` times one decode in a fresh process, as a loader does.
+
+Each method runs in a process of its own (this script again, with ``--in-process``), one after another:
+in one process a method's speed moved with what ran before it (ZipNN's bf16 decode read 1699 MB/s in one
+run and 3672 in the next, 1765-1876 alone, as the allocator's state left its output memory mapped or not).
+``--in-process`` runs every method in this process, interleaved.
 """
 
 import argparse
@@ -32,6 +37,8 @@ import importlib.metadata
 import json
 import os
 import platform
+import subprocess
+import sys
 import tempfile
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -226,6 +233,9 @@ def m_lmzip(tensors, threads, tmp: Path):
 # ---------------------------------------------------------------------------------------------
 
 
+METHODS = ("unweight", "unweight-v2", "zipnn-0.5.4", "lmzip-1.3.0", "zstd-3", "bytesplit-zstd-3")
+
+
 def bench_dtype(tensors, dtype_name, reps, tmp, threads_list=None, only=None):
     raw_bytes = sum(t.numel() * t.element_size() for t in tensors.values())
     st_bytes = len(save({k: t.contiguous() for k, t in tensors.items()}))  # the same tensors as a safetensors file
@@ -238,6 +248,7 @@ def bench_dtype(tensors, dtype_name, reps, tmp, threads_list=None, only=None):
         "zstd-3": lambda th: m_zstd(tensors, th),
         "bytesplit-zstd-3": lambda th: m_bytesplit_zstd(tensors, th),
     }
+    assert tuple(makers) == METHODS
     if only:
         makers = {k: v for k, v in makers.items() if k in only}
     rows = {}
@@ -369,6 +380,8 @@ def main():
                     help=f"comma-separated thread counts (default: 1,{THREADS})")
     ap.add_argument("--methods", default=None,
                     help="comma-separated methods to run (default: all; e.g. unweight,zipnn-0.5.4)")
+    ap.add_argument("--in-process", action="store_true",
+                    help="run every method in this process, interleaved (default: each in a process of its own)")
     args = ap.parse_args()
     report = {"machine": {"cpus": THREADS, "platform": platform.platform(), **cpu(),
                           "loadavg_start": os.getloadavg()},
@@ -389,8 +402,11 @@ def main():
                     report.setdefault("ablation", []).append(res)
                     continue
                 threads = [int(x) for x in args.threads.split(",")] if args.threads else None
-                only = set(args.methods.split(",")) if args.methods else None
-                res = {"model": model, **bench_dtype(tensors, dt, args.reps, Path(tmp), threads, only)}
+                only = args.methods.split(",") if args.methods else list(METHODS)
+                if args.in_process or len(only) == 1:
+                    res = {"model": model, **bench_dtype(tensors, dt, args.reps, Path(tmp), threads, set(only))}
+                else:
+                    res = isolated(args, model, dt, only, Path(tmp))
                 print_table(res)
                 report["results"].append(res)
     report["machine"]["loadavg_end"] = os.getloadavg()
@@ -402,6 +418,27 @@ def main():
     args.out = str(out)
     print(f"\nload average {report['machine']['loadavg_start']} -> "
           f"{report['machine']['loadavg_end']}; wrote {args.out}")
+
+
+def isolated(args, model: str, dtype_name: str, methods: list[str], tmp: Path) -> dict:
+    """One (model, dtype) result, each method measured by this script in a process of its own."""
+    merged = None
+    for method in methods:
+        out = tmp / f"{method}.json"
+        cmd = [sys.executable, __file__, "--in-process", "--models", model, "--dtypes", dtype_name,
+               "--methods", method, "--reps", str(args.reps), "--out", str(out)]
+        for flag, value in (("--threads", args.threads), ("--max-mb", args.max_mb)):
+            if value is not None:
+                cmd += [flag, str(value)]
+        run = subprocess.run(cmd, capture_output=True, text=True)
+        if run.returncode != 0:
+            raise SystemExit(f"{method} on {model} {dtype_name} failed:\n{run.stderr[-2000:]}")
+        res = json.loads(out.read_text())["results"][0]
+        if merged is None:
+            merged = res
+        else:
+            merged["methods"] += res["methods"]
+    return merged
 
 
 def _installed(name: str) -> bool:
