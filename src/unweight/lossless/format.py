@@ -75,7 +75,7 @@ if _LIBC is not None:
 POPULATE_BYTES = 1 << 18  # new outputs from this size get their pages mapped up front
 
 
-def _output_buffer(nbytes: int) -> np.ndarray:
+def _output_buffer(nbytes: int, populate: bool = True) -> np.ndarray:
     """``nbytes`` of memory for a decoded tensor, its pages mapped before the kernels write them.
 
     A decoded tensor is usually new memory (a loader keeps every output). On first write each 4 KiB
@@ -86,9 +86,10 @@ def _output_buffer(nbytes: int) -> np.ndarray:
     smollm2-135m decoded once in a fresh process 1.17-1.45x faster; decoded again and again in one
     process (its 56 MB embedding mapped anew each time, where recycled huge pages come cheap)
     0.86-0.93x.
-    Where ``madvise`` refuses (or off Linux), the kernels fault as before."""
+    Where ``madvise`` refuses (or off Linux), the kernels fault as before. With ``populate=False`` the caller
+    maps the pages itself (``decode_tensor`` on several threads: each thread its chunks' part)."""
     buf = np.empty(nbytes, np.uint8)
-    if nbytes >= POPULATE_BYTES:
+    if populate and nbytes >= POPULATE_BYTES:
         _map_if_fresh(buf)
     return buf
 
@@ -515,7 +516,13 @@ def decode_tensor(parts, name: str, threads: int | None = None) -> torch.Tensor:
                               "table (corrupt modes)")
 
     nbytes = numel * lay.itemsize
-    out_u8 = _output_buffer(-(-nbytes // 8) * 8)
+    by_range = threads > 1 and nchunks > 1  # each thread maps its own chunks' pages (the kernel's page work split)
+    out_u8 = _output_buffer(-(-nbytes // 8) * 8, populate=not by_range)
+
+    def map_range(lo: int, hi: int) -> None:
+        if by_range and (part := lay.itemsize * (min(hi * chunk_w, numel) - lo * chunk_w)) >= POPULATE_BYTES:
+            _map_if_fresh(out_u8[lay.itemsize * lo * chunk_w:][:part])
+
     out = out_u8[:nbytes].view(lay.word_dtype)
     status = np.zeros(nchunks, np.int32)
     if version in LANES32:
@@ -524,6 +531,7 @@ def decode_tensor(parts, name: str, threads: int | None = None) -> torch.Tensor:
         zeros = _zeros(planes.padded.py_func(cw) // 8 + 1)  # from Python: the plain function, nothing to compile
 
         def task3(lo: int, hi: int) -> None:
+            map_range(lo, hi)
             syms, hw, low_words, plan, fix = _v3_buffers(cw)
             decode_v3(code, offsets, modes, check, low, low_offsets, lo, hi, chunk_w, numel, row_len, q, nph, k,
                       dec, off, out, out_u8, syms, zeros, hw, low_words, plan, fix, status)
@@ -533,6 +541,7 @@ def decode_tensor(parts, name: str, threads: int | None = None) -> torch.Tensor:
     decode_range = chunks.range_kernels(hbits)[1]
 
     def task(lo: int, hi: int) -> None:
+        map_range(lo, hi)
         words = _scratch("dec_words", min(chunk_w, numel), np.uint16)
         scratch_low = _scratch("dec_low", min(chunk_w, numel) if is32 else 0, np.uint16)
         decode_range(code, offsets, low, low_offsets, modes, check, lo, hi, chunk_w, numel,
