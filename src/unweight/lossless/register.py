@@ -20,7 +20,7 @@ import zstandard
 
 from unweight.errors import UnweightError
 from unweight.formats import Format, Parts, register
-from unweight.lossless import varint
+from unweight.lossless import model, varint
 from unweight.lossless.format import decode_tensor, encode_streams, is_supported
 
 TAG = "ul"
@@ -190,7 +190,7 @@ def _restored(key: str, codec: int, n: int, data: np.ndarray) -> np.ndarray:
         frame = data.tobytes()
         if zstandard.frame_content_size(frame) != n:
             raise ValueError(f"the frame does not say it holds the {n} bytes expected")
-        out = zstandard.ZstdDecompressor().decompress(frame)
+        out = model.decompressor().decompress(frame)
         if len(out) != n:
             raise ValueError(f"{len(out)} bytes where {n} were expected")
         return np.frombuffer(bytearray(out), np.uint8)
