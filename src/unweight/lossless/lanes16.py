@@ -193,11 +193,29 @@ def words_ir(b, s, nib, bits, nsh, sj, k, kmask, rot, rs, keep, sb, emax):
     v = b.and_(b.lshr(b.zext(nib, vt), nsh), c(15))
     for j, q in enumerate(bits):
         v = b.or_(v, b.shl(b.and_(b.lshr(b.zext(q, vt), sj), c(1)), c(4 + j)))
-    ex = b.lshr(s, k)  # the exponent raised back (model.lower's inverse)
+    sym = raised_ir(b, s, k, kmask, rot, emax)
+    return b.or_(b.or_(b.shl(sym, rs), b.and_(v, keep)), b.shl(b.and_(b.lshr(v, sb), c(1)), c(15)))
+
+
+def raised_ir(b, s, k, kmask, rot, emax):
+    """The symbols ``s`` (a vector of i16) with their exponents raised back by ``rot`` binades, the inverse of
+    ``model.lower`` (version 3): exponent 0 stays, the others rotate over 1 .. ``emax``; :func:`_raised`
+    is the scalar form."""
+    zero = ir.Constant(s.type, [0] * s.type.count)
+    ex = b.lshr(s, k)
     t = b.add(ex, rot)
     t = b.select(b.icmp_unsigned(">", t, emax), b.sub(t, emax), t)
-    sym = b.select(b.icmp_unsigned("==", ex, c(0)), s, b.or_(b.shl(t, k), b.and_(s, kmask)))
-    return b.or_(b.or_(b.shl(sym, rs), b.and_(v, keep)), b.shl(b.and_(b.lshr(v, sb), c(1)), c(15)))
+    return b.select(b.icmp_unsigned("==", ex, zero), s, b.or_(b.shl(t, k), b.and_(s, kmask)))
+
+
+@njit(inline="always")
+def _raised(sym, k, rot, emax):
+    """:func:`raised_ir` for one symbol (int64)."""
+    ex = sym >> k
+    if ex == 0:
+        return sym
+    t = ex + rot
+    return ((t - emax if t > emax else t) << k) | (sym & ((1 << k) - 1))
 
 
 def _place_intrinsic(nbits):
@@ -245,12 +263,7 @@ def place(dst, src, nib, p4, p5, p6, p7, nsh, sj, r, k, rot, emax, wide):
              | (((np.int64(p5[i]) >> sj) & 1) << 5))
         if wide:
             v |= (((np.int64(p6[i]) >> sj) & 1) << 6) | (((np.int64(p7[i]) >> sj) & 1) << 7)
-        sym = np.int64(src[i])
-        ex = sym >> k
-        if ex != 0:
-            t = ex + rot
-            sym = ((t - emax if t > emax else t) << k) | (sym & ((1 << k) - 1))
-        dst[i] = (sym << (r - 1)) | (v & keep) | (((v >> (r - 1)) & 1) << 15)
+        dst[i] = (_raised(np.int64(src[i]), k, rot, emax) << (r - 1)) | (v & keep) | (((v >> (r - 1)) & 1) << 15)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -267,11 +280,7 @@ def _fp8_bytes_vec(typingctx, dst, src, signs, n, sj, k, kmask, rot, emax):
         sj, k, kmask, rot, emax = _splats(b, args[4:])
 
         def body(i):
-            s = _load(b, sp, i, _VW)
-            ex = b.lshr(s, k)
-            t = b.add(ex, rot)
-            t = b.select(b.icmp_unsigned(">", t, emax), b.sub(t, emax), t)
-            sym = b.select(b.icmp_unsigned("==", ex, _c(0)), s, b.or_(b.shl(t, k), b.and_(s, kmask)))
+            sym = raised_ir(b, _load(b, sp, i, _VW), k, kmask, rot, emax)
             sign = b.shl(b.and_(b.lshr(b.zext(_load(b, gp, i, _VB), _VW), sj), _c(1)), _c(7))
             _store(b, b.trunc(b.or_(sym, sign), _VB), dp, i)
 
@@ -289,9 +298,4 @@ def fp8_bytes(dst, src, signs, sj, k, rot, emax):
     kmask = (1 << k) - 1
     i = _fp8_bytes_vec(dst, src, signs, n, sj, k, kmask, rot, emax)
     for i in range(i, n):
-        sym = np.int64(src[i])
-        ex = sym >> k
-        t = ex + rot
-        t = t - emax if t > emax else t
-        sym = sym if ex == 0 else (t << k) | (sym & kmask)
-        dst[i] = np.uint8(sym | (((np.int64(signs[i]) >> sj) & 1) << 7))
+        dst[i] = np.uint8(_raised(np.int64(src[i]), k, rot, emax) | (((np.int64(signs[i]) >> sj) & 1) << 7))
