@@ -12,6 +12,7 @@ import ctypes
 import mmap
 import sys
 import threading
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -421,9 +422,42 @@ def decode_tensors(parts, names, threads: int | None = None) -> dict[str, torch.
         raise
 
 
+class Prepared(NamedTuple):
+    """A stored tensor's header, checked, with its streams as arrays and its decode tables built: what
+    :func:`decode_tensor`'s kernels (and :mod:`unweight.lossless.gpu`'s) need. ``dec``, ``off``, ``q``,
+    ``row_len``, ``nph``, ``k`` and ``rb`` stand in for a tensor without a code table as the kernels expect."""
+    name: str
+    version: int
+    lay: FloatLayout
+    shape: tuple
+    numel: int
+    chunk_w: int
+    nchunks: int
+    k: int
+    rb: int
+    nph: int
+    row_len: int
+    q: np.ndarray
+    dec: np.ndarray
+    off: int
+    code: np.ndarray
+    offsets: np.ndarray
+    modes: np.ndarray
+    check: np.ndarray
+    low: np.ndarray
+    low_offsets: np.ndarray
+
+
 def decode_tensor(parts, name: str, threads: int | None = None) -> torch.Tensor:
     """Rebuild tensor ``name`` from ``parts`` (any mapping holding its ``name + suffix`` keys),
     bit-exact, checking every chunk's checksum. Raises UnweightError on corrupt input."""
+    p = prepare(parts, name)
+    return _decode_prepared(p, pool.resolve(threads))
+
+
+def prepare(parts, name: str) -> Prepared:
+    """Tensor ``name``'s header and tables from ``parts``, checked (UnweightError naming the tensor, and the
+    chunk where one is at fault, on anything corrupt, truncated or inconsistent), and its decode tables."""
     head = _part(parts, name, HEAD, torch.int64)
     nf = len(HEAD_FIELDS)
     h = dict(zip(HEAD_FIELDS, head[:nf].tolist()))
@@ -450,11 +484,9 @@ def decode_tensor(parts, name: str, threads: int | None = None) -> torch.Tensor:
     if (min(shape, default=0) < 0 or size != numel or chunk_w <= 0 or h["lanes"] != lanes
             or h["prob_bits"] != rans.PROB_BITS or (version in LANES32 and lay.dtype not in V3_DTYPES)):
         raise _fail(name, "header is inconsistent (shape, chunk size, lanes, precision or version)")
-    threads = pool.resolve(threads)
     nchunks = -(-numel // chunk_w)
     nph, nsym, k, rb = h["phases"], h["nsym"], h["k"], h["raw_bits"]
-    hbits, hbytes = lay.hi_bits, lay.hi_bits // 8
-    coded = nsym > 0
+    coded, off = nsym > 0, 0
 
     code = _part(parts, name, CODE, torch.uint8)
     offsets = _part(parts, name, OFFSETS, torch.int64)
@@ -515,6 +547,14 @@ def decode_tensor(parts, name: str, threads: int | None = None) -> torch.Tensor:
             raise _fail(name, f"chunk {coded_chunks[0]}: marked coded but the tensor has no code "
                               "table (corrupt modes)")
 
+    return Prepared(name, version, lay, shape, numel, chunk_w, nchunks, k, rb, nph, row_len, q, dec, off, code,
+                    offsets, modes, check, low, low_offsets)
+
+
+def _decode_prepared(p: Prepared, threads: int) -> torch.Tensor:
+    name, version, lay, shape, numel, chunk_w, nchunks, k, rb, nph, row_len, q, dec, off = p[:14]
+    code, offsets, modes, check, low, low_offsets = p[14:]
+    hbits, is32 = lay.hi_bits, lay.low_bits > 0
     nbytes = numel * lay.itemsize
     by_range = threads > 1 and nchunks > 1  # each thread maps its own chunks' pages (the kernel's page work split)
     out_u8 = _output_buffer(-(-nbytes // 8) * 8, populate=not by_range)

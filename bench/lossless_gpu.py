@@ -1,0 +1,93 @@
+"""The GPU decoder (``unweight.lossless.gpu``) on a CUDA device, against what a loader does without it.
+
+For each model (BF16 and FP16 weights), the tensors are encoded once on the CPU; then, best of ``--reps``
+in one process, each of these puts the whole model on the device, bit-exact (checked after the clock):
+
+* ``copy``: the original tensors copied to the device (what an uncompressed checkpoint costs once read);
+* ``cpu+copy``: unweight's CPU decoder on all threads, then the copy;
+* ``gpu``: the compressed streams copied, then decoded by the Triton kernels on the device.
+
+MB/s counts original bytes. The first ``gpu`` pass compiles the kernels and is not timed.
+
+    .venv/bin/python bench/lossless_gpu.py                                  # smollm2-135m, bf16
+    .venv/bin/python bench/lossless_gpu.py --models minilm-l6,gemma3-270m --dtypes bf16,fp16
+    TRITON_INTERPRET=1 .venv/bin/python bench/lossless_gpu.py --device cpu --max-mb 0.05 --reps 1  # a dry run
+"""
+
+import argparse
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).parent))
+from lossless import DTYPES, THREADS, load_model, subset  # noqa: E402
+
+from unweight.lossless import decode_tensors, encode_tensors  # noqa: E402
+
+
+def timed(fn, reps: int, device: str) -> tuple[float, dict]:
+    sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
+    best, out = float("inf"), None
+    for _ in range(reps):
+        out = None
+        sync()
+        t0 = time.perf_counter()
+        out = fn()
+        sync()
+        best = min(best, time.perf_counter() - t0)
+    return best, out
+
+
+def bench(model: str, dtype: str, reps: int, device: str, max_mb: float | None) -> dict:
+    from unweight.lossless import gpu
+    tensors = {k: v.to(DTYPES[dtype]).contiguous() for k, v in subset(load_model(model), max_mb).items()}
+    raw = sum(t.numel() * t.element_size() for t in tensors.values())
+    enc = encode_tensors(tensors, THREADS)
+    parts = {k + s: v for k, p in enc.items() for s, v in p.items()}
+    size = sum(v.numel() * v.element_size() for v in parts.values())
+    names = list(tensors)
+    gpu.decode_tensors(parts, names, device)  # compiles the kernels
+    runs = {
+        "copy": lambda: {k: t.to(device) for k, t in tensors.items()},
+        "cpu+copy": lambda: {k: t.to(device) for k, t in decode_tensors(parts, names, THREADS).items()},
+        "gpu": lambda: gpu.decode_tensors(parts, names, device),
+    }
+    res = {"model": model, "dtype": dtype, "raw_bytes": raw, "ratio": size / raw,
+           "gpu_decoded": sum(gpu.supported(gpu.format.prepare(parts, n)) for n in names), "tensors": len(names)}
+    for name, fn in runs.items():
+        sec, out = timed(fn, reps, device)
+        exact = all(torch.equal(out[k].cpu().view(torch.int16), t.view(torch.int16)) for k, t in tensors.items())
+        res[name] = {"seconds": sec, "MBps": raw / 1e6 / sec, "bit_exact": exact}
+        print(f"  {model} {dtype} {name:9s} {sec * 1e3:9.1f} ms  {raw / 1e6 / sec:9.0f} MB/s  bit-exact {exact}")
+    res["gpu_vs_cpu+copy"] = res["cpu+copy"]["seconds"] / res["gpu"]["seconds"]
+    return res
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--models", default="smollm2-135m")
+    ap.add_argument("--dtypes", default="bf16")
+    ap.add_argument("--reps", type=int, default=3)
+    ap.add_argument("--device", default="cuda")
+    ap.add_argument("--max-mb", type=float, default=None, help="fp32 MB of weights per model (a quick look)")
+    ap.add_argument("--out", default=str(Path(__file__).parent / "results" / "lossless_gpu.json"))
+    args = ap.parse_args()
+    if args.device == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("no CUDA device here: the GPU decoder's speed needs one (its tests run on the CPU in "
+                         "Triton's interpreter)")
+    name = torch.cuda.get_device_name() if args.device == "cuda" else args.device
+    report = {"device": name, "cpus": os.cpu_count(), "results": []}
+    for model in args.models.split(","):
+        for dtype in args.dtypes.split(","):
+            report["results"].append(bench(model, dtype, args.reps, args.device, args.max_mb))
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps(report, indent=1))
+    print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,301 @@
+"""Decoding format version 4 on a GPU: BF16 and FP16 tensors, chunk by chunk in Triton kernels.
+
+The design is the one ``docs/format.md`` lays out ("Decoding on a GPU"): a chunk's 32 rANS lanes are
+the 32 threads of one program (a warp), each step decodes the 32 values of one group in coding order, and
+the lanes that need a word take consecutive words in lane order (an exclusive prefix sum of the needy
+lanes, then one coalesced read). Where the CPU decoder walks a chunk's rows to put the words together,
+here each value finds its place through the chunk's *segments*: the runs of values that one table and one
+row rotation decode, in coding order (:func:`segments`, built once per tensor on the host). The step
+then raises the symbol's exponent by its row's rotation, reads the value's raw bits from the planes and
+writes the finished 16-bit word where it belongs, so the symbols never go through memory. A second
+kernel checks every chunk's XXH3-64 (one program per chunk: 16 stripes of 8 lanes per 1 KB block, the
+accumulators scrambled between blocks, as ``hashing.xxh3_64``).
+
+What it covers: format version 4, BF16 and FP16, coded and raw chunks. FP32 (whose low halves
+``fields.join_low`` joins on the CPU), FP8 and versions 2 and 3 decode on the CPU and are copied to the
+device. Every check the CPU decoder makes is made here too: the segments' bounds and pad bytes (host), the
+lanes' final states and the words consumed (kernel), the checksums (kernel, chunks of at most 240 bytes
+on the host); a failure raises :class:`~unweight.errors.UnweightError` naming the tensor and the chunk.
+
+Runs on CUDA, and on the CPU under ``TRITON_INTERPRET=1`` (the tests: read when Triton is first
+imported). Not yet measured on a GPU.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+import triton
+import triton.language as tl
+
+from unweight.lossless import chunks, format, hashing, planes, rans, rans32
+
+LANES = rans32.LANES
+_SHORT = 240  # chunks of at most this many bytes take XXH3's short paths, hashed on the host
+_INIT = np.array([hashing._Q3, hashing._P1, hashing._P2, hashing._P3, hashing._P4, hashing._Q2, hashing._P5,
+                  hashing._Q1], np.uint64)  # XXH3's accumulators at the start
+_SECRET = hashing._SECRET
+_BLOCK_KEYS = np.array([[int.from_bytes(_SECRET[8 * s + 8 * i:8 * s + 8 * i + 8].tobytes(), "little")
+                         for i in range(8)] for s in range(16)], np.uint64)  # stripe s's key for lane i
+_LAST_KEYS = np.array([int.from_bytes(_SECRET[121 + 8 * i:129 + 8 * i].tobytes(), "little") for i in range(8)],
+                      np.uint64)  # the last stripe's (the secret from 192 - 64 - 7)
+
+
+def supported(p: format.Prepared) -> bool:
+    """Whether a prepared tensor decodes on the GPU here (else on the CPU, then copied)."""
+    return p.version == 4 and p.lay.dtype in (torch.bfloat16, torch.float16)
+
+
+def segments(numel: int, chunk_w: int, row_len: int, q: np.ndarray, nph: int, emax: int):
+    """Every chunk's runs of values that one phase's table and one row rotation decode, in coding order
+    (``docs/format.md``, "Row context": a chunk codes the parts of its rows phase by phase, rows ascending).
+    Returns ``(lo, coding, place, phase, rot)``: chunk ``c``'s runs are ``lo[c] .. lo[c + 1] - 1``, run ``s``
+    starts at value ``coding[s]`` of the chunk's coding order and at value ``place[s]`` of the chunk, and
+    uses table ``phase[s]`` and rotation ``rot[s]``. Runs that continue one another are merged (a tensor
+    without a row context has one per chunk)."""
+    starts = np.union1d(np.arange(0, numel, row_len, dtype=np.int64), np.arange(0, numel, chunk_w, dtype=np.int64))
+    lens = np.diff(np.append(starts, numel))
+    qr = q[starts // row_len].astype(np.int64)
+    chunk, phase, rot = starts // chunk_w, qr % nph, (qr // nph) % emax
+    order = np.lexsort((starts, phase, chunk))
+    starts, lens, chunk, phase, rot = (a[order] for a in (starts, lens, chunk, phase, rot))
+    coding = np.cumsum(lens) - lens - chunk * chunk_w  # the chunks before are whole
+    place = starts - chunk * chunk_w
+    cont = np.zeros(starts.size, bool)
+    cont[1:] = ((chunk[1:] == chunk[:-1]) & (phase[1:] == phase[:-1]) & (rot[1:] == rot[:-1])
+                & (place[1:] == place[:-1] + lens[:-1]))
+    keep = ~cont
+    chunk = chunk[keep]
+    lo = np.searchsorted(chunk, np.arange(-(-numel // chunk_w) + 1)).astype(np.int64)
+    return lo, coding[keep], place[keep], phase[keep], rot[keep]
+
+
+@triton.jit
+def _decode_chunks(code_ptr, code_words, chunk_ptr, word0_ptr, limit_ptr, planes_ptr, lo_ptr, coding_ptr,
+                   place_ptr, phase_ptr, rot_ptr, dec_ptr, out_ptr, status_ptr, numel, chunk_w, off,
+                   K: tl.constexpr, R: tl.constexpr, EMAX: tl.constexpr, SCALE: tl.constexpr,
+                   LOW: tl.constexpr, OVERRUN: tl.constexpr, STATE: tl.constexpr):
+    """Chunk ``chunk[j]`` in program ``j``, its 32 lanes as the program's 32 threads (``rans32``'s decoder,
+    one group per step), each value's finished word written where its segment says. The per-chunk arrays
+    (int64): the segment's first word, its rANS words, where its planes start (byte), its first run."""
+    j = tl.program_id(0)
+    c = tl.load(chunk_ptr + j)
+    w0 = tl.load(word0_ptr + c)
+    limit = tl.load(limit_ptr + c)
+    pb = tl.load(planes_ptr + c)
+    seg_lo = tl.load(lo_ptr + c)
+    seg_hi = tl.load(lo_ptr + c + 1)
+    c0 = c * chunk_w
+    n = tl.minimum(chunk_w, numel - c0)
+    words = code_ptr.to(tl.pointer_type(tl.uint16))
+    out = out_ptr.to(tl.pointer_type(tl.uint16))
+    lane = tl.arange(0, 32)
+    x = (tl.load(words + w0 + 2 * lane).to(tl.uint32)
+         | (tl.load(words + w0 + 2 * lane + 1).to(tl.uint32) << 16))
+    p = limit * 0 + 64  # the 64 state words read
+    mp = (n + 7) // 8 * 8
+    h = mp // 2
+    e = mp // 8
+    sp = tl.zeros([32], tl.int64) + seg_lo
+    for s in range(0, tl.cdiv(n, 32)):
+        i = s * 32 + lane
+        active = i < n
+        nxt = tl.load(coding_ptr + sp + 1, mask=sp + 1 < seg_hi, other=1 << 40)
+        adv = nxt <= i
+        while tl.max(adv.to(tl.int32), 0) > 0:  # a lane whose value lies in a later segment
+            sp += adv.to(tl.int64)
+            nxt = tl.load(coding_ptr + sp + 1, mask=sp + 1 < seg_hi, other=1 << 40)
+            adv = nxt <= i
+        ph = tl.load(phase_ptr + sp)
+        rot = tl.load(rot_ptr + sp)
+        a = tl.load(place_ptr + sp) + (i - tl.load(coding_ptr + sp))  # the value's place in the chunk
+        ent = tl.load(dec_ptr + ph * SCALE + (x & (SCALE - 1)).to(tl.int64), mask=active, other=0)
+        ent = ent.to(tl.uint32, bitcast=True)
+        code8 = (ent >> 24).to(tl.int64)
+        sym = tl.where(code8 < (1 << K), code8, code8 + off)
+        xn = ((ent & (SCALE - 1)) + 1) * (x >> 12) + ((ent >> 12) & (SCALE - 1))
+        need = active & (xn < LOW)
+        ni = need.to(tl.int64)
+        at = w0 + p + tl.cumsum(ni, 0) - ni  # the needy lanes' words, in lane order
+        w = tl.load(words + at, mask=need & (at < code_words), other=0).to(tl.uint32)
+        x = tl.where(need, (xn << 16) | w, tl.where(active, xn, x))
+        p += tl.sum(ni, 0)
+        ex = sym >> K  # the exponent raised back by the row's rotation (0 stays)
+        t = ex + rot
+        t = tl.where(t > EMAX, t - EMAX, t)
+        raised = tl.where(ex == 0, sym, (t << K) | (sym & ((1 << K) - 1)))
+        upper = a >= h
+        nib = tl.load(code_ptr + pb + tl.where(upper, a - h, a), mask=active, other=0).to(tl.int64)
+        raw = (nib >> tl.where(upper, 4, 0)) & 15
+        ae = a % e
+        bit = a // e
+        for b in tl.static_range(4, R):  # raw bit b: bit a // e of byte a % e of its plane
+            byte = tl.load(code_ptr + pb + h + (b - 4) * e + ae, mask=active, other=0).to(tl.int64)
+            raw |= ((byte >> bit) & 1) << b
+        word = (raised << (R - 1)) | (raw & ((1 << (R - 1)) - 1)) | (((raw >> (R - 1)) & 1) << 15)
+        tl.store(out + c0 + a, word.to(tl.uint16), mask=active)
+    bad_state = tl.sum((x != LOW).to(tl.int32), 0) > 0
+    status = tl.where(p > limit, OVERRUN, tl.where((p != limit) | bad_state, STATE, 0))
+    tl.store(status_ptr + j, status)
+
+
+@triton.jit
+def _mul_fold(a, b):
+    """The 128-bit product of uint64 ``a`` and ``b``, its halves XORed (``hashing._mul_fold``)."""
+    m32 = 0xFFFFFFFF
+    a0, a1, b0, b1 = a & m32, a >> 32, b & m32, b >> 32
+    lo_lo, hi_lo, lo_hi, hi_hi = a0 * b0, a1 * b0, a0 * b1, a1 * b1
+    cross = (lo_lo >> 32) + (hi_lo & m32) + lo_hi
+    upper = (hi_lo >> 32) + (cross >> 32) + hi_hi
+    return ((cross << 32) | (lo_lo & m32)) ^ upper
+
+
+@triton.jit
+def _words64(data_ptr, at, ALIGNED: tl.constexpr):
+    """The little-endian uint64 at each byte offset of ``at``: one 8-byte load each where ``ALIGNED`` (every
+    offset a multiple of 8), else put together from bytes."""
+    if ALIGNED:
+        return tl.load(data_ptr.to(tl.pointer_type(tl.uint64)) + at // 8)
+    else:
+        b = tl.load(data_ptr + at[:, :, None] + tl.arange(0, 8)[None, None, :]).to(tl.uint64)
+        return tl.sum(b << (tl.arange(0, 8) * 8).to(tl.uint64)[None, None, :], 2)
+
+
+@triton.jit
+def _xxh3_chunks(data_ptr, start_ptr, len_ptr, consts_ptr, out_ptr, ALIGNED: tl.constexpr):
+    """XXH3-64 (seed 0, the default secret) of each chunk's ``len > 240`` bytes from ``data + start``, one
+    chunk per program. ``consts``: the 8 initial accumulators, 16 x 8 block keys, 8 last-stripe keys, the 8
+    scramble keys, the 8 merge keys (int64, read as uint64). ``ALIGNED``: every start a multiple of 8 bytes,
+    so that the stripes are read as words (the last 64 bytes, at ``len - 64``, always from bytes)."""
+    c = tl.program_id(0)
+    start = tl.load(start_ptr + c)
+    length = tl.load(len_ptr + c)
+    lane = tl.arange(0, 8)
+    stripe = tl.arange(0, 16)
+    cp = consts_ptr.to(tl.pointer_type(tl.uint64))
+    acc = tl.load(cp + lane)
+    keys = tl.load(cp + 8 + stripe[:, None] * 8 + lane[None, :])
+    last_keys = tl.load(cp + 136 + lane)
+    scramble = tl.load(cp + 144 + lane)
+    merge = tl.load(cp + 152 + lane)
+    q1 = tl.load(cp + 7)  # the 32-bit prime 0x9E3779B1 (the last initial accumulator)
+    m32 = 0xFFFFFFFF
+    nblocks = (length - 1) // 1024
+    for blk in range(0, nblocks):
+        at = start + blk * 1024 + stripe[:, None] * 64 + lane[None, :] * 8
+        x = _words64(data_ptr, at, ALIGNED)
+        swapped = _words64(data_ptr, at + tl.where(lane % 2 == 0, 8, -8)[None, :], ALIGNED)
+        y = x ^ keys
+        acc += tl.sum(swapped + (y & m32) * (y >> 32), 0)
+        acc = ((acc ^ (acc >> 47)) ^ scramble) * q1
+    nstripes = ((length - 1) - nblocks * 1024) // 64  # the last block's whole stripes
+    at = start + nblocks * 1024 + stripe[:, None] * 64 + lane[None, :] * 8
+    valid = (stripe < nstripes)[:, None]
+    at = tl.where(valid, at, start)  # (a stripe past the data reads the chunk's first bytes, unused)
+    x = _words64(data_ptr, at, ALIGNED)
+    swapped = _words64(data_ptr, at + tl.where(lane % 2 == 0, 8, -8)[None, :], ALIGNED)
+    y = x ^ keys
+    acc += tl.sum(tl.where(valid, swapped + (y & m32) * (y >> 32), 0), 0)
+    at = start + length - 64 + lane[None, :] * 8
+    x = tl.sum(_words64(data_ptr, at, False), 0)  # (one row: the sum is the row)
+    swapped = tl.sum(_words64(data_ptr, at + tl.where(lane % 2 == 0, 8, -8)[None, :], False), 0)
+    y = x ^ last_keys
+    acc += swapped + (y & m32) * (y >> 32)
+    acc = acc ^ merge
+    hsh = length.to(tl.uint64) * tl.load(cp + 1)
+    for i in tl.static_range(4):
+        lo = tl.sum(tl.where(lane == 2 * i, acc, 0), 0)
+        hi = tl.sum(tl.where(lane == 2 * i + 1, acc, 0), 0)
+        hsh += _mul_fold(lo, hi)
+    hsh = hsh ^ (hsh >> 37)
+    hsh = hsh * 0x165667919E3779F9
+    hsh = hsh ^ (hsh >> 32)
+    tl.store(out_ptr + c, hsh.to(tl.int64, bitcast=True))
+
+
+_CONSTS = np.concatenate([_INIT, _BLOCK_KEYS.reshape(-1), _LAST_KEYS, hashing._SCRAMBLE, hashing._MERGE])
+
+
+def xxh3_chunks(data: torch.Tensor, starts: np.ndarray, lengths: np.ndarray) -> np.ndarray:
+    """XXH3-64 of ``data[starts[c]:starts[c] + lengths[c]]`` (``data`` uint8 on the device) for every
+    ``c``, as uint64 on the host: chunks longer than 240 bytes in :func:`_xxh3_chunks`, the others on the
+    host."""
+    out = np.zeros(starts.size, np.uint64)
+    long = np.flatnonzero(lengths > _SHORT)
+    if long.size:
+        dev = data.device
+        res = torch.empty(long.size, dtype=torch.int64, device=dev)
+        aligned = data.data_ptr() % 8 == 0 and not (starts[long] % 8).any()
+        _xxh3_chunks[(long.size,)](data, _on(starts[long], dev), _on(lengths[long], dev),
+                                   torch.from_numpy(_CONSTS.view(np.int64)).to(dev), res, ALIGNED=aligned, num_warps=1)
+        out[long] = res.cpu().numpy().view(np.uint64)
+    for c in np.flatnonzero(lengths <= _SHORT):
+        b = data[int(starts[c]):int(starts[c] + lengths[c])].cpu().numpy()
+        out[c] = hashing.xxh3_64(b, 0, b.size)
+    return out
+
+
+def decode_tensor(parts, name: str, device: str | torch.device = "cuda") -> torch.Tensor:
+    """Tensor ``name`` from ``parts`` (as :func:`unweight.lossless.decode_tensor`), decoded on ``device``
+    where :func:`supported` (BF16 and FP16 in version 4), else on the CPU and copied there; bit-exact, every
+    chunk's checksum checked. Raises UnweightError naming the tensor and chunk on corrupt input."""
+    p = format.prepare(parts, name)
+    device = torch.device(device)
+    if not supported(p) or p.numel == 0:
+        return format._decode_prepared(p, 1).to(device)
+    lay, numel, chunk_w, nchunks = p.lay, p.numel, p.chunk_w, p.nchunks
+    first = np.arange(nchunks, dtype=np.int64) * chunk_w
+    n = np.minimum(chunk_w, numel - first)
+    s0 = p.offsets[:-1]
+    r = 16 - lay.exp_bits - p.k
+    status, words = _segment_checks(p, n, r)
+    code = torch.from_numpy(p.code).to(device)
+    out = torch.empty(numel, dtype=torch.int16, device=device)
+    out_u8 = out.view(torch.uint8)
+    for c in np.flatnonzero((p.modes == chunks.MODE_RAW) & (status == 0)):
+        out_u8[2 * first[c]:2 * (first[c] + n[c])] = code[s0[c]:s0[c] + 2 * n[c]]
+    run = np.flatnonzero((p.modes == chunks.MODE_CODED) & (status == 0))
+    if run.size:
+        emax = (1 << lay.exp_bits) - 1
+        segs = segments(numel, chunk_w, p.row_len, p.q, p.nph, emax)
+        res = torch.empty(run.size, dtype=torch.int32, device=device)
+        _decode_chunks[(run.size,)](
+            code, p.code.size // 2, *(_on(a, device) for a in (run, s0 // 2, words, s0 + 2 * words, *segs)),
+            torch.from_numpy(p.dec.view(np.int32)).to(device), out, res, numel, chunk_w, p.off, K=p.k, R=r,
+            EMAX=emax, SCALE=rans32.PROB_SCALE, LOW=rans32.STATE_LOW, OVERRUN=rans.ERR_OVERRUN,
+            STATE=rans.ERR_STATE, num_warps=1)  # one warp: the 32 lanes
+        status[run] = res.cpu().numpy()
+    ok = np.flatnonzero(status == 0)
+    if ok.size:
+        status[ok[xxh3_chunks(out_u8, 2 * first[ok], 2 * n[ok]) != p.check[ok]]] = chunks.ERR_CHECKSUM
+    if np.count_nonzero(status):
+        c = int(np.flatnonzero(status)[0])
+        raise format._fail(name, f"chunk {c} of {nchunks}: {format._ERRORS.get(int(status[c]), 'corrupt')}")
+    return out.view(lay.dtype).reshape(p.shape)
+
+
+def decode_tensors(parts, names, device: str | torch.device = "cuda") -> dict[str, torch.Tensor]:
+    """:func:`decode_tensor` of each of ``names``, in order."""
+    return {n: decode_tensor(parts, n, device) for n in names}
+
+
+def _segment_checks(p: format.Prepared, n: np.ndarray, r: int) -> tuple[np.ndarray, np.ndarray]:
+    """What the CPU decoder checks of each chunk's segment before decoding it (``chunks._segment``): the
+    status of each chunk so far (0, or the error that stops it), and each coded segment's rANS words."""
+    s0, seglen = p.offsets[:-1], np.diff(p.offsets)
+    coded, raw = p.modes == chunks.MODE_CODED, p.modes == chunks.MODE_RAW
+    status = np.zeros(p.nchunks, np.int32)
+    status[~coded & ~raw] = chunks.ERR_MODE
+    status[raw & (seglen != 2 * n)] = chunks.ERR_RAW_SIZE
+    pb = planes.padded.py_func(n) * r // 8  # the planes' bytes, then a zero pad byte when odd
+    words_bytes = seglen - pb - (pb & 1)
+    short = coded & ((words_bytes < 0) | (words_bytes % 2 != 0) | (s0 % 2 != 0))
+    status[short] = rans.ERR_OVERRUN
+    pad = p.code[np.minimum(s0 + seglen - 1, p.code.size - 1)]
+    status[coded & ~short & (pb % 2 == 1) & (pad != 0)] = chunks.ERR_PAD
+    status[coded & (status == 0) & (words_bytes // 2 < rans32.STATE_WORDS)] = rans.ERR_OVERRUN
+    return status, words_bytes // 2
+
+
+def _on(a: np.ndarray, device: torch.device) -> torch.Tensor:
+    return torch.from_numpy(np.ascontiguousarray(a, np.int64)).to(device)

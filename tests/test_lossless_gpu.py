@@ -1,0 +1,178 @@
+"""The GPU decoder (``unweight.lossless.gpu``), run on the CPU by Triton's interpreter: it gives the CPU
+decoder's tensors bit for bit, its segments follow the format's coding order, its XXH3-64 is the
+reference's, and every corruption it is shown fails exactly as the CPU decoder fails (conftest sets
+TRITON_INTERPRET before Triton is imported). The interpreter steps one group of 32 values in about 5 ms,
+so the tensors here are small and cut into small chunks."""
+
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from test_lossless import bits, encode, make, same
+
+from unweight.errors import UnweightError
+from unweight.lossless import decode_tensor, model, rans
+from unweight.lossless import format as fmt
+
+
+@pytest.fixture(scope="module")
+def gpu():
+    gpu = pytest.importorskip("unweight.lossless.gpu")
+    if not gpu.triton.knobs.runtime.interpret:
+        pytest.skip("Triton was imported without TRITON_INTERPRET=1: its kernels would need a GPU")
+    return gpu
+
+
+def encoded(t: torch.Tensor, chunk: int, monkeypatch) -> dict[str, torch.Tensor]:
+    with monkeypatch.context() as m:
+        m.setattr(fmt, "CHUNK_WEIGHTS", chunk)
+        return encode(t)
+
+
+@settings(max_examples=12, deadline=None, suppress_health_check=[HealthCheck.too_slow,
+                                                                 HealthCheck.function_scoped_fixture])
+@given(dtype=st.sampled_from([torch.bfloat16, torch.float16]),
+       shape=st.sampled_from([(0,), (1,), (7,), (300,), (24, 64), (33, 33), (40, 130), (10, 16), (5, 1, 200)]),
+       kind=st.sampled_from(["weights", "zeros", "special", "bits"]), seed=st.integers(0, 2**31),
+       chunk=st.sampled_from([256, 1000, 4096]))
+def test_gpu_decoder_gives_the_cpu_decoders_tensor(gpu, monkeypatch, dtype, shape, kind, seed, chunk):
+    t = make(dtype, shape, kind, seed)
+    parts = encoded(t, chunk, monkeypatch)
+    out = gpu.decode_tensor(parts, "w", "cpu")
+    assert same(out, t)
+    assert same(out, decode_tensor(parts, "w"))
+
+
+@pytest.mark.parametrize("k", [2, 3, 4])
+def test_every_bf16_symbol_width_and_row_rotation(gpu, monkeypatch, k):
+    """Rows an order of magnitude apart in scale (row contexts: phases and rotations), exact zeros,
+    -0.0 and subnormals, each of BF16's symbol widths k (raw bits r = 6, 5, 4)."""
+    rng = np.random.default_rng(k)
+    x = np.sign(rng.standard_normal((48, 160))) * (0.2 + rng.random((48, 160))) * np.logspace(-1, 1, 48)[:, None]
+    x[3, :10], x[4, :5], x[5, :7] = 0.0, -0.0, 1e-40
+    t = torch.from_numpy(x.astype(np.float32)).to(torch.bfloat16)
+    monkeypatch.setitem(model.K_CHOICES_V3, "bf16", (k,))
+    parts = encoded(t, 4096, monkeypatch)
+    p = fmt.prepare(parts, "w")
+    assert (p.version, p.k) == (4, k) and p.nph > 1 and len(set(p.q.tolist())) > 4
+    assert same(gpu.decode_tensor(parts, "w", "cpu"), t)
+
+
+def test_other_dtypes_and_versions_decode_on_the_cpu_and_move(gpu, monkeypatch):
+    for dtype in (torch.float32, torch.float8_e4m3fn, torch.float8_e5m2):
+        t = make(dtype, (20, 64), "weights", 3)
+        parts = encoded(t, 512, monkeypatch)
+        assert not gpu.supported(fmt.prepare(parts, "w"))
+        assert same(gpu.decode_tensor(parts, "w", "cpu"), t)
+    t = make(torch.bfloat16, (20, 64), "weights", 4)
+    parts = {"w" + k: torch.from_numpy(v) for k, v in fmt.encode_streams(t, version=2).items()}
+    assert same(gpu.decode_tensor(parts, "w", "cpu"), t)
+
+
+def reference_order(numel, chunk_w, row_len, q, nph):
+    """Each value's (chunk, place in the chunk's coding order, phase, rotation), by the format's words: a chunk
+    codes its rows' parts phase by phase, rows ascending."""
+    out = {}
+    for c0 in range(0, numel, chunk_w):
+        n = min(chunk_w, numel - c0)
+        i = 0
+        for ph in range(nph):
+            for row in range(c0 // row_len, (c0 + n - 1) // row_len + 1):
+                if int(q[row]) % nph != ph:
+                    continue
+                for v in range(max(c0, row * row_len), min(c0 + n, (row + 1) * row_len)):
+                    out[v] = (c0 // chunk_w, i, ph, (int(q[row]) // nph) % 255)
+                    i += 1
+    return out
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(rows=st.integers(1, 30), row_len=st.integers(1, 40), chunk_w=st.integers(1, 300), nph=st.integers(1, 4),
+       seed=st.integers(0, 2**31))
+def test_segments_follow_the_coding_order(gpu, rows, row_len, chunk_w, nph, seed):
+    q = np.random.default_rng(seed).integers(-128, 128, rows).astype(np.int8)
+    numel = rows * row_len
+    lo, coding, place, phase, rot = gpu.segments(numel, chunk_w, row_len, q, nph, 255)
+    ref = reference_order(numel, chunk_w, row_len, q, nph)
+    got = {}
+    for c in range(lo.size - 1):
+        ends = np.append(coding[lo[c] + 1:lo[c + 1]], min(chunk_w, numel - c * chunk_w))
+        assert coding[lo[c]] == 0 and (np.diff(coding[lo[c]:lo[c + 1]]) > 0).all()
+        for s, end in zip(range(lo[c], lo[c + 1]), ends):
+            for i in range(coding[s], end):
+                got[c * chunk_w + place[s] + i - coding[s]] = (c, i, phase[s], rot[s])
+    assert got == ref
+
+
+def test_xxh3_kernel_matches_the_reference(gpu):
+    xxhash = pytest.importorskip("xxhash")
+    data = np.random.default_rng(0).integers(0, 256, 12000, dtype=np.uint8)
+    lengths = np.array([0, 1, 16, 240, 241, 1023, 1024, 1025, 2048 + 7, 4000, 9000], np.int64)
+    for starts in (np.arange(lengths.size, dtype=np.int64) * 5, np.arange(lengths.size, dtype=np.int64) * 8):
+        got = gpu.xxh3_chunks(torch.from_numpy(data), starts, lengths)
+        ref = [xxhash.xxh3_64_intdigest(data[a:a + n].tobytes()) for a, n in zip(starts, lengths)]
+        assert got.tolist() == ref
+
+
+def test_corruption_fails_as_on_the_cpu(gpu, monkeypatch):
+    """Flipped bits anywhere in the code stream (rANS words, planes, raw chunks) and a rewritten mode:
+    the GPU decoder raises the CPU decoder's error, naming the tensor and the chunk; never wrong data."""
+    rng = np.random.default_rng(1)
+    x = rng.standard_normal((40, 128)) * 0.02
+    x.reshape(-1)[-256:] = np.sign(rng.standard_normal(256)) * 2.0 ** rng.uniform(-12, 12, 256)  # stored raw
+    t = torch.from_numpy(x.astype(np.float32)).to(torch.bfloat16)
+    parts = encoded(t, 256, monkeypatch)
+    assert set(parts["w" + fmt.MODES].tolist()) == {0, 1}
+    code = parts["w" + fmt.CODE]
+    cases = []
+    raw_at = int(parts["w" + fmt.OFFSETS][-2]) + 100  # inside the raw chunk
+    for flips in [[raw_at]] + [rng.integers(0, code.numel() - rans.STREAM_PAD, rng.integers(1, 4)) for _ in range(7)]:
+        c = code.clone()
+        for at in flips:
+            c[int(at)] ^= 1 << int(rng.integers(0, 8))
+        cases.append({**parts, "w" + fmt.CODE: c})
+    modes = parts["w" + fmt.MODES].clone()
+    modes[3] = 7
+    cases.append({**parts, "w" + fmt.MODES: modes})
+    for bad in cases:
+        with pytest.raises(UnweightError) as cpu_err:
+            decode_tensor(bad, "w")
+        with pytest.raises(UnweightError) as gpu_err:
+            gpu.decode_tensor(bad, "w", "cpu")
+        assert str(gpu_err.value) == str(cpu_err.value)
+        assert "'w'" in str(gpu_err.value) and "chunk" in str(gpu_err.value)
+    assert torch.equal(bits(t), bits(decode_tensor(parts, "w")))
+
+
+COMPILE = """
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+from unweight.lossless import gpu
+assert type(gpu._decode_chunks).__name__ == "JITFunction"
+ptr = {"code_ptr": "*u8", "dec_ptr": "*i32", "out_ptr": "*i16", "status_ptr": "*i32", "data_ptr": "*u8"}
+ints = {"code_words": "i64", "numel": "i32", "chunk_w": "i32", "off": "i32"}
+for fn, consts in ((gpu._decode_chunks, dict(K=2, R=6, EMAX=255, SCALE=4096, LOW=65536, OVERRUN=1, STATE=2)),
+                   (gpu._xxh3_chunks, dict(ALIGNED=True)), (gpu._xxh3_chunks, dict(ALIGNED=False))):
+    sig = {a: "constexpr" if a in consts else ptr.get(a, ints.get(a, "*i64")) for a in fn.arg_names}
+    const = {(fn.arg_names.index(a),): v for a, v in consts.items()}
+    for arch in (80, 90):
+        k = triton.compile(ASTSource(fn=fn, signature=sig, constexprs=const), target=GPUTarget("cuda", arch, 32),
+                           options={"num_warps": 1})
+        assert k.asm["cubin"], (fn, arch)
+print("compiled")
+"""
+
+
+def test_kernels_compile_for_ampere_and_hopper_gpus(gpu):
+    """What the interpreter does not check: Triton compiles both kernels to machine code (``ptxas``, shipped
+    with Triton) for sm_80 and sm_90, with no GPU needed."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["TRITON_DEFAULT_FP_FUSION"] = "1"
+    run = subprocess.run([sys.executable, "-c", COMPILE], env=env, capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0 and "compiled" in run.stdout, run.stderr[-3000:]
