@@ -16,7 +16,7 @@ from hypothesis import strategies as st
 from test_lossless import bits, encode, make, same
 
 from unweight.errors import UnweightError
-from unweight.lossless import decode_tensor, model, rans
+from unweight.lossless import decode_tensor, encode_tensor, model, rans
 from unweight.lossless import format as fmt
 
 
@@ -72,6 +72,33 @@ def test_other_dtypes_and_versions_decode_on_the_cpu_and_move(gpu, monkeypatch):
     t = make(torch.bfloat16, (20, 64), "weights", 4)
     parts = {"w" + k: torch.from_numpy(v) for k, v in fmt.encode_streams(t, version=2).items()}
     assert same(gpu.decode_tensor(parts, "w", "cpu"), t)
+
+
+def test_a_models_tensors_decode_together_as_one_by_one_on_the_cpu(gpu, monkeypatch):
+    """BF16 and FP16 tensors of different symbol widths, raw ones, an empty one, an FP32 one and a version 2
+    one (decoded on the CPU) in one call: the CPU decoder's tensors; a corrupt tensor is named, the first in the caller's
+    order when two are."""
+    model_ = {"a": make(torch.bfloat16, (24, 64), "weights", 1), "b": make(torch.float16, (30, 50), "zeros", 2),
+              "c": make(torch.bfloat16, (300,), "bits", 3), "d": make(torch.float32, (16, 40), "weights", 4),
+              "e": make(torch.bfloat16, (0, 8), "weights", 5), "f": make(torch.bfloat16, (40, 33), "special", 6),
+              "g": make(torch.float16, (40, 64), "weights", 7)}
+    with monkeypatch.context() as m:
+        m.setattr(fmt, "CHUNK_WEIGHTS", 700)
+        parts = {k + s: v for k, t in model_.items() for s, v in encode_tensor(t).items()}
+    kinds = {k: (p.version, p.k, gpu.supported(p)) for k in model_ if (p := fmt.prepare(parts, k))}
+    assert kinds["a"] == (4, 2, True) and kinds["g"] == (4, 3, True) and not kinds["d"][2] and not kinds["f"][2]
+    out = gpu.decode_tensors(parts, list(model_), "cpu")
+    assert list(out) == list(model_)
+    assert all(same(out[k], t) for k, t in model_.items())
+    bad = dict(parts)
+    for name in ("f", "b"):
+        code = parts[name + fmt.CODE].clone()
+        code[100] ^= 0x10
+        bad[name + fmt.CODE] = code
+    with pytest.raises(UnweightError, match="'b'"):
+        gpu.decode_tensors(bad, list(model_), "cpu")
+    with pytest.raises(UnweightError, match="'f'"):
+        gpu.decode_tensors(bad, ["a", "f", "b"], "cpu")
 
 
 def reference_order(numel, chunk_w, row_len, q, nph):
@@ -158,7 +185,8 @@ assert type(gpu._decode_chunks).__name__ == "JITFunction"
 ptr = {"code_ptr": "*u8", "dec_ptr": "*i32", "out_ptr": "*i16", "status_ptr": "*i32", "data_ptr": "*u8"}
 ints = {"code_words": "i64", "numel": "i32", "chunk_w": "i32", "off": "i32"}
 for fn, consts in ((gpu._decode_chunks, dict(K=2, R=6, EMAX=255, SCALE=4096, LOW=65536, OVERRUN=1, STATE=2)),
-                   (gpu._xxh3_chunks, dict(ALIGNED=True)), (gpu._xxh3_chunks, dict(ALIGNED=False))):
+                   (gpu._xxh3_chunks, dict(ALIGNED=True)), (gpu._xxh3_chunks, dict(ALIGNED=False)),
+                   (gpu._copy_raw, dict(BLOCK=1024))):
     sig = {a: "constexpr" if a in consts else ptr.get(a, ints.get(a, "*i64")) for a in fn.arg_names}
     const = {(fn.arg_names.index(a),): v for a, v in consts.items()}
     for arch in (80, 90):
@@ -170,7 +198,7 @@ print("compiled")
 
 
 def test_kernels_compile_for_ampere_and_hopper_gpus(gpu):
-    """What the interpreter does not check: Triton compiles both kernels to machine code (``ptxas``, shipped
+    """What the interpreter does not check: Triton compiles the kernels to machine code (``ptxas``, shipped
     with Triton) for sm_80 and sm_90, with no GPU needed."""
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env["TRITON_DEFAULT_FP_FUSION"] = "1"

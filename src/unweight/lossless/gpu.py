@@ -28,9 +28,11 @@ import torch
 import triton
 import triton.language as tl
 
+from unweight.errors import UnweightError
 from unweight.lossless import chunks, format, hashing, planes, rans, rans32
 
 LANES = rans32.LANES
+_COLUMNS = ("word0", "limit", "planes", "seg_lo", "seg_hi", "first", "n", "dec", "off")  # _decode_chunks' table
 _SHORT = 240  # chunks of at most this many bytes take XXH3's short paths, hashed on the host
 _INIT = np.array([hashing._Q3, hashing._P1, hashing._P2, hashing._P3, hashing._P4, hashing._Q2, hashing._P5,
                   hashing._Q1], np.uint64)  # XXH3's accumulators at the start
@@ -71,22 +73,22 @@ def segments(numel: int, chunk_w: int, row_len: int, q: np.ndarray, nph: int, em
 
 
 @triton.jit
-def _decode_chunks(code_ptr, code_words, chunk_ptr, word0_ptr, limit_ptr, planes_ptr, lo_ptr, coding_ptr,
-                   place_ptr, phase_ptr, rot_ptr, dec_ptr, out_ptr, status_ptr, numel, chunk_w, off,
-                   K: tl.constexpr, R: tl.constexpr, EMAX: tl.constexpr, SCALE: tl.constexpr,
+def _decode_chunks(code_ptr, code_words, table_ptr, coding_ptr, place_ptr, phase_ptr, rot_ptr, dec_ptr, out_ptr,
+                   status_ptr, K: tl.constexpr, R: tl.constexpr, EMAX: tl.constexpr, SCALE: tl.constexpr,
                    LOW: tl.constexpr, OVERRUN: tl.constexpr, STATE: tl.constexpr):
-    """Chunk ``chunk[j]`` in program ``j``, its 32 lanes as the program's 32 threads (``rans32``'s decoder,
-    one group per step), each value's finished word written where its segment says. The per-chunk arrays
-    (int64): the segment's first word, its rANS words, where its planes start (byte), its first run."""
-    j = tl.program_id(0)
-    c = tl.load(chunk_ptr + j)
-    w0 = tl.load(word0_ptr + c)
-    limit = tl.load(limit_ptr + c)
-    pb = tl.load(planes_ptr + c)
-    seg_lo = tl.load(lo_ptr + c)
-    seg_hi = tl.load(lo_ptr + c + 1)
-    c0 = c * chunk_w
-    n = tl.minimum(chunk_w, numel - c0)
+    """Chunk ``j`` of the table (a row of ``_COLUMNS``, int64) in program ``j``, its 32 lanes as the program's
+    32 threads (``rans32``'s decoder, one group per step), each value's finished word written where its
+    segment says."""
+    row = table_ptr + tl.program_id(0) * 9
+    w0 = tl.load(row)  # the segment's first word
+    limit = tl.load(row + 1)  # its rANS words
+    pb = tl.load(row + 2)  # where its planes start (byte)
+    seg_lo = tl.load(row + 3)  # its runs (:func:`segments`)
+    seg_hi = tl.load(row + 4)
+    c0 = tl.load(row + 5)  # where its first value goes
+    n = tl.load(row + 6)  # its values
+    dec_ptr += tl.load(row + 7)  # its tensor's decode tables
+    off = tl.load(row + 8)  # and code offset
     words = code_ptr.to(tl.pointer_type(tl.uint16))
     out = out_ptr.to(tl.pointer_type(tl.uint16))
     lane = tl.arange(0, 32)
@@ -136,7 +138,7 @@ def _decode_chunks(code_ptr, code_words, chunk_ptr, word0_ptr, limit_ptr, planes
         tl.store(out + c0 + a, word.to(tl.uint16), mask=active)
     bad_state = tl.sum((x != LOW).to(tl.int32), 0) > 0
     status = tl.where(p > limit, OVERRUN, tl.where((p != limit) | bad_state, STATE, 0))
-    tl.store(status_ptr + j, status)
+    tl.store(status_ptr + tl.program_id(0), status)
 
 
 @triton.jit
@@ -235,48 +237,117 @@ def xxh3_chunks(data: torch.Tensor, starts: np.ndarray, lengths: np.ndarray) -> 
     return out
 
 
+@triton.jit
+def _copy_raw(code_ptr, table_ptr, out_ptr, BLOCK: tl.constexpr):
+    """Raw chunk ``j``: its bytes from the code stream to the output (table rows: source byte, target byte,
+    bytes; int64)."""
+    row = table_ptr + tl.program_id(0) * 3
+    src = tl.load(row)
+    dst = tl.load(row + 1)
+    n = tl.load(row + 2)
+    out = out_ptr.to(tl.pointer_type(tl.uint8))
+    at = tl.arange(0, BLOCK)
+    for b in range(0, tl.cdiv(n, BLOCK)):
+        m = b * BLOCK + at < n
+        tl.store(out + dst + b * BLOCK + at, tl.load(code_ptr + src + b * BLOCK + at, mask=m), mask=m)
+
+
 def decode_tensor(parts, name: str, device: str | torch.device = "cuda") -> torch.Tensor:
     """Tensor ``name`` from ``parts`` (as :func:`unweight.lossless.decode_tensor`), decoded on ``device``
     where :func:`supported` (BF16 and FP16 in version 4), else on the CPU and copied there; bit-exact, every
     chunk's checksum checked. Raises UnweightError naming the tensor and chunk on corrupt input."""
-    p = format.prepare(parts, name)
-    device = torch.device(device)
-    if not supported(p) or p.numel == 0:
-        return format._decode_prepared(p, 1).to(device)
-    lay, numel, chunk_w, nchunks = p.lay, p.numel, p.chunk_w, p.nchunks
-    first = np.arange(nchunks, dtype=np.int64) * chunk_w
-    n = np.minimum(chunk_w, numel - first)
-    s0 = p.offsets[:-1]
-    r = 16 - lay.exp_bits - p.k
-    status, words = _segment_checks(p, n, r)
-    code = torch.from_numpy(p.code).to(device)
-    out = torch.empty(numel, dtype=torch.int16, device=device)
-    out_u8 = out.view(torch.uint8)
-    for c in np.flatnonzero((p.modes == chunks.MODE_RAW) & (status == 0)):
-        out_u8[2 * first[c]:2 * (first[c] + n[c])] = code[s0[c]:s0[c] + 2 * n[c]]
-    run = np.flatnonzero((p.modes == chunks.MODE_CODED) & (status == 0))
-    if run.size:
-        emax = (1 << lay.exp_bits) - 1
-        segs = segments(numel, chunk_w, p.row_len, p.q, p.nph, emax)
-        res = torch.empty(run.size, dtype=torch.int32, device=device)
-        _decode_chunks[(run.size,)](
-            code, p.code.size // 2, *(_on(a, device) for a in (run, s0 // 2, words, s0 + 2 * words, *segs)),
-            torch.from_numpy(p.dec.view(np.int32)).to(device), out, res, numel, chunk_w, p.off, K=p.k, R=r,
-            EMAX=emax, SCALE=rans32.PROB_SCALE, LOW=rans32.STATE_LOW, OVERRUN=rans.ERR_OVERRUN,
-            STATE=rans.ERR_STATE, num_warps=1)  # one warp: the 32 lanes
-        status[run] = res.cpu().numpy()
-    ok = np.flatnonzero(status == 0)
-    if ok.size:
-        status[ok[xxh3_chunks(out_u8, 2 * first[ok], 2 * n[ok]) != p.check[ok]]] = chunks.ERR_CHECKSUM
-    if np.count_nonzero(status):
-        c = int(np.flatnonzero(status)[0])
-        raise format._fail(name, f"chunk {c} of {nchunks}: {format._ERRORS.get(int(status[c]), 'corrupt')}")
-    return out.view(lay.dtype).reshape(p.shape)
+    return decode_tensors(parts, [name], device)[name]
 
 
 def decode_tensors(parts, names, device: str | torch.device = "cuda") -> dict[str, torch.Tensor]:
-    """:func:`decode_tensor` of each of ``names``, in order."""
-    return {n: decode_tensor(parts, n, device) for n in names}
+    """:func:`decode_tensor` of each of ``names``, all of them at once: one copy of their streams to the
+    device, one launch of each kernel for all their chunks (one per symbol width), their outputs views of
+    one buffer. The first tensor (in ``names``' order) that fails raises, as one by one."""
+    device, names = torch.device(device), list(names)
+    out, errors, batch = {}, {}, []
+    for name in names:
+        try:
+            p = format.prepare(parts, name)
+            if supported(p) and p.numel:
+                batch.append(p)
+            else:
+                out[name] = format._decode_prepared(p, 1).to(device)
+        except UnweightError as e:
+            errors[name] = e
+    if batch:
+        decoded, failed = _decode_batch(batch, device)
+        out.update(decoded)
+        errors.update(failed)
+    for name in names:
+        if name in errors:
+            raise errors[name]
+    return {n: out[n] for n in names}
+
+
+def _decode_batch(batch: list[format.Prepared], device: torch.device) -> tuple[dict, dict]:
+    """The tensors of ``batch`` decoded on ``device``, and the errors of those that fail."""
+    code, dec, segs, kinds, raw, tensors = [], [], [], {}, [], []
+    code_at = dec_at = seg_at = out_at = 0
+    for t, p in enumerate(batch):
+        first = np.arange(p.nchunks, dtype=np.int64) * p.chunk_w
+        n = np.minimum(p.chunk_w, p.numel - first)
+        r = 16 - p.lay.exp_bits - p.k
+        status, words = _segment_checks(p, n, r)
+        s0 = p.offsets[:-1] + code_at
+        run = np.flatnonzero((p.modes == chunks.MODE_CODED) & (status == 0))
+        if run.size:
+            emax = (1 << p.lay.exp_bits) - 1
+            lo, *runs = segments(p.numel, p.chunk_w, p.row_len, p.q, p.nph, emax)
+            segs.append(runs)
+            rows = np.stack([s0[run] // 2, words[run], s0[run] + 2 * words[run], seg_at + lo[run], seg_at + lo[run + 1],
+                             out_at + first[run], n[run], np.full(run.size, dec_at), np.full(run.size, p.off)], 1)
+            kind = kinds.setdefault((p.k, r, emax), ([], []))
+            kind[0].append(rows)
+            kind[1].append(np.stack([np.full(run.size, t), run], 1))
+            dec.append(p.dec.reshape(-1))
+            dec_at += p.dec.size
+            seg_at += runs[0].size
+        stored = np.flatnonzero((p.modes == chunks.MODE_RAW) & (status == 0))
+        raw.append(np.stack([s0[stored], 2 * (out_at + first[stored]), 2 * n[stored]], 1))
+        code.append(p.code)
+        code.append(np.zeros(-p.code.size % 8, np.uint8))  # each tensor's stream from a multiple of 8 bytes
+        code_at += p.code.size + code[-1].size
+        tensors.append((p, status, out_at, first, n))
+        out_at += -(-p.numel // 64) * 64  # each tensor's output from a multiple of 128 bytes
+
+    code = torch.from_numpy(np.concatenate(code)).to(device)
+    flat = torch.empty(out_at, dtype=torch.int16, device=device)
+    raw = np.concatenate(raw)
+    if raw.size:
+        _copy_raw[(raw.shape[0],)](code, _on(raw, device), flat, BLOCK=1024)
+    if kinds:
+        dec = torch.from_numpy(np.concatenate(dec).view(np.int32)).to(device)
+        coding, place, phase, rot = (_on(np.concatenate(a), device) for a in zip(*segs))
+    for (k, r, emax), (rows, which) in kinds.items():
+        rows, which = np.concatenate(rows), np.concatenate(which)
+        res = torch.empty(rows.shape[0], dtype=torch.int32, device=device)
+        _decode_chunks[(rows.shape[0],)](code, code.numel() // 2, _on(rows, device), coding, place, phase, rot, dec,
+                                         flat, res, K=k, R=r, EMAX=emax, SCALE=rans32.PROB_SCALE,
+                                         LOW=rans32.STATE_LOW, OVERRUN=rans.ERR_OVERRUN, STATE=rans.ERR_STATE,
+                                         num_warps=1)  # one warp: the 32 lanes
+        for (t, c), st in zip(which.tolist(), res.cpu().numpy().tolist()):
+            tensors[t][1][c] = st
+    ok = [(t, np.flatnonzero(status == 0)) for t, (_, status, *_) in enumerate(tensors)]
+    starts = np.concatenate([2 * (tensors[t][2] + tensors[t][3][c]) for t, c in ok])
+    lengths = np.concatenate([2 * tensors[t][4][c] for t, c in ok])
+    hashes = xxh3_chunks(flat.view(torch.uint8), starts, lengths)
+    out, errors, at = {}, {}, 0
+    for t, c in ok:
+        p, status, base = tensors[t][:3]
+        status[c[hashes[at:at + c.size] != p.check[c]]] = chunks.ERR_CHECKSUM
+        at += c.size
+        if np.count_nonzero(status):
+            bad = int(np.flatnonzero(status)[0])
+            errors[p.name] = format._fail(p.name, f"chunk {bad} of {p.nchunks}: "
+                                                  f"{format._ERRORS.get(int(status[bad]), 'corrupt')}")
+        else:
+            out[p.name] = flat[base:base + p.numel].view(p.lay.dtype).reshape(p.shape)
+    return out, errors
 
 
 def _segment_checks(p: format.Prepared, n: np.ndarray, r: int) -> tuple[np.ndarray, np.ndarray]:
