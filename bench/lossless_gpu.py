@@ -1,7 +1,8 @@
 """The GPU decoder (``unweight.lossless.gpu``) on a CUDA device, against what a loader does without it.
 
-For each model (BF16 and FP16 weights), the tensors are encoded once on the CPU; then, best of ``--reps``
-in one process, each of these puts the whole model on the device, bit-exact (checked after the clock):
+For each model and dtype (bf16, fp16, fp32, fp8_e4m3), the tensors are encoded once on the CPU; then, best
+of ``--reps`` in one process, each of these puts the whole model on the device, bit-exact (checked after the
+clock):
 
 * ``copy``: the original tensors copied to the device (what an uncompressed checkpoint costs once read);
 * ``cpu+copy``: unweight's CPU decoder on all threads, then the copy;
@@ -60,7 +61,7 @@ def bench(model: str, dtype: str, reps: int, device: str, max_mb: float | None) 
            "gpu_decoded": sum(gpu.supported(gpu.format.prepare(parts, n)) for n in names), "tensors": len(names)}
     for name, fn in runs.items():
         sec, out = timed(fn, reps, device)
-        exact = all(torch.equal(out[k].cpu().view(torch.int16), t.view(torch.int16)) for k, t in tensors.items())
+        exact = all(torch.equal(out[k].cpu().view(torch.uint8), t.view(torch.uint8)) for k, t in tensors.items())
         res[name] = {"seconds": sec, "MBps": raw / 1e6 / sec, "bit_exact": exact}
         print(f"  {model} {dtype} {name:9s} {sec * 1e3:9.1f} ms  {raw / 1e6 / sec:9.0f} MB/s  bit-exact {exact}")
     res["gpu_vs_cpu+copy"] = res["cpu+copy"]["seconds"] / res["gpu"]["seconds"]

@@ -13,7 +13,7 @@ import pytest
 import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from test_lossless import bits, encode, make, same
+from test_lossless import DTYPES, bits, encode, make, same
 
 from unweight.errors import UnweightError
 from unweight.lossless import decode_tensor, encode_tensor, model, rans
@@ -36,7 +36,7 @@ def encoded(t: torch.Tensor, chunk: int, monkeypatch) -> dict[str, torch.Tensor]
 
 @settings(max_examples=12, deadline=None, suppress_health_check=[HealthCheck.too_slow,
                                                                  HealthCheck.function_scoped_fixture])
-@given(dtype=st.sampled_from([torch.bfloat16, torch.float16]),
+@given(dtype=st.sampled_from(DTYPES),
        shape=st.sampled_from([(0,), (1,), (7,), (300,), (24, 64), (33, 33), (40, 130), (10, 16), (5, 1, 200)]),
        kind=st.sampled_from(["weights", "zeros", "special", "bits"]), seed=st.integers(0, 2**31),
        chunk=st.sampled_from([256, 1000, 4096]))
@@ -63,20 +63,36 @@ def test_every_bf16_symbol_width_and_row_rotation(gpu, monkeypatch, k):
     assert same(gpu.decode_tensor(parts, "w", "cpu"), t)
 
 
-def test_other_dtypes_and_versions_decode_on_the_cpu_and_move(gpu, monkeypatch):
-    for dtype in (torch.float32, torch.float8_e4m3fn, torch.float8_e5m2):
-        t = make(dtype, (20, 64), "weights", 3)
-        parts = encoded(t, 512, monkeypatch)
-        assert not gpu.supported(fmt.prepare(parts, "w"))
-        assert same(gpu.decode_tensor(parts, "w", "cpu"), t)
-    t = make(torch.bfloat16, (20, 64), "weights", 4)
-    parts = {"w" + k: torch.from_numpy(v) for k, v in fmt.encode_streams(t, version=2).items()}
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float8_e4m3fn, torch.float8_e5m2])
+def test_fp32_and_fp8_decode_on_the_device(gpu, monkeypatch, dtype):
+    """FP32 (hi halves coded, low halves joined: whole, dropped or shifted per block) and FP8 (the sign plane),
+    with row contexts, raw chunks and specials."""
+    rng = np.random.default_rng(3)
+    fp32 = dtype == torch.float32
+    rows, cols, chunk, last, span = (40, 100, 320, 160, (-12, 12)) if fp32 else (64, 256, 4096, 4096, (-9, 8.5))
+    x = rng.standard_normal((rows, cols)) * np.logspace(-1, 1, rows)[:, None]
+    x[:8] = x[:8].astype(np.float16)  # FP32: the first chunks' low halves shifted (13 trailing zero bits)
+    t = torch.from_numpy(x.astype(np.float32)).to(dtype)
+    t[16:24] = t[16:24].to(torch.bfloat16).to(dtype)  # and others' all zero
+    spread = np.sign(rng.standard_normal(last)) * 2.0 ** rng.uniform(*span, last)  # (FP8: a whole chunk, as a
+    t.reshape(-1)[-last:] = torch.from_numpy(spread.astype(np.float32)).to(dtype)  # chunk's 128 bytes of states
+    parts = encoded(t, chunk, monkeypatch)  # weigh on small ones): stored raw
+    p = fmt.prepare(parts, "w")
+    assert gpu.supported(p) and p.version == 4 and set(p.modes.tolist()) == {0, 1}
     assert same(gpu.decode_tensor(parts, "w", "cpu"), t)
 
 
+def test_older_versions_decode_on_the_cpu_and_move(gpu):
+    for version in (2, 3):
+        t = make(torch.bfloat16, (20, 64), "weights", 4)
+        parts = {"w" + k: torch.from_numpy(v) for k, v in fmt.encode_streams(t, version=version).items()}
+        assert not gpu.supported(fmt.prepare(parts, "w"))
+        assert same(gpu.decode_tensor(parts, "w", "cpu"), t)
+
+
 def test_a_models_tensors_decode_together_as_one_by_one_on_the_cpu(gpu, monkeypatch):
-    """BF16 and FP16 tensors of different symbol widths, raw ones, an empty one, an FP32 one and a version 2
-    one (decoded on the CPU) in one call: the CPU decoder's tensors; a corrupt tensor is named, the first in the caller's
+    """BF16, FP16 and FP32 tensors of different symbol widths, raw ones, an empty one and a version 2 one
+    (decoded on the CPU) in one call: the CPU decoder's tensors; a corrupt tensor is named, the first in the caller's
     order when two are."""
     model_ = {"a": make(torch.bfloat16, (24, 64), "weights", 1), "b": make(torch.float16, (30, 50), "zeros", 2),
               "c": make(torch.bfloat16, (300,), "bits", 3), "d": make(torch.float32, (16, 40), "weights", 4),
@@ -86,7 +102,7 @@ def test_a_models_tensors_decode_together_as_one_by_one_on_the_cpu(gpu, monkeypa
         m.setattr(fmt, "CHUNK_WEIGHTS", 700)
         parts = {k + s: v for k, t in model_.items() for s, v in encode_tensor(t).items()}
     kinds = {k: (p.version, p.k, gpu.supported(p)) for k in model_ if (p := fmt.prepare(parts, k))}
-    assert kinds["a"] == (4, 2, True) and kinds["g"] == (4, 3, True) and not kinds["d"][2] and not kinds["f"][2]
+    assert kinds["a"] == (4, 2, True) and kinds["g"] == (4, 3, True) and kinds["d"][2] and kinds["f"][0] == 2
     out = gpu.decode_tensors(parts, list(model_), "cpu")
     assert list(out) == list(model_)
     assert all(same(out[k], t) for k, t in model_.items())
@@ -182,16 +198,21 @@ from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 from unweight.lossless import gpu
 assert type(gpu._decode_chunks).__name__ == "JITFunction"
-ptr = {"code_ptr": "*u8", "dec_ptr": "*i32", "out_ptr": "*i16", "status_ptr": "*i32", "data_ptr": "*u8"}
-ints = {"code_words": "i64", "numel": "i32", "chunk_w": "i32", "off": "i32"}
-for fn, consts in ((gpu._decode_chunks, dict(K=2, R=6, EMAX=255, SCALE=4096, LOW=65536, OVERRUN=1, STATE=2)),
-                   (gpu._xxh3_chunks, dict(ALIGNED=True)), (gpu._xxh3_chunks, dict(ALIGNED=False)),
-                   (gpu._copy_raw, dict(BLOCK=1024))):
+ptr = {"code_ptr": "*u8", "dec_ptr": "*i32", "out_ptr": "*u8", "status_ptr": "*i32", "data_ptr": "*u8",
+       "low_ptr": "*u8"}
+ints = {"code_words": "i64", "low_size": "i64"}
+rans = dict(SCALE=4096, LOW=65536, OVERRUN=1, STATE=2)
+kernels = [(gpu._decode_chunks, dict(K=k, R=r, H=h, EMAX=emax, STRIDE=stride, **rans), 1)
+           for k, r, h, emax, stride in ((2, 6, 16, 255, 1), (3, 8, 16, 31, 1), (2, 6, 16, 255, 2), (3, 1, 8, 15, 1))]
+kernels += [(gpu._xxh3_chunks, dict(ALIGNED=True), 1), (gpu._xxh3_chunks, dict(ALIGNED=False), 1),
+            (gpu._copy_raw, dict(STRIDE=1, BLOCK=1024), 1), (gpu._copy_raw, dict(STRIDE=2, BLOCK=1024), 1),
+            (gpu._join_low, dict(BAD=4, BLOCK=4096), 4)]
+for fn, consts, warps in kernels:
     sig = {a: "constexpr" if a in consts else ptr.get(a, ints.get(a, "*i64")) for a in fn.arg_names}
     const = {(fn.arg_names.index(a),): v for a, v in consts.items()}
     for arch in (80, 90):
         k = triton.compile(ASTSource(fn=fn, signature=sig, constexprs=const), target=GPUTarget("cuda", arch, 32),
-                           options={"num_warps": 1})
+                           options={"num_warps": warps})
         assert k.asm["cubin"], (fn, arch)
 print("compiled")
 """
@@ -204,3 +225,22 @@ def test_kernels_compile_for_ampere_and_hopper_gpus(gpu):
     env["TRITON_DEFAULT_FP_FUSION"] = "1"
     run = subprocess.run([sys.executable, "-c", COMPILE], env=env, capture_output=True, text=True, timeout=600)
     assert run.returncode == 0 and "compiled" in run.stdout, run.stderr[-3000:]
+
+
+def test_fp32_low_halves_and_fp8_corruption_fails_as_on_the_cpu(gpu, monkeypatch):
+    """Flips in FP32's low-half stream (block headers and bits) and in FP8's code stream."""
+    rng = np.random.default_rng(4)
+    x = rng.standard_normal((32, 128)) * np.logspace(-1, 1, 32)[:, None]
+    x[:8] = x[:8].astype(np.float16)
+    for dtype, key, chunk in ((torch.float32, fmt.LOW, 512), (torch.float8_e4m3fn, fmt.CODE, 4096)):
+        t = torch.from_numpy(x.astype(np.float32)).to(dtype)
+        parts = encoded(t, chunk, monkeypatch)
+        stream = parts["w" + key]
+        for at in [0, 1, *rng.integers(0, stream.numel() - rans.STREAM_PAD, 3)]:
+            bad = stream.clone()
+            bad[int(at)] ^= 0x24
+            with pytest.raises(UnweightError) as cpu_err:
+                decode_tensor({**parts, "w" + key: bad}, "w")
+            with pytest.raises(UnweightError) as gpu_err:
+                gpu.decode_tensor({**parts, "w" + key: bad}, "w", "cpu")
+            assert str(gpu_err.value) == str(cpu_err.value) and "chunk" in str(gpu_err.value)

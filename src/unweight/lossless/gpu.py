@@ -1,4 +1,4 @@
-"""Decoding format version 4 on a GPU: BF16 and FP16 tensors, chunk by chunk in Triton kernels.
+"""Decoding format version 4 on a GPU, chunk by chunk in Triton kernels: BF16, FP16, FP32 and FP8.
 
 The design is the one ``docs/format.md`` lays out ("Decoding on a GPU"): a chunk's 32 rANS lanes are
 the 32 threads of one program (a warp), each step decodes the 32 values of one group in coding order, and
@@ -7,18 +7,21 @@ lanes, then one coalesced read). Where the CPU decoder walks a chunk's rows to p
 here each value finds its place through the chunk's *segments*: the runs of values that one table and one
 row rotation decode, in coding order (:func:`segments`, built once per tensor on the host). The step
 then raises the symbol's exponent by its row's rotation, reads the value's raw bits from the planes and
-writes the finished 16-bit word where it belongs, so the symbols never go through memory. A second
-kernel checks every chunk's XXH3-64 (one program per chunk: 16 stripes of 8 lanes per 1 KB block, the
-accumulators scrambled between blocks, as ``hashing.xxh3_64``).
+writes the finished hi word (a BF16 or FP16 value, an FP32 value's hi half, an FP8 byte) where it belongs,
+so the symbols never go through memory. FP32's low halves are joined by a kernel of their own (a program
+per chunk walking its blocks of ``fields.LOW_BLOCK`` values, as ``fields.join_low``); raw chunks are copied
+by another. A last kernel checks every chunk's XXH3-64 (one program per chunk: 16 stripes of 8 lanes per
+1 KB block, the accumulators scrambled between blocks, as ``hashing.xxh3_64``).
 
-What it covers: format version 4, BF16 and FP16, coded and raw chunks. FP32 (whose low halves
-``fields.join_low`` joins on the CPU), FP8 and versions 2 and 3 decode on the CPU and are copied to the
-device. Every check the CPU decoder makes is made here too: the segments' bounds and pad bytes (host), the
-lanes' final states and the words consumed (kernel), the checksums (kernel, chunks of at most 240 bytes
-on the host); a failure raises :class:`~unweight.errors.UnweightError` naming the tensor and the chunk.
+A model's tensors decode together (:func:`decode_tensors`): one copy of their streams to the device, one
+launch per kernel and kind of tensor for all their chunks, their outputs views of one buffer. Tensors in
+format versions 2 and 3 decode on the CPU and are copied. Every check the CPU decoder makes is made here
+too: the segments' bounds and pad bytes (host), the lanes' final states and the words consumed, the low
+halves' block headers (kernels), the checksums (kernel; chunks of at most 240 bytes on the host); a failure
+raises the CPU decoder's :class:`~unweight.errors.UnweightError`, naming the tensor and the chunk.
 
 Runs on CUDA, and on the CPU under ``TRITON_INTERPRET=1`` (the tests: read when Triton is first
-imported). Not yet measured on a GPU.
+imported); the kernels compile for sm_80 and sm_90 without a GPU (tested). Not yet measured on a GPU.
 """
 
 from __future__ import annotations
@@ -30,9 +33,8 @@ import triton.language as tl
 
 from unweight.errors import UnweightError
 from unweight.lossless import chunks, format, hashing, planes, rans, rans32
+from unweight.lossless.fields import LOW_BLOCK
 
-LANES = rans32.LANES
-_COLUMNS = ("word0", "limit", "planes", "seg_lo", "seg_hi", "first", "n", "dec", "off")  # _decode_chunks' table
 _SHORT = 240  # chunks of at most this many bytes take XXH3's short paths, hashed on the host
 _INIT = np.array([hashing._Q3, hashing._P1, hashing._P2, hashing._P3, hashing._P4, hashing._Q2, hashing._P5,
                   hashing._Q1], np.uint64)  # XXH3's accumulators at the start
@@ -44,8 +46,8 @@ _LAST_KEYS = np.array([int.from_bytes(_SECRET[121 + 8 * i:129 + 8 * i].tobytes()
 
 
 def supported(p: format.Prepared) -> bool:
-    """Whether a prepared tensor decodes on the GPU here (else on the CPU, then copied)."""
-    return p.version == 4 and p.lay.dtype in (torch.bfloat16, torch.float16)
+    """Whether a prepared tensor decodes on the GPU (format version 4: every dtype), else on the CPU."""
+    return p.version == 4
 
 
 def segments(numel: int, chunk_w: int, row_len: int, q: np.ndarray, nph: int, emax: int):
@@ -74,23 +76,24 @@ def segments(numel: int, chunk_w: int, row_len: int, q: np.ndarray, nph: int, em
 
 @triton.jit
 def _decode_chunks(code_ptr, code_words, table_ptr, coding_ptr, place_ptr, phase_ptr, rot_ptr, dec_ptr, out_ptr,
-                   status_ptr, K: tl.constexpr, R: tl.constexpr, EMAX: tl.constexpr, SCALE: tl.constexpr,
-                   LOW: tl.constexpr, OVERRUN: tl.constexpr, STATE: tl.constexpr):
-    """Chunk ``j`` of the table (a row of ``_COLUMNS``, int64) in program ``j``, its 32 lanes as the program's
-    32 threads (``rans32``'s decoder, one group per step), each value's finished word written where its
-    segment says."""
+                   status_ptr, K: tl.constexpr, R: tl.constexpr, H: tl.constexpr, EMAX: tl.constexpr,
+                   STRIDE: tl.constexpr, SCALE: tl.constexpr, LOW: tl.constexpr, OVERRUN: tl.constexpr,
+                   STATE: tl.constexpr):
+    """Chunk ``j`` of the table (a row of :data:`_COLUMNS`, int64) in program ``j``, its 32 lanes as the
+    program's 32 threads (``rans32``'s decoder, one group per step), each value's hi word (``H`` bits: ``K``
+    symbol mantissa bits, ``R`` raw bits) written where its segment says, ``STRIDE`` hi words apart (2: FP32's
+    hi halves, above the low ones)."""
     row = table_ptr + tl.program_id(0) * 9
     w0 = tl.load(row)  # the segment's first word
     limit = tl.load(row + 1)  # its rANS words
     pb = tl.load(row + 2)  # where its planes start (byte)
     seg_lo = tl.load(row + 3)  # its runs (:func:`segments`)
     seg_hi = tl.load(row + 4)
-    c0 = tl.load(row + 5)  # where its first value goes
+    first = tl.load(row + 5)  # where its first value goes (byte)
     n = tl.load(row + 6)  # its values
     dec_ptr += tl.load(row + 7)  # its tensor's decode tables
     off = tl.load(row + 8)  # and code offset
     words = code_ptr.to(tl.pointer_type(tl.uint16))
-    out = out_ptr.to(tl.pointer_type(tl.uint16))
     lane = tl.arange(0, 32)
     x = (tl.load(words + w0 + 2 * lane).to(tl.uint32)
          | (tl.load(words + w0 + 2 * lane + 1).to(tl.uint32) << 16))
@@ -126,19 +129,86 @@ def _decode_chunks(code_ptr, code_words, table_ptr, coding_ptr, place_ptr, phase
         t = ex + rot
         t = tl.where(t > EMAX, t - EMAX, t)
         raised = tl.where(ex == 0, sym, (t << K) | (sym & ((1 << K) - 1)))
-        upper = a >= h
-        nib = tl.load(code_ptr + pb + tl.where(upper, a - h, a), mask=active, other=0).to(tl.int64)
-        raw = (nib >> tl.where(upper, 4, 0)) & 15
         ae = a % e
         bit = a // e
-        for b in tl.static_range(4, R):  # raw bit b: bit a // e of byte a % e of its plane
-            byte = tl.load(code_ptr + pb + h + (b - 4) * e + ae, mask=active, other=0).to(tl.int64)
-            raw |= ((byte >> bit) & 1) << b
-        word = (raised << (R - 1)) | (raw & ((1 << (R - 1)) - 1)) | (((raw >> (R - 1)) & 1) << 15)
-        tl.store(out + c0 + a, word.to(tl.uint16), mask=active)
+        if R >= 4:  # a nibble plane (value a's low four raw bits in byte a % h), then a plane per bit
+            upper = a >= h
+            nib = tl.load(code_ptr + pb + tl.where(upper, a - h, a), mask=active, other=0).to(tl.int64)
+            raw = (nib >> tl.where(upper, 4, 0)) & 15
+            for b in tl.static_range(4, R):  # raw bit b: bit a // e of byte a % e of its plane
+                byte = tl.load(code_ptr + pb + h + (b - 4) * e + ae, mask=active, other=0).to(tl.int64)
+                raw |= ((byte >> bit) & 1) << b
+        else:  # a plane per bit (FP8: the sign's)
+            raw = tl.zeros([32], tl.int64)
+            for b in tl.static_range(0, R):
+                byte = tl.load(code_ptr + pb + b * e + ae, mask=active, other=0).to(tl.int64)
+                raw |= ((byte >> bit) & 1) << b
+        word = (raised << (R - 1)) | (raw & ((1 << (R - 1)) - 1)) | (((raw >> (R - 1)) & 1) << (H - 1))
+        if H == 8:
+            tl.store(out_ptr + first + a, word.to(tl.uint8), mask=active)
+        else:
+            out = (out_ptr + first).to(tl.pointer_type(tl.uint16))
+            tl.store(out + STRIDE * a + (STRIDE - 1), word.to(tl.uint16), mask=active)
     bad_state = tl.sum((x != LOW).to(tl.int32), 0) > 0
     status = tl.where(p > limit, OVERRUN, tl.where((p != limit) | bad_state, STATE, 0))
     tl.store(status_ptr + tl.program_id(0), status)
+
+
+_COLUMNS = ("word0", "limit", "planes", "seg_lo", "seg_hi", "first", "n", "dec", "off")  # _decode_chunks' table
+
+
+@triton.jit
+def _copy_raw(code_ptr, table_ptr, out_ptr, STRIDE: tl.constexpr, BLOCK: tl.constexpr):
+    """Raw chunk ``j``'s hi words (table rows: source byte, target byte, bytes; int64) from the code stream to
+    the output: as they are, or (``STRIDE`` 2: FP32) each 16-bit word into the hi half of a 32-bit value."""
+    row = table_ptr + tl.program_id(0) * 3
+    src = tl.load(row)
+    dst = tl.load(row + 1)
+    n = tl.load(row + 2) // STRIDE  # bytes, or 16-bit words
+    at = tl.arange(0, BLOCK)
+    for b in range(0, tl.cdiv(n, BLOCK)):
+        m = b * BLOCK + at < n
+        if STRIDE == 1:
+            tl.store(out_ptr + dst + b * BLOCK + at, tl.load(code_ptr + src + b * BLOCK + at, mask=m), mask=m)
+        else:
+            w = tl.load((code_ptr + src).to(tl.pointer_type(tl.uint16)) + b * BLOCK + at, mask=m)
+            tl.store((out_ptr + dst).to(tl.pointer_type(tl.uint16)) + 2 * (b * BLOCK + at) + 1, w, mask=m)
+
+
+@triton.jit
+def _join_low(low_ptr, low_size, table_ptr, out_ptr, status_ptr, BAD: tl.constexpr, BLOCK: tl.constexpr):
+    """FP32 chunk ``j``'s low halves (table rows: its low segment's start and length in bytes, where its first
+    value goes, its values; int64) into the low halves of its 32-bit values: per block of ``BLOCK`` values a
+    trailing-zero count ``tz`` byte, then the values shifted right by ``tz`` in ``16 - tz`` bits each, least
+    significant bit first (``fields.pack_low``). A header out of range or bits that overrun the segment, or a
+    segment longer than its blocks, sets the chunk's status to ``BAD``."""
+    row = table_ptr + tl.program_id(0) * 4
+    o = tl.load(row)
+    end = o + tl.load(row + 1)
+    first = tl.load(row + 2)
+    n = tl.load(row + 3)
+    out = (out_ptr + first).to(tl.pointer_type(tl.uint16))
+    i = tl.arange(0, BLOCK).to(tl.int64)
+    bad = n * 0
+    for b in range(0, tl.cdiv(n, BLOCK)):
+        m = tl.minimum(BLOCK, n - b * BLOCK)
+        tz = tl.where(o < end, tl.load(low_ptr + tl.minimum(o, low_size - 1)).to(tl.int64), 255)
+        stop = o + 1 + (m * (16 - tz) + 7) // 8
+        bad = tl.where((tz > 16) | (stop > end), 1, bad)
+        fine = bad == 0
+        width = tl.where(fine, 16 - tz, 0)
+        at = (o + 1) * 8 + i * width  # the value's first bit
+        live = i < tl.where(fine, m, 0)  # (a scalar mask and'ed into a vector one: the interpreter refuses)
+        v = tl.zeros([BLOCK], tl.int64)
+        for k in tl.static_range(3):  # its bits lie in three bytes at most
+            byte = at // 8 + k
+            v |= tl.load(low_ptr + byte, mask=live & (byte < low_size), other=0).to(tl.int64) << (8 * k)
+        low = ((v >> (at % 8)) & ((1 << width) - 1)) << tl.where(fine, tz, 0)
+        tl.store(out + 2 * (b * BLOCK + i), low.to(tl.uint16), mask=live)
+        o = tl.where(fine, stop, o)
+    bad = tl.where(o != end, 1, bad)
+    old = tl.load(status_ptr + tl.program_id(0))
+    tl.store(status_ptr + tl.program_id(0), tl.where(bad != 0, BAD, old))
 
 
 @triton.jit
@@ -237,32 +307,18 @@ def xxh3_chunks(data: torch.Tensor, starts: np.ndarray, lengths: np.ndarray) -> 
     return out
 
 
-@triton.jit
-def _copy_raw(code_ptr, table_ptr, out_ptr, BLOCK: tl.constexpr):
-    """Raw chunk ``j``: its bytes from the code stream to the output (table rows: source byte, target byte,
-    bytes; int64)."""
-    row = table_ptr + tl.program_id(0) * 3
-    src = tl.load(row)
-    dst = tl.load(row + 1)
-    n = tl.load(row + 2)
-    out = out_ptr.to(tl.pointer_type(tl.uint8))
-    at = tl.arange(0, BLOCK)
-    for b in range(0, tl.cdiv(n, BLOCK)):
-        m = b * BLOCK + at < n
-        tl.store(out + dst + b * BLOCK + at, tl.load(code_ptr + src + b * BLOCK + at, mask=m), mask=m)
-
-
 def decode_tensor(parts, name: str, device: str | torch.device = "cuda") -> torch.Tensor:
     """Tensor ``name`` from ``parts`` (as :func:`unweight.lossless.decode_tensor`), decoded on ``device``
-    where :func:`supported` (BF16 and FP16 in version 4), else on the CPU and copied there; bit-exact, every
-    chunk's checksum checked. Raises UnweightError naming the tensor and chunk on corrupt input."""
+    (format version 4; older versions on the CPU, then copied); bit-exact, every chunk's checksum checked.
+    Raises UnweightError naming the tensor and chunk on corrupt input."""
     return decode_tensors(parts, [name], device)[name]
 
 
 def decode_tensors(parts, names, device: str | torch.device = "cuda") -> dict[str, torch.Tensor]:
     """:func:`decode_tensor` of each of ``names``, all of them at once: one copy of their streams to the
-    device, one launch of each kernel for all their chunks (one per symbol width), their outputs views of
-    one buffer. The first tensor (in ``names``' order) that fails raises, as one by one."""
+    device, one launch of each kernel for all their chunks (per kind of tensor), their outputs views of one
+    buffer (which stays allocated while any of them lives). The first tensor (in ``names``' order) that
+    fails raises, as one by one."""
     device, names = torch.device(device), list(names)
     out, errors, batch = {}, {}, []
     for name in names:
@@ -284,61 +340,108 @@ def decode_tensors(parts, names, device: str | torch.device = "cuda") -> dict[st
     return {n: out[n] for n in names}
 
 
+class _Chunks:
+    """A tensor's chunks as the batch sees them: its status so far, where its output starts (byte), each
+    chunk's first value and length."""
+
+    def __init__(self, p: format.Prepared, base: int):
+        self.p, self.base = p, base
+        self.first = np.arange(p.nchunks, dtype=np.int64) * p.chunk_w
+        self.n = np.minimum(p.chunk_w, p.numel - self.first)
+        self.r = p.lay.hi_bits - p.lay.exp_bits - p.k  # the raw bits (FP8: 1, the sign)
+        self.status, self.words = _segment_checks(p, self.n, self.r)
+
+    def at(self, c):
+        """Where chunk(s) ``c``'s first value goes in the batch's output (byte)."""
+        return self.base + self.p.lay.itemsize * self.first[c]
+
+
 def _decode_batch(batch: list[format.Prepared], device: torch.device) -> tuple[dict, dict]:
     """The tensors of ``batch`` decoded on ``device``, and the errors of those that fail."""
-    code, dec, segs, kinds, raw, tensors = [], [], [], {}, [], []
-    code_at = dec_at = seg_at = out_at = 0
+    code, low, dec, segs, kinds, raw, joins, tensors = [], [], [], [], {}, {}, [], []
+    code_at = low_at = dec_at = seg_at = out_at = 0
     for t, p in enumerate(batch):
-        first = np.arange(p.nchunks, dtype=np.int64) * p.chunk_w
-        n = np.minimum(p.chunk_w, p.numel - first)
-        r = 16 - p.lay.exp_bits - p.k
-        status, words = _segment_checks(p, n, r)
+        ch = _Chunks(p, out_at)
+        tensors.append(ch)
         s0 = p.offsets[:-1] + code_at
-        run = np.flatnonzero((p.modes == chunks.MODE_CODED) & (status == 0))
+        stride = 2 if p.lay.low_bits else 1
+        run = np.flatnonzero((p.modes == chunks.MODE_CODED) & (ch.status == 0))
         if run.size:
             emax = (1 << p.lay.exp_bits) - 1
             lo, *runs = segments(p.numel, p.chunk_w, p.row_len, p.q, p.nph, emax)
             segs.append(runs)
-            rows = np.stack([s0[run] // 2, words[run], s0[run] + 2 * words[run], seg_at + lo[run], seg_at + lo[run + 1],
-                             out_at + first[run], n[run], np.full(run.size, dec_at), np.full(run.size, p.off)], 1)
-            kind = kinds.setdefault((p.k, r, emax), ([], []))
+            w = ch.words[run]
+            rows = np.stack([s0[run] // 2, w, s0[run] + 2 * w, seg_at + lo[run], seg_at + lo[run + 1], ch.at(run),
+                             ch.n[run], np.full(run.size, dec_at), np.full(run.size, p.off)], 1)
+            kind = kinds.setdefault((p.k, ch.r, p.lay.hi_bits, emax, stride), ([], []))
             kind[0].append(rows)
             kind[1].append(np.stack([np.full(run.size, t), run], 1))
             dec.append(p.dec.reshape(-1))
             dec_at += p.dec.size
             seg_at += runs[0].size
-        stored = np.flatnonzero((p.modes == chunks.MODE_RAW) & (status == 0))
-        raw.append(np.stack([s0[stored], 2 * (out_at + first[stored]), 2 * n[stored]], 1))
+        stored = np.flatnonzero((p.modes == chunks.MODE_RAW) & (ch.status == 0))
+        raw.setdefault(stride, []).append(np.stack([s0[stored], ch.at(stored), ch.n[stored] * p.lay.hi_bits // 8], 1))
+        if p.lay.low_bits:
+            joins.append((t, np.stack([low_at + p.low_offsets[:-1], np.diff(p.low_offsets), ch.at(slice(None)),
+                                       ch.n], 1)))
+            low.append(p.low)
+            low_at += p.low.size
         code.append(p.code)
         code.append(np.zeros(-p.code.size % 8, np.uint8))  # each tensor's stream from a multiple of 8 bytes
         code_at += p.code.size + code[-1].size
-        tensors.append((p, status, out_at, first, n))
-        out_at += -(-p.numel // 64) * 64  # each tensor's output from a multiple of 128 bytes
+        out_at += -(-p.numel * p.lay.itemsize // 128) * 128  # each tensor's output from a multiple of 128 bytes
 
     code = torch.from_numpy(np.concatenate(code)).to(device)
-    flat = torch.empty(out_at, dtype=torch.int16, device=device)
-    raw = np.concatenate(raw)
-    if raw.size:
-        _copy_raw[(raw.shape[0],)](code, _on(raw, device), flat, BLOCK=1024)
+    flat = torch.empty(out_at, dtype=torch.uint8, device=device)
+    for stride, rows in raw.items():
+        rows = np.concatenate(rows)
+        if rows.size:
+            _copy_raw[(rows.shape[0],)](code, _on(rows, device), flat, STRIDE=stride, BLOCK=1024)
     if kinds:
         dec = torch.from_numpy(np.concatenate(dec).view(np.int32)).to(device)
         coding, place, phase, rot = (_on(np.concatenate(a), device) for a in zip(*segs))
-    for (k, r, emax), (rows, which) in kinds.items():
+    for (k, r, hbits, emax, stride), (rows, which) in kinds.items():
         rows, which = np.concatenate(rows), np.concatenate(which)
         res = torch.empty(rows.shape[0], dtype=torch.int32, device=device)
         _decode_chunks[(rows.shape[0],)](code, code.numel() // 2, _on(rows, device), coding, place, phase, rot, dec,
-                                         flat, res, K=k, R=r, EMAX=emax, SCALE=rans32.PROB_SCALE,
-                                         LOW=rans32.STATE_LOW, OVERRUN=rans.ERR_OVERRUN, STATE=rans.ERR_STATE,
-                                         num_warps=1)  # one warp: the 32 lanes
+                                         flat, res, K=k, R=r, H=hbits, EMAX=emax, STRIDE=stride,
+                                         SCALE=rans32.PROB_SCALE, LOW=rans32.STATE_LOW, OVERRUN=rans.ERR_OVERRUN,
+                                         STATE=rans.ERR_STATE, num_warps=1)  # one warp: the 32 lanes
         for (t, c), st in zip(which.tolist(), res.cpu().numpy().tolist()):
-            tensors[t][1][c] = st
-    ok = [(t, np.flatnonzero(status == 0)) for t, (_, status, *_) in enumerate(tensors)]
-    starts = np.concatenate([2 * (tensors[t][2] + tensors[t][3][c]) for t, c in ok])
-    lengths = np.concatenate([2 * tensors[t][4][c] for t, c in ok])
-    hashes = xxh3_chunks(flat.view(torch.uint8), starts, lengths)
+            tensors[t].status[c] = st
+    if joins:
+        _join(joins, tensors, np.concatenate(low), flat, device)
+    return _checked(tensors, flat)
+
+
+def _join(joins, tensors, low: np.ndarray, flat: torch.Tensor, device) -> None:
+    """FP32's low halves, for the chunks whose hi halves are in place."""
+    rows, which = [], []
+    for t, table in joins:
+        ok = np.flatnonzero(tensors[t].status == 0)
+        rows.append(table[ok])
+        which.append(np.stack([np.full(ok.size, t), ok], 1))
+    rows, which = np.concatenate(rows), np.concatenate(which)
+    if not rows.size:
+        return
+    res = torch.zeros(rows.shape[0], dtype=torch.int32, device=device)
+    low = np.append(low, np.uint8(0))  # (at least one byte to read)
+    _join_low[(rows.shape[0],)](torch.from_numpy(low).to(device), low.size, _on(rows, device), flat, res,
+                                BAD=chunks.ERR_LOW, BLOCK=LOW_BLOCK, num_warps=4)
+    for (t, c), st in zip(which.tolist(), res.cpu().numpy().tolist()):
+        tensors[t].status[c] = st
+
+
+def _checked(tensors: list[_Chunks], flat: torch.Tensor) -> tuple[dict, dict]:
+    """Every chunk decoded so far checked against its XXH3-64; the tensors that pass, and the errors of those
+    that fail (the CPU decoder's message, naming the first bad chunk)."""
+    ok = [np.flatnonzero(ch.status == 0) for ch in tensors]
+    starts = np.concatenate([ch.at(c) for ch, c in zip(tensors, ok)])
+    lengths = np.concatenate([ch.n[c] * ch.p.lay.itemsize for ch, c in zip(tensors, ok)])
+    hashes = xxh3_chunks(flat, starts, lengths)
     out, errors, at = {}, {}, 0
-    for t, c in ok:
-        p, status, base = tensors[t][:3]
+    for ch, c in zip(tensors, ok):
+        p, status = ch.p, ch.status
         status[c[hashes[at:at + c.size] != p.check[c]]] = chunks.ERR_CHECKSUM
         at += c.size
         if np.count_nonzero(status):
@@ -346,7 +449,7 @@ def _decode_batch(batch: list[format.Prepared], device: torch.device) -> tuple[d
             errors[p.name] = format._fail(p.name, f"chunk {bad} of {p.nchunks}: "
                                                   f"{format._ERRORS.get(int(status[bad]), 'corrupt')}")
         else:
-            out[p.name] = flat[base:base + p.numel].view(p.lay.dtype).reshape(p.shape)
+            out[p.name] = flat[ch.base:ch.base + p.numel * p.lay.itemsize].view(p.lay.dtype).reshape(p.shape)
     return out, errors
 
 
@@ -357,7 +460,7 @@ def _segment_checks(p: format.Prepared, n: np.ndarray, r: int) -> tuple[np.ndarr
     coded, raw = p.modes == chunks.MODE_CODED, p.modes == chunks.MODE_RAW
     status = np.zeros(p.nchunks, np.int32)
     status[~coded & ~raw] = chunks.ERR_MODE
-    status[raw & (seglen != 2 * n)] = chunks.ERR_RAW_SIZE
+    status[raw & (seglen != n * p.lay.hi_bits // 8)] = chunks.ERR_RAW_SIZE
     pb = planes.padded.py_func(n) * r // 8  # the planes' bytes, then a zero pad byte when odd
     words_bytes = seglen - pb - (pb & 1)
     short = coded & ((words_bytes < 0) | (words_bytes % 2 != 0) | (s0 % 2 != 0))
