@@ -244,3 +244,27 @@ def test_fp32_low_halves_and_fp8_corruption_fails_as_on_the_cpu(gpu, monkeypatch
             with pytest.raises(UnweightError) as gpu_err:
                 gpu.decode_tensor({**parts, "w" + key: bad}, "w", "cpu")
             assert str(gpu_err.value) == str(cpu_err.value) and "chunk" in str(gpu_err.value)
+
+
+def test_a_compressed_folder_loads_onto_the_device(gpu, tmp_path, monkeypatch):
+    """A small Llama in BF16, compressed as `unweight compress --method lossless` does, comes back from its
+    folder bit-exact, with its plain (integer) tensors copied as they are."""
+    from safetensors.torch import save_file
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from unweight.formats import compress_checkpoint
+    from unweight.lossless.register import FORMAT, encode_parts
+
+    torch.manual_seed(0)
+    cfg = LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
+                      num_key_value_heads=1, vocab_size=64)
+    model_ = LlamaForCausalLM(cfg).to(torch.bfloat16).eval()
+    model_.save_pretrained(tmp_path / "dense")
+    state = dict(model_.state_dict())
+    steps = torch.arange(5, dtype=torch.int64)
+    save_file({"steps": steps}, tmp_path / "dense" / "extra.safetensors")
+    monkeypatch.setattr(fmt, "CHUNK_WEIGHTS", 1024)
+    compress_checkpoint(tmp_path / "dense", tmp_path / "comp", FORMAT, encode_parts, {}, progress=False)
+    out = gpu.load_state_dict(tmp_path / "comp", "cpu")
+    assert set(out) == set(state) | {"steps"} and torch.equal(out["steps"], steps)
+    assert all(same(out[k], t) for k, t in state.items())

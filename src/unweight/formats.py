@@ -93,16 +93,23 @@ def quantization_config(ckpt: Checkpoint) -> dict | None:
     return None
 
 
+def readable_format(ckpt: Checkpoint, qc: dict) -> Format:
+    """The format of a checkpoint whose quantization_config is ``qc``, refused when its folder version is newer
+    than this unweight reads."""
+    fmt = get_format(qc["quant_method"])
+    if int(qc.get("format_version", fmt.version)) > fmt.version:
+        raise UnweightError(f"{ckpt.path}: {fmt.quant_method} format version {qc['format_version']} is newer "
+                            f"than this unweight reads ({fmt.version}); upgrade unweight")
+    return fmt
+
+
 def iter_decoded(ckpt: Checkpoint) -> Iterator[tuple[str, torch.Tensor]]:
     """(name, dense tensor) for every tensor of a checkpoint, decoding unweight parts on the way."""
     qc = quantization_config(ckpt)
     if qc is None:
         yield from ckpt.items()
         return
-    fmt = get_format(qc["quant_method"])
-    if int(qc.get("format_version", fmt.version)) > fmt.version:
-        raise UnweightError(f"{ckpt.path}: {fmt.quant_method} format version {qc['format_version']} is newer "
-                            f"than this unweight reads ({fmt.version}); upgrade unweight")
+    fmt = readable_format(ckpt, qc)
     groups, _ = group_parts(ckpt.names(), fmt.tag)
     marker = f".{fmt.tag}."
     for name in ckpt.names():  # stored order; an encoded tensor is decoded at its first part

@@ -228,6 +228,11 @@ def folder_parts(streams: dict[str, np.ndarray]) -> Parts:
 
 
 def decode(parts: Parts, name: str) -> torch.Tensor:
+    return decode_tensor(stream_parts(parts, name), name)
+
+
+def stream_parts(parts: Parts, name: str) -> dict[str, torch.Tensor]:
+    """A stored tensor's streams under the tensor format's names (``name.ul.code``, ...), its pack unpacked."""
     packed = [k for k in PACKED if k in parts]
     if len(packed) > 1:
         raise UnweightError(f"tensor {name!r}: both a pack and a meta part: corrupt folder")
@@ -238,7 +243,7 @@ def decode(parts: Parts, name: str) -> torch.Tensor:
             raise UnweightError(f"tensor {name!r}: streams {sorted(set(inside) & set(apart))} both packed and "
                                 "stored apart: corrupt folder")
         parts = apart | inside
-    return decode_tensor({name + PREFIX + k: v for k, v in parts.items()}, name)
+    return {name + PREFIX + k: v for k, v in parts.items()}
 
 
 FORMAT = register(Format(quant_method="unweight-lossless", tag=TAG, version=FOLDER_VERSION, decode=decode,
