@@ -419,12 +419,11 @@ def _decode_batch(batch: list[format.Prepared], device: torch.device) -> tuple[d
                                        ch.n], 1)))
             low.append(p.low)
             low_at += p.low.size
-        code.append(p.code)
-        code.append(np.zeros(-p.code.size % 8, np.uint8))  # each tensor's stream from a multiple of 8 bytes
-        code_at += p.code.size + code[-1].size
+        code.append((code_at, p.code))
+        code_at += -(-p.code.size // 8) * 8  # each tensor's stream from a multiple of 8 bytes
         out_at += -(-p.numel * p.lay.itemsize // 128) * 128  # each tensor's output from a multiple of 128 bytes
 
-    code = torch.from_numpy(np.concatenate(code)).to(device)
+    code = _streams(code, code_at, device)
     flat = torch.empty(out_at, dtype=torch.uint8, device=device)
     for stride, rows in raw.items():
         rows = np.concatenate(rows)
@@ -445,6 +444,15 @@ def _decode_batch(batch: list[format.Prepared], device: torch.device) -> tuple[d
     if joins:
         _join(joins, tensors, np.concatenate(low), flat, device)
     return _checked(tensors, flat)
+
+
+def _streams(pieces: list[tuple[int, np.ndarray]], size: int, device) -> torch.Tensor:
+    """The tensors' code streams side by side on the device, each copied there straight from its part (no
+    concatenated copy on the host)."""
+    out = torch.zeros(size, dtype=torch.uint8, device=device)
+    for at, a in pieces:
+        out[at:at + a.size].copy_(torch.from_numpy(a))
+    return out
 
 
 def _join(joins, tensors, low: np.ndarray, flat: torch.Tensor, device) -> None:
