@@ -7,7 +7,8 @@ each result side by side (size in bits per weight, quality on held-out text, tim
 Quality is measured under the pinned protocol (Austen evaluation split, windows of --seq-len tokens)
 against the GGUF model as transformers loads it, in float32. Every compressed folder is written with
 `unweight compress` and loaded back through transformers.from_pretrained, as a user would. Lossless
-rows are also verified bit for bit. The table is written as JSON to OUT/demo.json.
+rows are also verified bit for bit, and where there is a CUDA device the lossless folder is decoded there
+too. The table is written as JSON to OUT/demo.json.
 
 The bundled decoders are 4-bit-derived GGUF models: lossy results on them are flattered (DESIGN.md).
 """
@@ -64,6 +65,30 @@ def _quiet(argv: list[str]) -> tuple[int, str]:
     return rc, buf.getvalue()
 
 
+def _gpu_decode(dense: Path, folder: Path) -> str:
+    """The lossless folder's state dict decoded on the GPU (``unweight.lossless.gpu``) against decoding it on
+    the CPU, both timed once warm, and checked bit for bit against the dense folder; or why not."""
+    import torch
+
+    if not torch.cuda.is_available():
+        return "\nlossless folder on a GPU: no CUDA device here (the decoder's tests run in Triton's interpreter)"
+    from unweight.formats import decode_tensors, same_bits
+    from unweight.lossless import gpu
+
+    gpu.load_state_dict(folder, "cuda")  # compiles the kernels
+    torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    on_gpu = gpu.load_state_dict(folder, "cuda")
+    torch.cuda.synchronize()
+    t1 = time.perf_counter()
+    on_cpu = {k: v.to("cuda") for k, v in decode_tensors(folder).items()}
+    torch.cuda.synchronize()
+    t2 = time.perf_counter()
+    exact = all(same_bits(on_gpu[k].cpu(), v) for k, v in decode_tensors(dense).items())
+    return (f"\nlossless folder on {torch.cuda.get_device_name()}: decoded there in {(t1 - t0) * 1e3:.0f} ms "
+            f"(on the CPU, then copied: {(t2 - t1) * 1e3:.0f} ms), {'bit-exact' if exact else 'NOT bit-exact'}")
+
+
 def run(args) -> int:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -111,6 +136,8 @@ def run(args) -> int:
     title = (f"unweight demo: {args.model} (4-bit-derived GGUF), {windows.numel():,} tokens of Austen "
              f"(evaluation split, windows of {args.seq_len}); bits/weight over the compressed matrices")
     print(format_table(rows, title=title))
+
+    print(_gpu_decode(bf16, out / "lossless"))
 
     # where the redundancy is: the per-matrix statistics and the model's redundancy table (no calibration)
     rc, text = _quiet(["analyze", str(bf16), "--out", str(out / "analyze"), "--json", "--quiet", "--threads", "1"])
