@@ -46,8 +46,9 @@ _LAST_KEYS = np.array([int.from_bytes(_SECRET[121 + 8 * i:129 + 8 * i].tobytes()
 
 
 def supported(p: format.Prepared) -> bool:
-    """Whether a prepared tensor decodes on the GPU (format version 4: every dtype), else on the CPU."""
-    return p.version == 4
+    """Whether a prepared tensor decodes on the GPU (format version 4: every dtype, chunks of up to 2^30 values,
+    whose places the kernels count in 32 bits), else on the CPU."""
+    return p.version == 4 and p.chunk_w <= 1 << 30
 
 
 def segments(numel: int, chunk_w: int, row_len: int, q: np.ndarray, nph: int, emax: int):
@@ -98,7 +99,7 @@ def _decode_chunks(code_ptr, code_words, table_ptr, coding_ptr, place_ptr, phase
     x = (tl.load(words + w0 + 2 * lane).to(tl.uint32)
          | (tl.load(words + w0 + 2 * lane + 1).to(tl.uint32) << 16))
     p = limit * 0 + 64  # the 64 state words read
-    mp = (n + 7) // 8 * 8
+    mp = ((n + 7) // 8 * 8).to(tl.int32)  # (places in a chunk in 32 bits: integer division is cheaper)
     h = mp // 2
     e = mp // 8
     sp = tl.zeros([32], tl.int64) + seg_lo
@@ -113,7 +114,7 @@ def _decode_chunks(code_ptr, code_words, table_ptr, coding_ptr, place_ptr, phase
             adv = nxt <= i
         ph = tl.load(phase_ptr + sp)
         rot = tl.load(rot_ptr + sp)
-        a = tl.load(place_ptr + sp) + (i - tl.load(coding_ptr + sp))  # the value's place in the chunk
+        a = (tl.load(place_ptr + sp) + (i - tl.load(coding_ptr + sp))).to(tl.int32)  # its place in the chunk
         ent = tl.load(dec_ptr + ph * SCALE + (x & (SCALE - 1)).to(tl.int64), mask=active, other=0)
         ent = ent.to(tl.uint32, bitcast=True)
         code8 = (ent >> 24).to(tl.int64)
