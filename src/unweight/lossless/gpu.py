@@ -102,19 +102,24 @@ def _decode_chunks(code_ptr, code_words, table_ptr, coding_ptr, place_ptr, phase
     mp = ((n + 7) // 8 * 8).to(tl.int32)  # (places in a chunk in 32 bits: integer division is cheaper)
     h = mp // 2
     e = mp // 8
+    # each lane's segment, kept in registers: its table, rotation, place less coding index, where the next starts
     sp = tl.zeros([32], tl.int64) + seg_lo
+    ph = tl.load(phase_ptr + sp)
+    rot = tl.load(rot_ptr + sp)
+    shift = tl.load(place_ptr + sp) - tl.load(coding_ptr + sp)
+    nxt = tl.load(coding_ptr + sp + 1, mask=sp + 1 < seg_hi, other=1 << 40)
     for s in range(0, tl.cdiv(n, 32)):
         i = s * 32 + lane
         active = i < n
-        nxt = tl.load(coding_ptr + sp + 1, mask=sp + 1 < seg_hi, other=1 << 40)
         adv = nxt <= i
-        while tl.max(adv.to(tl.int32), 0) > 0:  # a lane whose value lies in a later segment
+        while tl.max(adv.to(tl.int32), 0) > 0:  # a lane whose value lies in a later segment (rare)
             sp += adv.to(tl.int64)
+            ph = tl.where(adv, tl.load(phase_ptr + sp), ph)
+            rot = tl.where(adv, tl.load(rot_ptr + sp), rot)
+            shift = tl.where(adv, tl.load(place_ptr + sp) - tl.load(coding_ptr + sp), shift)
             nxt = tl.load(coding_ptr + sp + 1, mask=sp + 1 < seg_hi, other=1 << 40)
             adv = nxt <= i
-        ph = tl.load(phase_ptr + sp)
-        rot = tl.load(rot_ptr + sp)
-        a = (tl.load(place_ptr + sp) + (i - tl.load(coding_ptr + sp))).to(tl.int32)  # its place in the chunk
+        a = (i + shift).to(tl.int32)  # the value's place in the chunk
         ent = tl.load(dec_ptr + ph * SCALE + (x & (SCALE - 1)).to(tl.int64), mask=active, other=0)
         ent = ent.to(tl.uint32, bitcast=True)
         code8 = (ent >> 24).to(tl.int64)
