@@ -269,7 +269,7 @@ def _xxh3_chunks(data_ptr, start_ptr, len_ptr, consts_ptr, out_ptr, ALIGNED: tl.
     nstripes = ((length - 1) - nblocks * 1024) // 64  # the last block's whole stripes
     at = start + nblocks * 1024 + stripe[:, None] * 64 + lane[None, :] * 8
     valid = (stripe < nstripes)[:, None]
-    at = tl.where(valid, at, start)  # (a stripe past the data reads the chunk's first bytes, unused)
+    at = tl.where(valid, at, start + lane[None, :] * 8)  # (a stripe past the data reads the first one, unused)
     x = _words64(data_ptr, at, ALIGNED)
     swapped = _words64(data_ptr, at + tl.where(lane % 2 == 0, 8, -8)[None, :], ALIGNED)
     y = x ^ keys
