@@ -268,3 +268,67 @@ def test_a_compressed_folder_loads_onto_the_device(gpu, tmp_path, monkeypatch):
     out = gpu.load_state_dict(tmp_path / "comp", "cpu")
     assert set(out) == set(state) | {"steps"} and torch.equal(out["steps"], steps)
     assert all(same(out[k], t) for k, t in state.items())
+
+
+@pytest.fixture(autouse=True)
+def bounds_checked(gpu, monkeypatch):
+    """Every load and store of the interpreted kernels, in every test here, checked to lie inside one of its
+    launch's tensors: on a GPU an access outside them may read another allocation or fault, where the
+    interpreter (plain memory reads in this process) rarely notices. Hooks the interpreter's launch and memory
+    calls (Triton 3.9)."""
+    interp = pytest.importorskip("triton.runtime.interpreter")
+    if not hasattr(interp, "_interpreter") or not hasattr(interp, "GridExecutor"):
+        pytest.skip("this Triton's interpreter has other internals")
+    real, launch, ranges, bad = interp._interpreter, interp.GridExecutor.__call__, [], []
+
+    def check(ptrs, mask, size):
+        at = np.asarray(ptrs)[np.broadcast_to(np.asarray(mask, bool), np.shape(ptrs))]
+        inside = np.zeros(at.shape, bool)
+        for lo, hi in ranges:
+            inside |= (at >= lo) & (at + size <= hi)
+        if not inside.all():
+            bad.append(at[~inside][:4])
+
+    class Checked:
+        def __getattr__(self, name):
+            return getattr(real, name)
+
+        def load(self, ptrs, mask, other, dtype):
+            check(ptrs, mask, np.dtype(dtype).itemsize)
+            return real.load(ptrs, mask, other, dtype)
+
+        def store(self, ptrs, value, mask):
+            check(ptrs, mask, value.dtype.itemsize)
+            return real.store(ptrs, value, mask)
+
+    def launched(self, *args, **kwargs):
+        st = [a.untyped_storage() for a in (*args, *kwargs.values()) if isinstance(a, torch.Tensor)]
+        ranges[:] = [(s.data_ptr(), s.data_ptr() + s.nbytes()) for s in st]
+        return launch(self, *args, **kwargs)
+
+    monkeypatch.setattr(interp, "_interpreter", Checked())
+    monkeypatch.setattr(interp.GridExecutor, "__call__", launched)
+    yield bad
+    assert not bad, f"accesses outside the launch's tensors at {bad[:3]}"
+
+
+def test_kernels_stay_inside_their_tensors(gpu, bounds_checked, monkeypatch):
+    """Every dtype (raw chunks, FP32's low halves, XXH3 aligned and not), and corrupt streams (a decoder that
+    reads a stream as if it were longer than it is must still stay inside it). (Every other test here is
+    checked too; this one fails where an access strays, with the case it strayed in.)"""
+    tensors = {"a": make(torch.bfloat16, (24, 64), "zeros", 1), "b": make(torch.float16, (40, 64), "weights", 7),
+               "c": make(torch.float32, (16, 40), "weights", 4), "d": make(torch.float8_e5m2, (33, 70), "weights", 2),
+               "e": make(torch.bfloat16, (300,), "bits", 3), "f": make(torch.bfloat16, (7, 33), "weights", 5)}
+    with monkeypatch.context() as m:
+        m.setattr(fmt, "CHUNK_WEIGHTS", 700)
+        parts = {k + s: v for k, t in tensors.items() for s, v in encode_tensor(t).items()}
+    out = gpu.decode_tensors(parts, list(tensors), "cpu")
+    assert all(same(out[k], t) for k, t in tensors.items())
+    rng = np.random.default_rng(9)
+    for name in ("a", "c", "d"):
+        for key in (fmt.CODE, fmt.LOW) if name == "c" else (fmt.CODE,):
+            stream = parts[name + key].clone()
+            stream[rng.integers(0, stream.numel() - rans.STREAM_PAD, 6)] ^= 0x81
+            with pytest.raises(UnweightError):
+                gpu.decode_tensors({**parts, name + key: stream}, list(tensors), "cpu")
+    assert not bounds_checked
