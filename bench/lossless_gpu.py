@@ -13,6 +13,14 @@ MB/s counts original bytes. The first ``gpu`` pass compiles the kernels and is n
     .venv/bin/python bench/lossless_gpu.py                                  # smollm2-135m, bf16
     .venv/bin/python bench/lossless_gpu.py --models minilm-l6,gemma3-270m --dtypes bf16,fp16 --folders
     TRITON_INTERPRET=1 .venv/bin/python bench/lossless_gpu.py --device cpu --max-mb 0.05 --reps 1  # a dry run
+
+On a GPU machine that lacks the bundled models (the device tool's: nothing can be fetched there, 64 MiB
+travel with the tree), write payloads here and measure them there, against the CPU decoder's output:
+
+    .venv/bin/python bench/lossless_gpu.py --write-payload .gpu/minilm-bf16.safetensors --models minilm-l6
+    .venv/bin/python bench/lossless_gpu.py --write-payload .gpu/minilm-bf16-c16.safetensors --models minilm-l6 \\
+        --chunks 65536
+    python3 bench/lossless_gpu.py --payload .gpu/*.safetensors --out $OUT/lossless_gpu.json   # there
 """
 
 import argparse
@@ -44,34 +52,42 @@ def timed(fn, reps: int, device: str) -> tuple[float, dict]:
     return best, out
 
 
-def bench(model: str, dtype: str, reps: int, device: str, max_mb: float | None, chunk: int) -> dict:
+def encoded(model: str, dtype: str, max_mb: float | None, chunk: int) -> tuple[dict, dict]:
+    """(parts, original tensors) of a bundled model cast to ``dtype``, in chunks of ``chunk`` values."""
     from unweight.lossless import format as fmt
-    from unweight.lossless import gpu
     tensors = {k: v.to(DTYPES[dtype]).contiguous() for k, v in subset(load_model(model), max_mb).items()}
-    raw = sum(t.numel() * t.element_size() for t in tensors.values())
     old, fmt.CHUNK_WEIGHTS = fmt.CHUNK_WEIGHTS, chunk
     try:
         enc = encode_tensors(tensors, THREADS)
     finally:
         fmt.CHUNK_WEIGHTS = old
-    parts = {k + s: v for k, p in enc.items() for s, v in p.items()}
+    return {k + s: v for k, p in enc.items() for s, v in p.items()}, tensors
+
+
+def measure(label: dict, parts: dict, reps: int, device: str, tensors: dict | None = None) -> dict:
+    """The three ways onto the device, timed, each output compared bit for bit with ``tensors`` (default: the
+    CPU decoder's, every chunk's checksum checked)."""
+    from unweight.lossless import format as fmt
+    from unweight.lossless import gpu
+    names = fmt.encoded_names(parts)
+    tensors = tensors if tensors is not None else decode_tensors(parts, names, THREADS)
+    raw = sum(t.numel() * t.element_size() for t in tensors.values())
     size = sum(v.numel() * v.element_size() for v in parts.values())
-    names = list(tensors)
     gpu.decode_tensors(parts, names, device)  # compiles the kernels
     runs = {
         "copy": lambda: {k: t.to(device) for k, t in tensors.items()},
         "cpu+copy": lambda: {k: t.to(device) for k, t in decode_tensors(parts, names, THREADS).items()},
         "gpu": lambda: gpu.decode_tensors(parts, names, device),
     }
-    res = {"model": model, "dtype": dtype, "chunk": chunk, "raw_bytes": raw, "ratio": size / raw,
-           "chunks": sum(-(-t.numel() // chunk) for t in tensors.values()), "tensors": len(names),
-           "gpu_decoded": sum(gpu.supported(fmt.prepare(parts, n)) for n in names)}
+    prepared = [fmt.prepare(parts, n) for n in names]
+    res = {**label, "raw_bytes": raw, "ratio": size / raw, "chunks": sum(p.nchunks for p in prepared),
+           "tensors": len(names), "gpu_decoded": sum(map(gpu.supported, prepared))}
     for name, fn in runs.items():
         sec, out = timed(fn, reps, device)
         exact = all(torch.equal(out[k].cpu().view(torch.uint8), t.view(torch.uint8)) for k, t in tensors.items())
         res[name] = {"seconds": sec, "MBps": raw / 1e6 / sec, "bit_exact": exact}
-        print(f"  {model} {dtype} chunks of {chunk:8d} (ratio {size / raw:.4f}) {name:9s} {sec * 1e3:9.1f} ms "
-              f"{raw / 1e6 / sec:9.0f} MB/s  bit-exact {exact}")
+        print(f"  {' '.join(map(str, label.values()))} (ratio {size / raw:.4f}, {res['chunks']} chunks) {name:9s} "
+              f"{sec * 1e3:9.1f} ms {raw / 1e6 / sec:9.0f} MB/s  bit-exact {exact}")
     res["gpu_vs_cpu+copy"] = res["cpu+copy"]["seconds"] / res["gpu"]["seconds"]
     return res
 
@@ -106,17 +122,35 @@ def main():
                     help="values per chunk to encode with (the format's default 2^20; smaller: more chunks decoded "
                          "side by side on the GPU, 145 bytes more each)")
     ap.add_argument("--folders", action="store_true", help="also time loading a compressed HF folder")
+    ap.add_argument("--write-payload", metavar="FILE", help="write the first model's parts (first dtype and chunk "
+                    "size) to FILE and stop: what a GPU machine without the bundled models measures")
+    ap.add_argument("--payload", nargs="+", metavar="FILE", help="measure these written payloads instead of models")
     ap.add_argument("--out", default=str(Path(__file__).parent / "results" / "lossless_gpu.json"))
     args = ap.parse_args()
+    if args.write_payload:
+        from safetensors.torch import save_file
+        model, dtype, chunk = args.models.split(",")[0], args.dtypes.split(",")[0], int(args.chunks.split(",")[0])
+        parts, _ = encoded(model, dtype, args.max_mb, chunk)
+        save_file(parts, args.write_payload, {"model": model, "dtype": dtype, "chunk": str(chunk)})
+        print(f"wrote {args.write_payload}: {sum(v.numel() * v.element_size() for v in parts.values()) / 1e6:.1f} MB")
+        return
     if args.device == "cuda" and not torch.cuda.is_available():
         raise SystemExit("no CUDA device here: the GPU decoder's speed needs one (its tests run on the CPU in "
                          "Triton's interpreter)")
     name = torch.cuda.get_device_name() if args.device == "cuda" else args.device
-    report = {"device": name, "cpus": os.cpu_count(), "results": []}
-    for model in args.models.split(","):
+    report = {"device": name, "cpus": os.cpu_count(), "torch": torch.__version__, "results": []}
+    for path in args.payload or []:
+        from safetensors import safe_open
+        from safetensors.torch import load_file
+        with safe_open(path, "pt") as f:
+            label = dict(f.metadata() or {}, payload=Path(path).name)
+        report["results"].append(measure(label, load_file(path), args.reps, args.device))
+    for model in [] if args.payload else args.models.split(","):
         for dtype in args.dtypes.split(","):
             for chunk in map(int, args.chunks.split(",")):
-                report["results"].append(bench(model, dtype, args.reps, args.device, args.max_mb, chunk))
+                parts, tensors = encoded(model, dtype, args.max_mb, chunk)
+                label = {"model": model, "dtype": dtype, "chunk": chunk}
+                report["results"].append(measure(label, parts, args.reps, args.device, tensors))
         if args.folders and model != "minilm-l6":
             with tempfile.TemporaryDirectory() as tmp:
                 report.setdefault("folders", []).append(bench_folder(model, args.reps, args.device, Path(tmp)))
