@@ -32,7 +32,7 @@ import triton
 import triton.language as tl
 
 from unweight.errors import UnweightError
-from unweight.lossless import chunks, format, hashing, planes, rans, rans32
+from unweight.lossless import chunks, format, hashing, planes, pool, rans, rans32
 from unweight.lossless.fields import LOW_BLOCK
 
 _SHORT = 240  # chunks of at most this many bytes take XXH3's short paths, hashed on the host
@@ -333,7 +333,7 @@ def decode_tensors(parts, names, device: str | torch.device = "cuda") -> dict[st
             if supported(p) and p.numel:
                 batch.append(p)
             else:
-                out[name] = format._decode_prepared(p, 1).to(device)
+                out[name] = format._decode_prepared(p, pool.resolve(None)).to(device)
         except UnweightError as e:
             errors[name] = e
     if batch:
@@ -360,7 +360,7 @@ def load_state_dict(path, device: str | torch.device = "cuda") -> dict[str, torc
     if qc is None or qc.get("quant_method") != register.FORMAT.quant_method:
         return {k: t.to(device) for k, t in iter_decoded(ckpt)}
     fmt = readable_format(ckpt, qc)
-    groups, plain = group_parts(ckpt.names(), fmt.tag)
+    groups, _ = group_parts(ckpt.names(), fmt.tag)
     marker = f".{fmt.tag}."
     try:
         parts = {}
