@@ -464,7 +464,7 @@ def decode_tensor(parts, name: str, threads: int | None = None) -> torch.Tensor:
     """Rebuild tensor ``name`` from ``parts`` (any mapping holding its ``name + suffix`` keys),
     bit-exact, checking every chunk's checksum. Raises UnweightError on corrupt input."""
     p = prepare(parts, name)
-    return _decode_prepared(p, pool.resolve(threads))
+    return decode_prepared(p, pool.resolve(threads))
 
 
 def prepare(parts, name: str) -> Prepared:
@@ -563,7 +563,8 @@ def prepare(parts, name: str) -> Prepared:
                     offsets, modes, check, low, low_offsets)
 
 
-def _decode_prepared(p: Prepared, threads: int) -> torch.Tensor:
+def decode_prepared(p: Prepared, threads: int) -> torch.Tensor:
+    """A :func:`prepare`'d tensor decoded on the CPU on ``threads`` threads, every chunk's checksum checked."""
     name, version, lay, shape, numel, chunk_w, nchunks, k, rb, nph, row_len, q, dec, off = p[:14]
     code, offsets, modes, check, low, low_offsets = p[14:]
     hbits, is32 = lay.hi_bits, lay.low_bits > 0
@@ -604,10 +605,15 @@ def _decode_prepared(p: Prepared, threads: int) -> torch.Tensor:
     return _decoded(name, status, nchunks, nbytes, out_u8, shape, lay)
 
 
+def chunk_error(name: str, c: int, nchunks: int, status: int) -> UnweightError:
+    """The error of chunk ``c`` (of ``nchunks``) of tensor ``name`` whose decode ended with ``status``."""
+    return _fail(name, f"chunk {c} of {nchunks}: {_ERRORS.get(int(status), 'corrupt')}")
+
+
 def _decoded(name, status, nchunks, nbytes, out_u8, shape, lay) -> torch.Tensor:
     if np.count_nonzero(status):
         c = int(np.flatnonzero(status)[0])
-        raise _fail(name, f"chunk {c} of {nchunks}: {_ERRORS.get(int(status[c]), 'corrupt')}")
+        raise chunk_error(name, c, nchunks, status[c])
     if not nbytes:  # an empty array's stride is 0, which a dtype view refuses
         return torch.empty(shape, dtype=lay.dtype)
     return torch.from_numpy(out_u8[:nbytes]).view(lay.dtype).reshape(shape)

@@ -36,13 +36,6 @@ from unweight.lossless import chunks, format, hashing, planes, pool, rans, rans3
 from unweight.lossless.fields import LOW_BLOCK
 
 _SHORT = 240  # chunks of at most this many bytes take XXH3's short paths, hashed on the host
-_INIT = np.array([hashing._Q3, hashing._P1, hashing._P2, hashing._P3, hashing._P4, hashing._Q2, hashing._P5,
-                  hashing._Q1], np.uint64)  # XXH3's accumulators at the start
-_SECRET = hashing._SECRET
-_BLOCK_KEYS = np.array([[int.from_bytes(_SECRET[8 * s + 8 * i:8 * s + 8 * i + 8].tobytes(), "little")
-                         for i in range(8)] for s in range(16)], np.uint64)  # stripe s's key for lane i
-_LAST_KEYS = np.array([int.from_bytes(_SECRET[121 + 8 * i:129 + 8 * i].tobytes(), "little") for i in range(8)],
-                      np.uint64)  # the last stripe's (the secret from 192 - 64 - 7)
 
 
 def supported(p: format.Prepared) -> bool:
@@ -219,7 +212,7 @@ def _join_low(low_ptr, low_size, table_ptr, out_ptr, status_ptr, BAD: tl.constex
 
 @triton.jit
 def _mul_fold(a, b):
-    """The 128-bit product of uint64 ``a`` and ``b``, its halves XORed (``hashing._mul_fold``)."""
+    """The 128-bit product of uint64 ``a`` and ``b``, its halves XORed (as ``hashing``'s)."""
     m32 = 0xFFFFFFFF
     a0, a1, b0, b1 = a & m32, a >> 32, b & m32, b >> 32
     lo_lo, hi_lo, lo_hi, hi_hi = a0 * b0, a1 * b0, a0 * b1, a1 * b1
@@ -242,8 +235,7 @@ def _words64(data_ptr, at, ALIGNED: tl.constexpr):
 @triton.jit
 def _xxh3_chunks(data_ptr, start_ptr, len_ptr, consts_ptr, out_ptr, ALIGNED: tl.constexpr):
     """XXH3-64 (seed 0, the default secret) of each chunk's ``len > 240`` bytes from ``data + start``, one
-    chunk per program. ``consts``: the 8 initial accumulators, 16 x 8 block keys, 8 last-stripe keys, the 8
-    scramble keys, the 8 merge keys (int64, read as uint64). ``ALIGNED``: every start a multiple of 8 bytes,
+    chunk per program. ``consts``: ``hashing.xxh3_constants()`` (int64, read as uint64). ``ALIGNED``: every start a multiple of 8 bytes,
     so that the stripes are read as words (the last 64 bytes, at ``len - 64``, always from bytes)."""
     c = tl.program_id(0)
     start = tl.load(start_ptr + c)
@@ -291,7 +283,7 @@ def _xxh3_chunks(data_ptr, start_ptr, len_ptr, consts_ptr, out_ptr, ALIGNED: tl.
     tl.store(out_ptr + c, hsh.to(tl.int64, bitcast=True))
 
 
-_CONSTS = np.concatenate([_INIT, _BLOCK_KEYS.reshape(-1), _LAST_KEYS, hashing._SCRAMBLE, hashing._MERGE])
+_CONSTS = hashing.xxh3_constants()
 
 
 def xxh3_chunks(data: torch.Tensor, starts: np.ndarray, lengths: np.ndarray) -> np.ndarray:
@@ -333,7 +325,7 @@ def decode_tensors(parts, names, device: str | torch.device = "cuda") -> dict[st
             if supported(p) and p.numel:
                 batch.append(p)
             else:
-                out[name] = format._decode_prepared(p, pool.resolve(None)).to(device)
+                out[name] = format.decode_prepared(p, pool.resolve(None)).to(device)
         except UnweightError as e:
             errors[name] = e
     if batch:
@@ -493,8 +485,7 @@ def _checked(tensors: list[_Chunks], flat: torch.Tensor) -> tuple[dict, dict]:
         at += c.size
         if np.count_nonzero(status):
             bad = int(np.flatnonzero(status)[0])
-            errors[p.name] = format._fail(p.name, f"chunk {bad} of {p.nchunks}: "
-                                                  f"{format._ERRORS.get(int(status[bad]), 'corrupt')}")
+            errors[p.name] = format.chunk_error(p.name, bad, p.nchunks, status[bad])
         else:
             out[p.name] = flat[ch.base:ch.base + p.numel * p.lay.itemsize].view(p.lay.dtype).reshape(p.shape)
     return out, errors

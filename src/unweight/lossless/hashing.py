@@ -141,6 +141,16 @@ _M32 = np.uint64(0xFFFFFFFF)
 _BLOCK = 1024  # 16 stripes of 64 bytes between scrambles (a 192-byte secret)
 
 
+def xxh3_constants() -> np.ndarray:
+    """XXH3-64's constants for a reader of 64-bit words (``unweight.lossless.gpu``): the 8 initial
+    accumulators, then stripe ``s``'s key for lane ``i`` at ``8 + 8 s + i`` (16 stripes), the last stripe's 8
+    keys (the secret from byte 121 = 192 - 64 - 7), the 8 scramble keys and the 8 merge keys (uint64)."""
+    def words(at):
+        return [int.from_bytes(_SECRET[at + 8 * i:at + 8 * i + 8].tobytes(), "little") for i in range(8)]
+    keys = [w for s in range(16) for w in words(8 * s)]
+    return np.array([_Q3, _P1, _P2, _P3, _P4, _Q2, _P5, _Q1, *keys, *words(121), *_SCRAMBLE, *_MERGE], np.uint64)
+
+
 @njit(inline="always")
 def _mul_fold(a, b):
     """The 128-bit product of ``a`` and ``b``, its halves XORed."""
