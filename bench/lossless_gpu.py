@@ -15,12 +15,21 @@ MB/s counts original bytes. The first ``gpu`` pass compiles the kernels and is n
     TRITON_INTERPRET=1 .venv/bin/python bench/lossless_gpu.py --device cpu --max-mb 0.05 --reps 1  # a dry run
 
 On a GPU machine that lacks the bundled models (the device tool's: nothing can be fetched there, 64 MiB
-travel with the tree), write payloads here and measure them there, against the CPU decoder's output:
+travel with the tree; torch, Triton, numba, xxhash and safetensors are there, zstandard is not), write
+payloads here (the same tensors in both chunk sizes) and carry them with the zstandard wheel:
 
-    .venv/bin/python bench/lossless_gpu.py --write-payload .gpu/minilm-bf16.safetensors --models minilm-l6
-    .venv/bin/python bench/lossless_gpu.py --write-payload .gpu/minilm-bf16-c16.safetensors --models minilm-l6 \\
-        --chunks 65536
-    python3 bench/lossless_gpu.py --payload .gpu/*.safetensors --out $OUT/lossless_gpu.json   # there
+    echo /.gpu/ >> .git/info/exclude; echo /.whl/ >> .git/info/exclude
+    for c in 1048576 65536; do .venv/bin/python bench/lossless_gpu.py --models minilm-l6 --max-mb 60 \\
+        --chunks $c --write-payload .gpu/minilm-bf16-60mb-c$c.safetensors; done     # 19.7 MB each
+    python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \\
+        --platform manylinux2014_x86_64 -d .whl zstandard==0.25.0
+
+then, in one call (carry ``.gpu`` and ``.whl``), the tests on the device and the measurement:
+
+    python3 -m pip install -q --no-index --no-deps --target /tmp/site .whl/*.whl && \\
+    export PYTHONPATH=/tmp/site:$PWD/src && \\
+    UNWEIGHT_TEST_DEVICE=cuda TRITON_INTERPRET=0 python3 -m pytest -q tests/test_lossless_gpu.py; \\
+    python3 bench/lossless_gpu.py --payload .gpu/*.safetensors --out $OUT/lossless_gpu.json
 """
 
 import argparse

@@ -2,7 +2,10 @@
 decoder's tensors bit for bit, its segments follow the format's coding order, its XXH3-64 is the
 reference's, and every corruption it is shown fails exactly as the CPU decoder fails (conftest sets
 TRITON_INTERPRET before Triton is imported). The interpreter steps one group of 32 values in about 5 ms,
-so the tensors here are small and cut into small chunks."""
+so the tensors here are small and cut into small chunks.
+
+On a machine with a CUDA GPU the same tests run the compiled kernels there:
+``UNWEIGHT_TEST_DEVICE=cuda TRITON_INTERPRET=0 python -m pytest tests/test_lossless_gpu.py``."""
 
 import os
 import subprocess
@@ -20,12 +23,22 @@ from unweight.lossless import decode_tensor, encode_tensor, model, rans
 from unweight.lossless import format as fmt
 
 
+DEVICE = os.environ.get("UNWEIGHT_TEST_DEVICE", "cpu")  # where the kernels run: the interpreter, or "cuda"
+
+
 @pytest.fixture(scope="module")
 def gpu():
     gpu = pytest.importorskip("unweight.lossless.gpu")
-    if not gpu.triton.knobs.runtime.interpret:
+    if DEVICE == "cpu" and not gpu.triton.knobs.runtime.interpret:
         pytest.skip("Triton was imported without TRITON_INTERPRET=1: its kernels would need a GPU")
+    if DEVICE != "cpu" and (gpu.triton.knobs.runtime.interpret or not torch.cuda.is_available()):
+        pytest.skip(f"UNWEIGHT_TEST_DEVICE={DEVICE} needs that device and TRITON_INTERPRET=0")
     return gpu
+
+
+def host(out):
+    """A decoded tensor, or a name -> tensor dict, back on the CPU."""
+    return {k: v.cpu() for k, v in out.items()} if isinstance(out, dict) else out.cpu()
 
 
 def encoded(t: torch.Tensor, chunk: int, monkeypatch) -> dict[str, torch.Tensor]:
@@ -43,7 +56,7 @@ def encoded(t: torch.Tensor, chunk: int, monkeypatch) -> dict[str, torch.Tensor]
 def test_gpu_decoder_gives_the_cpu_decoders_tensor(gpu, monkeypatch, dtype, shape, kind, seed, chunk):
     t = make(dtype, shape, kind, seed)
     parts = encoded(t, chunk, monkeypatch)
-    out = gpu.decode_tensor(parts, "w", "cpu")
+    out = host(gpu.decode_tensor(parts, "w", DEVICE))
     assert same(out, t)
     assert same(out, decode_tensor(parts, "w"))
 
@@ -60,7 +73,7 @@ def test_every_bf16_symbol_width_and_row_rotation(gpu, monkeypatch, k):
     parts = encoded(t, 4096, monkeypatch)
     p = fmt.prepare(parts, "w")
     assert (p.version, p.k) == (4, k) and p.nph > 1 and len(set(p.q.tolist())) > 4
-    assert same(gpu.decode_tensor(parts, "w", "cpu"), t)
+    assert same(host(gpu.decode_tensor(parts, "w", DEVICE)), t)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float8_e4m3fn, torch.float8_e5m2])
@@ -79,7 +92,7 @@ def test_fp32_and_fp8_decode_on_the_device(gpu, monkeypatch, dtype):
     parts = encoded(t, chunk, monkeypatch)  # weigh on small ones): stored raw
     p = fmt.prepare(parts, "w")
     assert gpu.supported(p) and p.version == 4 and set(p.modes.tolist()) == {0, 1}
-    assert same(gpu.decode_tensor(parts, "w", "cpu"), t)
+    assert same(host(gpu.decode_tensor(parts, "w", DEVICE)), t)
 
 
 def test_older_versions_decode_on_the_cpu_and_move(gpu):
@@ -87,7 +100,7 @@ def test_older_versions_decode_on_the_cpu_and_move(gpu):
         t = make(torch.bfloat16, (20, 64), "weights", 4)
         parts = {"w" + k: torch.from_numpy(v) for k, v in fmt.encode_streams(t, version=version).items()}
         assert not gpu.supported(fmt.prepare(parts, "w"))
-        assert same(gpu.decode_tensor(parts, "w", "cpu"), t)
+        assert same(host(gpu.decode_tensor(parts, "w", DEVICE)), t)
 
 
 def test_a_models_tensors_decode_together_as_one_by_one_on_the_cpu(gpu, monkeypatch):
@@ -103,7 +116,7 @@ def test_a_models_tensors_decode_together_as_one_by_one_on_the_cpu(gpu, monkeypa
         parts = {k + s: v for k, t in model_.items() for s, v in encode_tensor(t).items()}
     kinds = {k: (p.version, p.k, gpu.supported(p)) for k in model_ if (p := fmt.prepare(parts, k))}
     assert kinds["a"] == (4, 2, True) and kinds["g"] == (4, 3, True) and kinds["d"][2] and kinds["f"][0] == 2
-    out = gpu.decode_tensors(parts, list(model_), "cpu")
+    out = host(gpu.decode_tensors(parts, list(model_), DEVICE))
     assert list(out) == list(model_)
     assert all(same(out[k], t) for k, t in model_.items())
     bad = dict(parts)
@@ -112,9 +125,9 @@ def test_a_models_tensors_decode_together_as_one_by_one_on_the_cpu(gpu, monkeypa
         code[100] ^= 0x10
         bad[name + fmt.CODE] = code
     with pytest.raises(UnweightError, match="'b'"):
-        gpu.decode_tensors(bad, list(model_), "cpu")
+        gpu.decode_tensors(bad, list(model_), DEVICE)
     with pytest.raises(UnweightError, match="'f'"):
-        gpu.decode_tensors(bad, ["a", "f", "b"], "cpu")
+        gpu.decode_tensors(bad, ["a", "f", "b"], DEVICE)
 
 
 def reference_order(numel, chunk_w, row_len, q, nph):
@@ -157,7 +170,7 @@ def test_xxh3_kernel_matches_the_reference(gpu):
     data = np.random.default_rng(0).integers(0, 256, 12000, dtype=np.uint8)
     lengths = np.array([0, 1, 16, 240, 241, 1023, 1024, 1025, 2048 + 7, 4000, 9000], np.int64)
     for starts in (np.arange(lengths.size, dtype=np.int64) * 5, np.arange(lengths.size, dtype=np.int64) * 8):
-        got = gpu.xxh3_chunks(torch.from_numpy(data), starts, lengths)
+        got = gpu.xxh3_chunks(torch.from_numpy(data).to(DEVICE), starts, lengths)
         ref = [xxhash.xxh3_64_intdigest(data[a:a + n].tobytes()) for a, n in zip(starts, lengths)]
         assert got.tolist() == ref
 
@@ -186,7 +199,7 @@ def test_corruption_fails_as_on_the_cpu(gpu, monkeypatch):
         with pytest.raises(UnweightError) as cpu_err:
             decode_tensor(bad, "w")
         with pytest.raises(UnweightError) as gpu_err:
-            gpu.decode_tensor(bad, "w", "cpu")
+            gpu.decode_tensor(bad, "w", DEVICE)
         assert str(gpu_err.value) == str(cpu_err.value)
         assert "'w'" in str(gpu_err.value) and "chunk" in str(gpu_err.value)
     assert torch.equal(bits(t), bits(decode_tensor(parts, "w")))
@@ -242,7 +255,7 @@ def test_fp32_low_halves_and_fp8_corruption_fails_as_on_the_cpu(gpu, monkeypatch
             with pytest.raises(UnweightError) as cpu_err:
                 decode_tensor({**parts, "w" + key: bad}, "w")
             with pytest.raises(UnweightError) as gpu_err:
-                gpu.decode_tensor({**parts, "w" + key: bad}, "w", "cpu")
+                gpu.decode_tensor({**parts, "w" + key: bad}, "w", DEVICE)
             assert str(gpu_err.value) == str(cpu_err.value) and "chunk" in str(gpu_err.value)
 
 
@@ -265,7 +278,7 @@ def test_a_compressed_folder_loads_onto_the_device(gpu, tmp_path, monkeypatch):
     save_file({"steps": steps}, tmp_path / "dense" / "extra.safetensors")
     monkeypatch.setattr(fmt, "CHUNK_WEIGHTS", 1024)
     compress_checkpoint(tmp_path / "dense", tmp_path / "comp", FORMAT, encode_parts, {}, progress=False)
-    out = gpu.load_state_dict(tmp_path / "comp", "cpu")
+    out = host(gpu.load_state_dict(tmp_path / "comp", DEVICE))
     assert set(out) == set(state) | {"steps"} and torch.equal(out["steps"], steps)
     assert all(same(out[k], t) for k, t in state.items())
 
@@ -276,6 +289,9 @@ def bounds_checked(gpu, monkeypatch):
     launch's tensors: on a GPU an access outside them may read another allocation or fault, where the
     interpreter (plain memory reads in this process) rarely notices. Hooks the interpreter's launch and memory
     calls (Triton 3.9)."""
+    if DEVICE != "cpu":  # the compiled kernels: compute-sanitizer's memcheck does this there
+        yield []
+        return
     interp = pytest.importorskip("triton.runtime.interpreter")
     if not hasattr(interp, "_interpreter") or not hasattr(interp, "GridExecutor"):
         pytest.skip("this Triton's interpreter has other internals")
@@ -322,7 +338,7 @@ def test_kernels_stay_inside_their_tensors(gpu, bounds_checked, monkeypatch):
     with monkeypatch.context() as m:
         m.setattr(fmt, "CHUNK_WEIGHTS", 700)
         parts = {k + s: v for k, t in tensors.items() for s, v in encode_tensor(t).items()}
-    out = gpu.decode_tensors(parts, list(tensors), "cpu")
+    out = host(gpu.decode_tensors(parts, list(tensors), DEVICE))
     assert all(same(out[k], t) for k, t in tensors.items())
     rng = np.random.default_rng(9)
     for name in ("a", "c", "d"):
@@ -330,5 +346,5 @@ def test_kernels_stay_inside_their_tensors(gpu, bounds_checked, monkeypatch):
             stream = parts[name + key].clone()
             stream[rng.integers(0, stream.numel() - rans.STREAM_PAD, 6)] ^= 0x81
             with pytest.raises(UnweightError):
-                gpu.decode_tensors({**parts, name + key: stream}, list(tensors), "cpu")
+                gpu.decode_tensors({**parts, name + key: stream}, list(tensors), DEVICE)
     assert not bounds_checked
