@@ -261,7 +261,8 @@ def test_fp32_low_halves_and_fp8_corruption_fails_as_on_the_cpu(gpu, monkeypatch
 
 def test_a_compressed_folder_loads_onto_the_device(gpu, tmp_path, monkeypatch):
     """A small Llama in BF16, compressed as `unweight compress --method lossless` does, comes back from its
-    folder bit-exact, with its plain (integer) tensors copied as they are."""
+    folder bit-exact, with its plain (integer) tensors copied as they are; an uncompressed folder is copied;
+    a corrupt one is refused naming the folder and the tensor."""
     from safetensors.torch import save_file
     from transformers import LlamaConfig, LlamaForCausalLM
 
@@ -281,6 +282,18 @@ def test_a_compressed_folder_loads_onto_the_device(gpu, tmp_path, monkeypatch):
     out = host(gpu.load_state_dict(tmp_path / "comp", DEVICE))
     assert set(out) == set(state) | {"steps"} and torch.equal(out["steps"], steps)
     assert all(same(out[k], t) for k, t in state.items())
+    dense = host(gpu.load_state_dict(tmp_path / "dense", DEVICE))  # not compressed: copied as it is
+    assert all(same(dense[k], t) for k, t in state.items())
+
+    from safetensors.torch import load_file  # a flipped byte in one tensor's pack: the folder and tensor named
+    files = sorted((tmp_path / "comp").glob("*.safetensors"))
+    stored = {f: load_file(f) for f in files}
+    f, key = next((f, k) for f, d in stored.items() for k in d if k.endswith(".ul.pack") and "mlp" in k)
+    stored[f][key][stored[f][key].numel() // 2] ^= 0x40
+    save_file(stored[f], f, {"format": "pt"})
+    with pytest.raises(UnweightError, match=key.removesuffix(".ul.pack")) as err:
+        gpu.load_state_dict(tmp_path / "comp", DEVICE)
+    assert "comp" in str(err.value)
 
 
 @pytest.fixture(autouse=True)
