@@ -300,17 +300,17 @@ def ablation(tensors, dtype_name):
     lay_name = {"fp32": "fp32", "bf16": "bf16", "fp16": "fp16", "fp8_e4m3": "fp8_e4m3"}[dtype_name]
     numel = sum(t.numel() for t in tensors.values())
 
-    def coded_bits(ks, rows):
-        saved = model.K_CHOICES[lay_name], model.MIN_ROWS
-        model.K_CHOICES[lay_name] = ks
+    def coded_bits(ks, rows):  # (the planner offers version 2's K_CHOICES, versions 3 and 4's K_CHOICES_V3)
+        saved = model.K_CHOICES[lay_name], model.K_CHOICES_V3[lay_name], model.MIN_ROWS
+        model.K_CHOICES[lay_name] = model.K_CHOICES_V3[lay_name] = ks
         model.MIN_ROWS = model.MIN_ROWS if rows else 1 << 62
         try:
             return sum(sum(v.numel() * v.element_size() for v in encode_tensor(t).values())
                        for t in tensors.values()) * 8 / numel
         finally:
-            model.K_CHOICES[lay_name], model.MIN_ROWS = saved
+            model.K_CHOICES[lay_name], model.K_CHOICES_V3[lay_name], model.MIN_ROWS = saved
 
-    full_k = model.K_CHOICES[lay_name]
+    full_k = model.K_CHOICES_V3[lay_name]
     out = {}
     if lay_name in ("bf16", "fp32", "fp16"):
         out["exponent only (k=0), no row context"] = coded_bits((0,), False)
