@@ -235,8 +235,9 @@ def _words64(data_ptr, at, ALIGNED: tl.constexpr):
 @triton.jit
 def _xxh3_chunks(data_ptr, start_ptr, len_ptr, consts_ptr, out_ptr, ALIGNED: tl.constexpr):
     """XXH3-64 (seed 0, the default secret) of each chunk's ``len > 240`` bytes from ``data + start``, one
-    chunk per program. ``consts``: ``hashing.xxh3_constants()`` (int64, read as uint64). ``ALIGNED``: every start a multiple of 8 bytes,
-    so that the stripes are read as words (the last 64 bytes, at ``len - 64``, always from bytes)."""
+    chunk per program. ``consts``: ``hashing.xxh3_constants()`` (int64, read as uint64). ``ALIGNED``: every
+    start a multiple of 8 bytes, so that the stripes are read as words (the last 64 bytes, at ``len - 64``,
+    always from bytes)."""
     c = tl.program_id(0)
     start = tl.load(start_ptr + c)
     length = tl.load(len_ptr + c)
