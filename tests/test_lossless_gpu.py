@@ -103,7 +103,8 @@ def test_older_versions_decode_on_the_cpu_and_move(gpu):
         assert same(host(gpu.decode_tensor(parts, "w", DEVICE)), t)
 
 
-def test_a_models_tensors_decode_together_as_one_by_one_on_the_cpu(gpu, monkeypatch):
+@pytest.mark.parametrize("prefetch", [False, True])
+def test_a_models_tensors_decode_together_as_one_by_one_on_the_cpu(gpu, monkeypatch, prefetch):
     """BF16, FP16 and FP32 tensors of different symbol widths, raw ones, an empty one and a version 2 one
     (decoded on the CPU) in one call: the CPU decoder's tensors; a corrupt tensor is named, the first in the caller's
     order when two are."""
@@ -114,6 +115,7 @@ def test_a_models_tensors_decode_together_as_one_by_one_on_the_cpu(gpu, monkeypa
     with monkeypatch.context() as m:
         m.setattr(fmt, "CHUNK_WEIGHTS", 700)
         parts = {k + s: v for k, t in model_.items() for s, v in encode_tensor(t).items()}
+    monkeypatch.setattr(gpu, "PREFETCH", prefetch)  # the step's words read before its lookup, or after
     kinds = {k: (p.version, p.k, gpu.supported(p)) for k in model_ if (p := fmt.prepare(parts, k))}
     assert kinds["a"] == (4, 2, True) and kinds["g"] == (4, 3, True) and kinds["d"][2] and kinds["f"][0] == 2
     out = host(gpu.decode_tensors(parts, list(model_), DEVICE))
@@ -215,8 +217,9 @@ ptr = {"code_ptr": "*u8", "dec_ptr": "*i32", "out_ptr": "*u8", "status_ptr": "*i
        "low_ptr": "*u8"}
 ints = {"code_words": "i64", "low_size": "i64"}
 rans = dict(SCALE=4096, LOW=65536, OVERRUN=1, STATE=2)
-kernels = [(gpu._decode_chunks, dict(K=k, R=r, H=h, EMAX=emax, STRIDE=stride, **rans), 1)
-           for k, r, h, emax, stride in ((2, 6, 16, 255, 1), (3, 8, 16, 31, 1), (2, 6, 16, 255, 2), (3, 1, 8, 15, 1))]
+kernels = [(gpu._decode_chunks, dict(K=k, R=r, H=h, EMAX=emax, STRIDE=stride, PREFETCH=pre, **rans), 1)
+           for k, r, h, emax, stride in ((2, 6, 16, 255, 1), (3, 8, 16, 31, 1), (2, 6, 16, 255, 2), (3, 1, 8, 15, 1))
+           for pre in (False, True)]
 kernels += [(gpu._xxh3_chunks, dict(ALIGNED=True), 1), (gpu._xxh3_chunks, dict(ALIGNED=False), 1),
             (gpu._copy_raw, dict(STRIDE=1, BLOCK=1024), 1), (gpu._copy_raw, dict(STRIDE=2, BLOCK=1024), 1),
             (gpu._join_low, dict(BAD=4, BLOCK=4096), 4)]

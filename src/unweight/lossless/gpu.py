@@ -36,6 +36,7 @@ from unweight.lossless import chunks, format, hashing, planes, pool, rans, rans3
 from unweight.lossless.fields import LOW_BLOCK
 
 _SHORT = 240  # chunks of at most this many bytes take XXH3's short paths, hashed on the host
+PREFETCH = False  # _decode_chunks reads a step's words before its lookup (True) or after (False); not yet measured
 
 
 def supported(p: format.Prepared) -> bool:
@@ -72,11 +73,13 @@ def segments(numel: int, chunk_w: int, row_len: int, q: np.ndarray, nph: int, em
 def _decode_chunks(code_ptr, code_words, table_ptr, coding_ptr, place_ptr, phase_ptr, rot_ptr, dec_ptr, out_ptr,
                    status_ptr, K: tl.constexpr, R: tl.constexpr, H: tl.constexpr, EMAX: tl.constexpr,
                    STRIDE: tl.constexpr, SCALE: tl.constexpr, LOW: tl.constexpr, OVERRUN: tl.constexpr,
-                   STATE: tl.constexpr):
+                   STATE: tl.constexpr, PREFETCH: tl.constexpr):
     """Chunk ``j`` of the table (a row of :data:`_COLUMNS`, int64) in program ``j``, its 32 lanes as the
     program's 32 threads (``rans32``'s decoder, one group per step), each value's hi word (``H`` bits: ``K``
     symbol mantissa bits, ``R`` raw bits) written where its segment says, ``STRIDE`` hi words apart (2: FP32's
-    hi halves, above the low ones)."""
+    hi halves, above the low ones). With ``PREFETCH`` a step reads the 32 words after the last one taken
+    before its table lookup and hands them out from registers (``tl.gather``), off the chain of dependent
+    steps; without, it reads them after (which is faster on a GPU is to be measured: ``bench/lossless_gpu.py``)."""
     row = table_ptr + tl.program_id(0) * 9
     w0 = tl.load(row)  # the segment's first word
     limit = tl.load(row + 1)  # its rANS words
@@ -113,6 +116,9 @@ def _decode_chunks(code_ptr, code_words, table_ptr, coding_ptr, place_ptr, phase
             nxt = tl.load(coding_ptr + sp + 1, mask=sp + 1 < seg_hi, other=1 << 40)
             adv = nxt <= i
         a = (i + shift).to(tl.int32)  # the value's place in the chunk
+        if PREFETCH:  # the next 32 words, read before this step's lookup needs to say which lanes take them
+            ahead = w0 + p + lane
+            window = tl.load(words + ahead, mask=ahead < code_words, other=0).to(tl.uint32)
         ent = tl.load(dec_ptr + ph * SCALE + (x & (SCALE - 1)).to(tl.int64), mask=active, other=0)
         ent = ent.to(tl.uint32, bitcast=True)
         code8 = (ent >> 24).to(tl.int64)
@@ -120,8 +126,12 @@ def _decode_chunks(code_ptr, code_words, table_ptr, coding_ptr, place_ptr, phase
         xn = ((ent & (SCALE - 1)) + 1) * (x >> 12) + ((ent >> 12) & (SCALE - 1))
         need = active & (xn < LOW)
         ni = need.to(tl.int64)
-        at = w0 + p + tl.cumsum(ni, 0) - ni  # the needy lanes' words, in lane order
-        w = tl.load(words + at, mask=need & (at < code_words), other=0).to(tl.uint32)
+        rank = tl.cumsum(ni, 0) - ni  # the needy lanes' words, in lane order
+        if PREFETCH:
+            w = tl.gather(window, rank.to(tl.int32), 0)
+        else:
+            at = w0 + p + rank
+            w = tl.load(words + at, mask=need & (at < code_words), other=0).to(tl.uint32)
         x = tl.where(need, (xn << 16) | w, tl.where(active, xn, x))
         p += tl.sum(ni, 0)
         ex = sym >> K  # the exponent raised back by the row's rotation (0 stays)
@@ -437,7 +447,7 @@ def _decode_batch(batch: list[format.Prepared], device: torch.device) -> tuple[d
         _decode_chunks[(rows.shape[0],)](code, code.numel() // 2, _on(rows, device), coding, place, phase, rot, dec,
                                          flat, res, K=k, R=r, H=hbits, EMAX=emax, STRIDE=stride,
                                          SCALE=rans32.PROB_SCALE, LOW=rans32.STATE_LOW, OVERRUN=rans.ERR_OVERRUN,
-                                         STATE=rans.ERR_STATE, num_warps=1)  # one warp: the 32 lanes
+                                         STATE=rans.ERR_STATE, PREFETCH=PREFETCH, num_warps=1)  # a warp: 32 lanes
         for (t, c), st in zip(which.tolist(), res.cpu().numpy().tolist()):
             tensors[t].status[c] = st
     if joins:
