@@ -151,9 +151,9 @@ def reference_order(numel, chunk_w, row_len, q, nph):
 
 @settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(rows=st.integers(1, 30), row_len=st.integers(1, 40), chunk_w=st.integers(1, 300), nph=st.integers(1, 4),
-       seed=st.integers(0, 2**31))
-def test_segments_follow_the_coding_order(gpu, rows, row_len, chunk_w, nph, seed):
-    q = np.random.default_rng(seed).integers(-128, 128, rows).astype(np.int8)
+       seed=st.integers(0, 2**31), spread=st.sampled_from([0, 1, 128]))
+def test_segments_follow_the_coding_order(gpu, rows, row_len, chunk_w, nph, seed, spread):
+    q = np.random.default_rng(seed).integers(-spread, spread + 1, rows).astype(np.int8)  # 0: no row context
     numel = rows * row_len
     lo, coding, place, phase, rot = gpu.segments(numel, chunk_w, row_len, q, nph, 255)
     ref = reference_order(numel, chunk_w, row_len, q, nph)

@@ -52,12 +52,20 @@ def segments(numel: int, chunk_w: int, row_len: int, q: np.ndarray, nph: int, em
     starts at value ``coding[s]`` of the chunk's coding order and at value ``place[s]`` of the chunk, and
     uses table ``phase[s]`` and rotation ``rot[s]``. Runs that continue one another are merged (a tensor
     without a row context has one per chunk)."""
-    starts = np.union1d(np.arange(0, numel, row_len, dtype=np.int64), np.arange(0, numel, chunk_w, dtype=np.int64))
+    nchunks = -(-numel // chunk_w)
+    cuts = np.arange(nchunks, dtype=np.int64) * chunk_w
+    if not q.any():  # no row context: a segment per chunk
+        zero = np.zeros(nchunks, np.int64)
+        return np.arange(nchunks + 1, dtype=np.int64), zero, zero, zero, zero
+    rows = np.arange(0, numel, row_len, dtype=np.int64)
+    extra = cuts[cuts % row_len != 0]  # chunk starts inside a row (both sequences sorted: merged, not sorted)
+    starts = np.insert(rows, np.searchsorted(rows, extra), extra)
     lens = np.diff(np.append(starts, numel))
     qr = q[starts // row_len].astype(np.int64)
     chunk, phase, rot = starts // chunk_w, qr % nph, (qr // nph) % emax
-    order = np.lexsort((starts, phase, chunk))
-    starts, lens, chunk, phase, rot = (a[order] for a in (starts, lens, chunk, phase, rot))
+    if nph > 1:  # by chunk, then phase, then place (a stable sort keeps the places in order)
+        order = np.argsort(chunk * nph + phase, kind="stable")
+        starts, lens, chunk, phase, rot = (a[order] for a in (starts, lens, chunk, phase, rot))
     coding = np.cumsum(lens) - lens - chunk * chunk_w  # the chunks before are whole
     place = starts - chunk * chunk_w
     cont = np.zeros(starts.size, bool)
@@ -65,7 +73,7 @@ def segments(numel: int, chunk_w: int, row_len: int, q: np.ndarray, nph: int, em
                 & (place[1:] == place[:-1] + lens[:-1]))
     keep = ~cont
     chunk = chunk[keep]
-    lo = np.searchsorted(chunk, np.arange(-(-numel // chunk_w) + 1)).astype(np.int64)
+    lo = np.searchsorted(chunk, np.arange(nchunks + 1)).astype(np.int64)
     return lo, coding[keep], place[keep], phase[keep], rot[keep]
 
 
