@@ -211,9 +211,8 @@ def encode_tensor(t: torch.Tensor, threads: int | None = None) -> dict[str, torc
 
 def encode_tensors(tensors: dict[str, torch.Tensor], threads: int | None = None) -> dict[str, dict[str, torch.Tensor]]:
     """:func:`encode_tensor` of each of ``tensors`` (name to its parts), the work spread over up to ``threads``
-    threads (default: torch's): a tensor of at least ``threads`` chunks with its chunks on all of them, the
-    others side by side, one thread each, the largest first (most matrices are one chunk, which one thread
-    codes). The output does not depend on ``threads``."""
+    threads (default: torch's) as :func:`_spread` says (most matrices are one chunk, which one thread codes).
+    The output does not depend on ``threads``."""
     sizes = {n: (t.numel(), -(-t.numel() // CHUNK_WEIGHTS)) for n, t in tensors.items()}
     return _spread(sizes, pool.resolve(threads), lambda n, th: encode_tensor(tensors[n], th))
 

@@ -456,8 +456,7 @@ def _decode_batch(batch: list[format.Prepared], device: torch.device) -> tuple[d
                                          flat, res, K=k, R=r, H=hbits, EMAX=emax, STRIDE=stride,
                                          SCALE=rans32.PROB_SCALE, LOW=rans32.STATE_LOW, OVERRUN=rans.ERR_OVERRUN,
                                          STATE=rans.ERR_STATE, PREFETCH=PREFETCH, num_warps=1)  # a warp: 32 lanes
-        for (t, c), st in zip(which.tolist(), res.cpu().numpy().tolist()):
-            tensors[t].status[c] = st
+        _record(tensors, which, res)
     if joins:
         _join(joins, tensors, np.concatenate(low), flat, device)
     return _checked(tensors, flat)
@@ -486,6 +485,12 @@ def _join(joins, tensors, low: np.ndarray, flat: torch.Tensor, device) -> None:
     low = np.append(low, np.uint8(0))  # (at least one byte to read)
     _join_low[(rows.shape[0],)](torch.from_numpy(low).to(device), low.size, _on(rows, device), flat, res,
                                 BAD=chunks.ERR_LOW, BLOCK=LOW_BLOCK, num_warps=4)
+    _record(tensors, which, res)
+
+
+def _record(tensors: list[_Chunks], which: np.ndarray, res: torch.Tensor) -> None:
+    """A launch's statuses (``res``, one per program) into its chunks' tensors (``which``: rows of tensor,
+    chunk)."""
     for (t, c), st in zip(which.tolist(), res.cpu().numpy().tolist()):
         tensors[t].status[c] = st
 
