@@ -263,10 +263,9 @@ def test_fp32_low_halves_and_fp8_corruption_fails_as_on_the_cpu(gpu, monkeypatch
             fails_alike(gpu, {**parts, "w" + key: bad})
 
 
-def test_a_compressed_folder_loads_onto_the_device(gpu, tmp_path, monkeypatch):
-    """A small Llama in BF16, compressed as `unweight compress --method lossless` does, comes back from its
-    folder bit-exact, with its plain (integer) tensors copied as they are; an uncompressed folder is copied;
-    a corrupt one is refused naming the folder and the tensor."""
+def small_llama(tmp_path, monkeypatch, extra=None) -> dict[str, torch.Tensor]:
+    """A small Llama in BF16 saved to ``tmp_path / "dense"`` (with ``extra`` tensors in a shard of their own) and
+    compressed into ``tmp_path / "comp"`` as `unweight compress --method lossless` does; its state dict."""
     from safetensors.torch import save_file
     from transformers import LlamaConfig, LlamaForCausalLM
 
@@ -278,26 +277,69 @@ def test_a_compressed_folder_loads_onto_the_device(gpu, tmp_path, monkeypatch):
                       num_key_value_heads=1, vocab_size=64)
     model_ = LlamaForCausalLM(cfg).to(torch.bfloat16).eval()
     model_.save_pretrained(tmp_path / "dense")
-    state = dict(model_.state_dict())
-    steps = torch.arange(5, dtype=torch.int64)
-    save_file({"steps": steps}, tmp_path / "dense" / "extra.safetensors")
+    if extra:
+        save_file(extra, tmp_path / "dense" / "extra.safetensors")
     monkeypatch.setattr(fmt, "CHUNK_WEIGHTS", 1024)
     compress_checkpoint(tmp_path / "dense", tmp_path / "comp", FORMAT, encode_parts, {}, progress=False)
+    return dict(model_.state_dict())
+
+
+def flip_a_byte(folder, where: str = "mlp") -> str:
+    """One byte flipped in the pack of a tensor whose name holds ``where``; that tensor's name."""
+    from safetensors.torch import load_file, save_file
+
+    stored = {f: load_file(f) for f in sorted(folder.glob("*.safetensors"))}
+    f, key = next((f, k) for f, d in stored.items() for k in d if k.endswith(".ul.pack") and where in k)
+    stored[f][key][stored[f][key].numel() // 2] ^= 0x40
+    save_file(stored[f], f, {"format": "pt"})
+    return key.removesuffix(".ul.pack")
+
+
+def test_a_compressed_folder_loads_onto_the_device(gpu, tmp_path, monkeypatch):
+    """A small Llama in BF16, compressed as `unweight compress --method lossless` does, comes back from its
+    folder bit-exact, with its plain (integer) tensors copied as they are; an uncompressed folder is copied;
+    a corrupt one is refused naming the folder and the tensor."""
+    steps = torch.arange(5, dtype=torch.int64)
+    state = small_llama(tmp_path, monkeypatch, {"steps": steps})
     out = host(gpu.load_state_dict(tmp_path / "comp", DEVICE))
     assert set(out) == set(state) | {"steps"} and torch.equal(out["steps"], steps)
     assert all(same(out[k], t) for k, t in state.items())
     dense = host(gpu.load_state_dict(tmp_path / "dense", DEVICE))  # not compressed: copied as it is
     assert all(same(dense[k], t) for k, t in state.items())
 
-    from safetensors.torch import load_file  # a flipped byte in one tensor's pack: the folder and tensor named
-    files = sorted((tmp_path / "comp").glob("*.safetensors"))
-    stored = {f: load_file(f) for f in files}
-    f, key = next((f, k) for f, d in stored.items() for k in d if k.endswith(".ul.pack") and "mlp" in k)
-    stored[f][key][stored[f][key].numel() // 2] ^= 0x40
-    save_file(stored[f], f, {"format": "pt"})
-    with pytest.raises(UnweightError, match=key.removesuffix(".ul.pack")) as err:
+    name = flip_a_byte(tmp_path / "comp")  # the folder and the tensor named
+    with pytest.raises(UnweightError, match=name) as err:
         gpu.load_state_dict(tmp_path / "comp", DEVICE)
     assert "comp" in str(err.value)
+
+
+def test_from_pretrained_decodes_on_the_gpu_that_the_device_map_names(gpu, tmp_path, monkeypatch):
+    """``from_pretrained(folder, device_map=...)`` decodes every tensor that the map puts on a GPU with the GPU
+    decoder, there, bit-exact; a model loaded onto the CPU never calls it. A corrupt tensor is refused naming
+    the shard and the tensor. (In the interpreter the CPU stands in for the GPU.)"""
+    import unweight.hf as hf
+    from transformers import AutoModelForCausalLM
+
+    state = small_llama(tmp_path, monkeypatch)
+    calls = []
+    decode = gpu.decode_tensor
+    monkeypatch.setattr(gpu, "decode_tensor", lambda parts, name, device: calls.append((name, torch.device(device)))
+                        or decode(parts, name, device))
+    on_cpu = AutoModelForCausalLM.from_pretrained(tmp_path / "comp")
+    assert calls == [] and all(same(on_cpu.state_dict()[k], t) for k, t in state.items())
+
+    if DEVICE == "cpu":  # the interpreter's kernels run on CPU tensors: let the map's CPU stand for a GPU
+        monkeypatch.setattr(hf, "_accelerator", lambda device_map, name: torch.device("cpu") if device_map else None)
+    model_ = AutoModelForCausalLM.from_pretrained(tmp_path / "comp", device_map=DEVICE)
+    loaded = model_.state_dict()
+    assert sorted(n for n, _ in calls) == sorted(state)  # every tensor of the checkpoint is a float one
+    assert all(d.type == DEVICE for _, d in calls) and all(loaded[k].device.type == DEVICE for k in state)
+    assert all(same(loaded[k].cpu(), t) for k, t in state.items())
+
+    name = flip_a_byte(tmp_path / "comp", "self_attn")
+    with pytest.raises(UnweightError, match=name) as err:
+        AutoModelForCausalLM.from_pretrained(tmp_path / "comp", device_map=DEVICE)
+    assert "model.safetensors" in str(err.value)
 
 
 @pytest.fixture(autouse=True)

@@ -37,6 +37,9 @@ class Format:
     version: int
     decode: Callable[[Parts, str], torch.Tensor]
     description: str = ""
+    # decodes straight onto an accelerator (a device that is not the CPU), or returns None where it cannot there;
+    # None: the format decodes on the CPU only (its tensors are then moved)
+    decode_on: Callable[[Parts, str, torch.device], torch.Tensor | None] | None = None
 
 
 FORMATS: dict[str, Format] = {}

@@ -24,7 +24,10 @@ How the tensors are decoded (transformers 5.x weight loading, ``core_model_loadi
   operations run (the same place where transformers' FP8 dequantization hooks in).
 - Memory: a tensor is decoded once, straight into the parameter the model keeps; no dense copy of the
   checkpoint is ever made (transformers' loader may read parts ahead, at most the compressed folder's
-  size). Parts are decoded on the CPU (``force_cpu``), then moved to the ``device_map`` device.
+  size). Parts are read onto the CPU (``force_cpu``). A tensor whose ``device_map`` device is a CUDA GPU is
+  decoded there by the format's ``decode_on`` where it has one (``unweight-lossless``: the Triton decoder,
+  ``unweight.lossless.gpu``), so only the compressed bytes cross to the GPU; any other is decoded on the CPU,
+  then moved to its device.
 - With the default ``runtime: "dense"`` the loaded model is an ordinary dense model: the quantization
   config is removed after loading (transformers' ``dequantize`` convention), so ``save_pretrained`` writes
   plain dense weights and ``.half()`` / training work as usual. :func:`swap_runtime_modules` is the hook
@@ -187,21 +190,42 @@ def swap_runtime_modules(model, qc) -> None:
 # decoding
 
 
+def _accelerator(device_map: dict | None, name: str):
+    """The CUDA device that ``device_map`` puts parameter ``name`` on, or None (no map, the CPU, disk)."""
+    if not device_map:
+        return None
+    import torch
+    from transformers.integrations.accelerate import get_device
+
+    try:  # an index names the current accelerator, which torch refuses to name where there is none
+        device = torch.device(get_device(device_map, name, valid_torch_device=True))
+    except RuntimeError:
+        return None
+    return device if device.type == "cuda" else None
+
+
 class _Decoder:
     """A format's decode, with errors naming the shard and the tensor. Shared, never copied: transformers
     deep-copies a converter per target tensor."""
 
-    def __init__(self, fmt, folder: str, where: dict[str, str]):
+    def __init__(self, fmt, folder: str, where: dict[str, str], device_map: dict | None = None):
         self.fmt = fmt
         self.folder = folder
         self.where = where  # encoded tensor name -> shard file
+        self.device_map = device_map  # the final one (transformers settles "auto" after the model is built)
 
     def __deepcopy__(self, memo):
         return self
 
-    def decode(self, parts: dict, name: str):
+    def device_for(self, target: str):
+        """Where the tensors for parameter ``target`` are decoded: a GPU the format decodes on, or None (the
+        CPU)."""
+        return _accelerator(self.device_map, target) if self.fmt.decode_on is not None else None
+
+    def decode(self, parts: dict, name: str, device=None):
         try:
-            return self.fmt.decode(parts, name).contiguous()
+            out = None if device is None else self._decode_on(parts, name, device)
+            return (self.fmt.decode(parts, name) if out is None else out).contiguous()
         except UnweightError as exc:
             msg = str(exc)
         except (KeyError, ValueError, RuntimeError, IndexError, TypeError) as exc:
@@ -209,6 +233,14 @@ class _Decoder:
         if name not in msg:
             msg = f"tensor {name!r}: {msg}"
         raise UnweightError(f"{self.where.get(name, self.folder)}: {msg}") from None
+
+    def _decode_on(self, parts: dict, name: str, device):
+        try:
+            return self.fmt.decode_on(parts, name, device)
+        except UnweightError:
+            raise
+        except Exception as exc:  # the device's own failures (memory, driver, compiler): not the parts' fault
+            raise UnweightError(f"tensor {name!r}: decoding on {device} failed ({type(exc).__name__}: {exc})") from exc
 
 
 def _part_pattern(tag: str, fld: str) -> str:
@@ -269,9 +301,20 @@ def _quantizer_classes() -> tuple[type, type]:
             self.parts: dict[str, list[str]] = {}
             self.fields: list[str] = []
             self.decoder: _Decoder | None = None
+            self.device_map: dict | None = None
+
+        def _note_device_map(self, device_map) -> None:
+            """Keep the latest device map given as a dict (transformers hands the final one to
+            ``validate_environment`` once it has placed an "auto" model)."""
+            if isinstance(device_map, dict):
+                self.device_map = device_map
+                if self.decoder is not None:
+                    self.decoder.device_map = device_map
 
         def validate_environment(self, *args, **kwargs) -> None:
             from unweight.formats import get_format
+
+            self._note_device_map(kwargs.get("device_map"))
 
             qc = self.quantization_config
             self.format = get_format(qc.quant_method)
@@ -290,7 +333,8 @@ def _quantizer_classes() -> tuple[type, type]:
             self.parts, where = _read_part_names(checkpoint_files, self.format.tag)
             marker = f".{self.format.tag}."
             self.fields = sorted({p.rsplit(marker, 1)[1] for ps in self.parts.values() for p in ps})
-            self.decoder = _Decoder(self.format, str(model.config.name_or_path), where)
+            self._note_device_map(kwargs.get("device_map"))
+            self.decoder = _Decoder(self.format, str(model.config.name_or_path), where, self.device_map)
             swap_runtime_modules(model, self.quantization_config)
             return model
 
@@ -369,7 +413,7 @@ def _loading_classes():
         """A WeightConverter some of whose sources are unweight parts: each encoded tensor is decoded as
         its parts are materialized, so that the operations see the dense tensors the sources would hold."""
 
-        __slots__ = ("decoder", "tag", "layout", "slot_keys", "origins")
+        __slots__ = ("decoder", "tag", "layout", "slot_keys", "origins", "device")
 
         def __init__(self, source_patterns, target_patterns, operations, force_cpu: bool = True, *,
                      decoder=None, tag: str = "", layout=(), n_slots: int = 1):
@@ -382,6 +426,7 @@ def _loading_classes():
             self.slot_keys = [self.source_patterns[dense_index[s]] if s in dense_index else ""
                               for s in range(n_slots)]
             self.origins: dict[str, list[str]] = {}
+            self.device = None  # where `convert` has the tensors decoded (None: the CPU)
 
         @classmethod
         def for_parts(cls, tag: str, fields: list[str], decoder):
@@ -430,11 +475,12 @@ def _loading_classes():
                     raise UnweightError(f"{self.decoder.where.get(names[0], self.decoder.folder)}: {what} in "
                                         f"the group of {names[0]!r} ({sorted(set(names))[:4]}...)")
                 out[self.slot_keys[slot]] = [
-                    self.decoder.decode({f: t[k] for f, (t, _) in by_field.items()}, names[k])
+                    self.decoder.decode({f: t[k] for f, (t, _) in by_field.items()}, names[k], self.device)
                     for k in range(counts.pop())]
             return out
 
         def convert(self, layer_name, model=None, config=None, hf_quantizer=None, loading_info=None):
+            self.device = self.decoder.device_for(layer_name)
             out = super().convert(layer_name, model=model, config=config, hf_quantizer=hf_quantizer,
                                   loading_info=loading_info)
             return {k: _as_param_dtype(model, k, v) for k, v in out.items()}

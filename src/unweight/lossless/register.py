@@ -231,6 +231,16 @@ def decode(parts: Parts, name: str) -> torch.Tensor:
     return decode_tensor(stream_parts(parts, name), name)
 
 
+def decode_on(parts: Parts, name: str, device: torch.device) -> torch.Tensor | None:
+    """The tensor decoded on ``device`` by the GPU decoder (``unweight.lossless.gpu``), or None where Triton is
+    missing (the caller then decodes on the CPU and moves the tensor)."""
+    try:
+        from unweight.lossless import gpu
+    except ImportError:
+        return None
+    return gpu.decode_tensor(stream_parts(parts, name), name, device)
+
+
 def stream_parts(parts: Parts, name: str) -> dict[str, torch.Tensor]:
     """A stored tensor's streams under the tensor format's names (``name.ul.code``, ...), its pack unpacked."""
     packed = [k for k in PACKED if k in parts]
@@ -247,4 +257,5 @@ def stream_parts(parts: Parts, name: str) -> dict[str, torch.Tensor]:
 
 
 FORMAT = register(Format(quant_method="unweight-lossless", tag=TAG, version=FOLDER_VERSION, decode=decode,
-                         description="bit-exact entropy coding of float tensors (exponent rANS-coded)"))
+                         description="bit-exact entropy coding of float tensors (exponent rANS-coded)",
+                         decode_on=decode_on))
