@@ -377,8 +377,9 @@ def bounds_checked(gpu, monkeypatch):
             return real.store(ptrs, value, mask)
 
     def launched(self, *args, **kwargs):
-        st = [a.untyped_storage() for a in (*args, *kwargs.values()) if isinstance(a, torch.Tensor)]
-        ranges[:] = [(s.data_ptr(), s.data_ptr() + s.nbytes()) for s in st]
+        ts = [a for a in (*args, *kwargs.values()) if isinstance(a, torch.Tensor)]  # each its own view's bytes
+        assert all(t.is_contiguous() for t in ts)  # (tables share one buffer: a table overrun is not in another)
+        ranges[:] = [(t.data_ptr(), t.data_ptr() + t.numel() * t.element_size()) for t in ts]
         return launch(self, *args, **kwargs)
 
     monkeypatch.setattr(interp, "_interpreter", Checked())

@@ -309,16 +309,29 @@ def xxh3_chunks(data: torch.Tensor, starts: np.ndarray, lengths: np.ndarray) -> 
     """XXH3-64 of ``data[starts[c]:starts[c] + lengths[c]]`` (``data`` uint8 on the device) for every
     ``c``, as uint64 on the host: chunks longer than 240 bytes in :func:`_xxh3_chunks`, the others on the
     host."""
+    long = lengths > _SHORT
+    return _hashes(data, starts, lengths, _launch_xxh3(data, starts[long], *_upload(
+        [starts[long], lengths[long], _CONSTS.view(np.int64)], data.device)))
+
+
+def _launch_xxh3(data: torch.Tensor, host_starts: np.ndarray, starts: torch.Tensor, lengths: torch.Tensor,
+                 consts: torch.Tensor) -> torch.Tensor:
+    """The XXH3-64 kernel launched over the chunks longer than 240 bytes (``starts`` and ``lengths`` on the
+    device, ``host_starts`` the same starts on the host); their hashes as int64, on the device once it has run."""
+    res = torch.empty(starts.numel(), dtype=torch.int64, device=data.device)
+    if res.numel():
+        aligned = data.data_ptr() % 8 == 0 and not (host_starts % 8).any()
+        _xxh3_chunks[(res.numel(),)](data, starts, lengths, consts, res, ALIGNED=aligned, num_warps=1)
+    return res
+
+
+def _hashes(data: torch.Tensor, starts: np.ndarray, lengths: np.ndarray, res: torch.Tensor) -> np.ndarray:
+    """Every chunk's XXH3-64 on the host: the long ones' from :func:`_launch_xxh3`'s ``res``, the others
+    hashed here."""
     out = np.zeros(starts.size, np.uint64)
-    long = np.flatnonzero(lengths > _SHORT)
-    if long.size:
-        dev = data.device
-        res = torch.empty(long.size, dtype=torch.int64, device=dev)
-        aligned = data.data_ptr() % 8 == 0 and not (starts[long] % 8).any()
-        _xxh3_chunks[(long.size,)](data, _on(starts[long], dev), _on(lengths[long], dev),
-                                   torch.from_numpy(_CONSTS.view(np.int64)).to(dev), res, ALIGNED=aligned, num_warps=1)
-        out[long] = res.cpu().numpy().view(np.uint64)
-    for c in np.flatnonzero(lengths <= _SHORT):
+    long = lengths > _SHORT
+    out[long] = res.cpu().numpy().view(np.uint64)
+    for c in np.flatnonzero(~long):
         b = data[int(starts[c]):int(starts[c] + lengths[c])].cpu().numpy()
         out[c] = hashing.xxh3_64(b, 0, b.size)
     return out
@@ -400,6 +413,7 @@ class _Chunks:
         self.n = np.minimum(p.chunk_w, p.numel - self.first)
         self.r = p.lay.hi_bits - p.lay.exp_bits - p.k  # the raw bits (FP8: 1, the sign)
         self.status, self.words = _segment_checks(p, self.n, self.r)
+        self.checked = self.status == 0  # the chunks the kernels take (and whose checksums are computed)
 
     def at(self, c):
         """Where chunk(s) ``c``'s first value goes in the batch's output (byte)."""
@@ -407,15 +421,19 @@ class _Chunks:
 
 
 def _decode_batch(batch: list[format.Prepared], device: torch.device) -> tuple[dict, dict]:
-    """The tensors of ``batch`` decoded on ``device``, and the errors of those that fail."""
-    code, low, dec, segs, kinds, raw, joins, tensors = [], [], [], [], {}, {}, [], []
+    """The tensors of ``batch`` decoded on ``device``, and the errors of those that fail. Every launch is
+    queued before the host reads anything back (the host's checks say which chunks each kernel takes; the low
+    halves are joined and the checksums computed whatever the rANS kernel finds, and the statuses are read in
+    the CPU decoder's order afterwards), and the host's tables travel in one copy."""
+    code, low, dec, segs, kinds, raw, joins, hashed, tensors = [], [], [], [], {}, {}, [], [], []
     code_at = low_at = dec_at = seg_at = out_at = 0
     for t, p in enumerate(batch):
         ch = _Chunks(p, out_at)
         tensors.append(ch)
         s0 = p.offsets[:-1] + code_at
         stride = 2 if p.lay.low_bits else 1
-        run = np.flatnonzero((p.modes == chunks.MODE_CODED) & (ch.status == 0))
+        ok = np.flatnonzero(ch.status == 0)  # the chunks that pass the host's checks
+        run = ok[p.modes[ok] == chunks.MODE_CODED]
         if run.size:
             emax = (1 << p.lay.exp_bits) - 1
             lo, *runs = segments(p.numel, p.chunk_w, p.row_len, p.q, p.nph, emax)
@@ -425,41 +443,69 @@ def _decode_batch(batch: list[format.Prepared], device: torch.device) -> tuple[d
                              ch.n[run], np.full(run.size, dec_at), np.full(run.size, p.off)], 1)
             kind = kinds.setdefault((p.k, ch.r, p.lay.hi_bits, emax, stride), ([], []))
             kind[0].append(rows)
-            kind[1].append(np.stack([np.full(run.size, t), run], 1))
+            kind[1].append(_which(t, run))
             dec.append(p.dec.reshape(-1))
             dec_at += p.dec.size
             seg_at += runs[0].size
-        stored = np.flatnonzero((p.modes == chunks.MODE_RAW) & (ch.status == 0))
+        stored = ok[p.modes[ok] == chunks.MODE_RAW]
         raw.setdefault(stride, []).append(np.stack([s0[stored], ch.at(stored), ch.n[stored] * p.lay.hi_bits // 8], 1))
         if p.lay.low_bits:
-            joins.append((t, np.stack([low_at + p.low_offsets[:-1], np.diff(p.low_offsets), ch.at(slice(None)),
-                                       ch.n], 1)))
+            joins.append((np.stack([low_at + p.low_offsets[ok], np.diff(p.low_offsets)[ok], ch.at(ok), ch.n[ok]], 1),
+                          _which(t, ok)))
             low.append(p.low)
             low_at += p.low.size
+        hashed.append((ch.at(ok), ch.n[ok] * p.lay.itemsize))
         code.append((code_at, p.code))
         code_at += -(-p.code.size // 8) * 8  # each tensor's stream from a multiple of 8 bytes
         out_at += -(-p.numel * p.lay.itemsize // 128) * 128  # each tensor's output from a multiple of 128 bytes
 
+    kinds = [(key, np.concatenate(rows), np.concatenate(which)) for key, (rows, which) in kinds.items()]
+    raw = [(stride, np.concatenate(rows)) for stride, rows in raw.items()]
+    joins = [tuple(np.concatenate(a) for a in zip(*joins))] if joins else []
+    starts, lengths = (np.concatenate(a) for a in zip(*hashed))
+    long = lengths > _SHORT
+    tables = iter(_upload([*(np.concatenate(a) for a in zip(*segs)), *(rows for _, rows, _ in kinds),
+                           *(rows for _, rows in raw), *(rows for rows, _ in joins),
+                           starts[long], lengths[long], _CONSTS.view(np.int64)], device))
+    coding, place, phase, rot = (next(tables) for _ in range(4)) if segs else (None,) * 4
+
     code = _streams(code, code_at, device)
     flat = torch.empty(out_at, dtype=torch.uint8, device=device)
-    for stride, rows in raw.items():
-        rows = np.concatenate(rows)
-        if rows.size:
-            _copy_raw[(rows.shape[0],)](code, _on(rows, device), flat, STRIDE=stride, BLOCK=1024)
-    if kinds:
-        dec = torch.from_numpy(np.concatenate(dec).view(np.int32)).to(device)
-        coding, place, phase, rot = (_on(np.concatenate(a), device) for a in zip(*segs))
-    for (k, r, hbits, emax, stride), (rows, which) in kinds.items():
-        rows, which = np.concatenate(rows), np.concatenate(which)
+    dec = torch.from_numpy(np.concatenate(dec).view(np.int32)).to(device) if dec else None
+    launched = []  # (which, statuses on the device), in the order the CPU decoder meets the failures
+    for (k, r, hbits, emax, stride), rows, which in kinds:
         res = torch.empty(rows.shape[0], dtype=torch.int32, device=device)
-        _decode_chunks[(rows.shape[0],)](code, code.numel() // 2, _on(rows, device), coding, place, phase, rot, dec,
+        _decode_chunks[(rows.shape[0],)](code, code.numel() // 2, next(tables), coding, place, phase, rot, dec,
                                          flat, res, K=k, R=r, H=hbits, EMAX=emax, STRIDE=stride,
                                          SCALE=rans32.PROB_SCALE, LOW=rans32.STATE_LOW, OVERRUN=rans.ERR_OVERRUN,
                                          STATE=rans.ERR_STATE, PREFETCH=PREFETCH, num_warps=1)  # a warp: 32 lanes
+        launched.append((which, res))
+    for stride, rows in raw:
+        table = next(tables)
+        if rows.size:
+            _copy_raw[(rows.shape[0],)](code, table, flat, STRIDE=stride, BLOCK=1024)
+    for rows, which in joins:
+        launched.append((which, _join(rows, next(tables), low, flat)))
+    hashes = _launch_xxh3(flat, starts[long], next(tables), next(tables), next(tables))
+    for which, res in launched:
         _record(tensors, which, res)
-    if joins:
-        _join(joins, tensors, np.concatenate(low), flat, device)
-    return _checked(tensors, flat)
+    return _checked(tensors, flat, _hashes(flat, starts, lengths, hashes))
+
+
+def _upload(arrays: list[np.ndarray], device) -> list[torch.Tensor]:
+    """``arrays`` (integers) on ``device`` as int64, in one copy: views of one buffer, each in its array's shape."""
+    flat = [np.ascontiguousarray(a, np.int64).reshape(-1) for a in arrays]
+    buf = torch.from_numpy(np.concatenate(flat) if flat else np.zeros(0, np.int64)).to(device)
+    out, at = [], 0
+    for a, f in zip(arrays, flat):
+        out.append(buf[at:at + f.size].view(a.shape))
+        at += f.size
+    return out
+
+
+def _which(t: int, c: np.ndarray) -> np.ndarray:
+    """Rows of (tensor ``t``, chunk) for the chunks ``c``."""
+    return np.stack([np.full(c.size, t), c], 1)
 
 
 def _streams(pieces: list[tuple[int, np.ndarray]], size: int, device) -> torch.Tensor:
@@ -471,45 +517,39 @@ def _streams(pieces: list[tuple[int, np.ndarray]], size: int, device) -> torch.T
     return out
 
 
-def _join(joins, tensors, low: np.ndarray, flat: torch.Tensor, device) -> None:
-    """FP32's low halves, for the chunks whose hi halves are in place."""
-    rows, which = [], []
-    for t, table in joins:
-        ok = np.flatnonzero(tensors[t].status == 0)
-        rows.append(table[ok])
-        which.append(np.stack([np.full(ok.size, t), ok], 1))
-    rows, which = np.concatenate(rows), np.concatenate(which)
-    if not rows.size:
-        return
-    res = torch.zeros(rows.shape[0], dtype=torch.int32, device=device)
-    low = np.append(low, np.uint8(0))  # (at least one byte to read)
-    _join_low[(rows.shape[0],)](torch.from_numpy(low).to(device), low.size, _on(rows, device), flat, res,
-                                BAD=chunks.ERR_LOW, BLOCK=LOW_BLOCK, num_warps=4)
-    _record(tensors, which, res)
+def _join(rows: np.ndarray, table: torch.Tensor, low: list[np.ndarray], flat: torch.Tensor) -> torch.Tensor:
+    """FP32's low halves (``rows`` on the host, ``table`` the same on the device) launched into the low halves of
+    their chunks' values; their statuses, on the device."""
+    res = torch.zeros(rows.shape[0], dtype=torch.int32, device=flat.device)
+    if rows.size:
+        low = np.concatenate([*low, np.zeros(1, np.uint8)])  # (at least one byte to read)
+        _join_low[(rows.shape[0],)](torch.from_numpy(low).to(flat.device), low.size, table, flat, res,
+                                    BAD=chunks.ERR_LOW, BLOCK=LOW_BLOCK, num_warps=4)
+    return res
 
 
 def _record(tensors: list[_Chunks], which: np.ndarray, res: torch.Tensor) -> None:
-    """A launch's statuses (``res``, one per program) into its chunks' tensors (``which``: rows of tensor,
-    chunk)."""
+    """A launch's statuses (``res``, one per program) into those of its chunks (``which``: rows of tensor,
+    chunk) that have not failed before."""
     for (t, c), st in zip(which.tolist(), res.cpu().numpy().tolist()):
-        tensors[t].status[c] = st
+        if tensors[t].status[c] == 0:
+            tensors[t].status[c] = st
 
 
-def _checked(tensors: list[_Chunks], flat: torch.Tensor) -> tuple[dict, dict]:
-    """Every chunk decoded so far checked against its XXH3-64; the tensors that pass, and the errors of those
-    that fail (the CPU decoder's message, naming the first bad chunk)."""
-    ok = [np.flatnonzero(ch.status == 0) for ch in tensors]
-    starts = np.concatenate([ch.at(c) for ch, c in zip(tensors, ok)])
-    lengths = np.concatenate([ch.n[c] * ch.p.lay.itemsize for ch, c in zip(tensors, ok)])
-    hashes = xxh3_chunks(flat, starts, lengths)
+def _checked(tensors: list[_Chunks], flat: torch.Tensor, hashes: np.ndarray) -> tuple[dict, dict]:
+    """Every chunk that passed the host's checks held to its XXH3-64 (``hashes``, in that order) unless it
+    failed since; the tensors that pass, and the errors of those that fail (the CPU decoder's message, naming the
+    first bad chunk)."""
     out, errors, at = {}, {}, 0
-    for ch, c in zip(tensors, ok):
+    for ch in tensors:
         p, status = ch.p, ch.status
-        status[c[hashes[at:at + c.size] != p.check[c]]] = chunks.ERR_CHECKSUM
-        at += c.size
+        ok = np.flatnonzero(ch.checked)
+        bad = ok[(hashes[at:at + ok.size] != p.check[ok]) & (status[ok] == 0)]
+        status[bad] = chunks.ERR_CHECKSUM
+        at += ok.size
         if np.count_nonzero(status):
-            bad = int(np.flatnonzero(status)[0])
-            errors[p.name] = format.chunk_error(p.name, bad, p.nchunks, status[bad])
+            first = int(np.flatnonzero(status)[0])
+            errors[p.name] = format.chunk_error(p.name, first, p.nchunks, status[first])
         else:
             out[p.name] = flat[ch.base:ch.base + p.numel * p.lay.itemsize].view(p.lay.dtype).reshape(p.shape)
     return out, errors
@@ -531,7 +571,3 @@ def _segment_checks(p: format.Prepared, n: np.ndarray, r: int) -> tuple[np.ndarr
     status[coded & ~short & (pb % 2 == 1) & (pad != 0)] = chunks.ERR_PAD
     status[coded & (status == 0) & (words_bytes // 2 < rans32.STATE_WORDS)] = rans.ERR_OVERRUN
     return status, words_bytes // 2
-
-
-def _on(a: np.ndarray, device: torch.device) -> torch.Tensor:
-    return torch.from_numpy(np.ascontiguousarray(a, np.int64)).to(device)
