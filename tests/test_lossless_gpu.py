@@ -10,6 +10,7 @@ On a machine with a CUDA GPU the same tests run the compiled kernels there:
 import os
 import subprocess
 import sys
+import warnings
 
 import numpy as np
 import pytest
@@ -315,8 +316,9 @@ def test_a_compressed_folder_loads_onto_the_device(gpu, tmp_path, monkeypatch):
 
 def test_from_pretrained_decodes_on_the_gpu_that_the_device_map_names(gpu, tmp_path, monkeypatch):
     """``from_pretrained(folder, device_map=...)`` decodes every tensor that the map puts on a GPU with the GPU
-    decoder, there, bit-exact; a model loaded onto the CPU never calls it. A corrupt tensor is refused naming
-    the shard and the tensor. (In the interpreter the CPU stands in for the GPU.)"""
+    decoder, there, bit-exact; a model loaded onto the CPU never calls it, nor one loaded with
+    UNWEIGHT_GPU_DECODE=0. Where the device fails, a warning and the CPU decodes. A corrupt tensor is refused
+    naming the shard and the tensor. (In the interpreter the CPU stands in for the GPU.)"""
     import unweight.hf as hf
     from transformers import AutoModelForCausalLM
 
@@ -328,18 +330,43 @@ def test_from_pretrained_decodes_on_the_gpu_that_the_device_map_names(gpu, tmp_p
     on_cpu = AutoModelForCausalLM.from_pretrained(tmp_path / "comp")
     assert calls == [] and all(same(on_cpu.state_dict()[k], t) for k, t in state.items())
 
+    real = hf._accelerator
     if DEVICE == "cpu":  # the interpreter's kernels run on CPU tensors: let the map's CPU stand for a GPU
-        monkeypatch.setattr(hf, "_accelerator", lambda device_map, name: torch.device("cpu") if device_map else None)
+        def accelerator(device_map, name):
+            return real({"": "cuda"}, name) and torch.device("cpu") if device_map else None
+    else:
+        accelerator = real
+    monkeypatch.setattr(hf, "_accelerator", accelerator)
     model_ = AutoModelForCausalLM.from_pretrained(tmp_path / "comp", device_map=DEVICE)
     loaded = model_.state_dict()
     assert sorted(n for n, _ in calls) == sorted(state)  # every tensor of the checkpoint is a float one
     assert all(d.type == DEVICE for _, d in calls) and all(loaded[k].device.type == DEVICE for k in state)
     assert all(same(loaded[k].cpu(), t) for k, t in state.items())
 
-    name = flip_a_byte(tmp_path / "comp", "self_attn")
-    with pytest.raises(UnweightError, match=name) as err:
-        AutoModelForCausalLM.from_pretrained(tmp_path / "comp", device_map=DEVICE)
-    assert "model.safetensors" in str(err.value)
+    calls.clear()  # UNWEIGHT_GPU_DECODE=0: the CPU decodes
+    monkeypatch.setenv(hf.GPU_DECODE_ENV, "0")
+    monkeypatch.setattr(hf, "_accelerator", accelerator)
+    assert all(same(v.cpu(), state[k]) for k, v in AutoModelForCausalLM.from_pretrained(
+        tmp_path / "comp", device_map=DEVICE).state_dict().items()) and calls == []
+    monkeypatch.delenv(hf.GPU_DECODE_ENV)
+
+    def broken(parts, name, device):  # a device that fails (driver, memory, a bug): warned, then the CPU decodes
+        calls.append(name)
+        raise RuntimeError("no kernel image is available")
+    monkeypatch.setattr(gpu, "decode_tensor", broken)
+    with pytest.warns(RuntimeWarning, match="no kernel image.*on the CPU instead") as warned:
+        loaded = AutoModelForCausalLM.from_pretrained(tmp_path / "comp", device_map=DEVICE).state_dict()
+    assert len(calls) == 1 and len([w for w in warned if "instead" in str(w.message)]) == 1  # then not tried again
+    assert all(same(loaded[k].cpu(), t) for k, t in state.items())
+    assert all(loaded[k].device.type == DEVICE for k in state)
+
+    name = flip_a_byte(tmp_path / "comp", "self_attn")  # corrupt: the CPU decoder's error, device working or not
+    for decode_on in (decode, broken):
+        monkeypatch.setattr(gpu, "decode_tensor", decode_on)
+        with pytest.raises(UnweightError, match=name) as err, warnings.catch_warnings():
+            warnings.simplefilter("ignore", RuntimeWarning)  # (the broken device's, on the first tensor)
+            AutoModelForCausalLM.from_pretrained(tmp_path / "comp", device_map=DEVICE)
+        assert "model.safetensors" in str(err.value)
 
 
 @pytest.fixture(autouse=True)

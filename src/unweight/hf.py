@@ -44,6 +44,7 @@ from __future__ import annotations
 
 import functools
 import importlib.abc
+import os
 import re
 import sys
 import warnings
@@ -190,9 +191,13 @@ def swap_runtime_modules(model, qc) -> None:
 # decoding
 
 
+GPU_DECODE_ENV = "UNWEIGHT_GPU_DECODE"  # "0": decode on the CPU even for tensors bound for a GPU
+
+
 def _accelerator(device_map: dict | None, name: str):
-    """The CUDA device that ``device_map`` puts parameter ``name`` on, or None (no map, the CPU, disk)."""
-    if not device_map:
+    """The CUDA device that ``device_map`` puts parameter ``name`` on, or None (no map, the CPU, disk, or
+    ``UNWEIGHT_GPU_DECODE=0``)."""
+    if not device_map or os.environ.get(GPU_DECODE_ENV, "1") == "0":
         return None
     import torch
     from transformers.integrations.accelerate import get_device
@@ -213,14 +218,17 @@ class _Decoder:
         self.folder = folder
         self.where = where  # encoded tensor name -> shard file
         self.device_map = device_map  # the final one (transformers settles "auto" after the model is built)
+        self.device_failed = False  # decoding on a device has failed once (warned)
 
     def __deepcopy__(self, memo):
         return self
 
     def device_for(self, target: str):
         """Where the tensors for parameter ``target`` are decoded: a GPU the format decodes on, or None (the
-        CPU)."""
-        return _accelerator(self.device_map, target) if self.fmt.decode_on is not None else None
+        CPU; also for the rest of a load once decoding on a device has failed)."""
+        if self.fmt.decode_on is None or self.device_failed:
+            return None
+        return _accelerator(self.device_map, target)
 
     def decode(self, parts: dict, name: str, device=None):
         try:
@@ -235,12 +243,18 @@ class _Decoder:
         raise UnweightError(f"{self.where.get(name, self.folder)}: {msg}") from None
 
     def _decode_on(self, parts: dict, name: str, device):
+        """The tensor decoded on ``device``, or None where the format cannot decode there. Where decoding there
+        fails, the CPU decoder judges: corrupt parts raise its error; parts it decodes mean the device failed
+        (memory, driver, compiler, a bug): a warning, the CPU's tensor, and the CPU for the rest of the load."""
         try:
             return self.fmt.decode_on(parts, name, device)
-        except UnweightError:
-            raise
-        except Exception as exc:  # the device's own failures (memory, driver, compiler): not the parts' fault
-            raise UnweightError(f"tensor {name!r}: decoding on {device} failed ({type(exc).__name__}: {exc})") from exc
+        except Exception as exc:
+            out = self.fmt.decode(parts, name)  # raises where the parts are at fault
+            warnings.warn(f"{self.where.get(name, self.folder)}: tensor {name!r}: decoding on {device} failed "
+                          f"({type(exc).__name__}: {exc}); decoding this load's tensors on the CPU instead "
+                          f"(set {GPU_DECODE_ENV}=0 to skip the GPU)", RuntimeWarning, stacklevel=2)
+            self.device_failed = True
+            return out
 
 
 def _part_pattern(tag: str, fld: str) -> str:
