@@ -7,7 +7,9 @@ clock):
 * ``copy``: the original tensors copied to the device (what an uncompressed checkpoint costs once read);
 * ``cpu+copy``: unweight's CPU decoder on all threads, then the copy;
 * ``gpu``: the compressed streams copied, then decoded by the Triton kernels on the device;
-* ``gpu prefetch``: the same with ``gpu.PREFETCH`` (each rANS step's words read before its table lookup).
+* ``gpu prefetch``: the same with ``gpu.PREFETCH`` (each rANS step's words read before its table lookup);
+* ``gpu one by one``: ``gpu.decode_tensor`` per tensor, as ``from_pretrained(..., device_map="cuda")`` decodes
+  (each tensor its own copies, launches and wait: the per-tensor cost of that path).
 
 MB/s counts original bytes. The first ``gpu`` pass compiles the kernels and is not timed.
 
@@ -75,7 +77,7 @@ def encoded(model: str, dtype: str, max_mb: float | None, chunk: int) -> tuple[d
 
 
 def measure(label: dict, parts: dict, reps: int, device: str, tensors: dict | None = None) -> dict:
-    """The three ways onto the device, timed, each output compared bit for bit with ``tensors`` (default: the
+    """The ways onto the device, timed, each output compared bit for bit with ``tensors`` (default: the
     CPU decoder's, every chunk's checksum checked)."""
     from unweight.lossless import format as fmt
     from unweight.lossless import gpu
@@ -95,6 +97,8 @@ def measure(label: dict, parts: dict, reps: int, device: str, tensors: dict | No
         "cpu+copy": lambda: {k: t.to(device) for k, t in decode_tensors(parts, names, THREADS).items()},
         "gpu": on_gpu(False),
         "gpu prefetch": on_gpu(True),  # the rANS step's words read before its lookup
+        # tensor by tensor, as from_pretrained(device_map="cuda") decodes: each tensor its own launches and wait
+        "gpu one by one": lambda: {n: gpu.decode_tensor(parts, n, device) for n in names},
     }
     prepared = [fmt.prepare(parts, n) for n in names]
     res = {**label, "raw_bytes": raw, "ratio": size / raw, "chunks": sum(p.nchunks for p in prepared),
@@ -103,7 +107,7 @@ def measure(label: dict, parts: dict, reps: int, device: str, tensors: dict | No
         sec, out = timed(fn, reps, device)
         exact = all(torch.equal(out[k].cpu().view(torch.uint8), t.view(torch.uint8)) for k, t in tensors.items())
         res[name] = {"seconds": sec, "MBps": raw / 1e6 / sec, "bit_exact": exact}
-        print(f"  {' '.join(map(str, label.values()))} (ratio {size / raw:.4f}, {res['chunks']} chunks) {name:12s} "
+        print(f"  {' '.join(map(str, label.values()))} (ratio {size / raw:.4f}, {res['chunks']} chunks) {name:14s} "
               f"{sec * 1e3:9.1f} ms {raw / 1e6 / sec:9.0f} MB/s  bit-exact {exact}")
     best = min(res["gpu"]["seconds"], res["gpu prefetch"]["seconds"])
     res["gpu_vs_cpu+copy"] = res["cpu+copy"]["seconds"] / best
