@@ -232,7 +232,7 @@ class _Decoder:
 
     def decode(self, parts: dict, name: str, device=None):
         try:
-            out = None if device is None else self._decode_on(parts, name, device)
+            out = None if device is None or self.device_failed else self._decode_on(parts, name, device)
             return (self.fmt.decode(parts, name) if out is None else out).contiguous()
         except UnweightError as exc:
             msg = str(exc)
