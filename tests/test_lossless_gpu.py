@@ -315,21 +315,30 @@ def test_a_compressed_folder_loads_onto_the_device(gpu, tmp_path, monkeypatch):
 
 
 def test_from_pretrained_decodes_on_the_gpu_that_the_device_map_names(gpu, tmp_path, monkeypatch):
-    """``from_pretrained(folder, device_map=...)`` decodes every tensor that the map puts on a GPU with the GPU
-    decoder, there, bit-exact; a model loaded onto the CPU never calls it, nor one loaded with
-    UNWEIGHT_GPU_DECODE=0. Where the device fails, a warning and the CPU decodes. A corrupt tensor is refused
-    naming the shard and the tensor. (In the interpreter the CPU stands in for the GPU.)"""
+    """``from_pretrained(folder, device_map=...)`` decodes the tensors that the map puts on a GPU with the GPU
+    decoder, there, bit-exact: all together, BATCH_BYTES of parts at a time, when the whole model goes to one
+    GPU, each in memory of its own (the model saves and loads back as it was); one by one otherwise. A model
+    loaded onto the CPU never calls it, nor one loaded with UNWEIGHT_GPU_DECODE=0. Where the device fails, a
+    warning and the CPU decodes. A corrupt tensor is refused naming the shard and the tensor. (In the
+    interpreter the CPU stands in for the GPU.)"""
     import unweight.hf as hf
     from transformers import AutoModelForCausalLM
 
     state = small_llama(tmp_path, monkeypatch)
     calls = []
-    decode = gpu.decode_tensor
-    monkeypatch.setattr(gpu, "decode_tensor", lambda parts, name, device: calls.append((name, torch.device(device)))
-                        or decode(parts, name, device))
-    on_cpu = AutoModelForCausalLM.from_pretrained(tmp_path / "comp")
-    assert calls == [] and all(same(on_cpu.state_dict()[k], t) for k, t in state.items())
+    decode = gpu.decode_tensors
+    monkeypatch.setattr(gpu, "decode_tensors", lambda parts, names, device: calls.append(sorted(names))
+                        or decode(parts, names, device))
 
+    def load(**kwargs):
+        calls.clear()
+        model_ = AutoModelForCausalLM.from_pretrained(tmp_path / "comp", **kwargs)
+        loaded = model_.state_dict()
+        assert set(loaded) == set(state) and all(same(loaded[k].cpu(), t) for k, t in state.items())
+        return model_, loaded
+
+    load()
+    assert calls == []
     real = hf._accelerator
     if DEVICE == "cpu":  # the interpreter's kernels run on CPU tensors: let the map's CPU stand for a GPU
         def accelerator(device_map, name):
@@ -337,32 +346,42 @@ def test_from_pretrained_decodes_on_the_gpu_that_the_device_map_names(gpu, tmp_p
     else:
         accelerator = real
     monkeypatch.setattr(hf, "_accelerator", accelerator)
-    model_ = AutoModelForCausalLM.from_pretrained(tmp_path / "comp", device_map=DEVICE)
-    loaded = model_.state_dict()
-    assert sorted(n for n, _ in calls) == sorted(state)  # every tensor of the checkpoint is a float one
-    assert all(d.type == DEVICE for _, d in calls) and all(loaded[k].device.type == DEVICE for k in state)
-    assert all(same(loaded[k].cpu(), t) for k, t in state.items())
 
-    calls.clear()  # UNWEIGHT_GPU_DECODE=0: the CPU decodes
-    monkeypatch.setenv(hf.GPU_DECODE_ENV, "0")
-    monkeypatch.setattr(hf, "_accelerator", accelerator)
-    assert all(same(v.cpu(), state[k]) for k, v in AutoModelForCausalLM.from_pretrained(
-        tmp_path / "comp", device_map=DEVICE).state_dict().items()) and calls == []
+    model_, loaded = load(device_map=DEVICE)
+    assert calls == [sorted(state)]  # every tensor of the checkpoint is a float one: one batch
+    assert all(loaded[k].device.type == DEVICE for k in state)
+    params = list(model_.parameters())
+    assert len({p.untyped_storage().data_ptr() for p in params}) == len(params)  # no storage shared
+    model_.save_pretrained(tmp_path / "saved")
+    again = AutoModelForCausalLM.from_pretrained(tmp_path / "saved").state_dict()
+    assert all(same(again[k], t) for k, t in state.items())
+
+    batch_bytes, one_gpu = hf.BATCH_BYTES, hf._one_gpu
+    monkeypatch.setattr(hf, "BATCH_BYTES", 1)  # a batch per tensor
+    load(device_map=DEVICE)
+    assert sorted(calls) == [[k] for k in sorted(state)]
+    monkeypatch.setattr(hf, "BATCH_BYTES", batch_bytes)
+    monkeypatch.setattr(hf, "_one_gpu", lambda device_map: None)  # a map over several devices: one by one
+    load(device_map=DEVICE)
+    assert sorted(calls) == [[k] for k in sorted(state)]
+    monkeypatch.setattr(hf, "_one_gpu", one_gpu)
+    monkeypatch.setenv(hf.GPU_DECODE_ENV, "0")  # the CPU decodes
+    load(device_map=DEVICE)
+    assert calls == []
     monkeypatch.delenv(hf.GPU_DECODE_ENV)
 
-    def broken(parts, name, device):  # a device that fails (driver, memory, a bug): warned, then the CPU decodes
-        calls.append(name)
+    def broken(parts, names, device):  # a device that fails (driver, memory, a bug): warned, then the CPU decodes
+        calls.append(sorted(names))
         raise RuntimeError("no kernel image is available")
-    monkeypatch.setattr(gpu, "decode_tensor", broken)
+    monkeypatch.setattr(gpu, "decode_tensors", broken)
     with pytest.warns(RuntimeWarning, match="no kernel image.*on the CPU instead") as warned:
-        loaded = AutoModelForCausalLM.from_pretrained(tmp_path / "comp", device_map=DEVICE).state_dict()
+        _, loaded = load(device_map=DEVICE)
     assert len(calls) == 1 and len([w for w in warned if "instead" in str(w.message)]) == 1  # then not tried again
-    assert all(same(loaded[k].cpu(), t) for k, t in state.items())
     assert all(loaded[k].device.type == DEVICE for k in state)
 
     name = flip_a_byte(tmp_path / "comp", "self_attn")  # corrupt: the CPU decoder's error, device working or not
     for decode_on in (decode, broken):
-        monkeypatch.setattr(gpu, "decode_tensor", decode_on)
+        monkeypatch.setattr(gpu, "decode_tensors", decode_on)
         with pytest.raises(UnweightError, match=name) as err, warnings.catch_warnings():
             warnings.simplefilter("ignore", RuntimeWarning)  # (the broken device's, on the first tensor)
             AutoModelForCausalLM.from_pretrained(tmp_path / "comp", device_map=DEVICE)

@@ -27,7 +27,10 @@ How the tensors are decoded (transformers 5.x weight loading, ``core_model_loadi
   size). Parts are read onto the CPU (``force_cpu``). A tensor whose ``device_map`` device is a CUDA GPU is
   decoded there by the format's ``decode_on`` where it has one (``unweight-lossless``: the Triton decoder,
   ``unweight.lossless.gpu``), so only the compressed bytes cross to the GPU; any other is decoded on the CPU,
-  then moved to its device.
+  then moved to its device. When the map puts the whole model on one GPU, the decoder reads the parts of the
+  tensors after the one asked for itself and decodes them together, :data:`BATCH_BYTES` of parts at a time
+  (the GPU decodes a tensor's chunks side by side, one warp each, so one tensor at a time would leave it
+  nearly idle); transformers' own reads of those parts are then only checked for presence.
 - With the default ``runtime: "dense"`` the loaded model is an ordinary dense model: the quantization
   config is removed after loading (transformers' ``dequantize`` convention), so ``save_pretrained`` writes
   plain dense weights and ``.half()`` / training work as usual. :func:`swap_runtime_modules` is the hook
@@ -192,6 +195,7 @@ def swap_runtime_modules(model, qc) -> None:
 
 
 GPU_DECODE_ENV = "UNWEIGHT_GPU_DECODE"  # "0": decode on the CPU even for tensors bound for a GPU
+BATCH_BYTES = 1 << 28  # stored bytes of parts decoded together on a GPU (their outputs are copied out once each)
 
 
 def _accelerator(device_map: dict | None, name: str):
@@ -209,19 +213,32 @@ def _accelerator(device_map: dict | None, name: str):
     return device if device.type == "cuda" else None
 
 
+def _one_gpu(device_map: dict | None):
+    """The CUDA device when ``device_map`` puts the whole model on one, else None."""
+    devices = {_accelerator(device_map, key) for key in device_map or {}}
+    return devices.pop() if len(devices) == 1 else None
+
+
 class _Decoder:
     """A format's decode, with errors naming the shard and the tensor. Shared, never copied: transformers
     deep-copies a converter per target tensor."""
 
-    def __init__(self, fmt, folder: str, where: dict[str, str], device_map: dict | None = None):
+    def __init__(self, fmt, folder: str, where: dict[str, str], parts: dict[str, list[str]] | None = None):
         self.fmt = fmt
         self.folder = folder
         self.where = where  # encoded tensor name -> shard file
-        self.device_map = device_map  # the final one (transformers settles "auto" after the model is built)
+        self.part_names = parts or {}  # encoded tensor name -> its parts' names (for reading ahead)
+        self.device_map, self.one_gpu = None, None  # the final map (transformers settles "auto" after building)
         self.device_failed = False  # decoding on a device has failed once (warned)
+        self.pending = dict.fromkeys(self.part_names)  # not yet decoded ahead, in the checkpoint's order
+        self.ready: dict = {}  # decoded ahead on the GPU, not yet asked for
+        self.batching = True  # off once a batch meets a corrupt tensor: each then decodes alone, its error its own
 
     def __deepcopy__(self, memo):
         return self
+
+    def set_device_map(self, device_map: dict | None) -> None:
+        self.device_map, self.one_gpu = device_map, _one_gpu(device_map)
 
     def device_for(self, target: str):
         """Where the tensors for parameter ``target`` are decoded: a GPU the format decodes on, or None (the
@@ -243,11 +260,18 @@ class _Decoder:
         raise UnweightError(f"{self.where.get(name, self.folder)}: {msg}") from None
 
     def _decode_on(self, parts: dict, name: str, device):
-        """The tensor decoded on ``device``, or None where the format cannot decode there. Where decoding there
-        fails, the CPU decoder judges: corrupt parts raise its error; parts it decodes mean the device failed
-        (memory, driver, compiler, a bug): a warning, the CPU's tensor, and the CPU for the rest of the load."""
+        """The tensor decoded on ``device`` (with the tensors after it, where the whole model goes to that GPU),
+        or None where the format cannot decode there. Where decoding there fails, the CPU decoder judges: corrupt
+        parts raise its error; parts it decodes mean the device failed (memory, driver, compiler, a bug): a
+        warning, the CPU's tensor, and the CPU for the rest of the load."""
         try:
-            return self.fmt.decode_on(parts, name, device)
+            out = self.ready.pop(name, None)
+            if out is None and self.batching and name in self.pending and device == self.one_gpu:
+                out = self._decode_ahead(name, device)
+            if out is None:
+                got = self.fmt.decode_on({name: parts}, device)
+                out = None if got is None else got[name]
+            return out
         except Exception as exc:
             out = self.fmt.decode(parts, name)  # raises where the parts are at fault
             warnings.warn(f"{self.where.get(name, self.folder)}: tensor {name!r}: decoding on {device} failed "
@@ -255,6 +279,33 @@ class _Decoder:
                           f"(set {GPU_DECODE_ENV}=0 to skip the GPU)", RuntimeWarning, stacklevel=2)
             self.device_failed = True
             return out
+
+    def _decode_ahead(self, name: str, device):
+        """Tensor ``name`` decoded on ``device`` together with the next undecoded ones (in the checkpoint's order,
+        up to :data:`BATCH_BYTES` of parts, read here), which wait in ``ready``; None where the format cannot, or
+        where one of them is corrupt (batching then stops, so that each tensor's error names its own shard)."""
+        from unweight.checkpoint import SafetensorsFile
+
+        files: dict[str, SafetensorsFile] = {}
+        group, size, marker = {}, 0, f".{self.fmt.tag}."
+        for n in [name, *(k for k in self.pending if k != name)]:
+            st = files.get(self.where[n]) or files.setdefault(self.where[n], SafetensorsFile(self.where[n]))
+            nbytes = sum(st.entries[p][3] - st.entries[p][2] for p in self.part_names[n])
+            if group and size + nbytes > BATCH_BYTES:
+                break
+            group[n] = {p.rsplit(marker, 1)[1]: st.get(p) for p in self.part_names[n]}
+            size += nbytes
+        try:
+            decoded = self.fmt.decode_on(group, device)
+        except UnweightError:
+            decoded = None
+        if decoded is None:
+            self.batching = False
+            return None
+        for n in group:
+            del self.pending[n]
+        self.ready.update(decoded)
+        return self.ready.pop(name)
 
 
 def _part_pattern(tag: str, fld: str) -> str:
@@ -323,7 +374,7 @@ def _quantizer_classes() -> tuple[type, type]:
             if isinstance(device_map, dict):
                 self.device_map = device_map
                 if self.decoder is not None:
-                    self.decoder.device_map = device_map
+                    self.decoder.set_device_map(device_map)
 
         def validate_environment(self, *args, **kwargs) -> None:
             from unweight.formats import get_format
@@ -347,9 +398,14 @@ def _quantizer_classes() -> tuple[type, type]:
             self.parts, where = _read_part_names(checkpoint_files, self.format.tag)
             marker = f".{self.format.tag}."
             self.fields = sorted({p.rsplit(marker, 1)[1] for ps in self.parts.values() for p in ps})
-            self._note_device_map(kwargs.get("device_map"))
-            self.decoder = _Decoder(self.format, str(model.config.name_or_path), where, self.device_map)
+            self.decoder = _Decoder(self.format, str(model.config.name_or_path), where, self.parts)
+            self._note_device_map(kwargs.get("device_map") or self.device_map)
             swap_runtime_modules(model, self.quantization_config)
+            return model
+
+        def _process_model_after_weight_loading(self, model, **kwargs):
+            if self.decoder is not None:
+                self.decoder.ready.clear()  # tensors decoded ahead that the model did not take
             return model
 
         def get_weight_conversions(self):

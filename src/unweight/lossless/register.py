@@ -231,14 +231,20 @@ def decode(parts: Parts, name: str) -> torch.Tensor:
     return decode_tensor(stream_parts(parts, name), name)
 
 
-def decode_on(parts: Parts, name: str, device: torch.device) -> torch.Tensor | None:
-    """The tensor decoded on ``device`` by the GPU decoder (``unweight.lossless.gpu``), or None where Triton is
-    missing (the caller then decodes on the CPU and moves the tensor)."""
+def decode_on(tensors: dict[str, Parts], device: torch.device) -> dict[str, torch.Tensor] | None:
+    """``tensors`` ({name: parts}) decoded on ``device`` by the GPU decoder (``unweight.lossless.gpu``) all at
+    once, each then copied into memory of its own (the decoder's outputs are views of one buffer, which
+    ``save_pretrained`` would take for tied weights); None where Triton is missing (the caller then decodes on
+    the CPU and moves the tensors)."""
     try:
         from unweight.lossless import gpu
     except ImportError:
         return None
-    return gpu.decode_tensor(stream_parts(parts, name), name, device)
+    streams = {}
+    for name, parts in tensors.items():
+        streams.update(stream_parts(parts, name))
+    out = gpu.decode_tensors(streams, list(tensors), device)
+    return {n: t.clone() for n, t in out.items()} if len(out) > 1 else out
 
 
 def stream_parts(parts: Parts, name: str) -> dict[str, torch.Tensor]:
