@@ -83,6 +83,19 @@ def test_get_returns_a_private_copy(tmp_path):
     assert torch.equal(ck.get("w"), torch.ones(4))
 
 
+def test_mapped_tensors_equal_read_ones_and_writes_to_them_stay_private(tmp_path):
+    from unweight.checkpoint import SafetensorsFile
+
+    p = tmp_path / "x.safetensors"
+    save_file(_tensors(), p)
+    before = p.read_bytes()
+    st = SafetensorsFile(p)
+    for name, t in _tensors().items():
+        assert _same(st.mapped(name), t) and _same(st.mapped(name), st.get(name)), name
+    st.mapped("c.idx").zero_()  # copy-on-write: the file and the next view keep the data
+    assert p.read_bytes() == before and _same(st.mapped("c.idx"), _tensors()["c.idx"])
+
+
 def test_a_file_cut_short_after_opening_names_file_and_tensor(tmp_path):
     p = tmp_path / "x.safetensors"
     save_file({"a": torch.ones(10), "w": torch.ones(1000)}, p)
@@ -90,6 +103,8 @@ def test_a_file_cut_short_after_opening_names_file_and_tensor(tmp_path):
     p.write_bytes(p.read_bytes()[:-100])
     with pytest.raises(UnweightError, match=r"x\.safetensors.*'w'.*cut short"):
         ck.get("w")
+    with pytest.raises(UnweightError, match=r"x\.safetensors.*'w'.*cut short"):
+        ck.files[p.name].mapped("w")
 
 
 def test_missing_path_and_unknown_tensor(tmp_path):

@@ -324,6 +324,8 @@ def test_from_pretrained_decodes_on_the_gpu_that_the_device_map_names(gpu, tmp_p
     import unweight.hf as hf
     from transformers import AutoModelForCausalLM
 
+    from unweight.lossless import register
+
     state = small_llama(tmp_path, monkeypatch)
     calls = []
     decode = gpu.decode_tensors
@@ -343,9 +345,8 @@ def test_from_pretrained_decodes_on_the_gpu_that_the_device_map_names(gpu, tmp_p
     if DEVICE == "cpu":  # the interpreter's kernels run on CPU tensors: let the map's CPU stand for a GPU
         def accelerator(device_map, name):
             return real({"": "cuda"}, name) and torch.device("cpu") if device_map else None
-    else:
-        accelerator = real
-    monkeypatch.setattr(hf, "_accelerator", accelerator)
+        monkeypatch.setattr(hf, "_accelerator", accelerator)
+        monkeypatch.setattr(register, "_on_gpu", lambda device: os.environ.get(hf.GPU_DECODE_ENV) != "0")
 
     model_, loaded = load(device_map=DEVICE)
     assert calls == [sorted(state)]  # every tensor of the checkpoint is a float one: one batch
@@ -356,15 +357,15 @@ def test_from_pretrained_decodes_on_the_gpu_that_the_device_map_names(gpu, tmp_p
     again = AutoModelForCausalLM.from_pretrained(tmp_path / "saved").state_dict()
     assert all(same(again[k], t) for k, t in state.items())
 
-    batch_bytes, one_gpu = hf.BATCH_BYTES, hf._one_gpu
+    batch_bytes, one_device = hf.BATCH_BYTES, hf._one_device
     monkeypatch.setattr(hf, "BATCH_BYTES", 1)  # a batch per tensor
     load(device_map=DEVICE)
     assert sorted(calls) == [[k] for k in sorted(state)]
     monkeypatch.setattr(hf, "BATCH_BYTES", batch_bytes)
-    monkeypatch.setattr(hf, "_one_gpu", lambda device_map: None)  # a map over several devices: one by one
+    monkeypatch.setattr(hf, "_one_device", lambda device_map: None)  # a map over several devices: one by one
     load(device_map=DEVICE)
     assert sorted(calls) == [[k] for k in sorted(state)]
-    monkeypatch.setattr(hf, "_one_gpu", one_gpu)
+    monkeypatch.setattr(hf, "_one_device", one_device)
     monkeypatch.setenv(hf.GPU_DECODE_ENV, "0")  # the CPU decodes
     load(device_map=DEVICE)
     assert calls == []

@@ -28,15 +28,29 @@ def test_compressed_folder_is_smaller_and_verifies(folders, capsys):
     assert "272/272 tensors bit-exact" in capsys.readouterr().out
 
 
-def test_transformers_loads_it_bit_identical(folders):
+@pytest.mark.parametrize("batch_mb", [256, 48])
+def test_transformers_loads_it_bit_identical(folders, monkeypatch, batch_mb):
+    """Loaded onto the CPU, the tensors decode in batches of BATCH_BYTES of parts (all threads at work on a
+    batch, where transformers asks for one tensor at a time), each tensor once, each in memory of its own."""
     import unweight  # noqa: F401  (registers the format)
+    import unweight.hf as hf
     from transformers import AutoModelForCausalLM
 
+    from unweight.lossless import register
+
     src, out = folders
-    loaded = AutoModelForCausalLM.from_pretrained(str(out)).state_dict()
+    batches, decode = [], register.decode_tensors
+    monkeypatch.setattr(register, "decode_tensors", lambda parts, names: batches.append(names) or decode(parts, names))
+    monkeypatch.setattr(hf, "BATCH_BYTES", batch_mb << 20)
+    model = AutoModelForCausalLM.from_pretrained(str(out))
+    loaded = model.state_dict()
     ref = open_checkpoint(src)
     for name in ref.names():
         assert same_bits(loaded[name], ref.get(name)), name
+    assert sorted(n for b in batches for n in b) == sorted(ref.names())  # each decoded once, ahead in batches
+    assert len(batches) == (1 if batch_mb == 256 else 4)  # 177 MB of parts
+    params = list(model.parameters())
+    assert len({p.untyped_storage().data_ptr() for p in params}) == len(params)
 
 
 def test_decompress_restores_every_tensor(folders, tmp_path):
@@ -66,6 +80,11 @@ def test_a_flipped_byte_is_refused_naming_the_tensor(folders, tmp_path):
     with pytest.raises(UnweightError, match=name.split(".ul.")[0].replace(".", r"\.")):
         decode_tensors(bad)
     assert cli(["verify", "smollm2-135m", str(bad)]) != 0
+
+    import unweight  # noqa: F401  (registers the format)
+    from transformers import AutoModelForCausalLM  # loading: the batch meets it, then it alone raises, named
+    with pytest.raises(UnweightError, match=rf"{shard.name}: tensor '{name.split('.ul.')[0]}'"):
+        AutoModelForCausalLM.from_pretrained(str(bad))
 
 
 def test_compress_never_changes_the_input(folders):

@@ -139,6 +139,22 @@ class SafetensorsFile:
             raise UnweightError(f"{self.path}: tensor {name!r} is cut short (file truncated while reading)")
         return torch.from_numpy(raw).view(ST_DTYPES[dtype]).reshape(shape)
 
+    def mapped(self, name: str) -> torch.Tensor:
+        """Tensor ``name`` as a copy-on-write mapping of its bytes in the file: no copy, its pages shared with the
+        page cache (and with other readers of the file, transformers' loader among them) until written, each call
+        a mapping of its own. The pages count in the process's RSS while the tensor lives; :meth:`get` for
+        streaming through a file."""
+        dtype, shape, begin, end = self.entries[name]
+        if begin == end:
+            return torch.empty(shape, dtype=ST_DTYPES[dtype])
+        try:
+            raw = np.memmap(self.path, np.uint8, mode="c", offset=self.data_start + begin, shape=(end - begin,))
+        except ValueError:  # numpy's word for a mapping past the end of the file
+            raise UnweightError(f"{self.path}: tensor {name!r} is cut short (file truncated while mapping)") from None
+        except OSError as exc:
+            raise UnweightError(f"{self.path}: cannot map tensor {name!r}: {exc.strerror or exc}") from None
+        return torch.from_numpy(raw).view(ST_DTYPES[dtype]).reshape(shape)
+
 
 # --------------------------------------------------------------------------------------------------
 # readers

@@ -37,9 +37,9 @@ class Format:
     version: int
     decode: Callable[[Parts, str], torch.Tensor]
     description: str = ""
-    # decodes tensors ({name: parts}) straight onto an accelerator (a device that is not the CPU), all at once, each
-    # in memory of its own; returns None where it cannot there. None: the format decodes on the CPU only (its
-    # tensors are then moved)
+    # decodes tensors ({name: parts}) on a device (the CPU, or straight onto an accelerator) all at once, each in
+    # memory of its own; returns None where it cannot there. None: the format decodes tensor by tensor on the CPU
+    # (its tensors are then moved)
     decode_on: Callable[[dict[str, Parts], torch.device], dict[str, torch.Tensor] | None] | None = None
 
 

@@ -27,10 +27,11 @@ How the tensors are decoded (transformers 5.x weight loading, ``core_model_loadi
   size). Parts are read onto the CPU (``force_cpu``). A tensor whose ``device_map`` device is a CUDA GPU is
   decoded there by the format's ``decode_on`` where it has one (``unweight-lossless``: the Triton decoder,
   ``unweight.lossless.gpu``), so only the compressed bytes cross to the GPU; any other is decoded on the CPU,
-  then moved to its device. When the map puts the whole model on one GPU, the decoder reads the parts of the
-  tensors after the one asked for itself and decodes them together, :data:`BATCH_BYTES` of parts at a time
-  (the GPU decodes a tensor's chunks side by side, one warp each, so one tensor at a time would leave it
-  nearly idle); transformers' own reads of those parts are then only checked for presence.
+  then moved to its device. When the whole model is decoded on one device (the CPU, or one GPU), the decoder
+  reads the parts of the tensors after the one asked for itself and decodes them together, :data:`BATCH_BYTES`
+  of parts at a time: the decoders work a tensor's chunks side by side (threads; warps), and most tensors are
+  a few chunks, so one tensor at a time would leave most cores idle. Transformers' own reads of those parts
+  are then only checked for presence.
 - With the default ``runtime: "dense"`` the loaded model is an ordinary dense model: the quantization
   config is removed after loading (transformers' ``dequantize`` convention), so ``save_pretrained`` writes
   plain dense weights and ``.half()`` / training work as usual. :func:`swap_runtime_modules` is the hook
@@ -195,7 +196,7 @@ def swap_runtime_modules(model, qc) -> None:
 
 
 GPU_DECODE_ENV = "UNWEIGHT_GPU_DECODE"  # "0": decode on the CPU even for tensors bound for a GPU
-BATCH_BYTES = 1 << 28  # stored bytes of parts decoded together on a GPU (their outputs are copied out once each)
+BATCH_BYTES = 1 << 28  # stored bytes of parts decoded together on one device
 
 
 def _accelerator(device_map: dict | None, name: str):
@@ -213,10 +214,17 @@ def _accelerator(device_map: dict | None, name: str):
     return device if device.type == "cuda" else None
 
 
-def _one_gpu(device_map: dict | None):
-    """The CUDA device when ``device_map`` puts the whole model on one, else None."""
-    devices = {_accelerator(device_map, key) for key in device_map or {}}
+def _one_device(device_map: dict | None):
+    """The device every tensor decodes on, where there is one: the CPU (no map; a map without a CUDA GPU, or
+    UNWEIGHT_GPU_DECODE=0), or the one CUDA GPU the map puts the whole model on; else None."""
+    devices = {_accelerator(device_map, key) or _cpu() for key in device_map or {"": None}}
     return devices.pop() if len(devices) == 1 else None
+
+
+def _cpu():
+    import torch
+
+    return torch.device("cpu")
 
 
 class _Decoder:
@@ -228,17 +236,17 @@ class _Decoder:
         self.folder = folder
         self.where = where  # encoded tensor name -> shard file
         self.part_names = parts or {}  # encoded tensor name -> its parts' names (for reading ahead)
-        self.device_map, self.one_gpu = None, None  # the final map (transformers settles "auto" after building)
+        self.device_map, self.one_device = None, _one_device(None)  # the final map (settled after building)
         self.device_failed = False  # decoding on a device has failed once (warned)
         self.pending = dict.fromkeys(self.part_names)  # not yet decoded ahead, in the checkpoint's order
-        self.ready: dict = {}  # decoded ahead on the GPU, not yet asked for
+        self.ready: dict = {}  # decoded ahead, not yet asked for
         self.batching = True  # off once a batch meets a corrupt tensor: each then decodes alone, its error its own
 
     def __deepcopy__(self, memo):
         return self
 
     def set_device_map(self, device_map: dict | None) -> None:
-        self.device_map, self.one_gpu = device_map, _one_gpu(device_map)
+        self.device_map, self.one_device = device_map, _one_device(device_map)
 
     def device_for(self, target: str):
         """Where the tensors for parameter ``target`` are decoded: a GPU the format decodes on, or None (the
@@ -248,8 +256,13 @@ class _Decoder:
         return _accelerator(self.device_map, target)
 
     def decode(self, parts: dict, name: str, device=None):
+        """Tensor ``name`` from its ``parts``: on ``device`` (a GPU), or on the CPU (None)."""
         try:
-            out = None if device is None or self.device_failed else self._decode_on(parts, name, device)
+            out = self.ready.pop(name, None)
+            if out is None and device is not None and not self.device_failed:
+                out = self._decode_on(parts, name, device)
+            elif out is None and self._batched(name, _cpu()):
+                out = self._decode_ahead(name, _cpu())
             return (self.fmt.decode(parts, name) if out is None else out).contiguous()
         except UnweightError as exc:
             msg = str(exc)
@@ -265,9 +278,7 @@ class _Decoder:
         parts raise its error; parts it decodes mean the device failed (memory, driver, compiler, a bug): a
         warning, the CPU's tensor, and the CPU for the rest of the load."""
         try:
-            out = self.ready.pop(name, None)
-            if out is None and self.batching and name in self.pending and device == self.one_gpu:
-                out = self._decode_ahead(name, device)
+            out = self._decode_ahead(name, device) if self._batched(name, device) else None
             if out is None:
                 got = self.fmt.decode_on({name: parts}, device)
                 out = None if got is None else got[name]
@@ -280,9 +291,14 @@ class _Decoder:
             self.device_failed = True
             return out
 
+    def _batched(self, name: str, device) -> bool:
+        """Whether tensor ``name`` is to be decoded on ``device`` with the tensors after it."""
+        return (self.batching and not self.device_failed and self.fmt.decode_on is not None
+                and name in self.pending and device == self.one_device)
+
     def _decode_ahead(self, name: str, device):
         """Tensor ``name`` decoded on ``device`` together with the next undecoded ones (in the checkpoint's order,
-        up to :data:`BATCH_BYTES` of parts, read here), which wait in ``ready``; None where the format cannot, or
+        up to :data:`BATCH_BYTES` of parts, mapped from their shards here: no copy), which wait in ``ready``; None where the format cannot, or
         where one of them is corrupt (batching then stops, so that each tensor's error names its own shard)."""
         from unweight.checkpoint import SafetensorsFile
 
@@ -293,7 +309,7 @@ class _Decoder:
             nbytes = sum(st.entries[p][3] - st.entries[p][2] for p in self.part_names[n])
             if group and size + nbytes > BATCH_BYTES:
                 break
-            group[n] = {p.rsplit(marker, 1)[1]: st.get(p) for p in self.part_names[n]}
+            group[n] = {p.rsplit(marker, 1)[1]: st.mapped(p) for p in self.part_names[n]}
             size += nbytes
         try:
             decoded = self.fmt.decode_on(group, device)

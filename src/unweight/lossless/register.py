@@ -21,7 +21,7 @@ import zstandard
 from unweight.errors import UnweightError
 from unweight.formats import Format, Parts, register
 from unweight.lossless import model, varint
-from unweight.lossless.format import decode_tensor, encode_streams, is_supported
+from unweight.lossless.format import decode_tensor, decode_tensors, encode_streams, is_supported
 
 TAG = "ul"
 PREFIX = f".{TAG}."
@@ -232,19 +232,27 @@ def decode(parts: Parts, name: str) -> torch.Tensor:
 
 
 def decode_on(tensors: dict[str, Parts], device: torch.device) -> dict[str, torch.Tensor] | None:
-    """``tensors`` ({name: parts}) decoded on ``device`` by the GPU decoder (``unweight.lossless.gpu``) all at
-    once, each then copied into memory of its own (the decoder's outputs are views of one buffer, which
-    ``save_pretrained`` would take for tied weights); None where Triton is missing (the caller then decodes on
-    the CPU and moves the tensors)."""
+    """``tensors`` ({name: parts}) decoded on ``device`` all at once: on the CPU by :func:`decode_tensors` (on all
+    threads, a tensor of few chunks beside the others), on a GPU by the Triton decoder (``unweight.lossless.gpu``),
+    whose outputs, views of one buffer (which ``save_pretrained`` would take for tied weights), are then copied
+    into memory of their own; None where that needs Triton and it is missing (the caller then decodes on the
+    CPU and moves the tensors)."""
+    streams = {}
+    for name, parts in tensors.items():
+        streams.update(stream_parts(parts, name))
+    if not _on_gpu(device):
+        return decode_tensors(streams, list(tensors))
     try:
         from unweight.lossless import gpu
     except ImportError:
         return None
-    streams = {}
-    for name, parts in tensors.items():
-        streams.update(stream_parts(parts, name))
     out = gpu.decode_tensors(streams, list(tensors), device)
     return {n: t.clone() for n, t in out.items()} if len(out) > 1 else out
+
+
+def _on_gpu(device: torch.device) -> bool:
+    """Whether :func:`decode_on` decodes on ``device`` with the GPU decoder (the tests let the CPU stand in)."""
+    return device.type != "cpu"
 
 
 def stream_parts(parts: Parts, name: str) -> dict[str, torch.Tensor]:
