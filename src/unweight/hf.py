@@ -298,8 +298,9 @@ class _Decoder:
 
     def _decode_ahead(self, name: str, device):
         """Tensor ``name`` decoded on ``device`` together with the next undecoded ones (in the checkpoint's order,
-        up to :data:`BATCH_BYTES` of parts, mapped from their shards here: no copy), which wait in ``ready``; None where the format cannot, or
-        where one of them is corrupt (batching then stops, so that each tensor's error names its own shard)."""
+        up to :data:`BATCH_BYTES` of parts, mapped from their shards here: no copy), which wait in ``ready``;
+        None where the format cannot, or where one of them is corrupt (batching then stops, so that each
+        tensor's error names its own shard)."""
         from unweight.checkpoint import SafetensorsFile
 
         files: dict[str, SafetensorsFile] = {}
