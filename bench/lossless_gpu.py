@@ -11,11 +11,15 @@ clock):
 * ``gpu one by one``: ``gpu.decode_tensor`` per tensor, as ``from_pretrained(..., device_map="cuda")`` decodes
   (each tensor its own copies, launches and wait: the per-tensor cost of that path).
 
-MB/s counts original bytes. The first ``gpu`` pass compiles the kernels and is not timed.
+MB/s counts original bytes. The first ``gpu`` pass compiles the kernels and is not timed. ``--synthetic`` also
+times the user's path on a model that fills a GPU (:func:`bench_synthetic`): ``from_pretrained(folder,
+device_map=...)`` decoding on the device in batches, against decoding on the CPU and moving, and against the
+dense folder.
 
     .venv/bin/python bench/lossless_gpu.py                                  # smollm2-135m, bf16
     .venv/bin/python bench/lossless_gpu.py --models minilm-l6,gemma3-270m --dtypes bf16,fp16 --folders
     TRITON_INTERPRET=1 .venv/bin/python bench/lossless_gpu.py --device cpu --max-mb 0.05 --reps 1  # a dry run
+    .venv/bin/python bench/lossless_gpu.py --models '' --synthetic 16x2048      # from_pretrained onto the GPU only
 
 On a GPU machine that lacks the bundled models (the device tool's: nothing can be fetched there, 64 MiB
 travel with the tree; torch, Triton, numba, xxhash and safetensors are there, zstandard is not), write
@@ -32,7 +36,7 @@ then, in one call (carry ``.gpu`` and ``.whl``), the tests on the device and the
     python3 -m pip install -q --no-index --no-deps --target /tmp/site .whl/*.whl && \\
     export PYTHONPATH=/tmp/site:$PWD/src && \\
     UNWEIGHT_TEST_DEVICE=cuda TRITON_INTERPRET=0 python3 -m pytest -q tests/test_lossless_gpu.py; \\
-    python3 bench/lossless_gpu.py --payload .gpu/*.safetensors --out $OUT/lossless_gpu.json
+    python3 bench/lossless_gpu.py --payload .gpu/*.safetensors --synthetic 16x2048 --out $OUT/lossless_gpu.json
 """
 
 import argparse
@@ -133,6 +137,65 @@ def bench_folder(model: str, reps: int, device: str, tmp: Path) -> dict:
     return res
 
 
+def bench_synthetic(layers: int, hidden: int, reps: int, device: str, tmp: Path) -> dict:
+    """``from_pretrained(..., device_map=device)`` on a model big enough to fill a GPU, as a user loads one: a
+    Llama of ``layers`` blocks of width ``hidden`` whose weights are drawn from N(0, 0.02^2) (not a trained
+    model: its ratio is no claim; the timings are), saved in BF16 and compressed as ``unweight compress --method
+    lossless`` does. Timed, best of ``reps`` after a warm-up (Triton compiles the kernels once): the folder
+    decoded on the device (in batches of ``unweight.hf.BATCH_BYTES`` of parts), decoded on the CPU and moved
+    (``UNWEIGHT_GPU_DECODE=0``), and the dense folder; the first two compared bit for bit with the third."""
+    from safetensors.torch import save_file
+    from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
+
+    import unweight.hf as hf
+    from unweight.formats import compress_checkpoint
+    from unweight.lossless.register import FORMAT, encode_parts
+    cfg = LlamaConfig(hidden_size=hidden, intermediate_size=hidden * 11 // 4 // 64 * 64, num_hidden_layers=layers,
+                      num_attention_heads=max(1, hidden // 64), num_key_value_heads=max(1, hidden // 256),
+                      vocab_size=32000, dtype="bfloat16")
+    with torch.device("meta"):
+        shapes = {k: v.shape for k, v in LlamaForCausalLM(cfg).state_dict().items()}
+    g = torch.Generator().manual_seed(0)
+    state = {k: (torch.ones(s) if len(s) == 1 else torch.randn(s, generator=g) * 0.02).to(torch.bfloat16)
+             for k, s in shapes.items()}
+    dense, comp = tmp / "dense", tmp / "comp"
+    dense.mkdir()
+    cfg.save_pretrained(dense)
+    save_file(state, dense / "model.safetensors", {"format": "pt"})
+    del state
+    compress_checkpoint(dense, comp, FORMAT, encode_parts, {}, progress=False)
+    raw = sum(s.numel() * 2 for s in shapes.values())
+    res = {"layers": layers, "hidden": hidden, "raw_bytes": raw,
+           "folder_ratio": sum(f.stat().st_size for f in comp.glob("*.safetensors")) / (dense / "model.safetensors")
+           .stat().st_size}
+    sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
+
+    def load(folder, on_gpu: bool):
+        os.environ[hf.GPU_DECODE_ENV] = "1" if on_gpu else "0"
+        sync()
+        t0 = time.perf_counter()
+        model = AutoModelForCausalLM.from_pretrained(folder, device_map=device)
+        sync()
+        return time.perf_counter() - t0, model.state_dict()
+
+    load(comp, True)  # compiles the kernels
+    ways = {"from_pretrained gpu": (comp, True), "from_pretrained cpu+move": (comp, False),
+            "from_pretrained dense": (dense, True)}
+    best, out = dict.fromkeys(ways, float("inf")), {}
+    for _ in range(reps):
+        for way, (folder, on_gpu) in ways.items():
+            sec, out[way] = load(folder, on_gpu)
+            best[way] = min(best[way], sec)
+    os.environ.pop(hf.GPU_DECODE_ENV)
+    ref = out["from_pretrained dense"]
+    for way, sec in best.items():
+        exact = all(torch.equal(out[way][k].view(torch.uint8), t.view(torch.uint8)) for k, t in ref.items())
+        res[way] = {"seconds": sec, "MBps": raw / 1e6 / sec, "bit_exact": exact}
+        print(f"  llama {layers} x {hidden} ({raw / 1e9:.2f} GB bf16, folder {res['folder_ratio']:.4f}) "
+              f"{way:26s} {sec * 1e3:9.1f} ms  bit-exact {exact}")
+    return res
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--models", default="smollm2-135m")
@@ -144,6 +207,8 @@ def main():
                     help="values per chunk to encode with (the format's default 2^20; smaller: more chunks decoded "
                          "side by side on the GPU, 145 bytes more each)")
     ap.add_argument("--folders", action="store_true", help="also time loading a compressed HF folder")
+    ap.add_argument("--synthetic", metavar="LAYERSxHIDDEN", help="also time from_pretrained onto the device on a "
+                    "Llama of Gaussian weights of this size, e.g. 16x2048 (1.9 GB in bf16): no bundled model needed")
     ap.add_argument("--write-payload", metavar="FILE", help="write the first model's parts (first dtype and chunk "
                     "size) to FILE and stop: what a GPU machine without the bundled models measures")
     ap.add_argument("--payload", nargs="+", metavar="FILE", help="measure these written payloads instead of models")
@@ -167,7 +232,7 @@ def main():
         with safe_open(path, "pt") as f:
             label = dict(f.metadata() or {}, payload=Path(path).name)
         report["results"].append(measure(label, load_file(path), args.reps, args.device))
-    for model in [] if args.payload else args.models.split(","):
+    for model in [] if args.payload else [m for m in args.models.split(",") if m]:
         for dtype in args.dtypes.split(","):
             for chunk in map(int, args.chunks.split(",")):
                 parts, tensors = encoded(model, dtype, args.max_mb, chunk)
@@ -176,6 +241,10 @@ def main():
         if args.folders and model != "minilm-l6":
             with tempfile.TemporaryDirectory() as tmp:
                 report.setdefault("folders", []).append(bench_folder(model, args.reps, args.device, Path(tmp)))
+    if args.synthetic:
+        layers, hidden = map(int, args.synthetic.lower().split("x"))
+        with tempfile.TemporaryDirectory() as tmp:
+            report["synthetic"] = bench_synthetic(layers, hidden, args.reps, args.device, Path(tmp))
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(report, indent=1))
     print(f"wrote {args.out}")
