@@ -10,7 +10,8 @@ A :class:`Format` is two pure functions: ``encode(tensor) -> {field: tensor}`` a
 ``decode({field: tensor}, name) -> tensor``. :func:`compress_checkpoint` streams a checkpoint through
 ``encode`` one tensor at a time (memory bounded by the largest tensor); :func:`decode_tensors` turns a
 compressed folder's tensors back into the dense state dict, for ``decompress``, ``verify`` and loading
-through transformers (``unweight.hf``).
+through transformers (``unweight.hf``). A format may also decode many tensors at once on a device
+(``decode_on``: the CPU on all threads, or a GPU), which ``unweight.hf`` uses where a whole model decodes on one.
 """
 
 from __future__ import annotations
