@@ -9,7 +9,8 @@ clock):
 * ``gpu``: the compressed streams copied, then decoded by the Triton kernels on the device;
 * ``gpu prefetch``: the same with ``gpu.PREFETCH`` (each rANS step's words read before its table lookup);
 * ``gpu one by one``: ``gpu.decode_tensor`` per tensor, each its own copies, launches and wait: what
-  ``from_pretrained`` pays with a map over several devices (onto one GPU it decodes in batches).
+  ``from_pretrained`` would pay without its batches (it decodes alone only a tensor whose stored name the model
+  renames).
 
 MB/s counts original bytes. The first ``gpu`` pass compiles the kernels and is not timed. ``--synthetic`` also
 times the user's path on a model that fills a GPU (:func:`bench_synthetic`): ``from_pretrained(folder,
@@ -101,7 +102,7 @@ def measure(label: dict, parts: dict, reps: int, device: str, tensors: dict | No
         "cpu+copy": lambda: {k: t.to(device) for k, t in decode_tensors(parts, names, THREADS).items()},
         "gpu": on_gpu(False),
         "gpu prefetch": on_gpu(True),  # the rANS step's words read before its lookup
-        # tensor by tensor, as from_pretrained decodes with a map over several devices: each its own launches
+        # tensor by tensor: what from_pretrained would pay without its batches (each tensor its own launches)
         "gpu one by one": lambda: {n: gpu.decode_tensor(parts, n, device) for n in names},
     }
     prepared = [fmt.prepare(parts, n) for n in names]

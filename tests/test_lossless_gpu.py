@@ -341,11 +341,11 @@ def test_from_pretrained_decodes_on_the_gpu_that_the_device_map_names(gpu, tmp_p
 
     load()
     assert calls == []
-    real = hf._accelerator
+    real = hf._accelerators
     if DEVICE == "cpu":  # the interpreter's kernels run on CPU tensors: let the map's CPU stand for a GPU
-        def accelerator(device_map, name):
-            return real({"": "cuda"}, name) and torch.device("cpu") if device_map else None
-        monkeypatch.setattr(hf, "_accelerator", accelerator)
+        def accelerators(device_map, names):
+            return {n: d and torch.device("cpu") for n, d in real(device_map and {"": "cuda"}, names).items()}
+        monkeypatch.setattr(hf, "_accelerators", accelerators)
         monkeypatch.setattr(register, "_on_gpu", lambda device: os.environ.get(hf.GPU_DECODE_ENV) != "0")
 
     model_, loaded = load(device_map=DEVICE)
@@ -357,15 +357,21 @@ def test_from_pretrained_decodes_on_the_gpu_that_the_device_map_names(gpu, tmp_p
     again = AutoModelForCausalLM.from_pretrained(tmp_path / "saved").state_dict()
     assert all(same(again[k], t) for k, t in state.items())
 
-    batch_bytes, one_device = hf.BATCH_BYTES, hf._one_device
+    batch_bytes = hf.BATCH_BYTES
     monkeypatch.setattr(hf, "BATCH_BYTES", 1)  # a batch per tensor
     load(device_map=DEVICE)
     assert sorted(calls) == [[k] for k in sorted(state)]
     monkeypatch.setattr(hf, "BATCH_BYTES", batch_bytes)
-    monkeypatch.setattr(hf, "_one_device", lambda device_map: None)  # a map over several devices: one by one
+    devices, set_device_map = {n: torch.device(DEVICE) for n in state}, hf._Decoder.set_device_map
+    monkeypatch.setattr(hf._Decoder, "set_device_map", lambda self, m: setattr(self, "device_map", m)
+                        or setattr(self, "devices", dict(devices)))
+    devices["model.norm.weight"] = torch.device("meta")  # placed on another device: not in their batch
+    load(device_map=DEVICE)
+    assert sorted(calls) == sorted([sorted(set(state) - {"model.norm.weight"}), ["model.norm.weight"]])
+    devices.clear()  # stored names the map does not place (a model that renames them): one by one
     load(device_map=DEVICE)
     assert sorted(calls) == [[k] for k in sorted(state)]
-    monkeypatch.setattr(hf, "_one_device", one_device)
+    monkeypatch.setattr(hf._Decoder, "set_device_map", set_device_map)
     monkeypatch.setenv(hf.GPU_DECODE_ENV, "0")  # the CPU decodes
     load(device_map=DEVICE)
     assert calls == []

@@ -27,11 +27,10 @@ How the tensors are decoded (transformers 5.x weight loading, ``core_model_loadi
   size). Parts are read onto the CPU (``force_cpu``). A tensor whose ``device_map`` device is a CUDA GPU is
   decoded there by the format's ``decode_on`` where it has one (``unweight-lossless``: the Triton decoder,
   ``unweight.lossless.gpu``), so only the compressed bytes cross to the GPU; any other is decoded on the CPU,
-  then moved to its device. When the whole model is decoded on one device (the CPU, or one GPU), the decoder
-  reads the parts of the tensors after the one asked for itself and decodes them together, :data:`BATCH_BYTES`
-  of parts at a time: the decoders work a tensor's chunks side by side (threads; warps), and most tensors are
-  a few chunks, so one tensor at a time would leave most cores idle. Transformers' own reads of those parts
-  are then only checked for presence.
+  then moved to its device. The decoder reads the parts of the tensors after the one asked for that go to the
+  same device itself and decodes them together, :data:`BATCH_BYTES` of parts at a time: the decoders work a
+  tensor's chunks side by side (threads; warps), and most tensors are a few chunks, so one tensor at a time
+  would leave most cores idle. Transformers' own reads of those parts are then only checked for presence.
 - With the default ``runtime: "dense"`` the loaded model is an ordinary dense model: the quantization
   config is removed after loading (transformers' ``dequantize`` convention), so ``save_pretrained`` writes
   plain dense weights and ``.half()`` / training work as usual. :func:`swap_runtime_modules` is the hook
@@ -199,26 +198,22 @@ GPU_DECODE_ENV = "UNWEIGHT_GPU_DECODE"  # "0": decode on the CPU even for tensor
 BATCH_BYTES = 1 << 28  # stored bytes of parts decoded together on one device
 
 
-def _accelerator(device_map: dict | None, name: str):
-    """The CUDA device that ``device_map`` puts parameter ``name`` on, or None (no map, the CPU, disk, or
-    ``UNWEIGHT_GPU_DECODE=0``)."""
+def _accelerators(device_map: dict | None, names) -> dict:
+    """{name: the CUDA device that ``device_map`` puts parameter ``name`` on, or None} (None: no map, the CPU,
+    disk, or ``UNWEIGHT_GPU_DECODE=0``). One match of the map for all ``names``."""
     if not device_map or os.environ.get(GPU_DECODE_ENV, "1") == "0":
-        return None
+        return dict.fromkeys(names)
     import torch
-    from transformers.integrations.accelerate import get_device
+    from transformers.integrations.accelerate import expand_device_map
 
-    try:  # an index names the current accelerator, which torch refuses to name where there is none
-        device = torch.device(get_device(device_map, name, valid_torch_device=True))
-    except RuntimeError:
-        return None
-    return device if device.type == "cuda" else None
-
-
-def _one_device(device_map: dict | None):
-    """The device every tensor decodes on, where there is one: the CPU (no map; a map without a CUDA GPU, or
-    UNWEIGHT_GPU_DECODE=0), or the one CUDA GPU the map puts the whole model on; else None."""
-    devices = {_accelerator(device_map, key) or _cpu() for key in device_map or {"": None}}
-    return devices.pop() if len(devices) == 1 else None
+    out = {}
+    for name, where in expand_device_map(device_map, list(names)).items():
+        try:  # an index names the current accelerator, which torch refuses to name where there is none
+            device = torch.device("cpu" if where == "disk" else where)
+        except RuntimeError:
+            device = None
+        out[name] = device if device is not None and device.type == "cuda" else None
+    return out
 
 
 def _cpu():
@@ -236,7 +231,8 @@ class _Decoder:
         self.folder = folder
         self.where = where  # encoded tensor name -> shard file
         self.part_names = parts or {}  # encoded tensor name -> its parts' names (for reading ahead)
-        self.device_map, self.one_device = None, _one_device(None)  # the final map (settled after building)
+        self.device_map = None  # the final one (transformers settles "auto" after building the model)
+        self.devices = dict.fromkeys(self.part_names, _cpu())  # where each stored tensor decodes, by its name
         self.device_failed = False  # decoding on a device has failed once (warned)
         self.pending = dict.fromkeys(self.part_names)  # not yet decoded ahead, in the checkpoint's order
         self.ready: dict = {}  # decoded ahead, not yet asked for
@@ -246,14 +242,15 @@ class _Decoder:
         return self
 
     def set_device_map(self, device_map: dict | None) -> None:
-        self.device_map, self.one_device = device_map, _one_device(device_map)
+        self.device_map = device_map
+        self.devices = {n: d or _cpu() for n, d in _accelerators(device_map, self.part_names).items()}
 
     def device_for(self, target: str):
         """Where the tensors for parameter ``target`` are decoded: a GPU the format decodes on, or None (the
         CPU; also for the rest of a load once decoding on a device has failed)."""
         if self.fmt.decode_on is None or self.device_failed:
             return None
-        return _accelerator(self.device_map, target)
+        return _accelerators(self.device_map, [target])[target]
 
     def decode(self, parts: dict, name: str, device=None):
         """Tensor ``name`` from its ``parts``: on ``device`` (a GPU), or on the CPU (None)."""
@@ -263,6 +260,7 @@ class _Decoder:
                 out = self._decode_on(parts, name, device)
             elif out is None and self._batched(name, _cpu()):
                 out = self._decode_ahead(name, _cpu())
+            self.pending.pop(name, None)  # (decoded alone: not to be decoded ahead again)
             return (self.fmt.decode(parts, name) if out is None else out).contiguous()
         except UnweightError as exc:
             msg = str(exc)
@@ -292,20 +290,22 @@ class _Decoder:
             return out
 
     def _batched(self, name: str, device) -> bool:
-        """Whether tensor ``name`` is to be decoded on ``device`` with the tensors after it."""
+        """Whether tensor ``name`` is to be decoded on ``device`` with the tensors after it that go there too. (A
+        checkpoint name that the model renames may be placed wrongly by ``devices``, which goes by the stored
+        names: it then decodes alone, on the device its parameter asks for.)"""
         return (self.batching and not self.device_failed and self.fmt.decode_on is not None
-                and name in self.pending and device == self.one_device)
+                and name in self.pending and self.devices.get(name) == device)
 
     def _decode_ahead(self, name: str, device):
-        """Tensor ``name`` decoded on ``device`` together with the next undecoded ones (in the checkpoint's order,
-        up to :data:`BATCH_BYTES` of parts, mapped from their shards here: no copy), which wait in ``ready``;
-        None where the format cannot, or where one of them is corrupt (batching then stops, so that each
-        tensor's error names its own shard)."""
+        """Tensor ``name`` decoded on ``device`` together with the next undecoded ones bound there (in the
+        checkpoint's order, up to :data:`BATCH_BYTES` of parts, mapped from their shards here: no copy), which
+        wait in ``ready``; None where the format cannot, or where one of them is corrupt (batching then stops, so
+        that each tensor's error names its own shard)."""
         from unweight.checkpoint import SafetensorsFile
 
         files: dict[str, SafetensorsFile] = {}
         group, size, marker = {}, 0, f".{self.fmt.tag}."
-        for n in [name, *(k for k in self.pending if k != name)]:
+        for n in [name, *(k for k in self.pending if k != name and self.devices.get(k) == device)]:
             st = files.get(self.where[n]) or files.setdefault(self.where[n], SafetensorsFile(self.where[n]))
             nbytes = sum(st.entries[p][3] - st.entries[p][2] for p in self.part_names[n])
             if group and size + nbytes > BATCH_BYTES:
