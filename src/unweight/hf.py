@@ -271,10 +271,10 @@ class _Decoder:
         raise UnweightError(f"{self.where.get(name, self.folder)}: {msg}") from None
 
     def _decode_on(self, parts: dict, name: str, device):
-        """The tensor decoded on ``device`` (with the tensors after it, where the whole model goes to that GPU),
-        or None where the format cannot decode there. Where decoding there fails, the CPU decoder judges: corrupt
-        parts raise its error; parts it decodes mean the device failed (memory, driver, compiler, a bug): a
-        warning, the CPU's tensor, and the CPU for the rest of the load."""
+        """The tensor decoded on ``device`` (with the tensors after it bound there), or None where the format
+        cannot decode there. Where decoding there fails, the CPU decoder judges: corrupt parts raise its error;
+        parts it decodes mean the device failed (memory, driver, compiler, a bug): a warning, the CPU's tensor,
+        and the CPU for the rest of the load."""
         try:
             out = self._decode_ahead(name, device) if self._batched(name, device) else None
             if out is None:
