@@ -226,11 +226,13 @@ class _Decoder:
     """A format's decode, with errors naming the shard and the tensor. Shared, never copied: transformers
     deep-copies a converter per target tensor."""
 
-    def __init__(self, fmt, folder: str, where: dict[str, str], parts: dict[str, list[str]] | None = None):
+    def __init__(self, fmt, folder: str, where: dict[str, str], parts: dict[str, list[str]] | None = None,
+                 shards: dict | None = None):
         self.fmt = fmt
         self.folder = folder
         self.where = where  # encoded tensor name -> shard file
         self.part_names = parts or {}  # encoded tensor name -> its parts' names (for reading ahead)
+        self.shards = shards or {}  # shard file -> its SafetensorsFile (headers parsed once, for reading ahead)
         self.device_map = None  # the final one (transformers settles "auto" after building the model)
         self.devices = dict.fromkeys(self.part_names, _cpu())  # where each stored tensor decodes, by its name
         self.device_failed = False  # decoding on a device has failed once (warned)
@@ -301,12 +303,9 @@ class _Decoder:
         checkpoint's order, up to :data:`BATCH_BYTES` of parts, mapped from their shards here: no copy), which
         wait in ``ready``; None where the format cannot, or where one of them is corrupt (batching then stops, so
         that each tensor's error names its own shard)."""
-        from unweight.checkpoint import SafetensorsFile
-
-        files: dict[str, SafetensorsFile] = {}
         group, size, marker = {}, 0, f".{self.fmt.tag}."
         for n in [name, *(k for k in self.pending if k != name and self.devices.get(k) == device)]:
-            st = files.get(self.where[n]) or files.setdefault(self.where[n], SafetensorsFile(self.where[n]))
+            st = self.shards[self.where[n]]
             nbytes = sum(st.entries[p][3] - st.entries[p][2] for p in self.part_names[n])
             if group and size + nbytes > BATCH_BYTES:
                 break
@@ -329,16 +328,17 @@ def _part_pattern(tag: str, fld: str) -> str:
     return re.escape(f".{tag}.{fld}")
 
 
-def _read_part_names(files: list[str], tag: str) -> tuple[dict[str, list[str]], dict[str, str]]:
-    """{encoded tensor name: its part names} and {encoded tensor name: shard}, from the headers only."""
+def _read_part_names(files: list[str], tag: str) -> tuple[dict[str, list[str]], dict[str, str], dict]:
+    """{encoded tensor name: its part names}, {encoded tensor name: shard} and {shard: its
+    :class:`~unweight.checkpoint.SafetensorsFile`}, from the headers only."""
     from unweight.checkpoint import SafetensorsFile
     from unweight.formats import group_parts
 
-    names, shard_of = [], {}
+    names, shard_of, shards = [], {}, {}
     for f in files:
         if not str(f).endswith(".safetensors"):
             raise UnweightError(f"{f}: unweight folders hold safetensors only")
-        st = SafetensorsFile(Path(f))
+        st = shards[str(f)] = SafetensorsFile(Path(f))
         names += list(st.entries)
         shard_of.update(dict.fromkeys(st.entries, str(f)))
     groups, plain = group_parts(names, tag)
@@ -346,7 +346,7 @@ def _read_part_names(files: list[str], tag: str) -> tuple[dict[str, list[str]], 
     if both:
         raise UnweightError(f"{shard_of[both[0]]}: tensor {both[0]!r} is stored both dense and as "
                             f"{tag} parts: corrupt folder")
-    return groups, {base: shard_of[parts[0]] for base, parts in groups.items()}
+    return groups, {base: shard_of[parts[0]] for base, parts in groups.items()}, shards
 
 
 @functools.cache
@@ -412,10 +412,10 @@ def _quantizer_classes() -> tuple[type, type]:
             if not checkpoint_files:
                 raise UnweightError(f"{model.config.name_or_path}: unweight decodes from the folder's "
                                     "safetensors files; loading from a state_dict is not supported")
-            self.parts, where = _read_part_names(checkpoint_files, self.format.tag)
+            self.parts, where, shards = _read_part_names(checkpoint_files, self.format.tag)
             marker = f".{self.format.tag}."
             self.fields = sorted({p.rsplit(marker, 1)[1] for ps in self.parts.values() for p in ps})
-            self.decoder = _Decoder(self.format, str(model.config.name_or_path), where, self.parts)
+            self.decoder = _Decoder(self.format, str(model.config.name_or_path), where, self.parts, shards)
             self._note_device_map(kwargs.get("device_map") or self.device_map)
             swap_runtime_modules(model, self.quantization_config)
             return model
