@@ -413,7 +413,7 @@ class _Chunks:
         self.n = np.minimum(p.chunk_w, p.numel - self.first)
         self.r = p.lay.hi_bits - p.lay.exp_bits - p.k  # the raw bits (FP8: 1, the sign)
         self.status, self.words = _segment_checks(p, self.n, self.r)
-        self.checked = self.status == 0  # the chunks the kernels take (and whose checksums are computed)
+        self.ok = np.flatnonzero(self.status == 0)  # the chunks the host's checks pass: the kernels take them
 
     def at(self, c):
         """Where chunk(s) ``c``'s first value goes in the batch's output (byte)."""
@@ -432,7 +432,7 @@ def _decode_batch(batch: list[format.Prepared], device: torch.device) -> tuple[d
         tensors.append(ch)
         s0 = p.offsets[:-1] + code_at
         stride = 2 if p.lay.low_bits else 1
-        ok = np.flatnonzero(ch.status == 0)  # the chunks that pass the host's checks
+        ok = ch.ok
         run = ok[p.modes[ok] == chunks.MODE_CODED]
         if run.size:
             emax = (1 << p.lay.exp_bits) - 1
@@ -542,8 +542,7 @@ def _checked(tensors: list[_Chunks], flat: torch.Tensor, hashes: np.ndarray) -> 
     first bad chunk)."""
     out, errors, at = {}, {}, 0
     for ch in tensors:
-        p, status = ch.p, ch.status
-        ok = np.flatnonzero(ch.checked)
+        p, status, ok = ch.p, ch.status, ch.ok
         bad = ok[(hashes[at:at + ok.size] != p.check[ok]) & (status[ok] == 0)]
         status[bad] = chunks.ERR_CHECKSUM
         at += ok.size
