@@ -8,6 +8,8 @@ clock):
 * ``cpu+copy``: unweight's CPU decoder on all threads, then the copy;
 * ``gpu``: the compressed streams copied, then decoded by the Triton kernels on the device;
 * ``gpu prefetch``: the same with ``gpu.PREFETCH`` (each rANS step's words read before its table lookup);
+* ``gpu scan`` (CUDA only): the same without ``gpu.BALLOT`` (the needy lanes ranked by a scan over the warp,
+  not a vote);
 * ``gpu one by one``: ``gpu.decode_tensor`` per tensor, each its own copies, launches and wait: what
   ``from_pretrained`` would pay without its batches (it decodes alone only a tensor whose stored name the model
   renames).
@@ -22,22 +24,28 @@ dense folder.
     TRITON_INTERPRET=1 .venv/bin/python bench/lossless_gpu.py --device cpu --max-mb 0.05 --reps 1  # a dry run
     .venv/bin/python bench/lossless_gpu.py --models '' --synthetic 16x2048      # from_pretrained onto the GPU only
 
+``--rechunk`` measures a payload's tensors encoded again in other chunk sizes, ``--profile`` adds each kernel's
+device time (and, with ``--synthetic``, where a load spends its time), ``--batch-mb`` other batch sizes for the
+load.
+
 On a GPU machine that lacks the bundled models (the device tool's: nothing can be fetched there, 64 MiB
-travel with the tree; torch, Triton, numba, xxhash and safetensors are there, zstandard is not), write
-payloads here (the same tensors in both chunk sizes) and carry them with the zstandard wheel:
+travel with the tree; torch, Triton, numba, xxhash and safetensors are there, zstandard is not, and its
+transformers was 5.17, older than the pinned one), write a payload here and carry it with the wheels:
 
     echo /.gpu/ >> .git/info/exclude; echo /.whl/ >> .git/info/exclude
-    for c in 1048576 65536; do .venv/bin/python bench/lossless_gpu.py --models minilm-l6 --max-mb 60 \\
-        --chunks $c --write-payload .gpu/minilm-bf16-60mb-c$c.safetensors; done     # 19.7 MB each
-    python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \\
-        --platform manylinux2014_x86_64 -d .whl zstandard==0.25.0
+    .venv/bin/python bench/lossless_gpu.py --models minilm-l6 --max-mb 60 --chunks 1048576 \
+        --write-payload .gpu/minilm-bf16-60mb-c1048576.safetensors                  # 19.7 MB
+    python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+        --platform manylinux2014_x86_64 -d .whl zstandard==0.25.0 transformers==5.24.0
 
-then, in one call (carry ``.gpu`` and ``.whl``), the tests on the device and the measurement:
+then, in one call (carry ``.gpu`` and ``.whl``; the tests take about four minutes there, most of it Triton
+compiling), the tests on the device and the measurement:
 
-    python3 -m pip install -q --no-index --no-deps --target /tmp/site .whl/*.whl && \\
-    export PYTHONPATH=/tmp/site:$PWD/src && \\
-    UNWEIGHT_TEST_DEVICE=cuda TRITON_INTERPRET=0 python3 -m pytest -q tests/test_lossless_gpu.py; \\
-    python3 bench/lossless_gpu.py --payload .gpu/*.safetensors --synthetic 16x2048 --out $OUT/lossless_gpu.json
+    python3 -m pip install -q --no-index --no-deps --upgrade --target /tmp/site .whl/*.whl && \
+    export PYTHONPATH=/tmp/site:$PWD/src && \
+    UNWEIGHT_TEST_DEVICE=cuda TRITON_INTERPRET=0 python3 -m pytest -q tests/test_lossless_gpu.py; \
+    python3 bench/lossless_gpu.py --payload .gpu/*.safetensors --rechunk 262144,65536 --profile \
+        --synthetic 16x2048 --batch-mb 256 --out $OUT/lossless_gpu.json
 """
 
 import argparse
@@ -71,52 +79,128 @@ def timed(fn, reps: int, device: str) -> tuple[float, dict]:
 
 def encoded(model: str, dtype: str, max_mb: float | None, chunk: int) -> tuple[dict, dict]:
     """(parts, original tensors) of a bundled model cast to ``dtype``, in chunks of ``chunk`` values."""
-    from unweight.lossless import format as fmt
     tensors = {k: v.to(DTYPES[dtype]).contiguous() for k, v in subset(load_model(model), max_mb).items()}
+    return chunked(tensors, chunk), tensors
+
+
+def chunked(tensors: dict, chunk: int) -> dict:
+    """``tensors`` encoded on all threads in chunks of ``chunk`` values, as one dict of parts."""
+    from unweight.lossless import format as fmt
     old, fmt.CHUNK_WEIGHTS = fmt.CHUNK_WEIGHTS, chunk
     try:
         enc = encode_tensors(tensors, THREADS)
     finally:
         fmt.CHUNK_WEIGHTS = old
-    return {k + s: v for k, p in enc.items() for s, v in p.items()}, tensors
+    return {k + s: v for k, p in enc.items() for s, v in p.items()}
 
 
-def measure(label: dict, parts: dict, reps: int, device: str, tensors: dict | None = None) -> dict:
+def measure(label: dict, parts: dict, reps: int, device: str, tensors: dict | None = None,
+            profile: bool = False) -> dict:
     """The ways onto the device, timed, each output compared bit for bit with ``tensors`` (default: the
-    CPU decoder's, every chunk's checksum checked)."""
+    CPU decoder's, every chunk's checksum checked). With ``profile``, also the device time of each kernel in
+    one ``gpu`` run, from ``torch.profiler`` (what the host adds is the wall time less their sum)."""
     from unweight.lossless import format as fmt
     from unweight.lossless import gpu
     names = fmt.encoded_names(parts)
     tensors = tensors if tensors is not None else decode_tensors(parts, names, THREADS)
     raw = sum(t.numel() * t.element_size() for t in tensors.values())
     size = sum(v.numel() * v.element_size() for v in parts.values())
-    def on_gpu(prefetch: bool):
+    def on_gpu(prefetch: bool = False, ballot: bool = True, one_by_one: bool = False):
         def run():
-            gpu.PREFETCH = prefetch
+            gpu.PREFETCH, gpu.BALLOT = prefetch, ballot
+            if one_by_one:
+                return {n: gpu.decode_tensor(parts, n, device) for n in names}
             return gpu.decode_tensors(parts, names, device)
-        run()  # compiles the kernels
         return run
 
     runs = {
         "copy": lambda: {k: t.to(device) for k, t in tensors.items()},
         "cpu+copy": lambda: {k: t.to(device) for k, t in decode_tensors(parts, names, THREADS).items()},
-        "gpu": on_gpu(False),
-        "gpu prefetch": on_gpu(True),  # the rANS step's words read before its lookup
+        "gpu": on_gpu(),
+        "gpu prefetch": on_gpu(prefetch=True),  # the rANS step's words read before its lookup
         # tensor by tensor: what from_pretrained would pay without its batches (each tensor its own launches)
-        "gpu one by one": lambda: {n: gpu.decode_tensor(parts, n, device) for n in names},
+        "gpu one by one": on_gpu(one_by_one=True),
     }
+    if device == "cuda":  # the interpreter always scans (the vote is PTX)
+        runs["gpu scan"] = on_gpu(ballot=False)  # the needy lanes ranked by a scan over the warp, not a vote
     prepared = [fmt.prepare(parts, n) for n in names]
     res = {**label, "raw_bytes": raw, "ratio": size / raw, "chunks": sum(p.nchunks for p in prepared),
            "tensors": len(names), "gpu_decoded": sum(map(gpu.supported, prepared))}
     for name, fn in runs.items():
-        sec, out = timed(fn, reps, device)
+        try:
+            fn()  # compiles the kernels
+            sec, out = timed(fn, reps, device)
+        except Exception as exc:  # a way that fails is reported, and the others still measured
+            res[name] = {"error": f"{type(exc).__name__}: {exc}"}
+            print(f"  {' '.join(map(str, label.values()))} {name:14s} FAILED {res[name]['error'][:300]}")
+            continue
         exact = all(torch.equal(out[k].cpu().view(torch.uint8), t.view(torch.uint8)) for k, t in tensors.items())
         res[name] = {"seconds": sec, "MBps": raw / 1e6 / sec, "bit_exact": exact}
         print(f"  {' '.join(map(str, label.values()))} (ratio {size / raw:.4f}, {res['chunks']} chunks) {name:14s} "
               f"{sec * 1e3:9.1f} ms {raw / 1e6 / sec:9.0f} MB/s  bit-exact {exact}")
-    best = min(res["gpu"]["seconds"], res["gpu prefetch"]["seconds"])
+    gpu.PREFETCH, gpu.BALLOT = False, True
+    best = min(res[w]["seconds"] for w in runs if w.startswith("gpu") and "seconds" in res[w] and "one" not in w)
     res["gpu_vs_cpu+copy"] = res["cpu+copy"]["seconds"] / best
+    if profile:
+        res["kernels"] = {w: kernel_times(runs[w]) for w in ("gpu", "gpu scan") if "seconds" in res.get(w, {})}
     return res
+
+
+def inside(fn) -> dict:
+    """Seconds that one call of ``fn`` spends inside the GPU decoder's steps (a step's time includes the steps it
+    calls; ``_record`` waits for the kernels), from any thread, printed."""
+    import threading
+
+    import unweight.hf as hf
+    from unweight.lossless import format as fmt
+    from unweight.lossless import gpu, register
+    steps = [(hf._Decoder, "decode"), (hf._Decoder, "_decode_ahead"), (register, "decode_on"), (gpu, "decode_tensors"),
+             (gpu, "_decode_batch"), (fmt, "prepare"), (gpu, "_Chunks"), (gpu, "segments"), (gpu, "_upload"),
+             (gpu, "_streams"), (gpu, "_record"), (gpu, "_hashes"), (gpu, "_checked")]
+    spent, lock, saved = {}, threading.Lock(), [getattr(m, a) for m, a in steps]
+
+    def timed_step(name, f):
+        def call(*args, **kw):
+            t0 = time.perf_counter()
+            try:
+                return f(*args, **kw)
+            finally:
+                with lock:
+                    n, sec = spent.get(name, (0, 0.0))
+                    spent[name] = (n + 1, sec + time.perf_counter() - t0)
+        return call
+    for (m, a), f in zip(steps, saved):
+        setattr(m, a, timed_step(a, f))
+    t0 = time.perf_counter()
+    try:
+        fn()
+    finally:
+        for (m, a), f in zip(steps, saved):
+            setattr(m, a, f)
+    spent["(the whole call)"] = (1, time.perf_counter() - t0)
+    print("    inside the GPU decoder, one load:")
+    for name, (n, sec) in spent.items():
+        print(f"    {sec * 1e3:9.1f} ms {n:5d} calls  {name}")
+    return {name: {"calls": n, "seconds": sec} for name, (n, sec) in spent.items()}
+
+
+def kernel_times(fn, cpu: bool = True) -> dict:
+    """Device microseconds per kernel (and copy) in one call of ``fn``, the largest first, printed."""
+    print("    device time, one run:")
+    from torch.profiler import ProfilerActivity, profile
+    with profile(activities=[ProfilerActivity.CPU] * cpu + [ProfilerActivity.CUDA]) as prof:
+        fn()
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+    times = {}
+    for ev in prof.key_averages():
+        us = getattr(ev, "self_device_time_total", 0) or 0
+        if us > 0:
+            times[ev.key] = {"us": us, "calls": ev.count}
+    times = dict(sorted(times.items(), key=lambda kv: -kv[1]["us"]))
+    for key, t in list(times.items())[:8]:
+        print(f"    {t['us']:9.0f} us {t['calls']:4d} calls  {key[:90]}")
+    return times
 
 
 def bench_folder(model: str, reps: int, device: str, tmp: Path) -> dict:
@@ -138,13 +222,17 @@ def bench_folder(model: str, reps: int, device: str, tmp: Path) -> dict:
     return res
 
 
-def bench_synthetic(layers: int, hidden: int, reps: int, device: str, tmp: Path) -> dict:
+def bench_synthetic(layers: int, hidden: int, reps: int, device: str, tmp: Path, batches: list[int] = (),
+                    profile: bool = False) -> dict:
     """``from_pretrained(..., device_map=device)`` on a model big enough to fill a GPU, as a user loads one: a
     Llama of ``layers`` blocks of width ``hidden`` whose weights are drawn from N(0, 0.02^2) (not a trained
     model: its ratio is no claim; the timings are), saved in BF16 and compressed as ``unweight compress --method
     lossless`` does. Timed, best of ``reps`` after a warm-up (Triton compiles the kernels once): the folder
     decoded on the device (in batches of ``unweight.hf.BATCH_BYTES`` of parts), decoded on the CPU and moved
-    (``UNWEIGHT_GPU_DECODE=0``), and the dense folder; the first two compared bit for bit with the third."""
+    (``UNWEIGHT_GPU_DECODE=0``), and the dense folder; the first two compared bit for bit with the third.
+    ``batches``: also the first way with ``BATCH_BYTES`` set to each of these MB. With ``profile``, where one
+    decoding load spends its time: in which of the GPU decoder's steps (:func:`inside`), and in which kernels
+    and copies on the device."""
     from safetensors.torch import save_file
     from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
 
@@ -180,13 +268,20 @@ def bench_synthetic(layers: int, hidden: int, reps: int, device: str, tmp: Path)
         return time.perf_counter() - t0, model.state_dict()
 
     load(comp, True)  # compiles the kernels
-    ways = {"from_pretrained gpu": (comp, True), "from_pretrained cpu+move": (comp, False),
-            "from_pretrained dense": (dense, True)}
-    best, out = dict.fromkeys(ways, float("inf")), {}
+    ways = {"from_pretrained gpu": (comp, True, hf.BATCH_BYTES), "from_pretrained cpu+move": (comp, False, None),
+            "from_pretrained dense": (dense, True, None)}
+    ways.update({f"from_pretrained gpu, batches of {mb} MB": (comp, True, mb << 20) for mb in batches})
+    best, out, default = dict.fromkeys(ways, float("inf")), {}, hf.BATCH_BYTES
     for _ in range(reps):
-        for way, (folder, on_gpu) in ways.items():
+        for way, (folder, on_gpu, batch) in ways.items():
+            hf.BATCH_BYTES = batch or default
             sec, out[way] = load(folder, on_gpu)
             best[way] = min(best[way], sec)
+    hf.BATCH_BYTES = default
+    if profile:
+        res["host"] = inside(lambda: load(comp, True))
+        if device == "cuda":
+            res["kernels"] = kernel_times(lambda: load(comp, True), cpu=False)
     os.environ.pop(hf.GPU_DECODE_ENV)
     ref = out["from_pretrained dense"]
     for way, sec in best.items():
@@ -210,9 +305,14 @@ def main():
     ap.add_argument("--folders", action="store_true", help="also time loading a compressed HF folder")
     ap.add_argument("--synthetic", metavar="LAYERSxHIDDEN", help="also time from_pretrained onto the device on a "
                     "Llama of Gaussian weights of this size, e.g. 16x2048 (1.9 GB in bf16): no bundled model needed")
+    ap.add_argument("--batch-mb", default="", help="with --synthetic: also from_pretrained gpu with "
+                    "unweight.hf.BATCH_BYTES set to each of these MB, e.g. 1024,4096")
     ap.add_argument("--write-payload", metavar="FILE", help="write the first model's parts (first dtype and chunk "
                     "size) to FILE and stop: what a GPU machine without the bundled models measures")
     ap.add_argument("--payload", nargs="+", metavar="FILE", help="measure these written payloads instead of models")
+    ap.add_argument("--rechunk", default="", help="also measure the first payload's tensors encoded here again in "
+                    "chunks of these many values (comma-separated), e.g. 262144,16384,4096")
+    ap.add_argument("--profile", action="store_true", help="also each kernel's device time in one gpu run")
     ap.add_argument("--out", default=str(Path(__file__).parent / "results" / "lossless_gpu.json"))
     args = ap.parse_args()
     if args.write_payload:
@@ -227,28 +327,43 @@ def main():
                          "Triton's interpreter)")
     name = torch.cuda.get_device_name() if args.device == "cuda" else args.device
     report = {"device": name, "cpus": os.cpu_count(), "torch": torch.__version__, "results": []}
-    for path in args.payload or []:
+    for i, path in enumerate(args.payload or []):
         from safetensors import safe_open
         from safetensors.torch import load_file
         with safe_open(path, "pt") as f:
             label = dict(f.metadata() or {}, payload=Path(path).name)
-        report["results"].append(measure(label, load_file(path), args.reps, args.device))
+        parts = load_file(path)
+        report["results"].append(measure(label, parts, args.reps, args.device, profile=args.profile))
+        for chunk in map(int, filter(None, args.rechunk.split(",") if i == 0 else [])):
+            from unweight.lossless import format as fmt
+            tensors = decode_tensors(parts, fmt.encoded_names(parts), THREADS)
+            label = dict(label, chunk=str(chunk), rechunked="here")
+            report["results"].append(measure(label, chunked(tensors, chunk), args.reps, args.device, tensors,
+                                             args.profile))
+        save(report, args.out)
     for model in [] if args.payload else [m for m in args.models.split(",") if m]:
         for dtype in args.dtypes.split(","):
             for chunk in map(int, args.chunks.split(",")):
                 parts, tensors = encoded(model, dtype, args.max_mb, chunk)
                 label = {"model": model, "dtype": dtype, "chunk": chunk}
-                report["results"].append(measure(label, parts, args.reps, args.device, tensors))
+                report["results"].append(measure(label, parts, args.reps, args.device, tensors, args.profile))
+                save(report, args.out)
         if args.folders and model != "minilm-l6":
             with tempfile.TemporaryDirectory() as tmp:
                 report.setdefault("folders", []).append(bench_folder(model, args.reps, args.device, Path(tmp)))
     if args.synthetic:
         layers, hidden = map(int, args.synthetic.lower().split("x"))
         with tempfile.TemporaryDirectory() as tmp:
-            report["synthetic"] = bench_synthetic(layers, hidden, args.reps, args.device, Path(tmp))
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(report, indent=1))
+            report["synthetic"] = bench_synthetic(layers, hidden, args.reps, args.device, Path(tmp),
+                                                  [int(mb) for mb in args.batch_mb.split(",") if mb], args.profile)
+    save(report, args.out)
     print(f"wrote {args.out}")
+
+
+def save(report: dict, out: str) -> None:
+    """The report so far (a run cut short keeps what it measured)."""
+    Path(out).parent.mkdir(parents=True, exist_ok=True)
+    Path(out).write_text(json.dumps(report, indent=1))
 
 
 if __name__ == "__main__":

@@ -21,7 +21,8 @@ halves' block headers (kernels), the checksums (kernel; chunks of at most 240 by
 raises the CPU decoder's :class:`~unweight.errors.UnweightError`, naming the tensor and the chunk.
 
 Runs on CUDA, and on the CPU under ``TRITON_INTERPRET=1`` (the tests: read when Triton is first
-imported); the kernels compile for sm_80 and sm_90 without a GPU (tested). Not yet measured on a GPU.
+imported); the kernels compile for sm_80 and sm_90 without a GPU (tested). Measured on an H200 with
+``bench/lossless_gpu.py`` (``docs/format.md``, "Decoding on a GPU", has the figures).
 """
 
 from __future__ import annotations
@@ -36,7 +37,8 @@ from unweight.lossless import chunks, format, hashing, planes, pool, rans, rans3
 from unweight.lossless.fields import LOW_BLOCK
 
 _SHORT = 240  # chunks of at most this many bytes take XXH3's short paths, hashed on the host
-PREFETCH = False  # _decode_chunks reads a step's words before its lookup (True) or after (False); not yet measured
+PREFETCH = False  # _decode_chunks reads a step's words before its lookup (True) or after (False: faster on an H200)
+BALLOT = True  # _decode_chunks ranks the needy lanes by a warp vote (True: 18% faster on an H200) or a scan
 
 
 def supported(p: format.Prepared) -> bool:
@@ -81,13 +83,15 @@ def segments(numel: int, chunk_w: int, row_len: int, q: np.ndarray, nph: int, em
 def _decode_chunks(code_ptr, code_words, table_ptr, coding_ptr, place_ptr, phase_ptr, rot_ptr, dec_ptr, out_ptr,
                    status_ptr, K: tl.constexpr, R: tl.constexpr, H: tl.constexpr, EMAX: tl.constexpr,
                    STRIDE: tl.constexpr, SCALE: tl.constexpr, LOW: tl.constexpr, OVERRUN: tl.constexpr,
-                   STATE: tl.constexpr, PREFETCH: tl.constexpr):
+                   STATE: tl.constexpr, PREFETCH: tl.constexpr, BALLOT: tl.constexpr = False):
     """Chunk ``j`` of the table (a row of :data:`_COLUMNS`, int64) in program ``j``, its 32 lanes as the
     program's 32 threads (``rans32``'s decoder, one group per step), each value's hi word (``H`` bits: ``K``
     symbol mantissa bits, ``R`` raw bits) written where its segment says, ``STRIDE`` hi words apart (2: FP32's
     hi halves, above the low ones). With ``PREFETCH`` a step reads the 32 words after the last one taken
     before its table lookup and hands them out from registers (``tl.gather``), off the chain of dependent
-    steps; without, it reads them after (which is faster on a GPU is to be measured: ``bench/lossless_gpu.py``)."""
+    steps; without, it reads them after (which is faster on a GPU is to be measured: ``bench/lossless_gpu.py``).
+    With ``BALLOT`` the needy lanes are ranked by one warp vote and two population counts (PTX: CUDA only, not
+    the interpreter) instead of a scan and a sum over the warp."""
     row = table_ptr + tl.program_id(0) * 9
     w0 = tl.load(row)  # the segment's first word
     limit = tl.load(row + 1)  # its rANS words
@@ -102,7 +106,7 @@ def _decode_chunks(code_ptr, code_words, table_ptr, coding_ptr, place_ptr, phase
     lane = tl.arange(0, 32)
     x = (tl.load(words + w0 + 2 * lane).to(tl.uint32)
          | (tl.load(words + w0 + 2 * lane + 1).to(tl.uint32) << 16))
-    p = limit * 0 + 64  # the 64 state words read
+    p = tl.zeros([32], tl.int64) + 64  # the 64 state words read (the same in every lane)
     mp = ((n + 7) // 8 * 8).to(tl.int32)  # (places in a chunk in 32 bits: integer division is cheaper)
     h = mp // 2
     e = mp // 8
@@ -112,17 +116,20 @@ def _decode_chunks(code_ptr, code_words, table_ptr, coding_ptr, place_ptr, phase
     rot = tl.load(rot_ptr + sp)
     shift = tl.load(place_ptr + sp) - tl.load(coding_ptr + sp)
     nxt = tl.load(coding_ptr + sp + 1, mask=sp + 1 < seg_hi, other=1 << 40)
+    soonest = tl.min(nxt, 0)  # where the first lane to change segment changes: a step before it need not look
     for s in range(0, tl.cdiv(n, 32)):
         i = s * 32 + lane
         active = i < n
-        adv = nxt <= i
-        while tl.max(adv.to(tl.int32), 0) > 0:  # a lane whose value lies in a later segment (rare)
-            sp += adv.to(tl.int64)
-            ph = tl.where(adv, tl.load(phase_ptr + sp), ph)
-            rot = tl.where(adv, tl.load(rot_ptr + sp), rot)
-            shift = tl.where(adv, tl.load(place_ptr + sp) - tl.load(coding_ptr + sp), shift)
-            nxt = tl.load(coding_ptr + sp + 1, mask=sp + 1 < seg_hi, other=1 << 40)
+        if s * 32 + 31 >= soonest:  # a lane whose value may lie in a later segment (rare)
             adv = nxt <= i
+            while tl.max(adv.to(tl.int32), 0) > 0:
+                sp += adv.to(tl.int64)
+                ph = tl.where(adv, tl.load(phase_ptr + sp), ph)
+                rot = tl.where(adv, tl.load(rot_ptr + sp), rot)
+                shift = tl.where(adv, tl.load(place_ptr + sp) - tl.load(coding_ptr + sp), shift)
+                nxt = tl.load(coding_ptr + sp + 1, mask=sp + 1 < seg_hi, other=1 << 40)
+                adv = nxt <= i
+            soonest = tl.min(nxt, 0)
         a = (i + shift).to(tl.int32)  # the value's place in the chunk
         if PREFETCH:  # the next 32 words, read before this step's lookup needs to say which lanes take them
             ahead = w0 + p + lane
@@ -133,15 +140,21 @@ def _decode_chunks(code_ptr, code_words, table_ptr, coding_ptr, place_ptr, phase
         sym = tl.where(code8 < (1 << K), code8, code8 + off)
         xn = ((ent & (SCALE - 1)) + 1) * (x >> 12) + ((ent >> 12) & (SCALE - 1))
         need = active & (xn < LOW)
-        ni = need.to(tl.int64)
-        rank = tl.cumsum(ni, 0) - ni  # the needy lanes' words, in lane order
+        ni = need.to(tl.int32)  # (32-bit: a warp's scan and sum shuffle one register, not two)
+        if BALLOT:  # the needy lanes as the bits of one word; a lane's rank counts the bits below its own
+            votes = _ballot(ni)
+            rank = _popc(votes & ((tl.full([32], 1, tl.uint32) << lane.to(tl.uint32)) - 1))
+            took = _popc(votes)
+        else:
+            rank = tl.cumsum(ni, 0) - ni  # the needy lanes' words, in lane order
+            took = tl.sum(ni, 0)
         if PREFETCH:
             w = tl.gather(window, rank.to(tl.int32), 0)
         else:
             at = w0 + p + rank
             w = tl.load(words + at, mask=need & (at < code_words), other=0).to(tl.uint32)
         x = tl.where(need, (xn << 16) | w, tl.where(active, xn, x))
-        p += tl.sum(ni, 0)
+        p += took
         ex = sym >> K  # the exponent raised back by the row's rotation (0 stays)
         t = ex + rot
         t = tl.where(t > EMAX, t - EMAX, t)
@@ -167,8 +180,22 @@ def _decode_chunks(code_ptr, code_words, table_ptr, coding_ptr, place_ptr, phase
             out = (out_ptr + first).to(tl.pointer_type(tl.uint16))
             tl.store(out + STRIDE * a + (STRIDE - 1), word.to(tl.uint16), mask=active)
     bad_state = tl.sum((x != LOW).to(tl.int32), 0) > 0
-    status = tl.where(p > limit, OVERRUN, tl.where((p != limit) | bad_state, STATE, 0))
+    used = tl.max(p, 0)
+    status = tl.where(used > limit, OVERRUN, tl.where((used != limit) | bad_state, STATE, 0))
     tl.store(status_ptr + tl.program_id(0), status)
+
+
+@triton.jit
+def _ballot(flag):
+    """The warp's vote: bit ``l`` of the word every lane gets is set where lane ``l``'s ``flag`` is not 0."""
+    return tl.inline_asm_elementwise("{ .reg .pred q; setp.ne.s32 q, $1, 0; vote.sync.ballot.b32 $0, q, -1; }",
+                                     "=r,r", [flag], dtype=tl.uint32, is_pure=False, pack=1)
+
+
+@triton.jit
+def _popc(x):
+    """The set bits of each 32-bit ``x``."""
+    return tl.inline_asm_elementwise("popc.b32 $0, $1;", "=r,r", [x], dtype=tl.int32, is_pure=True, pack=1)
 
 
 _COLUMNS = ("word0", "limit", "planes", "seg_lo", "seg_hi", "first", "n", "dec", "off")  # _decode_chunks' table
@@ -478,7 +505,8 @@ def _decode_batch(batch: list[format.Prepared], device: torch.device) -> tuple[d
         _decode_chunks[(rows.shape[0],)](code, code.numel() // 2, next(tables), coding, place, phase, rot, dec,
                                          flat, res, K=k, R=r, H=hbits, EMAX=emax, STRIDE=stride,
                                          SCALE=rans32.PROB_SCALE, LOW=rans32.STATE_LOW, OVERRUN=rans.ERR_OVERRUN,
-                                         STATE=rans.ERR_STATE, PREFETCH=PREFETCH, num_warps=1)  # a warp: 32 lanes
+                                         STATE=rans.ERR_STATE, PREFETCH=PREFETCH, BALLOT=_vote(),
+                                         num_warps=1)  # a warp: 32 lanes
         launched.append((which, res))
     for stride, rows in raw:
         table = next(tables)
@@ -490,6 +518,12 @@ def _decode_batch(batch: list[format.Prepared], device: torch.device) -> tuple[d
     for which, res in launched:
         _record(tensors, which, res)
     return _checked(tensors, flat, _hashes(flat, starts, lengths, hashes))
+
+
+def _vote() -> bool:
+    """Whether the rANS kernel ranks its lanes by a warp vote: :data:`BALLOT`, where the kernels compile to PTX
+    (not in Triton's interpreter, nor on ROCm)."""
+    return BALLOT and not triton.knobs.runtime.interpret and torch.version.hip is None
 
 
 def _upload(arrays: list[np.ndarray], device) -> list[torch.Tensor]:
