@@ -187,3 +187,15 @@ def test_import_is_cheap_and_registers_when_transformers_loads():
     )
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-2000:]
+
+
+def test_a_gpu_batch_is_as_large_as_the_gpus_free_memory_allows(monkeypatch):
+    """Parts decoded together: BATCH_BYTES on the CPU; on a GPU, GPU_BATCH_BYTES, or a sixth of its free memory
+    where that is less (the parts, their outputs and the outputs' copies stay there until the batch is done)."""
+    hf = unweight.hf
+    assert hf._batch_bytes(torch.device("cpu")) == hf.BATCH_BYTES
+    free = {"bytes": 60 << 30}
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device: (free["bytes"], 80 << 30))
+    assert hf._batch_bytes(torch.device("cuda:0")) == hf.GPU_BATCH_BYTES > hf.BATCH_BYTES
+    free["bytes"] = 6 << 30
+    assert hf._batch_bytes(torch.device("cuda:0")) == 1 << 30

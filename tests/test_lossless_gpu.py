@@ -223,9 +223,9 @@ ptr = {"code_ptr": "*u8", "dec_ptr": "*i32", "out_ptr": "*u8", "status_ptr": "*i
        "low_ptr": "*u8"}
 ints = {"code_words": "i64", "low_size": "i64"}
 rans = dict(SCALE=4096, LOW=65536, OVERRUN=1, STATE=2)
-kernels = [(gpu._decode_chunks, dict(K=k, R=r, H=h, EMAX=emax, STRIDE=stride, PREFETCH=pre, **rans), 1)
+kernels = [(gpu._decode_chunks, dict(K=k, R=r, H=h, EMAX=emax, STRIDE=stride, PREFETCH=pre, BALLOT=vote, **rans), 1)
            for k, r, h, emax, stride in ((2, 6, 16, 255, 1), (3, 8, 16, 31, 1), (2, 6, 16, 255, 2), (3, 1, 8, 15, 1))
-           for pre in (False, True)]
+           for pre in (False, True) for vote in (False, True)]
 kernels += [(gpu._xxh3_chunks, dict(ALIGNED=True), 1), (gpu._xxh3_chunks, dict(ALIGNED=False), 1),
             (gpu._copy_raw, dict(STRIDE=1, BLOCK=1024), 1), (gpu._copy_raw, dict(STRIDE=2, BLOCK=1024), 1),
             (gpu._join_low, dict(BAD=4, BLOCK=4096), 4)]
@@ -316,11 +316,11 @@ def test_a_compressed_folder_loads_onto_the_device(gpu, tmp_path, monkeypatch):
 
 def test_from_pretrained_decodes_on_the_gpu_that_the_device_map_names(gpu, tmp_path, monkeypatch):
     """``from_pretrained(folder, device_map=...)`` decodes the tensors that the map puts on a GPU with the GPU
-    decoder, there, bit-exact: all together, BATCH_BYTES of parts at a time, when the whole model goes to one
-    GPU, each in memory of its own (the model saves and loads back as it was); one by one otherwise. A model
-    loaded onto the CPU never calls it, nor one loaded with UNWEIGHT_GPU_DECODE=0. Where the device fails, a
-    warning and the CPU decodes. A corrupt tensor is refused naming the shard and the tensor. (In the
-    interpreter the CPU stands in for the GPU.)"""
+    decoder, there, bit-exact: all together, a batch of parts at a time (``hf._batch_bytes``), when the whole
+    model goes to one GPU, each in memory of its own (the model saves and loads back as it was); one by one
+    otherwise. A model loaded onto the CPU never calls it, nor one loaded with UNWEIGHT_GPU_DECODE=0. Where the
+    device fails, a warning and the CPU decodes. A corrupt tensor is refused naming the shard and the tensor.
+    (In the interpreter the CPU stands in for the GPU.)"""
     import unweight.hf as hf
     from transformers import AutoModelForCausalLM
 
@@ -357,18 +357,20 @@ def test_from_pretrained_decodes_on_the_gpu_that_the_device_map_names(gpu, tmp_p
     again = AutoModelForCausalLM.from_pretrained(tmp_path / "saved").state_dict()
     assert all(same(again[k], t) for k, t in state.items())
 
-    batch_bytes = hf.BATCH_BYTES
-    monkeypatch.setattr(hf, "BATCH_BYTES", 1)  # a batch per tensor
-    load(device_map=DEVICE)
+    with monkeypatch.context() as m:
+        m.setattr(hf, "BATCH_BYTES", 1)  # a batch per tensor
+        m.setattr(hf, "GPU_BATCH_BYTES", 1)
+        load(device_map=DEVICE)
     assert sorted(calls) == [[k] for k in sorted(state)]
-    monkeypatch.setattr(hf, "BATCH_BYTES", batch_bytes)
-    devices, set_device_map = {n: torch.device(DEVICE) for n in state}, hf._Decoder.set_device_map
-    monkeypatch.setattr(hf._Decoder, "set_device_map", lambda self, m: setattr(self, "device_map", m)
-                        or setattr(self, "devices", dict(devices)))
-    devices["model.norm.weight"] = torch.device("meta")  # placed on another device: not in their batch
-    load(device_map=DEVICE)
+    set_device_map = hf._Decoder.set_device_map
+
+    def placing(change):  # the map's devices, then changed
+        monkeypatch.setattr(hf._Decoder, "set_device_map", lambda self, m: set_device_map(self, m)
+                            or change(self.devices))
+    placing(lambda devices: devices.update({"model.norm.weight": torch.device("meta")}))  # on another device:
+    load(device_map=DEVICE)  # not in their batch
     assert sorted(calls) == sorted([sorted(set(state) - {"model.norm.weight"}), ["model.norm.weight"]])
-    devices.clear()  # stored names the map does not place (a model that renames them): one by one
+    placing(dict.clear)  # stored names the map does not place (a model that renames them): one by one
     load(device_map=DEVICE)
     assert sorted(calls) == [[k] for k in sorted(state)]
     monkeypatch.setattr(hf._Decoder, "set_device_map", set_device_map)
