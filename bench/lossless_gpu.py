@@ -98,7 +98,7 @@ def measure(label: dict, parts: dict, reps: int, device: str, tensors: dict | No
             profile: bool = False) -> dict:
     """The ways onto the device, timed, each output compared bit for bit with ``tensors`` (default: the
     CPU decoder's, every chunk's checksum checked). With ``profile``, also the device time of each kernel in
-    one ``gpu`` run, from ``torch.profiler`` (what the host adds is the wall time less their sum)."""
+    one ``gpu`` run, from ``torch.profiler``, and the time of each of the decoder's steps (:func:`inside`)."""
     from unweight.lossless import format as fmt
     from unweight.lossless import gpu
     names = fmt.encoded_names(parts)
@@ -143,6 +143,7 @@ def measure(label: dict, parts: dict, reps: int, device: str, tensors: dict | No
     res["gpu_vs_cpu+copy"] = res["cpu+copy"]["seconds"] / best
     if profile:
         res["kernels"] = {w: kernel_times(runs[w]) for w in ("gpu", "gpu scan") if "seconds" in res.get(w, {})}
+        res["host"] = inside(runs["gpu"])  # where the whole call's wall time goes
     return res
 
 
@@ -178,7 +179,7 @@ def inside(fn) -> dict:
         for (m, a), f in zip(steps, saved):
             setattr(m, a, f)
     spent["(the whole call)"] = (1, time.perf_counter() - t0)
-    print("    inside the GPU decoder, one load:")
+    print("    inside the GPU decoder, one call:")
     for name, (n, sec) in spent.items():
         print(f"    {sec * 1e3:9.1f} ms {n:5d} calls  {name}")
     return {name: {"calls": n, "seconds": sec} for name, (n, sec) in spent.items()}
