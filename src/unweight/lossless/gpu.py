@@ -31,6 +31,7 @@ import numpy as np
 import torch
 import triton
 import triton.language as tl
+from numba import njit
 
 from unweight.errors import UnweightError
 from unweight.lossless import chunks, format, hashing, planes, pool, rans, rans32
@@ -55,28 +56,35 @@ def segments(numel: int, chunk_w: int, row_len: int, q: np.ndarray, nph: int, em
     uses table ``phase[s]`` and rotation ``rot[s]``. Runs that continue one another are merged (a tensor
     without a row context has one per chunk)."""
     nchunks = -(-numel // chunk_w)
-    cuts = np.arange(nchunks, dtype=np.int64) * chunk_w
-    if not q.any():  # no row context: a segment per chunk
-        zero = np.zeros(nchunks, np.int64)
-        return np.arange(nchunks + 1, dtype=np.int64), zero, zero, zero, zero
-    rows = np.arange(0, numel, row_len, dtype=np.int64)
-    extra = cuts[cuts % row_len != 0]  # chunk starts inside a row (both sequences sorted: merged, not sorted)
-    starts = np.insert(rows, np.searchsorted(rows, extra), extra)
-    lens = np.diff(np.append(starts, numel))
-    qr = q[starts // row_len].astype(np.int64)
-    chunk, phase, rot = starts // chunk_w, qr % nph, (qr // nph) % emax
-    if nph > 1:  # by chunk, then phase, then place (a stable sort keeps the places in order)
-        order = np.argsort(chunk * nph + phase, kind="stable")
-        starts, lens, chunk, phase, rot = (a[order] for a in (starts, lens, chunk, phase, rot))
-    coding = np.cumsum(lens) - lens - chunk * chunk_w  # the chunks before are whole
-    place = starts - chunk * chunk_w
-    cont = np.zeros(starts.size, bool)
-    cont[1:] = ((chunk[1:] == chunk[:-1]) & (phase[1:] == phase[:-1]) & (rot[1:] == rot[:-1])
-                & (place[1:] == place[:-1] + lens[:-1]))
-    keep = ~cont
-    chunk = chunk[keep]
-    lo = np.searchsorted(chunk, np.arange(nchunks + 1)).astype(np.int64)
-    return lo, coding[keep], place[keep], phase[keep], rot[keep]
+    lo = np.zeros(nchunks + 1, np.int64)
+    coding, place, phase, rot = (np.empty(q.size + nchunks, np.int64) for _ in range(4))  # a run per row part
+    n = _runs(numel, chunk_w, row_len, q, nph, emax, lo, coding, place, phase, rot)
+    return lo, coding[:n], place[:n], phase[:n], rot[:n]
+
+
+@njit(cache=True, nogil=True)
+def _runs(numel, chunk_w, row_len, q, nph, emax, lo, coding, place, phase, rot):
+    """:func:`segments`' runs written into its arrays, chunk by chunk; returns how many."""
+    s = 0
+    for c in range(lo.size - 1):
+        c0 = c * chunk_w
+        c1 = min(c0 + chunk_w, numel)
+        lo[c] = s
+        i = 0  # the chunk's values coded so far
+        for ph in range(nph):
+            for r in range(c0 // row_len, (c1 - 1) // row_len + 1):
+                qr = np.int64(q[r])
+                if qr % nph != ph:
+                    continue
+                rt = (qr // nph) % emax
+                a = max(c0, r * row_len) - c0
+                continues = s > lo[c] and phase[s - 1] == ph and rot[s - 1] == rt
+                if not (continues and place[s - 1] + i - coding[s - 1] == a):  # (else the last run grows)
+                    coding[s], place[s], phase[s], rot[s] = i, a, ph, rt
+                    s += 1
+                i += min(c1, (r + 1) * row_len) - c0 - a
+    lo[lo.size - 1] = s
+    return s
 
 
 @triton.jit
