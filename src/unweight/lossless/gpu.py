@@ -38,7 +38,7 @@ from unweight.lossless import chunks, format, hashing, planes, pool, rans, rans3
 from unweight.lossless.fields import LOW_BLOCK
 
 _SHORT = 240  # chunks of at most this many bytes take XXH3's short paths, hashed on the host
-PREFETCH = False  # _decode_chunks reads a step's words before its lookup (True) or after (False: faster on an H200)
+PREFETCH = False  # _decode_chunks reads a step's words before its lookup (True: no gain on an H200) or after
 BALLOT = True  # _decode_chunks ranks the needy lanes by a warp vote (True: 18% faster on an H200) or a scan
 
 
@@ -97,9 +97,9 @@ def _decode_chunks(code_ptr, code_words, table_ptr, coding_ptr, place_ptr, phase
     symbol mantissa bits, ``R`` raw bits) written where its segment says, ``STRIDE`` hi words apart (2: FP32's
     hi halves, above the low ones). With ``PREFETCH`` a step reads the 32 words after the last one taken
     before its table lookup and hands them out from registers (``tl.gather``), off the chain of dependent
-    steps; without, it reads them after (which is faster on a GPU is to be measured: ``bench/lossless_gpu.py``).
-    With ``BALLOT`` the needy lanes are ranked by one warp vote and two population counts (PTX: CUDA only, not
-    the interpreter) instead of a scan and a sum over the warp."""
+    steps; without, it reads them after (on an H200 the first gained nothing: ``docs/format.md``). With
+    ``BALLOT`` the needy lanes are ranked by one warp vote and two population counts (PTX: CUDA only, not the
+    interpreter) instead of a scan and a sum over the warp."""
     row = table_ptr + tl.program_id(0) * 9
     w0 = tl.load(row)  # the segment's first word
     limit = tl.load(row + 1)  # its rANS words
@@ -148,7 +148,7 @@ def _decode_chunks(code_ptr, code_words, table_ptr, coding_ptr, place_ptr, phase
         sym = tl.where(code8 < (1 << K), code8, code8 + off)
         xn = ((ent & (SCALE - 1)) + 1) * (x >> 12) + ((ent >> 12) & (SCALE - 1))
         need = active & (xn < LOW)
-        ni = need.to(tl.int32)  # (32-bit: a warp's scan and sum shuffle one register, not two)
+        ni = need.to(tl.int32)
         if BALLOT:  # the needy lanes as the bits of one word; a lane's rank counts the bits below its own
             votes = _ballot(ni)
             rank = _popc(votes & ((tl.full([32], 1, tl.uint32) << lane.to(tl.uint32)) - 1))
