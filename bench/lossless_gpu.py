@@ -33,19 +33,14 @@ travel with the tree; torch, Triton, numba, xxhash and safetensors are there, zs
 transformers was 5.17, older than the pinned one), write a payload here and carry it with the wheels:
 
     echo /.gpu/ >> .git/info/exclude; echo /.whl/ >> .git/info/exclude
-    .venv/bin/python bench/lossless_gpu.py --models minilm-l6 --max-mb 60 --chunks 1048576 \
+    .venv/bin/python bench/lossless_gpu.py --models minilm-l6 --max-mb 60 --chunks 1048576 \\
         --write-payload .gpu/minilm-bf16-60mb-c1048576.safetensors                  # 19.7 MB
-    python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+    python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \\
         --platform manylinux2014_x86_64 -d .whl zstandard==0.25.0 transformers==5.24.0
 
-then, in one call (carry ``.gpu`` and ``.whl``; the tests take about four minutes there, most of it Triton
-compiling), the tests on the device and the measurement:
-
-    python3 -m pip install -q --no-index --no-deps --upgrade --target /tmp/site .whl/*.whl && \
-    export PYTHONPATH=/tmp/site:$PWD/src && \
-    UNWEIGHT_TEST_DEVICE=cuda TRITON_INTERPRET=0 python3 -m pytest -q tests/test_lossless_gpu.py; \
-    python3 bench/lossless_gpu.py --payload .gpu/*.safetensors --rechunk 262144,65536 --profile \
-        --synthetic 16x2048 --batch-mb 256 --out $OUT/lossless_gpu.json
+then, in one call (carry ``.gpu`` and ``.whl``), ``bash bench/lossless_gpu_check.sh``: the tests on the device
+(about four minutes there, most of it Triton compiling), then this bench with ``--rechunk 262144,65536
+--profile --synthetic 16x2048 --batch-mb 256``.
 """
 
 import argparse
