@@ -201,17 +201,16 @@ def kernel_times(fn, cpu: bool = True) -> dict:
 
 def bench_folder(model: str, reps: int, device: str, tmp: Path) -> dict:
     """The user's path: ``unweight compress --method lossless`` of the bundled HF folder, then its state dict
-    on the device, by :func:`unweight.lossless.gpu.load_state_dict` against decoding on the CPU and copying."""
-    from unweight.formats import compress_checkpoint, decode_tensors as folder_tensors
-    from unweight.lossless import gpu
+    on the device, by :func:`unweight.formats.load_state_dict` against decoding on the CPU and copying."""
+    from unweight.formats import compress_checkpoint, decode_tensors as folder_tensors, load_state_dict
     from unweight.lossless.register import FORMAT, encode_parts
     from unweight.models import hf_folder
     comp = tmp / model
     compress_checkpoint(hf_folder(model), comp, FORMAT, encode_parts, {}, progress=False)
-    gpu.load_state_dict(comp, device)  # compiles the kernels
+    load_state_dict(comp, device)  # compiles the kernels
     res = {"model": model, "folder_bytes": sum(f.stat().st_size for f in comp.glob("*.safetensors"))}
     for name, fn in {"folder cpu+copy": lambda: {k: t.to(device) for k, t in folder_tensors(comp).items()},
-                     "folder gpu": lambda: gpu.load_state_dict(comp, device)}.items():
+                     "folder gpu": lambda: load_state_dict(comp, device)}.items():
         sec, _ = timed(fn, reps, device)
         res[name] = {"seconds": sec}
         print(f"  {model} {name:16s} {sec * 1e3:9.1f} ms")

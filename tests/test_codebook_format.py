@@ -14,7 +14,7 @@ from unweight.cli import main
 from unweight.cluster.codebook import (KMeansSpec, RTNSpec, decode, encode_kmeans, encode_rtn, entropy_code,
                                        rtn_levels, stored_values)
 from unweight.errors import UnweightError
-from unweight.formats import compress_checkpoint, decode_tensors, same_bits
+from unweight.formats import compress_checkpoint, decode_tensors, load_state_dict, same_bits
 from unweight.lossless import rans, symbols
 from unweight.outliers import parse_outliers, select_outliers
 from unweight.pack import packed_nbytes
@@ -161,6 +161,8 @@ def test_compressed_folder_decodes_to_what_the_encoder_measured(tmp_path):
     assert torch.equal(dense["model.layers.0.mlp.up_proj.weight"], decode(encode_kmeans(w, spec), "x"))
     assert len(torch.unique(dense["model.layers.0.mlp.up_proj.weight"])) <= 8
     assert stats.bits_per_weight == pytest.approx(8 * stats.encoded_stored_bytes / w.numel())
+    loaded = load_state_dict(tmp_path / "out")  # a format without decode_on: tensor by tensor, the same
+    assert list(loaded) == list(dense) and all(same_bits(loaded[k], t) for k, t in dense.items())
 
 
 # --- entropy-coded indices and levels (unweight.lossless.symbols, compress --entropy) ---------------

@@ -299,18 +299,28 @@ def flip_a_byte(folder, where: str = "mlp") -> str:
 def test_a_compressed_folder_loads_onto_the_device(gpu, tmp_path, monkeypatch):
     """A small Llama in BF16, compressed as `unweight compress --method lossless` does, comes back from its
     folder bit-exact, with its plain (integer) tensors copied as they are; an uncompressed folder is copied;
-    a corrupt one is refused naming the folder and the tensor."""
+    a corrupt one is refused naming the folder and the tensor (``unweight.formats.load_state_dict``)."""
+    from unweight.formats import load_state_dict
+    from unweight.lossless import register
+
+    if DEVICE == "cpu":  # the interpreter's kernels stand in for the GPU's
+        monkeypatch.setattr(register, "_on_gpu", lambda device: True)
+    calls = []
+    decode = gpu.decode_tensors
+    monkeypatch.setattr(gpu, "decode_tensors", lambda parts, names, device: calls.append(names)
+                        or decode(parts, names, device))
     steps = torch.arange(5, dtype=torch.int64)
     state = small_llama(tmp_path, monkeypatch, {"steps": steps})
-    out = host(gpu.load_state_dict(tmp_path / "comp", DEVICE))
+    out = host(load_state_dict(tmp_path / "comp", DEVICE))
+    assert len(calls) == 1 and sorted(calls[0]) == sorted(state)  # all together, by the GPU decoder
     assert set(out) == set(state) | {"steps"} and torch.equal(out["steps"], steps)
     assert all(same(out[k], t) for k, t in state.items())
-    dense = host(gpu.load_state_dict(tmp_path / "dense", DEVICE))  # not compressed: copied as it is
+    dense = host(load_state_dict(tmp_path / "dense", DEVICE))  # not compressed: copied as it is
     assert all(same(dense[k], t) for k, t in state.items())
 
     name = flip_a_byte(tmp_path / "comp")  # the folder and the tensor named
     with pytest.raises(UnweightError, match=name) as err:
-        gpu.load_state_dict(tmp_path / "comp", DEVICE)
+        load_state_dict(tmp_path / "comp", DEVICE)
     assert "comp" in str(err.value)
 
 

@@ -53,6 +53,22 @@ def test_transformers_loads_it_bit_identical(folders, monkeypatch, batch_mb):
     assert len({p.untyped_storage().data_ptr() for p in params}) == len(params)
 
 
+def test_its_state_dict_loads_in_stored_order_on_all_threads(folders, monkeypatch):
+    """``formats.load_state_dict`` decodes every tensor in one call of the format's ``decode_on`` (on the CPU:
+    all threads), bit-exact, in the order the checkpoint stores them; an uncompressed folder loads as stored."""
+    from unweight.formats import iter_decoded, load_state_dict
+    from unweight.lossless import register
+
+    src, out = folders
+    batches, decode = [], register.decode_tensors
+    monkeypatch.setattr(register, "decode_tensors", lambda parts, names: batches.append(names) or decode(parts, names))
+    loaded = load_state_dict(out)
+    assert len(batches) == 1 and len(batches[0]) == 272
+    assert list(loaded) == [name for name, _ in iter_decoded(open_checkpoint(out))]
+    dense = load_state_dict(src)
+    assert list(loaded) == list(dense) and all(same_bits(loaded[k], t) for k, t in dense.items())
+
+
 def test_decompress_restores_every_tensor(folders, tmp_path):
     src, out = folders
     assert cli(["decompress", str(out), str(tmp_path / "back")]) == 0

@@ -11,7 +11,8 @@ A :class:`Format` is two pure functions: ``encode(tensor) -> {field: tensor}`` a
 ``encode`` one tensor at a time (memory bounded by the largest tensor); :func:`decode_tensors` turns a
 compressed folder's tensors back into the dense state dict, for ``decompress``, ``verify`` and loading
 through transformers (``unweight.hf``). A format may also decode many tensors at once on a device
-(``decode_on``: the CPU on all threads, or a GPU), which ``unweight.hf`` uses where a whole model decodes on one.
+(``decode_on``: the CPU on all threads, or a GPU), which ``unweight.hf`` uses where a whole model decodes on one,
+and :func:`load_state_dict` to put a whole checkpoint on a device.
 """
 
 from __future__ import annotations
@@ -115,23 +116,54 @@ def iter_decoded(ckpt: Checkpoint) -> Iterator[tuple[str, torch.Tensor]]:
         yield from ckpt.items()
         return
     fmt = readable_format(ckpt, qc)
+    try:
+        yield from _stored_order(ckpt, fmt, lambda name, parts: fmt.decode(_read_parts(ckpt, fmt, parts), name))
+    except UnweightError as exc:
+        raise UnweightError(f"{ckpt.path}: {exc}") from None
+
+
+def _stored_order(ckpt: Checkpoint, fmt: Format, decode: Callable[[str, list[str]], torch.Tensor]):
+    """(name, tensor) in the checkpoint's stored order: a plain tensor as stored, an encoded one as
+    ``decode(name, its parts' names)`` at its first part."""
     groups, _ = group_parts(ckpt.names(), fmt.tag)
     marker = f".{fmt.tag}."
-    for name in ckpt.names():  # stored order; an encoded tensor is decoded at its first part
+    for name in ckpt.names():
         base = name.rsplit(marker, 1)[0] if marker in name else None
         if base is None:
             yield name, ckpt.get(name)
         elif base in groups:
-            parts = {p.rsplit(marker, 1)[1]: ckpt.get(p) for p in groups.pop(base)}
-            try:
-                yield base, fmt.decode(parts, base)
-            except UnweightError as exc:
-                raise UnweightError(f"{ckpt.path}: {exc}") from None
+            yield base, decode(base, groups.pop(base))
+
+
+def _read_parts(ckpt: Checkpoint, fmt: Format, names: list[str]) -> Parts:
+    """The parts stored under ``names``, by field."""
+    return {p.rsplit(f".{fmt.tag}.", 1)[1]: ckpt.get(p) for p in names}
 
 
 def decode_tensors(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     """The dense state dict of a (possibly compressed) checkpoint."""
     return dict(iter_decoded(open_checkpoint(path)))
+
+
+def load_state_dict(path: str | os.PathLike, device: str | torch.device = "cpu") -> dict[str, torch.Tensor]:
+    """The dense state dict of the checkpoint at ``path`` on ``device``, in its stored order. A format that
+    decodes many tensors at once there (``decode_on``: ``unweight-lossless``'s Triton decoder on a CUDA GPU,
+    its threads on the CPU) decodes all of them together, only the compressed bytes crossing to a GPU; any other
+    checkpoint decodes as :func:`iter_decoded` does, tensor by tensor on the CPU, and is moved. Errors name the
+    checkpoint and the tensor."""
+    ckpt, device = open_checkpoint(path), torch.device(device)
+    qc = quantization_config(ckpt)
+    fmt = readable_format(ckpt, qc) if qc is not None else None
+    decoded = None
+    if fmt is not None and fmt.decode_on is not None:
+        groups, _ = group_parts(ckpt.names(), fmt.tag)
+        try:
+            decoded = fmt.decode_on({n: _read_parts(ckpt, fmt, parts) for n, parts in groups.items()}, device)
+        except UnweightError as exc:
+            raise UnweightError(f"{ckpt.path}: {exc}") from None
+    if decoded is None:
+        return {k: t.to(device) for k, t in iter_decoded(ckpt)}
+    return {k: t.to(device) for k, t in _stored_order(ckpt, fmt, lambda name, parts: decoded.pop(name))}
 
 
 @dataclass

@@ -66,19 +66,18 @@ def _quiet(argv: list[str]) -> tuple[int, str]:
 
 
 def _gpu_decode(dense: Path, folder: Path) -> str:
-    """The lossless folder's state dict decoded on the GPU (``unweight.lossless.gpu``) against decoding it on
+    """The lossless folder's state dict decoded on the GPU (``formats.load_state_dict``) against decoding it on
     the CPU, both timed once warm, and checked bit for bit against the dense folder; or why not."""
     import torch
 
     if not torch.cuda.is_available():
         return "\nlossless folder on a GPU: no CUDA device here (the decoder's tests run in Triton's interpreter)"
-    from unweight.formats import decode_tensors, same_bits
-    from unweight.lossless import gpu
+    from unweight.formats import decode_tensors, load_state_dict, same_bits
 
-    gpu.load_state_dict(folder, "cuda")  # compiles the kernels
+    load_state_dict(folder, "cuda")  # compiles the kernels
     torch.cuda.synchronize()
     t0 = time.perf_counter()
-    on_gpu = gpu.load_state_dict(folder, "cuda")
+    on_gpu = load_state_dict(folder, "cuda")
     torch.cuda.synchronize()
     t1 = time.perf_counter()
     for v in decode_tensors(folder).values():  # what a loader without the GPU decoder does

@@ -405,39 +405,6 @@ def decode_tensors(parts, names, device: str | torch.device = "cuda") -> dict[st
     return {n: out[n] for n in names}
 
 
-def load_state_dict(path, device: str | torch.device = "cuda") -> dict[str, torch.Tensor]:
-    """The dense state dict of the checkpoint at ``path`` on ``device``, in its stored order: an
-    ``unweight-lossless`` folder's tensors decoded there all together (:func:`decode_tensors`), its plain ones
-    copied; any other checkpoint decoded as ``unweight.formats.iter_decoded`` does, then copied. Errors name the
-    folder and the tensor."""
-    from unweight.checkpoint import open_checkpoint
-    from unweight.formats import group_parts, iter_decoded, quantization_config, readable_format
-    from unweight.lossless import register
-
-    ckpt = open_checkpoint(path)
-    qc = quantization_config(ckpt)
-    if qc is None or qc.get("quant_method") != register.FORMAT.quant_method:
-        return {k: t.to(device) for k, t in iter_decoded(ckpt)}
-    fmt = readable_format(ckpt, qc)
-    groups, _ = group_parts(ckpt.names(), fmt.tag)
-    marker = f".{fmt.tag}."
-    try:
-        parts = {}
-        for base, names in groups.items():
-            parts.update(register.stream_parts({p.rsplit(marker, 1)[1]: ckpt.get(p) for p in names}, base))
-        decoded = decode_tensors(parts, list(groups), device)
-    except UnweightError as exc:
-        raise UnweightError(f"{ckpt.path}: {exc}") from None
-    out = {}
-    for name in ckpt.names():  # stored order, as iter_decoded
-        base = name.rsplit(marker, 1)[0] if marker in name else None
-        if base is None:
-            out[name] = ckpt.get(name).to(device)
-        elif base not in out:
-            out[base] = decoded[base]
-    return out
-
-
 class _Chunks:
     """A tensor's chunks as the batch sees them: its status so far, where its output starts (byte), each
     chunk's first value and length."""
