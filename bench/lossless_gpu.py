@@ -308,6 +308,8 @@ def main():
     ap.add_argument("--rechunk", default="", help="also measure the first payload's tensors encoded here again in "
                     "chunks of these many values (comma-separated), e.g. 262144,16384,4096")
     ap.add_argument("--profile", action="store_true", help="also each kernel's device time in one gpu run")
+    ap.add_argument("--profiled-once", action="store_true", help="decode the first payload once, after a warm-up, "
+                    "between cudaProfilerStart and Stop, and stop: for `ncu --profile-from-start off`")
     ap.add_argument("--out", default=str(Path(__file__).parent / "results" / "lossless_gpu.json"))
     args = ap.parse_args()
     if args.write_payload:
@@ -320,6 +322,10 @@ def main():
     if args.device == "cuda" and not torch.cuda.is_available():
         raise SystemExit("no CUDA device here: the GPU decoder's speed needs one (its tests run on the CPU in "
                          "Triton's interpreter)")
+    if args.profiled_once:
+        if args.device != "cuda" or not args.payload:
+            raise SystemExit("--profiled-once is for ncu: it needs --payload and a CUDA device")
+        return profiled_once(args.payload[0], args.device)
     name = torch.cuda.get_device_name() if args.device == "cuda" else args.device
     report = {"device": name, "cpus": os.cpu_count(), "torch": torch.__version__, "results": []}
     for i, path in enumerate(args.payload or []):
@@ -353,6 +359,24 @@ def main():
                                                   [int(mb) for mb in args.batch_mb.split(",") if mb], args.profile)
     save(report, args.out)
     print(f"wrote {args.out}")
+
+
+def profiled_once(path: str, device: str) -> None:
+    """One ``gpu.decode_tensors`` of the payload at ``path``, its kernels compiled by a first call outside the
+    profiler's range (``ncu --profile-from-start off`` profiles what lies inside)."""
+    from safetensors.torch import load_file
+
+    from unweight.lossless import format as fmt
+    from unweight.lossless import gpu
+    parts = load_file(path)
+    names = fmt.encoded_names(parts)
+    gpu.decode_tensors(parts, names, device)
+    torch.cuda.synchronize()
+    torch.cuda.cudart().cudaProfilerStart()
+    gpu.decode_tensors(parts, names, device)
+    torch.cuda.synchronize()
+    torch.cuda.cudart().cudaProfilerStop()
+    print(f"decoded {len(names)} tensors of {path} once inside the profiler's range")
 
 
 def save(report: dict, out: str) -> None:
