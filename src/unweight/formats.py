@@ -116,10 +116,14 @@ def iter_decoded(ckpt: Checkpoint) -> Iterator[tuple[str, torch.Tensor]]:
         yield from ckpt.items()
         return
     fmt = readable_format(ckpt, qc)
-    try:
-        yield from _stored_order(ckpt, fmt, lambda name, parts: fmt.decode(_read_parts(ckpt, fmt, parts), name))
-    except UnweightError as exc:
-        raise UnweightError(f"{ckpt.path}: {exc}") from None
+
+    def decode(name: str, names: list[str]) -> torch.Tensor:
+        parts = _read_parts(ckpt, fmt, names)  # (a read's error names the file already)
+        try:
+            return fmt.decode(parts, name)
+        except UnweightError as exc:
+            raise UnweightError(f"{ckpt.path}: {exc}") from None
+    yield from _stored_order(ckpt, fmt, decode)
 
 
 def _stored_order(ckpt: Checkpoint, fmt: Format, decode: Callable[[str, list[str]], torch.Tensor]):
@@ -157,8 +161,9 @@ def load_state_dict(path: str | os.PathLike, device: str | torch.device = "cpu")
     decoded = None
     if fmt is not None and fmt.decode_on is not None:
         groups, _ = group_parts(ckpt.names(), fmt.tag)
+        encoded = {n: _read_parts(ckpt, fmt, parts) for n, parts in groups.items()}
         try:
-            decoded = fmt.decode_on({n: _read_parts(ckpt, fmt, parts) for n, parts in groups.items()}, device)
+            decoded = fmt.decode_on(encoded, device)
         except UnweightError as exc:
             raise UnweightError(f"{ckpt.path}: {exc}") from None
     if decoded is None:
