@@ -168,6 +168,45 @@ def test_segments_follow_the_coding_order(gpu, rows, row_len, chunk_w, nph, seed
     assert got == ref
 
 
+def reference_checks(code, offsets, modes, n, hi_bits, r):
+    """The host's checks of each chunk's segment, as numpy (what ``gpu._segment_checks`` computed before it was
+    compiled): statuses, and each segment's rANS words."""
+    s0, seglen = offsets[:-1], np.diff(offsets)
+    coded, raw = modes == 0, modes == 1
+    status = np.zeros(modes.size, np.int32)
+    status[~coded & ~raw] = 6
+    status[raw & (seglen != n * hi_bits // 8)] = 3
+    pb = -(-n // 8) * 8 * r // 8
+    words_bytes = seglen - pb - (pb & 1)
+    short = coded & ((words_bytes < 0) | (words_bytes % 2 != 0) | (s0 % 2 != 0))
+    status[short] = rans.ERR_OVERRUN
+    pad = code[np.minimum(s0 + seglen - 1, code.size - 1)]
+    status[coded & ~short & (pb % 2 == 1) & (pad != 0)] = 7
+    status[coded & (status == 0) & (words_bytes // 2 < 64)] = rans.ERR_OVERRUN
+    return status, words_bytes // 2
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(seed=st.integers(0, 2**31), nchunks=st.integers(1, 12), r=st.integers(1, 8), hi_bits=st.sampled_from([8, 16]))
+def test_host_checks_give_each_chunk_the_cpu_decoders_status(gpu, seed, nchunks, r, hi_bits):
+    """Segments short, long, odd, misaligned, with a pad byte zero or not, raw of the right size or not, modes
+    valid or not: the compiled checks give every chunk the status and word count that the numpy ones did
+    (``chunks._segment``'s and the CPU decoder's order of failures)."""
+    rng = np.random.default_rng(seed)
+    n = rng.integers(1, 600, nchunks)
+    pb = -(-n // 8) * 8 * r // 8
+    lens = np.where(rng.random(nchunks) < 0.7, pb + (pb & 1) + 2 * rng.integers(60, 70, nchunks),
+                    rng.integers(0, 400, nchunks))  # mostly well-formed, else anything
+    offsets = np.concatenate([[rng.integers(0, 2)], lens]).cumsum().astype(np.int64)
+    code = (rng.random(int(offsets[-1]) + 8) < 0.5).astype(np.uint8)  # zero or one: pad bytes zero or not
+    modes = rng.choice(np.array([0, 0, 0, 1, 1, 2, 7], np.uint8), nchunks)
+    ref = reference_checks(code, offsets, modes, n, hi_bits, r)
+    status, words = np.zeros(nchunks, np.int32), np.empty(nchunks, np.int64)
+    gpu._checks(code, offsets, modes, n, hi_bits, r, status, words)
+    assert np.array_equal(status, ref[0]) and np.array_equal(words, ref[1])
+    assert set(status.tolist()) <= {0, rans.ERR_OVERRUN, 3, 6, 7}
+
+
 def test_xxh3_kernel_matches_the_reference(gpu):
     xxhash = pytest.importorskip("xxhash")
     data = np.random.default_rng(0).integers(0, 256, 12000, dtype=np.uint8)

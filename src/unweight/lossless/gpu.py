@@ -566,16 +566,27 @@ def _checked(tensors: list[_Chunks], flat: torch.Tensor, hashes: np.ndarray) -> 
 def _segment_checks(p: format.Prepared, n: np.ndarray, r: int) -> tuple[np.ndarray, np.ndarray]:
     """What the CPU decoder checks of each chunk's segment before decoding it (``chunks._segment``): the
     status of each chunk so far (0, or the error that stops it), and each coded segment's rANS words."""
-    s0, seglen = p.offsets[:-1], np.diff(p.offsets)
-    coded, raw = p.modes == chunks.MODE_CODED, p.modes == chunks.MODE_RAW
-    status = np.zeros(p.nchunks, np.int32)
-    status[~coded & ~raw] = chunks.ERR_MODE
-    status[raw & (seglen != n * p.lay.hi_bits // 8)] = chunks.ERR_RAW_SIZE
-    pb = planes.padded.py_func(n) * r // 8  # the planes' bytes, then a zero pad byte when odd
-    words_bytes = seglen - pb - (pb & 1)
-    short = coded & ((words_bytes < 0) | (words_bytes % 2 != 0) | (s0 % 2 != 0))
-    status[short] = rans.ERR_OVERRUN
-    pad = p.code[np.minimum(s0 + seglen - 1, p.code.size - 1)]
-    status[coded & ~short & (pb % 2 == 1) & (pad != 0)] = chunks.ERR_PAD
-    status[coded & (status == 0) & (words_bytes // 2 < rans32.STATE_WORDS)] = rans.ERR_OVERRUN
-    return status, words_bytes // 2
+    status, words = np.zeros(p.nchunks, np.int32), np.empty(p.nchunks, np.int64)
+    _checks(p.code, p.offsets, p.modes, n, p.lay.hi_bits, r, status, words)
+    return status, words
+
+
+@njit(cache=True, nogil=True)
+def _checks(code, offsets, modes, n, hi_bits, r, status, words):
+    """:func:`_segment_checks` chunk by chunk, into ``status`` and ``words``."""
+    for c in range(modes.size):
+        s0, seglen = offsets[c], offsets[c + 1] - offsets[c]
+        pb = planes.padded(n[c]) * r // 8  # the planes' bytes, then a zero pad byte when odd
+        words_bytes = seglen - pb - (pb & 1)
+        words[c] = words_bytes // 2
+        if modes[c] == chunks.MODE_RAW:
+            if seglen != n[c] * hi_bits // 8:
+                status[c] = chunks.ERR_RAW_SIZE
+        elif modes[c] != chunks.MODE_CODED:
+            status[c] = chunks.ERR_MODE
+        elif words_bytes < 0 or words_bytes % 2 != 0 or s0 % 2 != 0:
+            status[c] = rans.ERR_OVERRUN
+        elif pb % 2 == 1 and code[min(s0 + seglen - 1, code.size - 1)] != 0:
+            status[c] = chunks.ERR_PAD
+        elif words_bytes // 2 < rans32.STATE_WORDS:
+            status[c] = rans.ERR_OVERRUN
