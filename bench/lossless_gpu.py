@@ -151,7 +151,7 @@ def inside(fn) -> dict:
     from unweight.lossless import format as fmt
     from unweight.lossless import gpu, register
     steps = [(hf._Decoder, "decode"), (hf._Decoder, "_decode_ahead"), (register, "decode_on"), (gpu, "decode_tensors"),
-             (gpu, "_decode_batch"), (fmt, "prepare"), (gpu, "_Chunks"), (gpu, "segments"), (gpu, "_upload"),
+             (gpu, "_decode_batch"), (fmt, "prepare"), (gpu, "_tables"), (gpu, "segments"), (gpu, "_upload"),
              (gpu, "_streams"), (gpu, "_record"), (gpu, "_hashes"), (gpu, "_checked")]
     spent, lock, saved = {}, threading.Lock(), [getattr(m, a) for m, a in steps]
 

@@ -169,8 +169,8 @@ def test_segments_follow_the_coding_order(gpu, rows, row_len, chunk_w, nph, seed
 
 
 def reference_checks(code, offsets, modes, n, hi_bits, r):
-    """The host's checks of each chunk's segment, as numpy (what ``gpu._segment_checks`` computed before it was
-    compiled): statuses, and each segment's rANS words."""
+    """The host's checks of each chunk's segment, as numpy (what the GPU decoder's host computed before its
+    tables were compiled): statuses, and each segment's rANS words."""
     s0, seglen = offsets[:-1], np.diff(offsets)
     coded, raw = modes == 0, modes == 1
     status = np.zeros(modes.size, np.int32)
@@ -190,21 +190,31 @@ def reference_checks(code, offsets, modes, n, hi_bits, r):
 @given(seed=st.integers(0, 2**31), nchunks=st.integers(1, 12), r=st.integers(1, 8), hi_bits=st.sampled_from([8, 16]))
 def test_host_checks_give_each_chunk_the_cpu_decoders_status(gpu, seed, nchunks, r, hi_bits):
     """Segments short, long, odd, misaligned, with a pad byte zero or not, raw of the right size or not, modes
-    valid or not: the compiled checks give every chunk the status and word count that the numpy ones did
-    (``chunks._segment``'s and the CPU decoder's order of failures)."""
+    valid or not: the compiled tables give every chunk the status that the numpy checks did (``chunks._segment``'s
+    and the CPU decoder's order of failures), each passing coded chunk its words, each passing raw one its
+    bytes, and every passing chunk a checksum."""
     rng = np.random.default_rng(seed)
-    n = rng.integers(1, 600, nchunks)
+    chunk_w = int(rng.integers(1, 600))
+    n = np.full(nchunks, chunk_w)
+    n[-1] = rng.integers(1, chunk_w + 1)
     pb = -(-n // 8) * 8 * r // 8
-    lens = np.where(rng.random(nchunks) < 0.7, pb + (pb & 1) + 2 * rng.integers(60, 70, nchunks),
-                    rng.integers(0, 400, nchunks))  # mostly well-formed, else anything
+    lens = np.where(rng.random(nchunks) < 0.5, pb + (pb & 1) + 2 * rng.integers(60, 70, nchunks),
+                    rng.integers(0, 400, nchunks))  # half well-formed, else anything
+    lens = np.where(rng.random(nchunks) < 0.2, n * hi_bits // 8, lens)  # some of a raw chunk's size
     offsets = np.concatenate([[rng.integers(0, 2)], lens]).cumsum().astype(np.int64)
     code = (rng.random(int(offsets[-1]) + 8) < 0.5).astype(np.uint8)  # zero or one: pad bytes zero or not
     modes = rng.choice(np.array([0, 0, 0, 1, 1, 2, 7], np.uint8), nchunks)
-    ref = reference_checks(code, offsets, modes, n, hi_bits, r)
-    status, words = np.zeros(nchunks, np.int32), np.empty(nchunks, np.int64)
-    gpu._checks(code, offsets, modes, n, hi_bits, r, status, words)
-    assert np.array_equal(status, ref[0]) and np.array_equal(words, ref[1])
-    assert set(status.tolist()) <= {0, rans.ERR_OVERRUN, 3, 6, 7}
+    ref_status, ref_words = reference_checks(code, offsets, modes, n, hi_bits, r)
+    lo = np.arange(nchunks + 1, dtype=np.int64)
+    status, rows, which, stored, _, _, hashes = gpu._tables(
+        code, offsets, modes, np.zeros(1, np.int64), lo, int(n.sum()), chunk_w, hi_bits, r, hi_bits // 8, False,
+        0, 0, 0, 0, 0, 0, 0)
+    assert np.array_equal(status, ref_status)
+    ok = np.flatnonzero(status == 0)
+    assert which[:, 1].tolist() == [c for c in ok if modes[c] == 0]
+    assert np.array_equal(rows[:, 1], ref_words[which[:, 1]])
+    assert np.array_equal(stored[:, 2], n[[c for c in ok if modes[c] == 1]] * hi_bits // 8)
+    assert np.array_equal(hashes[:, 1], n[ok] * (hi_bits // 8))
 
 
 def test_xxh3_kernel_matches_the_reference(gpu):

@@ -406,20 +406,12 @@ def decode_tensors(parts, names, device: str | torch.device = "cuda") -> dict[st
 
 
 class _Chunks:
-    """A tensor's chunks as the batch sees them: its status so far, where its output starts (byte), each
-    chunk's first value and length."""
+    """A tensor's chunks as the batch sees them: its status so far (0, or the error that stops it), the chunks
+    the host's checks pass (the kernels take them), and where its output starts (byte)."""
 
-    def __init__(self, p: format.Prepared, base: int):
-        self.p, self.base = p, base
-        self.first = np.arange(p.nchunks, dtype=np.int64) * p.chunk_w
-        self.n = np.minimum(p.chunk_w, p.numel - self.first)
-        self.r = p.lay.hi_bits - p.lay.exp_bits - p.k  # the raw bits (FP8: 1, the sign)
-        self.status, self.words = _segment_checks(p, self.n, self.r)
-        self.ok = np.flatnonzero(self.status == 0)  # the chunks the host's checks pass: the kernels take them
-
-    def at(self, c):
-        """Where chunk(s) ``c``'s first value goes in the batch's output (byte)."""
-        return self.base + self.p.lay.itemsize * self.first[c]
+    def __init__(self, p: format.Prepared, base: int, status: np.ndarray):
+        self.p, self.base, self.status = p, base, status
+        self.ok = np.flatnonzero(status == 0)
 
 
 def _decode_batch(batch: list[format.Prepared], device: torch.device) -> tuple[dict, dict]:
@@ -430,33 +422,27 @@ def _decode_batch(batch: list[format.Prepared], device: torch.device) -> tuple[d
     code, low, dec, segs, kinds, raw, joins, hashed, tensors = [], [], [], [], {}, {}, [], [], []
     code_at = low_at = dec_at = seg_at = out_at = 0
     for t, p in enumerate(batch):
-        ch = _Chunks(p, out_at)
-        tensors.append(ch)
-        s0 = p.offsets[:-1] + code_at
-        stride = 2 if p.lay.low_bits else 1
-        ok = ch.ok
-        run = ok[p.modes[ok] == chunks.MODE_CODED]
-        if run.size:
-            emax = (1 << p.lay.exp_bits) - 1
-            lo, *runs = segments(p.numel, p.chunk_w, p.row_len, p.q, p.nph, emax)
-            segs.append(runs)
-            w = ch.words[run]
-            rows = np.stack([s0[run] // 2, w, s0[run] + 2 * w, seg_at + lo[run], seg_at + lo[run + 1], ch.at(run),
-                             ch.n[run], np.full(run.size, dec_at), np.full(run.size, p.off)], 1)
-            kind = kinds.setdefault((p.k, ch.r, p.lay.hi_bits, emax, stride), ([], []))
+        stride, r, emax = 2 if p.lay.low_bits else 1, p.lay.hi_bits - p.lay.exp_bits - p.k, (1 << p.lay.exp_bits) - 1
+        coded = bool((p.modes == chunks.MODE_CODED).any())
+        runs = segments(p.numel, p.chunk_w, p.row_len, p.q, p.nph, emax) if coded else (_NO_RUNS,) * 5
+        status, rows, which, stored, join, joined, hashes = _tables(
+            p.code, p.offsets, p.modes, p.low_offsets, runs[0], p.numel, p.chunk_w, p.lay.hi_bits, r,
+            p.lay.itemsize, p.lay.low_bits > 0, t, code_at, seg_at, dec_at, p.off, low_at, out_at)
+        tensors.append(_Chunks(p, out_at, status))
+        if rows.size:
+            segs.append(runs[1:])
+            kind = kinds.setdefault((p.k, r, p.lay.hi_bits, emax, stride), ([], []))
             kind[0].append(rows)
-            kind[1].append(_which(t, run))
+            kind[1].append(which)
             dec.append(p.dec.reshape(-1))
             dec_at += p.dec.size
-            seg_at += runs[0].size
-        stored = ok[p.modes[ok] == chunks.MODE_RAW]
-        raw.setdefault(stride, []).append(np.stack([s0[stored], ch.at(stored), ch.n[stored] * p.lay.hi_bits // 8], 1))
+            seg_at += runs[1].size
+        raw.setdefault(stride, []).append(stored)
         if p.lay.low_bits:
-            joins.append((np.stack([low_at + p.low_offsets[ok], np.diff(p.low_offsets)[ok], ch.at(ok), ch.n[ok]], 1),
-                          _which(t, ok)))
+            joins.append((join, joined))
             low.append(p.low)
             low_at += p.low.size
-        hashed.append((ch.at(ok), ch.n[ok] * p.lay.itemsize))
+        hashed.append(hashes)
         code.append((code_at, p.code))
         code_at += -(-p.code.size // 8) * 8  # each tensor's stream from a multiple of 8 bytes
         out_at += -(-p.numel * p.lay.itemsize // 128) * 128  # each tensor's output from a multiple of 128 bytes
@@ -464,7 +450,7 @@ def _decode_batch(batch: list[format.Prepared], device: torch.device) -> tuple[d
     kinds = [(key, np.concatenate(rows), np.concatenate(which)) for key, (rows, which) in kinds.items()]
     raw = [(stride, np.concatenate(rows)) for stride, rows in raw.items()]
     joins = [tuple(np.concatenate(a) for a in zip(*joins))] if joins else []
-    starts, lengths = (np.concatenate(a) for a in zip(*hashed))
+    starts, lengths = np.concatenate(hashed).T
     long = lengths > _SHORT
     tables = iter(_upload([*(np.concatenate(a) for a in zip(*segs)), *(rows for _, rows, _ in kinds),
                            *(rows for _, rows in raw), *(rows for rows, _ in joins),
@@ -510,11 +496,6 @@ def _upload(arrays: list[np.ndarray], device) -> list[torch.Tensor]:
         out.append(buf[at:at + f.size].view(a.shape))
         at += f.size
     return out
-
-
-def _which(t: int, c: np.ndarray) -> np.ndarray:
-    """Rows of (tensor ``t``, chunk) for the chunks ``c``."""
-    return np.stack([np.full(c.size, t), c], 1)
 
 
 def _streams(pieces: list[tuple[int, np.ndarray]], size: int, device) -> torch.Tensor:
@@ -563,30 +544,68 @@ def _checked(tensors: list[_Chunks], flat: torch.Tensor, hashes: np.ndarray) -> 
     return out, errors
 
 
-def _segment_checks(p: format.Prepared, n: np.ndarray, r: int) -> tuple[np.ndarray, np.ndarray]:
-    """What the CPU decoder checks of each chunk's segment before decoding it (``chunks._segment``): the
-    status of each chunk so far (0, or the error that stops it), and each coded segment's rANS words."""
-    status, words = np.zeros(p.nchunks, np.int32), np.empty(p.nchunks, np.int64)
-    _checks(p.code, p.offsets, p.modes, n, p.lay.hi_bits, r, status, words)
-    return status, words
+_NO_RUNS = np.zeros(1, np.int64)  # (the segments of a tensor with no coded chunk: none)
+
+
+@njit(inline="always")
+def _check(code, s0, seglen, mode, n, hi_bits, r):
+    """What the CPU decoder checks of a chunk's segment before decoding it (``chunks._segment``): (0, or the
+    error that stops it; the segment's rANS words)."""
+    pb = planes.padded(n) * r // 8  # the planes' bytes, then a zero pad byte when odd
+    words_bytes = seglen - pb - (pb & 1)
+    status = 0
+    if mode == chunks.MODE_RAW:
+        if seglen != n * hi_bits // 8:
+            status = chunks.ERR_RAW_SIZE
+    elif mode != chunks.MODE_CODED:
+        status = chunks.ERR_MODE
+    elif words_bytes < 0 or words_bytes % 2 != 0 or s0 % 2 != 0:
+        status = rans.ERR_OVERRUN
+    elif pb % 2 == 1 and code[min(s0 + seglen - 1, code.size - 1)] != 0:
+        status = chunks.ERR_PAD
+    elif words_bytes // 2 < rans32.STATE_WORDS:
+        status = rans.ERR_OVERRUN
+    return status, words_bytes // 2
 
 
 @njit(cache=True, nogil=True)
-def _checks(code, offsets, modes, n, hi_bits, r, status, words):
-    """:func:`_segment_checks` chunk by chunk, into ``status`` and ``words``."""
-    for c in range(modes.size):
+def _tables(code, offsets, modes, low_offsets, lo, numel, chunk_w, hi_bits, r, itemsize, has_low, t, code_at,
+            seg_at, dec_at, off, low_at, out_at):
+    """A tensor's part of the batch's tables, its chunks :func:`_check`'ed: (each chunk's status; the rows of
+    its coded chunks that pass, as :data:`_COLUMNS`, and which (tensor ``t``, chunk) they are; its raw chunks'
+    rows (segment, output, bytes); FP32's low halves' rows (segment, bytes, output, values) and which; every
+    passing chunk's output and bytes, for its checksum). ``lo``: its chunks' first segments
+    (:func:`segments`); the others, where its streams, segments, decode tables, low halves and output start in
+    the batch's."""
+    nchunks = modes.size
+    status = np.zeros(nchunks, np.int32)
+    rows, which = np.empty((nchunks, 9), np.int64), np.empty((nchunks, 2), np.int64)
+    stored, hashes = np.empty((nchunks, 3), np.int64), np.empty((nchunks, 2), np.int64)
+    join, joined = np.empty((nchunks if has_low else 0, 4), np.int64), np.empty((nchunks if has_low else 0, 2),
+                                                                                np.int64)
+    nc = nr = nj = nh = 0
+    for c in range(nchunks):
+        n = min(chunk_w, numel - c * chunk_w)
         s0, seglen = offsets[c], offsets[c + 1] - offsets[c]
-        pb = planes.padded(n[c]) * r // 8  # the planes' bytes, then a zero pad byte when odd
-        words_bytes = seglen - pb - (pb & 1)
-        words[c] = words_bytes // 2
-        if modes[c] == chunks.MODE_RAW:
-            if seglen != n[c] * hi_bits // 8:
-                status[c] = chunks.ERR_RAW_SIZE
-        elif modes[c] != chunks.MODE_CODED:
-            status[c] = chunks.ERR_MODE
-        elif words_bytes < 0 or words_bytes % 2 != 0 or s0 % 2 != 0:
-            status[c] = rans.ERR_OVERRUN
-        elif pb % 2 == 1 and code[min(s0 + seglen - 1, code.size - 1)] != 0:
-            status[c] = chunks.ERR_PAD
-        elif words_bytes // 2 < rans32.STATE_WORDS:
-            status[c] = rans.ERR_OVERRUN
+        status[c], w = _check(code, s0, seglen, modes[c], n, hi_bits, r)
+        if status[c] != 0:
+            continue
+        s0 += code_at
+        at = out_at + itemsize * c * chunk_w
+        if modes[c] == chunks.MODE_CODED:
+            rows[nc, 0], rows[nc, 1], rows[nc, 2] = s0 // 2, w, s0 + 2 * w
+            rows[nc, 3], rows[nc, 4], rows[nc, 5] = seg_at + lo[c], seg_at + lo[c + 1], at
+            rows[nc, 6], rows[nc, 7], rows[nc, 8] = n, dec_at, off
+            which[nc, 0], which[nc, 1] = t, c
+            nc += 1
+        else:
+            stored[nr, 0], stored[nr, 1], stored[nr, 2] = s0, at, n * hi_bits // 8
+            nr += 1
+        if has_low:
+            join[nj, 0], join[nj, 1] = low_at + low_offsets[c], low_offsets[c + 1] - low_offsets[c]
+            join[nj, 2], join[nj, 3] = at, n
+            joined[nj, 0], joined[nj, 1] = t, c
+            nj += 1
+        hashes[nh, 0], hashes[nh, 1] = at, n * itemsize
+        nh += 1
+    return status, rows[:nc], which[:nc], stored[:nr], join[:nj], joined[:nj], hashes[:nh]
