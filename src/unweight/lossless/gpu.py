@@ -34,7 +34,7 @@ import triton.language as tl
 from numba import njit
 
 from unweight.errors import UnweightError
-from unweight.lossless import chunks, format, hashing, planes, pool, rans, rans32
+from unweight.lossless import chunks, format, hashing, pool, rans, rans32
 from unweight.lossless.fields import LOW_BLOCK
 
 _SHORT = 240  # chunks of at most this many bytes take XXH3's short paths, hashed on the host
@@ -549,23 +549,17 @@ _NO_RUNS = np.zeros(1, np.int64)  # (the segments of a tensor with no coded chun
 
 @njit(inline="always")
 def _check(code, s0, seglen, mode, n, hi_bits, r):
-    """What the CPU decoder checks of a chunk's segment before decoding it (``chunks._segment``): (0, or the
-    error that stops it; the segment's rANS words)."""
-    pb = planes.padded(n) * r // 8  # the planes' bytes, then a zero pad byte when odd
-    words_bytes = seglen - pb - (pb & 1)
-    status = 0
+    """What the CPU decoder checks of a chunk's segment before decoding it: (0, or the error that stops it; a
+    coded segment's rANS words). A coded one is split by the CPU decoder's own ``chunks._segment``, then must
+    hold the flushed states that ``rans32``'s decoder reads first."""
     if mode == chunks.MODE_RAW:
-        if seglen != n * hi_bits // 8:
-            status = chunks.ERR_RAW_SIZE
-    elif mode != chunks.MODE_CODED:
-        status = chunks.ERR_MODE
-    elif words_bytes < 0 or words_bytes % 2 != 0 or s0 % 2 != 0:
+        return (chunks.ERR_RAW_SIZE if seglen != n * hi_bits // 8 else 0), 0
+    if mode != chunks.MODE_CODED:
+        return chunks.ERR_MODE, 0
+    status, _, words, _, _ = chunks._segment(code, s0, seglen, n, r)
+    if status == rans.OK and words < rans32.STATE_WORDS:
         status = rans.ERR_OVERRUN
-    elif pb % 2 == 1 and code[min(s0 + seglen - 1, code.size - 1)] != 0:
-        status = chunks.ERR_PAD
-    elif words_bytes // 2 < rans32.STATE_WORDS:
-        status = rans.ERR_OVERRUN
-    return status, words_bytes // 2
+    return status, words
 
 
 @njit(cache=True, nogil=True)
