@@ -223,9 +223,10 @@ def bench_synthetic(layers: int, hidden: int, reps: int, device: str, tmp: Path,
     Llama of ``layers`` blocks of width ``hidden`` whose weights are drawn from N(0, 0.02^2) (not a trained
     model: its ratio is no claim; the timings are), saved in BF16 and compressed as ``unweight compress --method
     lossless`` does. Timed, best of ``reps`` after a warm-up (Triton compiles the kernels once): the folder
-    decoded on the device (in batches of ``unweight.hf.BATCH_BYTES`` of parts), decoded on the CPU and moved
-    (``UNWEIGHT_GPU_DECODE=0``), and the dense folder; the first two compared bit for bit with the third.
-    ``batches``: also the first way with ``BATCH_BYTES`` set to each of these MB. With ``profile``, where one
+    decoded on the device (in batches of ``unweight.hf``'s size for that device: ``GPU_BATCH_BYTES`` on CUDA,
+    ``BATCH_BYTES`` on the CPU), decoded on the CPU and moved (``UNWEIGHT_GPU_DECODE=0``), and the dense folder;
+    the first two compared bit for bit with the third. ``batches``: also the first way with that batch size set to
+    each of these MB. With ``profile``, where one
     decoding load spends its time: in which of the GPU decoder's steps (:func:`inside`), and in which kernels
     and copies on the device."""
     from safetensors.torch import save_file
@@ -263,16 +264,17 @@ def bench_synthetic(layers: int, hidden: int, reps: int, device: str, tmp: Path,
         return time.perf_counter() - t0, model.state_dict()
 
     load(comp, True)  # compiles the kernels
-    ways = {"from_pretrained gpu": (comp, True, hf.BATCH_BYTES), "from_pretrained cpu+move": (comp, False, None),
+    ways = {"from_pretrained gpu": (comp, True, None), "from_pretrained cpu+move": (comp, False, None),
             "from_pretrained dense": (dense, True, None)}
     ways.update({f"from_pretrained gpu, batches of {mb} MB": (comp, True, mb << 20) for mb in batches})
-    best, out, default = dict.fromkeys(ways, float("inf")), {}, hf.BATCH_BYTES
+    knob = "GPU_BATCH_BYTES" if device == "cuda" else "BATCH_BYTES"  # (hf._batch_bytes: the size on that device)
+    best, out, default = dict.fromkeys(ways, float("inf")), {}, getattr(hf, knob)
     for _ in range(reps):
         for way, (folder, on_gpu, batch) in ways.items():
-            hf.BATCH_BYTES = batch or default
+            setattr(hf, knob, batch or default)
             sec, out[way] = load(folder, on_gpu)
             best[way] = min(best[way], sec)
-    hf.BATCH_BYTES = default
+    setattr(hf, knob, default)
     if profile:
         res["host"] = inside(lambda: load(comp, True))
         if device == "cuda":
@@ -300,8 +302,8 @@ def main():
     ap.add_argument("--folders", action="store_true", help="also time loading a compressed HF folder")
     ap.add_argument("--synthetic", metavar="LAYERSxHIDDEN", help="also time from_pretrained onto the device on a "
                     "Llama of Gaussian weights of this size, e.g. 16x2048 (1.9 GB in bf16): no bundled model needed")
-    ap.add_argument("--batch-mb", default="", help="with --synthetic: also from_pretrained gpu with "
-                    "unweight.hf.BATCH_BYTES set to each of these MB, e.g. 1024,4096")
+    ap.add_argument("--batch-mb", default="", help="with --synthetic: also from_pretrained gpu with its batches "
+                    "(unweight.hf.GPU_BATCH_BYTES on CUDA) set to each of these MB, e.g. 256,1024")
     ap.add_argument("--write-payload", metavar="FILE", help="write the first model's parts (first dtype and chunk "
                     "size) to FILE and stop: what a GPU machine without the bundled models measures")
     ap.add_argument("--payload", nargs="+", metavar="FILE", help="measure these written payloads instead of models")
@@ -335,9 +337,11 @@ def main():
             label = dict(f.metadata() or {}, payload=Path(path).name)
         parts = load_file(path)
         report["results"].append(measure(label, parts, args.reps, args.device, profile=args.profile))
-        for chunk in map(int, filter(None, args.rechunk.split(",") if i == 0 else [])):
+        rechunk = [int(c) for c in args.rechunk.split(",") if c] if i == 0 else []
+        if rechunk:
             from unweight.lossless import format as fmt
             tensors = decode_tensors(parts, fmt.encoded_names(parts), THREADS)
+        for chunk in rechunk:
             label = dict(label, chunk=str(chunk), rechunked="here")
             report["results"].append(measure(label, chunked(tensors, chunk), args.reps, args.device, tensors,
                                              args.profile))
