@@ -8,8 +8,9 @@ planes, the chunk checksum (XXH3-64, and XXH64 on the same output for comparison
 The parts are timed by calling the kernels' own pieces (``rans32.decode_keys``, ``chunks._place``, the
 hashes) over every chunk, one piece at a time, and then the chunk decode as ``chunks.range_kernels_v3`` runs it
 (``chunks._decode_hi``: with AVX2 the rANS loop puts most words together itself, ``_place`` the rest; it
-rebuilds the tensor: checked); against the whole decode they show what the rest (tables, headers, output
-memory) costs. BF16 only (the parts are BF16's).
+rebuilds the tensor: checked), and two chunks side by side as ``decode_range`` runs them (``chunks._decode_hi_pair``;
+"rANS loop, pairs": ``rans32.decode_keys_pair_plain``, the symbols only); against the whole decode they show what
+the rest (tables, headers, output memory) costs. BF16 only (the parts are BF16's).
 """
 
 import argparse
@@ -34,6 +35,26 @@ def _parts(code, off, nch, cw, numel, row_len, q, nph, k, dec, offv, syms, out, 
     counts, at = np.zeros(nph, np.int64), np.zeros(nph, np.int64)
     r = 8 - k
     acc = np.uint64(0)
+    if what >= 5:  # two chunks side by side: the rANS loops alone (6), or as the kernel decodes them (5)
+        counts2, at2 = np.zeros((2, nph), np.int64), np.zeros((2, nph), np.int64)
+        for c in range(0, nch - 1, 2):
+            c0, c1 = c * cw, (c + 1) * cw
+            n, n1 = min(cw, numel - c0), min(cw, numel - c1)
+            if what == 6:
+                _, wa, la, _, _ = chunks._segment(code, off[c], off[c + 1] - off[c], n, r)
+                _, wb, lb, _, _ = chunks._segment(code, off[c + 1], off[c + 2] - off[c + 1], n1, r)
+                rans.phase_counts(c0, n, row_len, q, nph, counts2[0])
+                rans.phase_counts(c1, n1, row_len, q, nph, counts2[1])
+                ra, rb = rans32.decode_keys_pair_plain((wa, la, counts2[0], syms[:cw], ()),
+                                                       (wb, lb, counts2[1], syms[cw:], ()), dec, 1 << k, offv)
+                acc += ra + rb
+                continue
+            ra, rb = chunks._decode_hi_pair(code, off[c], off[c + 1] - off[c], c0, n, off[c + 1],
+                                            off[c + 2] - off[c + 1], c1, n1, row_len, q, nph, 8, k, dec, offv,
+                                            out[c0:c0 + n], out[c1:c1 + n1], syms, zeros, counts2, at2, False, plan,
+                                            fix)
+            acc += ra + rb
+        return acc
     for c in range(nch):
         c0 = c * cw
         n = min(cw, numel - c0)
@@ -91,16 +112,18 @@ def main():
     out_u8 = np.empty(numel * 2, np.uint8)
     out = out_u8.view(np.uint16)
     parts = {"w" + s: torch.from_numpy(a) for s, a in p.items()}
-    labels = ("rANS loop", "words", "XXH3-64", "XXH64 (version 3's)", "chunk decode (fused)", "whole decode_tensor")
+    syms, plan, fix = np.empty(2 * cw, np.uint16), np.empty(2 * plan.size, np.int32), np.empty(2 * fix.size, np.int32)
+    labels = ("rANS loop", "words", "XXH3-64", "XXH64 (version 3's)", "chunk decode (fused)", "chunk pairs (fused)",
+              "rANS loop, pairs", "whole decode_tensor")
     best = [float("inf")] * len(labels)
     for _ in range(args.reps):
-        for what in range(5):
+        for what in range(7):
             t0 = time.perf_counter()
             _parts(code, off, nch, cw, numel, row_len, q, nph, k, dec, offv, syms, out, out_u8, what, zeros, plan, fix)
             best[what] = min(best[what], time.perf_counter() - t0)
         t0 = time.perf_counter()
         fmt.decode_tensor(parts, "w", threads=1)
-        best[5] = min(best[5], time.perf_counter() - t0)
+        best[7] = min(best[7], time.perf_counter() - t0)
     # the last pass decoded chunk by chunk as the kernel does: it rebuilt the tensor
     assert np.array_equal(out, t.view(torch.int16).numpy().reshape(-1).view(np.uint16)), "the parts did not rebuild it"
     print(f"{args.model} {name} in bf16: {numel:,} values, {nch} chunks, k = {k}, {nph} phase(s); ns per value:")

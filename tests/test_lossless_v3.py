@@ -96,6 +96,74 @@ def test_decoder_reports_a_short_or_overlong_segment(vector):
     assert _decode(words, rans32.STATE_WORDS - 1, n, counts, dec, 4, off, vector)[0] == rans.ERR_OVERRUN
 
 
+@njit
+def _decode_pair(wa, la, ca, wb, lb, cb, dec, kz, off):
+    oa, ob = np.zeros(ca.sum(), np.uint16), np.zeros(cb.sum(), np.uint16)
+    ra, rb = rans32.decode_keys_pair_plain((wa, la, ca, oa, ()), (wb, lb, cb, ob, ()), dec, kz, off)
+    return ra, rb, oa, ob
+
+
+@settings(max_examples=60, deadline=None)
+@given(seed=st.integers(0, 2**32 - 1), nph=st.integers(1, 4), na=st.integers(0, 2500), nb=st.integers(0, 2500),
+       harm=st.tuples(*[st.sampled_from(["none", "short", "long", "flip", "states"])] * 2))
+def test_two_segments_side_by_side_decode_as_each_alone(seed, nph, na, nb, harm):
+    """Two segments (any lengths, any runs per phase) decoded side by side give each one's symbols and status
+    as decoding it alone does, whole or harmed (cut short, one word too long, a word flipped, too short even
+    for its states): the one never stops or misleads the other."""
+    rng = np.random.default_rng(seed)
+    k = 2
+    space, alphabet, freq, ent, dec, off = _tables(rng, nph, k, 2, 60, 2)
+    segs = []
+    for n, how in zip((na, nb), harm):
+        counts = np.diff(np.sort(np.r_[0, rng.integers(0, n + 1, nph - 1), n])).astype(np.int64)
+        phase = np.repeat(np.arange(nph), counts)
+        sym = np.array([rng.choice(alphabet[freq[p] > 0]) for p in phase], np.int64).reshape(-1)
+        seg = _encode_both((phase * space + sym).astype(np.uint16), ent)[1]
+        words, limit = np.concatenate([seg, np.zeros(rans32.LANES, np.uint16)]), seg.size
+        if how == "short":
+            limit -= int(rng.integers(1, 6))
+        elif how == "long":
+            limit += 1
+        elif how == "flip":
+            words[int(rng.integers(0, seg.size))] ^= np.uint16(rng.integers(1, 1 << 16))
+        elif how == "states":
+            limit = int(rng.integers(0, rans32.STATE_WORDS))
+        segs.append((words, limit, counts))
+    ra, rb, oa, ob = _decode_pair(*segs[0], *segs[1], dec, 1 << k, off)
+    for (words, limit, counts), rc, out in zip(segs, (ra, rb), (oa, ob)):
+        want_rc, want = _decode(words, limit, counts.sum(), counts, dec, 1 << k, off, True)
+        assert rc == want_rc and np.array_equal(out, want)
+
+
+def test_chunks_decoded_two_by_two_name_the_one_at_fault(monkeypatch):
+    """A tensor's chunks go through the decoder two by two; a byte flipped in one chunk's rANS words names that
+    chunk, so its partner decoded whole."""
+    monkeypatch.setattr(fmt, "CHUNK_WEIGHTS", 4096)
+    t = torch.from_numpy(np.random.default_rng(5).standard_normal((64, 256)) * 0.02).to(torch.bfloat16)
+    parts = {"w" + k: torch.from_numpy(v) for k, v in fmt.encode_streams(t).items()}
+    off = parts["w" + fmt.OFFSETS].numpy()
+    assert parts["w" + fmt.MODES].tolist() == [chunks.MODE_CODED] * 4
+    for c in range(4):
+        bad = dict(parts)
+        bad["w" + fmt.CODE] = parts["w" + fmt.CODE].clone()
+        bad["w" + fmt.CODE].numpy()[off[c] + 300] ^= 0x5A  # past the flushed states, in the words
+        with pytest.raises(UnweightError, match=f"chunk {c} of 4"):
+            decode_tensor(bad, "w", threads=1)
+
+
+def test_chunk_width_cuts_a_tensor_into_pairs_of_chunks_of_about_equal_size():
+    for numel in (1, fmt.PAIR_MIN - 1, fmt.PAIR_MIN, 147456, 589824, 1 << 20, (1 << 20) + 1, 1310720, 11720448,
+                  45088768, 151_000_001):
+        w = fmt.chunk_width(numel)
+        nchunks = -(-numel // w)
+        assert 0 < w <= fmt.CHUNK_WEIGHTS and w % 2 == 0
+        if numel < fmt.PAIR_MIN:
+            assert w == fmt.CHUNK_WEIGHTS
+        else:
+            assert nchunks % 2 == 0 and nchunks * fmt.CHUNK_WEIGHTS < numel + 2 * fmt.CHUNK_WEIGHTS
+            assert numel - (nchunks - 1) * w > w - 2 * nchunks  # the last chunk is about as long as the others
+
+
 def test_build_tables_refuses_frequencies_that_do_not_sum_to_the_scale():
     freq = np.array([[100, 200]], np.uint32)
     assert rans32.build_tables(np.array([5, 9]), freq, 1024, np.array([5, 9]), np.zeros(1024, np.uint32),

@@ -474,6 +474,44 @@ def _plan_groups(plan, fix, c0, n, row_len, q, nph, counts, at, e, emax):
 
 
 @njit(inline="always")
+def _loop_places(row_len, n, mp):
+    """Whether the rANS loop may put a chunk's words together itself (:func:`_plan_groups`' conditions)."""
+    return simd.AVAILABLE and row_len >= rans32.LANES and mp // 8 >= rans32.LANES and n < 1 << 24
+
+
+@njit(inline="always")
+def _bit_planes(pls, h, e, r, zeros, wide):
+    """A chunk's planes of raw bits 4, 5, ... as the loop's placer takes them (zeros where ``r`` lacks them):
+    two for BF16, four for FP16 (``wide``)."""
+    p4 = pls[h:] if r > 4 else zeros
+    p5 = pls[h + e:] if r > 5 else zeros
+    if wide:
+        return p4, p5, pls[h + 2 * e:] if r > 6 else zeros, pls[h + 3 * e:] if r > 7 else zeros
+    return p4, p5
+
+
+@njit(inline="always")
+def _place_fix(fix, nfix, syms, k, emax, pls, mp, r, zeros, hw, wide):
+    """The runs :func:`_plan_groups` left to :func:`_place`."""
+    for j in range(nfix):
+        m, a, cnt, rot = fix[4 * j], fix[4 * j + 1], fix[4 * j + 2], fix[4 * j + 3]
+        _place(syms, m, a, a + cnt, k, rot, emax, pls, mp, r, zeros, hw, wide)
+
+
+@njit(inline="always")
+def _place_rows(syms, c0, n, row_len, q, nph, k, emax, pls, mp, r, zeros, hw, wide, counts, at):
+    """A chunk's words from its symbols, row by row in tensor order, each phase's symbols read from where its
+    run has got to (phase by phase, the rows of one phase were a strided walk: 0.54 against 0.25 ns per value)."""
+    _phase_starts(counts, at)
+    for row in range(c0 // row_len, (c0 + n - 1) // row_len + 1):
+        qr = np.int64(q[row])
+        ph = qr % nph
+        s, e = max(c0, row * row_len), min(c0 + n, (row + 1) * row_len)
+        _place(syms, at[ph], s - c0, e - c0, k, (qr // nph) % emax, emax, pls, mp, r, zeros, hw, wide)
+        at[ph] += e - s
+
+
+@njit(inline="always")
 def _decode_hi(code, s0, seglen, c0, n, row_len, q, nph, ebits, k, dec, off, hw, syms, zeros, counts, at, wide, plan,
                fix):
     """A chunk's coded segment ``code[s0:s0 + seglen]`` back to its hi words ``hw`` (``hw[i]`` is value
@@ -487,36 +525,56 @@ def _decode_hi(code, s0, seglen, c0, n, row_len, q, nph, ebits, k, dec, off, hw,
         return rc
     rans.phase_counts(c0, n, row_len, q, nph, counts)
     h, e = mp // 2, mp // 8
-    if simd.AVAILABLE and row_len >= rans32.LANES and e >= rans32.LANES and n < 1 << 24:
+    if _loop_places(row_len, n, mp):
         nfix = _plan_groups(plan, fix, c0, n, row_len, q, nph, counts, at, e, emax)
-        p4 = pls[h:] if r > 4 else zeros
-        p5 = pls[h + e:] if r > 5 else zeros
-        if wide:  # FP16's planes of raw bits 4 .. 7 (the loop then a kernel of its own)
-            bits = (p4, p5, pls[h + 2 * e:] if r > 6 else zeros, pls[h + 3 * e:] if r > 7 else zeros)
-            rc = rans32.decode_keys_placed(words, limit, n, counts, dec, 1 << k, off, syms,
-                                           (plan, hw, pls, bits, k, h, e, r, emax))
-        else:
-            rc = rans32.decode_keys_placed(words, limit, n, counts, dec, 1 << k, off, syms,
-                                           (plan, hw, pls, (p4, p5), k, h, e, r, emax))
-        if rc != rans.OK:
-            return rc
-        for j in range(nfix):
-            m, a, cnt, rot = fix[4 * j], fix[4 * j + 1], fix[4 * j + 2], fix[4 * j + 3]
-            _place(syms, m, a, a + cnt, k, rot, emax, pls, mp, r, zeros, hw, wide)
-        return rans.OK
-    rc = rans32.decode_keys(words, limit, n, counts, dec, 1 << k, off, syms)
-    if rc != rans.OK:
+        rc = rans32.decode_keys_placed(words, limit, n, counts, dec, 1 << k, off, syms,
+                                       (plan, hw, pls, _bit_planes(pls, h, e, r, zeros, wide), k, h, e, r, emax))
+        if rc == rans.OK:
+            _place_fix(fix, nfix, syms, k, emax, pls, mp, r, zeros, hw, wide)
         return rc
-    # rows in tensor order, each phase's symbols read from where its run has got to
-    # (phase by phase, the rows of one phase were a strided walk: 0.54 against 0.25 ns per value)
-    _phase_starts(counts, at)
-    for row in range(c0 // row_len, (c0 + n - 1) // row_len + 1):
-        qr = np.int64(q[row])
-        ph = qr % nph
-        s, e = max(c0, row * row_len), min(c0 + n, (row + 1) * row_len)
-        _place(syms, at[ph], s - c0, e - c0, k, (qr // nph) % emax, emax, pls, mp, r, zeros, hw, wide)
-        at[ph] += e - s
-    return rans.OK
+    rc = rans32.decode_keys(words, limit, n, counts, dec, 1 << k, off, syms)
+    if rc == rans.OK:
+        _place_rows(syms, c0, n, row_len, q, nph, k, emax, pls, mp, r, zeros, hw, wide, counts, at)
+    return rc
+
+
+@njit(inline="always")
+def _pairs(code, s0, seglen, n, row_len, ebits, k):
+    """Whether a coded chunk may be decoded beside another (:func:`_decode_hi_pair`): its segment splits and
+    the loop places its words."""
+    rc, _, _, _, mp = _segment(code, s0, seglen, n, 16 - ebits - k)
+    return rc == rans.OK and _loop_places(row_len, n, mp)
+
+
+@njit(inline="always")
+def _decode_hi_pair(code, sa, la, ca, na, sb, lb, cb, nb, row_len, q, nph, ebits, k, dec, off, hwa, hwb, syms,
+                    zeros, counts, at, wide, plan, fix):
+    """:func:`_decode_hi` of two chunks that :func:`_pairs` (chunk ``a``: segment at ``sa`` of ``la`` bytes,
+    first value ``ca``, ``na`` values), their rANS loops run side by side (``rans32.decode_keys_pair``); the
+    scratch (``syms``, ``counts``, ``at``, ``plan``, ``fix``) holds two halves. Returns both statuses, the
+    same as one by one. On minilm-l6's BF16 embedding (Zen 5, one thread, ``bench/lossless_parts.py``): 0.574-0.581
+    ns per value against 0.63-0.65 one chunk at a time."""
+    r = 16 - ebits - k
+    emax = (1 << ebits) - 1
+    _, wa, lima, pla, mpa = _segment(code, sa, la, na, r)
+    _, wb, limb, plb, mpb = _segment(code, sb, lb, nb, r)
+    sya, syb = syms[:syms.size // 2], syms[syms.size // 2:]
+    pna, pnb = plan[:plan.size // 2], plan[plan.size // 2:]
+    fxa, fxb = fix[:fix.size // 2], fix[fix.size // 2:]
+    rans.phase_counts(ca, na, row_len, q, nph, counts[0])
+    rans.phase_counts(cb, nb, row_len, q, nph, counts[1])
+    ha, ea, hb, eb = mpa // 2, mpa // 8, mpb // 2, mpb // 8
+    nfa = _plan_groups(pna, fxa, ca, na, row_len, q, nph, counts[0], at[0], ea, emax)
+    nfb = _plan_groups(pnb, fxb, cb, nb, row_len, q, nph, counts[1], at[1], eb, emax)
+    rca, rcb = rans32.decode_keys_pair(
+        (wa, lima, counts[0], sya, (pna, hwa, pla, _bit_planes(pla, ha, ea, r, zeros, wide), k, ha, ea, r, emax)),
+        (wb, limb, counts[1], syb, (pnb, hwb, plb, _bit_planes(plb, hb, eb, r, zeros, wide), k, hb, eb, r, emax)),
+        dec, 1 << k, off)
+    if rca == rans.OK:
+        _place_fix(fxa, nfa, sya, k, emax, pla, mpa, r, zeros, hwa, wide)
+    if rcb == rans.OK:
+        _place_fix(fxb, nfb, syb, k, emax, plb, mpb, r, zeros, hwb, wide)
+    return rca, rcb
 
 
 @njit(inline="always")
@@ -565,6 +623,21 @@ def _make_ranges_v3(stamp, ebits, use_xxh3):
                 low_sizes[c] = end - low_base
                 low_base = end
 
+    @njit(inline="always")
+    def _close(c, rc, c0, n, is32, low, low_off, hw, out, out_u8, low_words, check, status):
+        """Chunk ``c``'s status once its hi words are decoded (``rc``): FP32's low halves joined, the checksum."""
+        if rc == rans.OK and is32 and not join_low(low[low_off[c]:low_off[c + 1]], n, hw, out[c0:c0 + n],
+                                                    low_words):
+            rc = ERR_LOW
+        if rc == rans.OK:
+            if use_xxh3:
+                h = xxh3_64(out_u8, c0 * out.itemsize, n * out.itemsize)
+            else:
+                h = xxh64(out_u8, c0 * out.itemsize, n * out.itemsize)
+            if h != check[c]:
+                rc = ERR_CHECKSUM
+        status[c] = rc
+
     @njit(cache=True, nogil=True)
     def decode_range(code, code_off, modes, check, low, low_off, lo, hi, chunk_w, numel, row_len, q, nph, k,
                      dec, off, out, out_u8, syms, zeros, hw, low_words, plan, fix, status):
@@ -573,9 +646,28 @@ def _make_ranges_v3(stamp, ebits, use_xxh3):
         :func:`fields.join_low`'s scratch)."""
         assert stamp != 0
         is32 = out.itemsize == 4
-        counts, at = np.zeros(nph, np.int64), np.zeros(nph, np.int64)
-        for c in range(lo, hi):
+        counts, at = np.zeros((2, nph), np.int64), np.zeros((2, nph), np.int64)
+        cw = min(chunk_w, numel)
+        c = lo
+        while c < hi:
             c0, n, s0, seglen = _chunk_at(c, chunk_w, numel, code_off)
+            if c + 1 < hi and modes[c] == MODE_CODED and modes[c + 1] == MODE_CODED:  # two side by side
+                c1, n1, s1, seglen1 = _chunk_at(c + 1, chunk_w, numel, code_off)
+                if _pairs(code, s0, seglen, n, row_len, ebits, k) and _pairs(code, s1, seglen1, n1, row_len, ebits,
+                                                                             k):
+                    if is32:  # the hi halves into hw's two halves
+                        rca, rcb = _decode_hi_pair(code, s0, seglen, c0, n, s1, seglen1, c1, n1, row_len, q, nph,
+                                                   ebits, k, dec, off, hw[:n], hw[cw:cw + n1], syms, zeros, counts,
+                                                   at, wide, plan, fix)
+                    else:
+                        rca, rcb = _decode_hi_pair(code, s0, seglen, c0, n, s1, seglen1, c1, n1, row_len, q, nph,
+                                                   ebits, k, dec, off, out[c0:c0 + n], out[c1:c1 + n1], syms, zeros,
+                                                   counts, at, wide, plan, fix)
+                    _close(c, rca, c0, n, is32, low, low_off, hw[:n], out, out_u8, low_words, check, status)
+                    _close(c + 1, rcb, c1, n1, is32, low, low_off, hw[cw:cw + n1], out, out_u8, low_words, check,
+                           status)
+                    c += 2
+                    continue
             mode = modes[c]
             rc = rans.OK
             if mode == MODE_RAW:
@@ -588,22 +680,13 @@ def _make_ranges_v3(stamp, ebits, use_xxh3):
             elif mode == MODE_CODED:
                 if is32:
                     rc = _decode_hi(code, s0, seglen, c0, n, row_len, q, nph, ebits, k, dec, off, hw[:n], syms,
-                                    zeros, counts, at, wide, plan, fix)
+                                    zeros, counts[0], at[0], wide, plan, fix)
                 else:
                     rc = _decode_hi(code, s0, seglen, c0, n, row_len, q, nph, ebits, k, dec, off, out[c0:c0 + n],
-                                    syms, zeros, counts, at, wide, plan, fix)
+                                    syms, zeros, counts[0], at[0], wide, plan, fix)
             else:
                 rc = ERR_MODE
-            if rc == rans.OK and is32 and not join_low(low[low_off[c]:low_off[c + 1]], n, hw, out[c0:c0 + n],
-                                                        low_words):
-                rc = ERR_LOW
-            if rc == rans.OK:
-                if use_xxh3:
-                    h = xxh3_64(out_u8, c0 * out.itemsize, n * out.itemsize)
-                else:
-                    h = xxh64(out_u8, c0 * out.itemsize, n * out.itemsize)
-                if h != check[c]:
-                    rc = ERR_CHECKSUM
-            status[c] = rc
+            _close(c, rc, c0, n, is32, low, low_off, hw[:n], out, out_u8, low_words, check, status)
+            c += 1
 
     return encode_range, decode_range

@@ -26,7 +26,8 @@ FORMAT_VERSION = 4  # written for every dtype (FP8 since 2026-11-28; before, as 
 READ_VERSIONS = (2, 3, 4)
 LANES32 = (3, 4)  # the versions of 32 rANS lanes, raw bits in planes; 4 checks its chunks with XXH3-64, 3 XXH64
 MAGIC = 0x4C4C5755  # "UWLL" little-endian
-CHUNK_WEIGHTS = 1 << 20  # values per chunk (see docs/format.md: each chunk costs 128 bytes of flushed states)
+CHUNK_WEIGHTS = 1 << 20  # values per chunk at most (see docs/format.md: each chunk costs 128 bytes of flushed states)
+PAIR_MIN = 1 << 16  # a tensor of at least this many values is cut into an even number of chunks (chunk_width)
 
 HEAD = ".ul.head"
 CODE = ".ul.code"
@@ -130,11 +131,13 @@ def _scratch(key: str, n: int, dtype) -> np.ndarray:
 def _v3_buffers(cw: int) -> tuple[np.ndarray, ...]:
     """The version 3/4 decoder's work buffers for chunks of up to ``cw`` values, kept per thread, passed whole
     (the kernels use what a chunk needs): the symbols, FP32's hi halves, :func:`fields.join_low`'s block,
-    ``chunks._plan_groups``' plan and runs (its bound)."""
+    ``chunks._plan_groups``' plan and runs (its bound); each but the block twice over, for two chunks decoded side
+    by side (``chunks._decode_hi_pair``)."""
     bufs = getattr(_LOCAL, "dec_v3", None)
-    if bufs is None or bufs[0].size < cw:
-        bufs = _LOCAL.dec_v3 = (np.empty(cw, np.uint16), np.empty(cw, np.uint16), np.empty(LOW_BLOCK, np.uint16),
-                                np.empty(cw // rans32.LANES + 1, np.int32), np.empty(4 * (cw // 16 + 16), np.int32))
+    if bufs is None or bufs[0].size < 2 * cw:
+        bufs = _LOCAL.dec_v3 = (np.empty(2 * cw, np.uint16), np.empty(2 * cw, np.uint16),
+                                np.empty(LOW_BLOCK, np.uint16), np.empty(2 * (cw // rans32.LANES + 1), np.int32),
+                                np.empty(8 * (cw // 16 + 16), np.int32))
     return bufs
 
 
@@ -213,7 +216,7 @@ def encode_tensors(tensors: dict[str, torch.Tensor], threads: int | None = None)
     """:func:`encode_tensor` of each of ``tensors`` (name to its parts), the work spread over up to ``threads``
     threads (default: torch's) as :func:`_spread` says (most matrices are one chunk, which one thread codes).
     The output does not depend on ``threads``."""
-    sizes = {n: (t.numel(), -(-t.numel() // CHUNK_WEIGHTS)) for n, t in tensors.items()}
+    sizes = {n: (t.numel(), -(-t.numel() // chunk_width(t.numel()))) for n, t in tensors.items()}
     return _spread(sizes, pool.resolve(threads), lambda n, th: encode_tensor(tensors[n], th))
 
 
@@ -222,13 +225,13 @@ SMALL = 1 << 16  # values: a tensor under this is mostly Python (header, tables,
 
 def _spread(sizes: dict[str, tuple[int, int]], threads: int, one) -> dict:
     """``one(name, threads)`` for each name of ``sizes`` (its values and chunks), in that order: a tensor of at
-    least ``threads`` chunks on all the threads, then the others side by side, ``one(name, 1)`` each: first the
+    least two chunks per thread on all the threads, then the others side by side, ``one(name, 1)`` each: first the
     small ones (under :data:`SMALL` values) together as one task, then the others largest first. The small
     ones' Python then runs on one thread while the others' kernels run on the rest, instead of all threads
     taking turns at the GIL at the end. minilm-l6 on two threads (``bench/lossless.py``, two rounds against
     largest first): decode bf16 3195-3227 against 2991-3109 MB/s, fp16 3130-3260 against 3038-3188, fp32
     5222-5479 against 4745-4832; encode bf16 1308-1312 against 1102-1260, fp32 1932-2050 against 1606-1827."""
-    wide = [n for n in sizes if sizes[n][1] >= threads > 1]
+    wide = [n for n in sizes if sizes[n][1] >= 2 * threads > 2]  # a pair of chunks (chunk_width) for each thread
     out = {n: one(n, threads) for n in wide}
     rest = sorted((n for n in sizes if n not in out), key=lambda n: -sizes[n][0])
     small = [n for n in rest if sizes[n][0] < SMALL]
@@ -238,6 +241,18 @@ def _spread(sizes: dict[str, tuple[int, int]], threads: int, one) -> dict:
     out.update(zip(small, first))
     out.update(zip(big, others))
     return {n: out[n] for n in sizes}
+
+
+def chunk_width(numel: int) -> int:
+    """Values per chunk for a tensor of ``numel`` values: :data:`CHUNK_WEIGHTS`, except that a tensor of at
+    least :data:`PAIR_MIN` values is cut into an even number of chunks of (about) equal size, no longer than
+    that: the decoder runs a tensor's chunks two by two (``chunks._decode_hi_pair``, twice the steps in flight).
+    The width is even (FP8's segments), and the header records it."""
+    if numel < PAIR_MIN:
+        return CHUNK_WEIGHTS
+    pairs = -(-numel // (2 * CHUNK_WEIGHTS))
+    w = -(-numel // (2 * pairs))
+    return min(w + (w & 1), CHUNK_WEIGHTS)
 
 
 def encode_streams(t: torch.Tensor, threads: int | None = None, shrink: bool = True,
@@ -256,7 +271,7 @@ def encode_streams(t: torch.Tensor, threads: int | None = None, shrink: bool = T
     threads = pool.resolve(threads)
     vals = as_words(t)
     numel = vals.size
-    chunk_w = CHUNK_WEIGHTS
+    chunk_w = chunk_width(numel)
     nchunks = -(-numel // chunk_w)
     shape = tuple(t.shape)
     plan = model.plan(vals, lay, shape, nchunks, threads, zero_apart=version in LANES32) if numel else None
@@ -588,7 +603,7 @@ def decode_prepared(p: Prepared, threads: int) -> torch.Tensor:
             decode_v3(code, offsets, modes, check, low, low_offsets, lo, hi, chunk_w, numel, row_len, q, nph, k,
                       dec, off, out, out_u8, syms, zeros, hw, low_words, plan, fix, status)
 
-        pool.run_ranges(task3, nchunks, threads)
+        pool.run_ranges(task3, nchunks, threads, unit=2)  # chunks two by two (chunks._decode_hi_pair)
         return _decoded(name, status, nchunks, nbytes, out_u8, shape, lay)
     decode_range = chunks.range_kernels(hbits)[1]
 

@@ -58,16 +58,17 @@ def run_tasks(tasks, threads: int) -> list:
     return results
 
 
-def run_ranges(task, n: int, threads: int, per_thread: int = 4) -> list[tuple[int, int]]:
+def run_ranges(task, n: int, threads: int, per_thread: int = 4, unit: int = 1) -> list[tuple[int, int]]:
     """Call ``task(lo, hi)`` over contiguous ranges covering ``range(n)``: one range on one thread,
-    else up to ``per_thread`` ranges per thread (so an uneven range does not leave a thread idle).
-    Returns the ranges, in order."""
-    if threads <= 1 or n <= 1:  # no pool, no lists: small tensors are many, and this is all overhead
+    else up to ``per_thread`` ranges per thread (so an uneven range does not leave a thread idle), each
+    starting at a multiple of ``unit`` (the decoder's chunks go two by two). Returns the ranges, in order."""
+    if threads <= 1 or n <= unit:  # no pool, no lists: small tensors are many, and this is all overhead
         if n > 0:
             task(0, n)
         return [(0, n)] if n > 0 else []
-    nranges = min(n, threads * per_thread)  # >= 2, and every range non-empty
-    bounds = [n * i // nranges for i in range(nranges + 1)]
+    m = -(-n // unit)
+    nranges = min(m, threads * per_thread)  # >= 2, and every range non-empty
+    bounds = [min(n, unit * (m * i // nranges)) for i in range(nranges + 1)]
     ranges = list(zip(bounds[:-1], bounds[1:]))
     run_tasks([lambda a=a, b=b: task(a, b) for a, b in ranges], threads)
     return ranges

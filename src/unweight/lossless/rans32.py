@@ -1,4 +1,5 @@
-"""Format version 3's coder: 32 interleaved rANS lanes of 32-bit states, eight per AVX2 vector.
+"""Format version 3's coder: 32 interleaved rANS lanes of 32-bit states, eight per AVX2 vector (sixteen per
+AVX-512 vector in the decoder).
 
 rANS: J. Duda (arXiv:1311.2540); interleaved and word-renormalised after F. Giesen, "Interleaved
 entropy coders" (arXiv:1402.3392), section 5, here widened to eight 32-bit lanes per ``<8 x i32>``.
@@ -21,7 +22,10 @@ bits, row-lowered by ``model.lower``) is coded, keyed by ``phase * space + symbo
   ``vpermd`` chosen by the 8-bit mask of needy lanes, the encoder packs them the same way.
 
 The raw bits travel apart, in bit planes (:mod:`planes`). The scalar loops are the reference; the
-vector loops (:data:`simd.AVAILABLE`) give the same words and keys (tested). :func:`decode_keys_placed` is the
+vector loops (:data:`simd.AVAILABLE`) give the same words and keys (tested). One chunk's loop is one chain of
+dependent steps, paced by the table lookup's latency: :func:`decode_keys_pair` steps two chunks' lanes in one
+loop (``docs/format.md``, "Two chunks side by side": on minilm-l6's BF16 embedding 0.315 against 0.498 ns per
+value for the loop). :func:`decode_keys_placed` is the
 vector decoder that also puts whole groups' words together from their symbols and raw bits, off the loop's
 chain of dependent steps (``chunks._plan_groups`` says which; :class:`_Placer`). Measured before it was
 built (``bench/rans32_prototype.py``): 1.4-2.0x version 2's decode loop, 1.9-2.3x its encode loop. As
@@ -117,16 +121,18 @@ def encode_groups_scalar(keys, x, ngroups, ent, out, pos):
 
 
 @njit(inline="always")
-def decode_groups_scalar(words, x, ngroups, dec, tb, kz, off, out, i, p, limit):
-    """Whole groups from ``words`` at ``p`` into ``out[i:]`` with the decode table at ``tb``; stops
-    before a group once ``p > limit``. Returns ``p``."""
-    for g in range(ngroups):
-        if p > limit:
-            break
+def decode_groups_scalar(streams, ngroups, dec, kz, off):
+    """Whole groups of the one stream ``(words, x, tb, out, i, p, limit, extra)``: from ``words`` at ``p``
+    (states ``x``, uint32[LANES], updated in place) into ``out[i:]`` with the decode table at ``dec[tb:]``;
+    stops before a group once ``p > limit``. Returns (the groups decoded, ``p``)."""
+    words, x, tb, out, i, p, limit, _ = streams[0]
+    g = 0
+    while g < ngroups and p <= limit:
         for j in range(LANES):
             v, p, out[i + g * LANES + j] = _dstep(np.uint64(x[j]), words, p, dec, tb, kz, off)
             x[j] = np.uint32(v)
-    return p
+        g += 1
+    return g, p
 
 
 # ---------------------------------------------------------------------------------------------
@@ -147,62 +153,131 @@ def _avx2(mod):
     return gather, permd, ctpop
 
 
-def _splat(v):
-    return ir.Constant(_V8I32, [v] * 8)
+def _splat(v, n=8):
+    return ir.Constant(ir.VectorType(_I32, n), [v] * n)
 
 
-def _state_ptrs(b, xbase):
-    return [b.bitcast(b.gep(xbase, [ir.Constant(_I64, 8 * v)]), _V8I32.as_pointer()) for v in range(_NVEC)]
+def _state_ptrs(b, xbase, n=8):
+    vt = ir.VectorType(_I32, n).as_pointer()
+    return [b.bitcast(b.gep(xbase, [ir.Constant(_I64, n * v)]), vt) for v in range(LANES // n)]
 
 
-def _decode_intrinsic(place: bool):
-    """The decoder's vector loop over whole groups; with ``place``, one that also puts each group's words
-    together where the chunk's plan says (:func:`decode_keys_placed`)."""
+class _Words8:
+    """AVX2's hand-out of a stream's words to eight lanes: ``vpgatherdd`` for the table entries, and one
+    ``vpermd`` by the 8-bit mask of needy lanes (a table of ranks, :func:`simd.word_ranks`) for the words."""
+
+    n = 8
+
+    def __init__(self, b):
+        self.b = b
+        self.gather, self.permd, self.ctpop = _avx2(b.module)
+        self.lut = simd.constant_table(b.module, "unweight_rans32_word_ranks", simd.word_ranks(8))
+
+    def entries(self, dptr, slots):
+        return self.b.call(self.gather, [ir.Constant(_V8I32, ir.Undefined), dptr, slots, _splat(-1),
+                                         ir.Constant(_I8, 4)])
+
+    def take(self, w, need):
+        """(the words ``w`` (the stream's next eight) handed to the lanes ``need`` in lane order, how many)."""
+        b = self.b
+        mask = b.zext(b.bitcast(need, _I8), _I32)
+        ranks = b.load(b.gep(self.lut, [ir.Constant(_I32, 0), mask]), align=32)
+        return b.call(self.permd, [w, ranks]), b.zext(b.call(self.ctpop, [mask]), _I64)
+
+
+class _Words16:
+    """AVX-512's hand-out to sixteen lanes: ``vpgatherdd zmm``, and ``vpexpandd`` by the mask of needy lanes,
+    no table of ranks."""
+
+    n = 16
+
+    def __init__(self, b):
+        self.b = b
+        v16, m16 = ir.VectorType(_I32, 16), ir.VectorType(ir.IntType(1), 16)
+        mod = b.module
+        self.gather = cgutils.get_or_insert_function(
+            mod, ir.FunctionType(v16, [v16, _I8.as_pointer(), v16, m16, _I32]), "llvm.x86.avx512.mask.gather.dpi.512")
+        self.expand = cgutils.get_or_insert_function(mod, ir.FunctionType(v16, [v16, v16, m16]),
+                                                     "llvm.x86.avx512.mask.expand.v16i32")
+        self.ctpop = cgutils.get_or_insert_function(mod, ir.FunctionType(ir.IntType(16), [ir.IntType(16)]),
+                                                    "llvm.ctpop.i16")
+        self.all = ir.Constant(m16, [1] * 16)
+
+    def entries(self, dptr, slots):
+        return self.b.call(self.gather, [ir.Constant(slots.type, ir.Undefined), dptr, slots, self.all,
+                                         ir.Constant(_I32, 4)])
+
+    def take(self, w, need):
+        b = self.b
+        return (b.call(self.expand, [w, ir.Constant(w.type, ir.Undefined), need]),
+                b.zext(b.call(self.ctpop, [b.bitcast(need, ir.IntType(16))]), _I64))
+
+
+def _decode_intrinsic(place: bool, wide: bool):
+    """The decoder's vector loop over whole groups of one or more chunks' streams side by side (each its own
+    chain of dependent steps: two chunks keep twice as many table lookups in flight); with ``place``, one
+    that also puts each group's words together where its chunk's plan says (:func:`decode_keys_placed`);
+    ``wide``: sixteen lanes per vector (AVX-512, :class:`_Words16`), else eight (:class:`_Words8`).
+
+    ``decode_groups(streams, ngroups, dec, kz, off)``: each stream ``(words, x, tb, out, i, p, limit,
+    extra)`` as :func:`decode_groups_scalar` takes them; stops before a group once any ``p > limit``.
+    Returns (the groups decoded, each stream's ``p``)."""
 
     @intrinsic
-    def decode_groups(typingctx, words, x, ngroups, dec, tb, kz, off, out, i0, p0, limit, extra):
+    def decode_groups(typingctx, streams, ngroups, dec, kz, off):
         i64 = types.int64
-        sig = i64(words, x, i64, dec, i64, i64, i64, out, i64, i64, i64, extra)
+        sig = types.UniTuple(i64, len(streams) + 1)(streams, i64, dec, i64, i64)
 
         def codegen(context, b, signature, args):
-            words_a, x_a, ng, dec_a, tb_v, kz_v, off_v, out_a, i0_v, p0_v, limit_v, extra_v = args
-            ty = signature.args
+            streams_v, ng, dec_a, kz_v, off_v = args
+            sty, dty = signature.args[0], signature.args[2]
             data = lambda t, v: simd.array_data(context, b, t, v)  # noqa: E731
-            wbase, obase = data(ty[0], words_a), data(ty[7], out_a)
-            dptr = b.bitcast(b.gep(data(ty[3], dec_a), [tb_v]), _I8.as_pointer())
-            kz, off = (lanes16.splat(b, v, _V8I32) for v in (kz_v, off_v))
-            gather, permd, ctpop = _avx2(b.module)
-            lut = simd.constant_table(b.module, "unweight_rans32_word_ranks", simd.word_ranks(8))
-            placer = _Placer(context, b, ty[11], extra_v) if place else None
-            xptrs = _state_ptrs(b, data(ty[1], x_a))
-            head, body, done, (g, p), xs = simd.begin_loop(b, xptrs, [ir.Constant(_I64, 0), p0_v])
-            more = b.and_(b.icmp_signed("<", g, ng), b.icmp_signed("<=", p, limit_v))
+            hand = (_Words16 if wide else _Words8)(b)
+            n = hand.n
+            vi32, vi16 = ir.VectorType(_I32, n), ir.VectorType(ir.IntType(16), n)
+            kz, off = (lanes16.splat(b, v, vi32) for v in (kz_v, off_v))
+            dbase = data(dty, dec_a)
+            ss = []  # per stream: (words, dec, out, i0, limit, placer, its states' pointers)
+            for j, st in enumerate(sty.types):
+                words_a, x_a, tb_v, out_a, i0_v, _, limit_v, extra_v = (b.extract_value(b.extract_value(
+                    streams_v, j), m) for m in range(8))
+                ss.append((data(st.types[0], words_a), b.bitcast(b.gep(dbase, [tb_v]), _I8.as_pointer()),
+                           data(st.types[3], out_a), i0_v, limit_v,
+                           _Placer(context, b, st.types[7], extra_v) if place else None,
+                           _state_ptrs(b, data(st.types[1], x_a), n)))
+            p0s = [b.extract_value(b.extract_value(streams_v, j), 5) for j in range(len(ss))]
+            xptrs = [xp for s in ss for xp in s[6]]
+            head, body, done, (g, *ps), xs = simd.begin_loop(b, xptrs, [ir.Constant(_I64, 0), *p0s])
+            more = b.icmp_signed("<", g, ng)
+            for p, s in zip(ps, ss):
+                more = b.and_(more, b.icmp_signed("<=", p, s[4]))
             b.cbranch(more, body, done)
             b.position_at_end(body)
-            base = b.add(i0_v, b.mul(g, ir.Constant(_I64, LANES)))
-            nexts, syms, pn = [], [], p
-            for v, xv in enumerate(xs):
-                e = b.call(gather, [ir.Constant(_V8I32, ir.Undefined), dptr, b.and_(xv, _splat(PROB_SCALE - 1)),
-                                    _splat(-1), ir.Constant(_I8, 4)])
-                i = b.add(base, ir.Constant(_I64, 8 * v))
-                c = b.lshr(e, _splat(24))
-                sv = b.trunc(b.select(b.icmp_unsigned("<", c, kz), c, b.add(c, off)), _V8I16)
-                b.store(sv, b.bitcast(b.gep(obase, [i]), _V8I16.as_pointer()), align=2)
-                syms.append(sv)
-                f = b.add(b.and_(e, _splat(PROB_SCALE - 1)), _splat(1))
-                bias = b.and_(b.lshr(e, _splat(12)), _splat(PROB_SCALE - 1))
-                xn = b.add(b.mul(f, b.lshr(xv, _splat(PROB_BITS))), bias)
-                need = b.icmp_unsigned("<", xn, _splat(STATE_LOW))
-                mask = b.zext(b.bitcast(need, _I8), _I32)
-                w8 = b.load(b.bitcast(b.gep(wbase, [pn]), _V8I16.as_pointer()), align=2)
-                ranks = b.load(b.gep(lut, [ir.Constant(_I32, 0), mask]), align=32)
-                w = b.call(permd, [b.zext(w8, _V8I32), ranks])
-                nexts.append(b.select(need, b.or_(b.shl(xn, _splat(16)), w), xn))
-                pn = b.add(pn, b.zext(b.call(ctpop, [mask]), _I64))
-            if placer is not None:
-                placer.place(base, syms)
-            simd.end_loop(b, head, done, [(g, b.add(g, ir.Constant(_I64, 1))), (p, pn), *zip(xs, nexts)], xs, xptrs)
-            return p
+            nexts, pns, nvec = [], [], LANES // n
+            for j, (wbase, dptr, obase, i0_v, _, placer, _) in enumerate(ss):
+                base = b.add(i0_v, b.mul(g, ir.Constant(_I64, LANES)))
+                syms, pn = [], ps[j]
+                for v, xv in enumerate(xs[j * nvec:(j + 1) * nvec]):
+                    e = hand.entries(dptr, b.and_(xv, _splat(PROB_SCALE - 1, n)))
+                    i = b.add(base, ir.Constant(_I64, n * v))
+                    c = b.lshr(e, _splat(24, n))
+                    sv = b.trunc(b.select(b.icmp_unsigned("<", c, kz), c, b.add(c, off)), vi16)
+                    b.store(sv, b.bitcast(b.gep(obase, [i]), vi16.as_pointer()), align=2)
+                    syms.append(sv)
+                    f = b.add(b.and_(e, _splat(PROB_SCALE - 1, n)), _splat(1, n))
+                    bias = b.and_(b.lshr(e, _splat(12, n)), _splat(PROB_SCALE - 1, n))
+                    xn = b.add(b.mul(f, b.lshr(xv, _splat(PROB_BITS, n))), bias)
+                    need = b.icmp_unsigned("<", xn, _splat(STATE_LOW, n))
+                    w16 = b.load(b.bitcast(b.gep(wbase, [pn]), vi16.as_pointer()), align=2)
+                    w, taken = hand.take(b.zext(w16, vi32), need)
+                    nexts.append(b.select(need, b.or_(b.shl(xn, _splat(16, n)), w), xn))
+                    pn = b.add(pn, taken)
+                pns.append(pn)
+                if placer is not None:
+                    placer.place(base, syms)
+            simd.end_loop(b, head, done, [(g, b.add(g, ir.Constant(_I64, 1))), *zip(ps, pns), *zip(xs, nexts)],
+                          xs, xptrs)
+            return context.make_tuple(b, signature.return_type, [g, *ps])
 
         return sig, codegen
 
@@ -249,9 +324,11 @@ class _Placer:
         sj = b.add(q, b.select(upper, i64(4), zero))
         nsh, sj, rot = (lanes16.splat(b, v, vt) for v in (b.select(upper, i64(4), zero), sj,
                                                           b.zext(b.lshr(entry, ir.Constant(_I32, 24)), _I64)))
-        half = [b.shuffle_vector(syms[j], syms[j + 1], ir.Constant(ir.VectorType(_I32, 16), list(range(16))))
-                for j in (0, 2)]
-        s = b.shuffle_vector(half[0], half[1], ir.Constant(ir.VectorType(_I32, LANES), list(range(LANES))))
+        while len(syms) > 1:  # the group's symbols in one vector
+            m = 2 * syms[0].type.count
+            syms = [b.shuffle_vector(syms[j], syms[j + 1], ir.Constant(ir.VectorType(_I32, m), list(range(m))))
+                    for j in range(0, len(syms), 2)]
+        s = syms[0]
         bt = ir.VectorType(_I8, LANES)
 
         def load(ptr, i):
@@ -264,7 +341,7 @@ class _Placer:
         b.position_at_end(after)
 
 
-_decode_groups_vec, _decode_place_groups_vec = _decode_intrinsic(False), _decode_intrinsic(True)
+_decode_groups_vec, _decode_place_groups_vec = (_decode_intrinsic(place, simd.AVX512) for place in (False, True))
 
 
 @intrinsic
@@ -313,21 +390,6 @@ def _encode_groups_vector(keys, x, ngroups, ent, out, pos):
     return _encode_groups_vec(keys, x, ngroups, ent, out, pos)
 
 
-@njit(inline="always")
-def _decode_groups_vector(words, x, ngroups, dec, tb, kz, off, out, i, p, limit, extra):
-    return _decode_groups_vec(words, x, ngroups, dec, tb, kz, off, out, i, p, limit, extra)
-
-
-@njit(inline="always")
-def _decode_place_groups_vector(words, x, ngroups, dec, tb, kz, off, out, i, p, limit, extra):
-    return _decode_place_groups_vec(words, x, ngroups, dec, tb, kz, off, out, i, p, limit, extra)
-
-
-@njit(inline="always")
-def _decode_groups_scalar(words, x, ngroups, dec, tb, kz, off, out, i, p, limit, extra):
-    return decode_groups_scalar(words, x, ngroups, dec, tb, kz, off, out, i, p, limit)
-
-
 # ---------------------------------------------------------------------------------------------
 # a chunk
 
@@ -358,47 +420,142 @@ def _encoder(vector: bool):
     return encode_keys
 
 
+@njit(inline="always")
+def _start(words, limit, counts):
+    """A segment's flushed states, and its cursor ``(p, i, ph, end)``: the next word, the next value, its
+    phase and the end of that phase's run; ``p`` is past ``limit`` if the segment cannot hold the states."""
+    x = np.empty(LANES, np.uint32)
+    if limit < STATE_WORDS:
+        return x, (limit + 1, 0, 0, 0)
+    for j in range(LANES):
+        x[j] = np.uint32(words[2 * j]) | (np.uint32(words[2 * j + 1]) << np.uint32(16))
+    return x, (np.int64(STATE_WORDS), 0, 0, np.int64(counts[0]))
+
+
+@njit(inline="always")
+def _walk(words, x, cur, limit, counts, dec, kz, off, out):
+    """A stream's values one at a time, moving to the next phase at each run's end, until its next whole
+    group (value ``i`` with ``i % LANES == 0`` and ``LANES`` values left in its run), its last value, or
+    ``p > limit``. Returns the cursor."""
+    p, i, ph, end = cur
+    while p <= limit:
+        if i == end:
+            if ph + 1 >= counts.size:
+                break
+            ph += 1
+            end += counts[ph]
+        elif i % LANES == 0 and i + LANES <= end:
+            break
+        else:
+            v, p, out[i] = _dstep(np.uint64(x[i % LANES]), words, p, dec, ph * PROB_SCALE, kz, off)
+            x[i % LANES] = np.uint32(v)
+            i += 1
+    return p, i, ph, end
+
+
+@njit(inline="always")
+def _ready(cur, limit):
+    """Whether a walked stream stands at a whole group (else it is done or has overrun)."""
+    return cur[0] <= limit and cur[1] < cur[3]
+
+
+@njit(inline="always")
+def _status(x, cur, limit):
+    """A finished stream's status: OK, ERR_OVERRUN or ERR_STATE."""
+    if cur[0] > limit:
+        return ERR_OVERRUN
+    if cur[0] != limit:
+        return ERR_STATE
+    for j in range(LANES):
+        if x[j] != STATE_LOW:
+            return ERR_STATE
+    return OK
+
+
 def _decoder(groups):
     @njit(inline="always")
     def decode_keys(words, limit, n, counts, dec, kz, off, out, extra=()):
         """Decode one segment's ``limit`` words (uint16; ``words`` readable ``LANES`` words further)
         into ``out[:n]`` (uint16: each value's symbol, in coding order: a code ``c`` below ``kz`` is its
         own symbol, any other stands for ``c + off``), ``counts[ph]`` values with phase ``ph``'s table
-        ``dec[ph]``. Returns OK, ERR_OVERRUN or ERR_STATE."""
-        if limit < STATE_WORDS:
-            return ERR_OVERRUN
+        ``dec[ph]`` (``n`` is their sum). Returns OK, ERR_OVERRUN or ERR_STATE."""
         decf = dec.reshape(-1)
-        x = np.empty(LANES, np.uint32)
-        for j in range(LANES):
-            x[j] = np.uint32(words[2 * j]) | (np.uint32(words[2 * j + 1]) << np.uint32(16))
-        p = np.int64(STATE_WORDS)
-        i = 0
-        for ph in range(counts.size):
-            tb = ph * PROB_SCALE
-            end = i + counts[ph]
-            while i < end:
-                if i % LANES == 0 and i + LANES <= end:  # whole lane groups
-                    ng = (end - i) // LANES
-                    p = groups(words, x, ng, decf, tb, kz, off, out, i, p, limit, extra)
-                    i += ng * LANES
-                else:  # a run's ragged ends, one value at a time
-                    v, p, out[i] = _dstep(np.uint64(x[i % LANES]), words, p, decf, tb, kz, off)
-                    x[i % LANES] = np.uint32(v)
-                    i += 1
-                if p > limit:
-                    return ERR_OVERRUN
-        if p != limit:
-            return ERR_STATE
-        for j in range(LANES):
-            if x[j] != STATE_LOW:
-                return ERR_STATE
-        return OK
+        x, cur = _start(words, limit, counts)
+        while True:
+            cur = _walk(words, x, cur, limit, counts, decf, kz, off, out)
+            if not _ready(cur, limit):
+                return _status(x, cur, limit)
+            p, i, ph, end = cur
+            g, p = groups(((words, x, ph * PROB_SCALE, out, i, p, limit, extra),), (end - i) // LANES, decf, kz,
+                          off)
+            cur = (p, i + g * LANES, ph, end)
 
     return decode_keys
 
 
-encode_keys_scalar, decode_keys_scalar = _encoder(False), _decoder(_decode_groups_scalar)
+def _pair_decoder(groups):
+    @njit(inline="always")
+    def decode_keys_pair(a, b, dec, kz, off):
+        """Two segments decoded side by side, each ``a`` or ``b`` = (words, limit, counts, out, extra) as
+        :func:`decode_keys` takes them: the whole groups both have left in their runs in one loop (twice
+        the independent steps), the rest of either alone. Returns both
+        statuses: the same as decoding each alone."""
+        decf = dec.reshape(-1)
+        wa, la, ca, oa, ea = a
+        wb, lb, cb, ob, eb = b
+        xa, cua = _start(wa, la, ca)
+        xb, cub = _start(wb, lb, cb)
+        while True:
+            cua = _walk(wa, xa, cua, la, ca, decf, kz, off, oa)
+            cub = _walk(wb, xb, cub, lb, cb, decf, kz, off, ob)
+            ra, rb = _ready(cua, la), _ready(cub, lb)
+            pa, ia, pha, ena = cua
+            pb, ib, phb, enb = cub
+            sa = (wa, xa, pha * PROB_SCALE, oa, ia, pa, la, ea)
+            sb = (wb, xb, phb * PROB_SCALE, ob, ib, pb, lb, eb)
+            if ra and rb:
+                g, pa, pb = groups((sa, sb), min(ena - ia, enb - ib) // LANES, decf, kz, off)
+                cua, cub = (pa, ia + g * LANES, pha, ena), (pb, ib + g * LANES, phb, enb)
+            elif ra:
+                g, pa = groups((sa,), (ena - ia) // LANES, decf, kz, off)
+                cua = (pa, ia + g * LANES, pha, ena)
+            elif rb:
+                g, pb = groups((sb,), (enb - ib) // LANES, decf, kz, off)
+                cub = (pb, ib + g * LANES, phb, enb)
+            else:
+                return _status(xa, cua, la), _status(xb, cub, lb)
+
+    return decode_keys_pair
+
+
+@njit(inline="always")
+def _decode_groups_vector(streams, ngroups, dec, kz, off):
+    return _decode_groups_vec(streams, ngroups, dec, kz, off)
+
+
+@njit(inline="always")
+def _decode_place_groups_vector(streams, ngroups, dec, kz, off):
+    return _decode_place_groups_vec(streams, ngroups, dec, kz, off)
+
+
+encode_keys_scalar, decode_keys_scalar = _encoder(False), _decoder(decode_groups_scalar)
 encode_keys = _encoder(True) if simd.AVAILABLE else encode_keys_scalar
 decode_keys = _decoder(_decode_groups_vector) if simd.AVAILABLE else decode_keys_scalar
 # the words put together in the loop where the plan says so (extra: see _Placer); without AVX2, nowhere
 decode_keys_placed = _decoder(_decode_place_groups_vector) if simd.AVAILABLE else decode_keys_scalar
+
+
+@njit(inline="always")
+def _one_by_one(a, b, dec, kz, off):
+    """:func:`decode_keys_pair` without AVX2: each segment alone (its words not put together)."""
+    wa, la, ca, oa, _ = a
+    wb, lb, cb, ob, _ = b
+    return (decode_keys_scalar(wa, la, oa.size, ca, dec, kz, off, oa),
+            decode_keys_scalar(wb, lb, ob.size, cb, dec, kz, off, ob))
+
+
+# two chunks' segments side by side, their words put together as decode_keys_placed's; and without that (the
+# tests hold it to decode_keys)
+decode_keys_pair = (_pair_decoder(_decode_place_groups_vector) if simd.AVAILABLE
+                    else _one_by_one)
+decode_keys_pair_plain = _pair_decoder(_decode_groups_vector) if simd.AVAILABLE else _one_by_one

@@ -30,6 +30,8 @@ from numba.extending import intrinsic
 # numba compiles for this machine unless NUMBA_CPU_NAME / NUMBA_CPU_FEATURES name another target
 AVAILABLE = (numba.config.CPU_NAME in (None, "host") and numba.config.CPU_FEATURES is None
              and bool(llvm.get_host_cpu_features().get("avx2", False)))
+# 512-bit vectors of 32-bit lanes (AVX512-F): the rANS decoder (rans32) then steps sixteen lanes at a time
+AVX512 = AVAILABLE and bool(llvm.get_host_cpu_features().get("avx512f", False))
 # 512-bit vectors of 16-bit lanes (AVX512-BW): the word loops (lanes16) then take 32 words at a time
 AVX512BW = AVAILABLE and bool(llvm.get_host_cpu_features().get("avx512bw", False))
 
