@@ -432,6 +432,8 @@ def decode_tensors(parts, names, threads: int | None = None) -> dict[str, torch.
     threads as :func:`encode_tensors` spreads its work; the first tensor (in ``names``' order) that fails
     raises. The same tensors as one by one."""
     threads, names = pool.resolve(threads), list(names)
+    if threads == 1:  # nothing to spread
+        return {n: decode_tensor(parts, n, 1) for n in names}
 
     def size(name: str) -> tuple[int, int]:  # (values, chunks); a header decode_tensor refuses counts as small
         head = parts.get(name + HEAD)

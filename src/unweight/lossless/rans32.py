@@ -241,10 +241,9 @@ def _decode_intrinsic(place: bool, wide: bool):
             for j, st in enumerate(sty.types):
                 words_a, x_a, tb_v, out_a, i0_v, _, limit_v, extra_v = (b.extract_value(b.extract_value(
                     streams_v, j), m) for m in range(8))
+                placer = _Placer(context, b, st.types[7], extra_v, ss[0][5] if ss else None) if place else None
                 ss.append((data(st.types[0], words_a), b.bitcast(b.gep(dbase, [tb_v]), _I8.as_pointer()),
-                           data(st.types[3], out_a), i0_v, limit_v,
-                           _Placer(context, b, st.types[7], extra_v) if place else None,
-                           _state_ptrs(b, data(st.types[1], x_a), n)))
+                           data(st.types[3], out_a), i0_v, limit_v, placer, _state_ptrs(b, data(st.types[1], x_a), n)))
             p0s = [b.extract_value(b.extract_value(streams_v, j), 5) for j in range(len(ss))]
             xptrs = [xp for s in ss for xp in s[6]]
             head, body, done, (g, *ps), xs = simd.begin_loop(b, xptrs, [ir.Constant(_I64, 0), *p0s])
@@ -292,9 +291,10 @@ class _Placer:
     -1), the words' array, the nibble plane, a tuple of the bit planes of raw bits 4, 5, ... (two for BF16,
     four for FP16; zeros where ``r`` lacks them), the symbol's mantissa bits, the planes' geometry
     (:mod:`planes`: value ``a``'s nibble in byte ``a % h``, its bits in byte ``a % e`` at bit ``a // e``,
-    ``h = 4 e``), the raw bits ``r`` and the top exponent ``emax``."""
+    ``h = 4 e``), the raw bits ``r`` and the top exponent ``emax``. ``k``, ``r`` and ``emax`` are the tensor's:
+    two chunks side by side share ``like``'s vectors of them (fewer registers live in the loop)."""
 
-    def __init__(self, context, b, ety, extra):
+    def __init__(self, context, b, ety, extra, like=None):
         self.b = b
         self.plan, self.dst, self.nib = (simd.array_data(context, b, t, b.extract_value(extra, j))
                                          for j, t in enumerate(ety.types[:3]))
@@ -302,6 +302,9 @@ class _Placer:
         self.bits = [simd.array_data(context, b, t, b.extract_value(bits, j)) for j, t in enumerate(ety.types[3])]
         k, self.h, self.e, r, emax = (b.extract_value(extra, j) for j in range(4, 9))
         self.vt = ir.VectorType(ir.IntType(16), LANES)
+        if like is not None:
+            self.k, self.kmask, self.rs, self.keep, self.emax = like.k, like.kmask, like.rs, like.keep, like.emax
+            return
         one = ir.Constant(_I64, 1)
         rs = b.sub(r, one)  # the sign, the top raw bit
         self.k, self.kmask, self.rs, self.keep, self.emax = (
