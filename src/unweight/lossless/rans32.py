@@ -261,7 +261,8 @@ def _decode_intrinsic(place: bool, wide: bool):
                     i = b.add(base, ir.Constant(_I64, n * v))
                     c = b.lshr(e, _splat(24, n))
                     sv = b.trunc(b.select(b.icmp_unsigned("<", c, kz), c, b.add(c, off)), vi16)
-                    b.store(sv, b.bitcast(b.gep(obase, [i]), vi16.as_pointer()), align=2)
+                    if placer is None:
+                        b.store(sv, b.bitcast(b.gep(obase, [i]), vi16.as_pointer()), align=2)
                     syms.append(sv)
                     f = b.add(b.and_(e, _splat(PROB_SCALE - 1, n)), _splat(1, n))
                     bias = b.and_(b.lshr(e, _splat(12, n)), _splat(PROB_SCALE - 1, n))
@@ -272,8 +273,9 @@ def _decode_intrinsic(place: bool, wide: bool):
                     nexts.append(b.select(need, b.or_(b.shl(xn, _splat(16, n)), w), xn))
                     pn = b.add(pn, taken)
                 pns.append(pn)
-                if placer is not None:
-                    placer.place(base, syms)
+                if placer is not None:  # the symbols of a group it does not place go to out, for the pass after
+                    placer.place(base, syms, b.bitcast(b.gep(obase, [base]), ir.VectorType(ir.IntType(16),
+                                                                                              LANES).as_pointer()))
             simd.end_loop(b, head, done, [(g, b.add(g, ir.Constant(_I64, 1))), *zip(ps, pns), *zip(xs, nexts)],
                           xs, xptrs)
             return context.make_tuple(b, signature.return_type, [g, *ps])
@@ -310,11 +312,21 @@ class _Placer:
         self.k, self.kmask, self.rs, self.keep, self.emax = (
             lanes16.splat(b, v, self.vt) for v in (k, b.sub(b.shl(one, k), one), rs, b.sub(b.shl(one, rs), one), emax))
 
-    def place(self, base, syms):
+    def place(self, base, syms, rest):
+        """Group ``base`` (its first value in coding order) of the symbols ``syms`` (vectors of i16): its words
+        where the plan says, else the symbols themselves to ``rest`` (a pointer to ``LANES`` of i16)."""
         b, vt = self.b, self.vt
+        while len(syms) > 1:  # the group's symbols in one vector
+            m = 2 * syms[0].type.count
+            syms = [b.shuffle_vector(syms[j], syms[j + 1], ir.Constant(ir.VectorType(_I32, m), list(range(m))))
+                    for j in range(0, len(syms), 2)]
+        s = syms[0]
         entry = b.load(b.gep(self.plan, [b.lshr(base, ir.Constant(_I64, LANES.bit_length() - 1))]))  # base / LANES
-        yes, after = b.function.append_basic_block("place"), b.function.append_basic_block("place.done")
-        b.cbranch(b.icmp_signed("!=", entry, ir.Constant(_I32, -1)), yes, after)
+        yes, no, after = (b.function.append_basic_block(x) for x in ("place", "place.not", "place.done"))
+        b.cbranch(b.icmp_signed("!=", entry, ir.Constant(_I32, -1)), yes, no)
+        b.position_at_end(no)
+        b.store(s, rest, align=2)
+        b.branch(after)
         b.position_at_end(yes)
         a = b.zext(b.and_(entry, ir.Constant(_I32, (1 << 24) - 1)), _I64)
         zero, i64 = ir.Constant(_I64, 0), lambda x: ir.Constant(_I64, x)  # noqa: E731
@@ -327,11 +339,6 @@ class _Placer:
         sj = b.add(q, b.select(upper, i64(4), zero))
         nsh, sj, rot = (lanes16.splat(b, v, vt) for v in (b.select(upper, i64(4), zero), sj,
                                                           b.zext(b.lshr(entry, ir.Constant(_I32, 24)), _I64)))
-        while len(syms) > 1:  # the group's symbols in one vector
-            m = 2 * syms[0].type.count
-            syms = [b.shuffle_vector(syms[j], syms[j + 1], ir.Constant(ir.VectorType(_I32, m), list(range(m))))
-                    for j in range(0, len(syms), 2)]
-        s = syms[0]
         bt = ir.VectorType(_I8, LANES)
 
         def load(ptr, i):
