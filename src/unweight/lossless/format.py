@@ -27,7 +27,9 @@ READ_VERSIONS = (2, 3, 4)
 LANES32 = (3, 4)  # the versions of 32 rANS lanes, raw bits in planes; 4 checks its chunks with XXH3-64, 3 XXH64
 MAGIC = 0x4C4C5755  # "UWLL" little-endian
 CHUNK_WEIGHTS = 1 << 20  # values per chunk at most (see docs/format.md: each chunk costs 128 bytes of flushed states)
-PAIR_MIN = 1 << 16  # a tensor of at least this many values is cut into an even number of chunks (chunk_width)
+# a tensor of at least this many values is cut into an even number of chunks (chunk_width); from 2^16, the chunks'
+# states made smollm2-135m's file 2.9 KB larger than lmzip's (docs/format.md, "Chunks")
+PAIR_MIN = 1 << 19
 
 HEAD = ".ul.head"
 CODE = ".ul.code"
