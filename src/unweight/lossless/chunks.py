@@ -585,6 +585,23 @@ def _split_hi(vals, c0, n, hw):
         hw[i] = np.uint16(src[i] >> np.uint32(16))
 
 
+@njit(inline="always")
+def _close(c, rc, c0, n, is32, low, low_off, hw, out, out_u8, low_words, check, status, use_xxh3):
+    """Chunk ``c``'s status once its hi words are decoded (``rc``): FP32's low halves joined, the checksum. At
+    module level: a closure's jitted function would keep numba from caching the range kernel."""
+    if rc == rans.OK and is32 and not join_low(low[low_off[c]:low_off[c + 1]], n, hw, out[c0:c0 + n],
+                                                low_words):
+        rc = ERR_LOW
+    if rc == rans.OK:
+        if use_xxh3:
+            h = xxh3_64(out_u8, c0 * out.itemsize, n * out.itemsize)
+        else:
+            h = xxh64(out_u8, c0 * out.itemsize, n * out.itemsize)
+        if h != check[c]:
+            rc = ERR_CHECKSUM
+    status[c] = rc
+
+
 def _make_ranges_v3(stamp, ebits, use_xxh3):
     wide = ebits < 8  # FP16: r = 8 raw bits, four bit planes
     @njit(cache=True, nogil=True)
@@ -623,21 +640,6 @@ def _make_ranges_v3(stamp, ebits, use_xxh3):
                 low_sizes[c] = end - low_base
                 low_base = end
 
-    @njit(inline="always")
-    def _close(c, rc, c0, n, is32, low, low_off, hw, out, out_u8, low_words, check, status):
-        """Chunk ``c``'s status once its hi words are decoded (``rc``): FP32's low halves joined, the checksum."""
-        if rc == rans.OK and is32 and not join_low(low[low_off[c]:low_off[c + 1]], n, hw, out[c0:c0 + n],
-                                                    low_words):
-            rc = ERR_LOW
-        if rc == rans.OK:
-            if use_xxh3:
-                h = xxh3_64(out_u8, c0 * out.itemsize, n * out.itemsize)
-            else:
-                h = xxh64(out_u8, c0 * out.itemsize, n * out.itemsize)
-            if h != check[c]:
-                rc = ERR_CHECKSUM
-        status[c] = rc
-
     @njit(cache=True, nogil=True)
     def decode_range(code, code_off, modes, check, low, low_off, lo, hi, chunk_w, numel, row_len, q, nph, k,
                      dec, off, out, out_u8, syms, zeros, hw, low_words, plan, fix, status):
@@ -663,9 +665,10 @@ def _make_ranges_v3(stamp, ebits, use_xxh3):
                         rca, rcb = _decode_hi_pair(code, s0, seglen, c0, n, s1, seglen1, c1, n1, row_len, q, nph,
                                                    ebits, k, dec, off, out[c0:c0 + n], out[c1:c1 + n1], syms, zeros,
                                                    counts, at, wide, plan, fix)
-                    _close(c, rca, c0, n, is32, low, low_off, hw[:n], out, out_u8, low_words, check, status)
+                    _close(c, rca, c0, n, is32, low, low_off, hw[:n], out, out_u8, low_words, check, status,
+                           use_xxh3)
                     _close(c + 1, rcb, c1, n1, is32, low, low_off, hw[cw:cw + n1], out, out_u8, low_words, check,
-                           status)
+                           status, use_xxh3)
                     c += 2
                     continue
             mode = modes[c]
@@ -686,7 +689,7 @@ def _make_ranges_v3(stamp, ebits, use_xxh3):
                                     syms, zeros, counts[0], at[0], wide, plan, fix)
             else:
                 rc = ERR_MODE
-            _close(c, rc, c0, n, is32, low, low_off, hw[:n], out, out_u8, low_words, check, status)
+            _close(c, rc, c0, n, is32, low, low_off, hw[:n], out, out_u8, low_words, check, status, use_xxh3)
             c += 1
 
     return encode_range, decode_range
