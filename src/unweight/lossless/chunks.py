@@ -552,8 +552,8 @@ def _decode_hi_pair(code, sa, la, ca, na, sb, lb, cb, nb, row_len, q, nph, ebits
     """:func:`_decode_hi` of two chunks that :func:`_pairs` (chunk ``a``: segment at ``sa`` of ``la`` bytes,
     first value ``ca``, ``na`` values), their rANS loops run side by side (``rans32.decode_keys_pair``); the
     scratch (``syms``, ``counts``, ``at``, ``plan``, ``fix``) holds two halves. Returns both statuses, the
-    same as one by one. On minilm-l6's BF16 embedding (Zen 5, one thread, ``bench/lossless_parts.py``): 0.574-0.581
-    ns per value against 0.63-0.65 one chunk at a time."""
+    same as one by one. On minilm-l6's BF16 embedding (Zen 5, one thread, ``bench/lossless_parts.py``): 0.497-0.534
+    ns per value against 0.578-0.608 one chunk at a time (docs/format.md, "Two chunks side by side")."""
     r = 16 - ebits - k
     emax = (1 << ebits) - 1
     _, wa, lima, pla, mpa = _segment(code, sa, la, na, r)
